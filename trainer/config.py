@@ -1,0 +1,65 @@
+"""Typed configuration of the Megatron-core trainer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mopd.types import ConfigError
+
+LOSSES = ("mopd", "grpo", "sft")
+WEIGHT_SYNC = ("tensor", "disk", "distributed")
+
+
+@dataclass
+class TrainerConfig:
+    loss: str = "mopd"  # mopd | grpo | sft
+    # importance-sampling mask between the training policy and the rollout policy (mu)
+    eps_low: float = 0.5
+    eps_high: float = 2.0
+    lr: float = 1e-4
+    min_lr: float = 0.0
+    lr_schedule: str = "constant"  # constant | cosine | linear
+    warmup_steps: int = 0
+    total_steps: int = 0  # for the schedule; 0 = use the job's num_steps
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    grad_clip: float = 1.0
+    max_tokens_per_microbatch: int = 4096  # packing budget; gradient accumulation over microbatches
+    dp_size: int = 1  # data-parallel trainer ranks (Ray actors)
+    tp_size: int = 1
+    pp_size: int = 1
+    ep_size: int = 1
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "float32"  # float32 | bfloat16
+    weight_sync: str = "tensor"  # tensor | disk | distributed
+    weight_sync_bucket_mb: int = 64
+    routing_replay: bool = True  # replay rollout routing (R3) in training forward/backward
+    activation_recompute: bool = False
+    cpus_per_rank: float = 1.0
+    seed: int = 1234
+
+    def validate(self, prefix: str = "trainer") -> None:
+        if self.loss not in LOSSES:
+            raise ConfigError(f"{prefix}.loss", f"one of {LOSSES}", self.loss)
+        if self.weight_sync not in WEIGHT_SYNC:
+            raise ConfigError(f"{prefix}.weight_sync", f"one of {WEIGHT_SYNC}", self.weight_sync)
+        if not 0 <= self.eps_low <= 1:
+            raise ConfigError(f"{prefix}.eps_low", "a number in [0, 1]", self.eps_low)
+        if self.eps_high < 1:
+            raise ConfigError(f"{prefix}.eps_high", "a number >= 1", self.eps_high)
+        if self.eps_low > self.eps_high:
+            raise ConfigError(f"{prefix}.eps_low", f"<= eps_high ({self.eps_high})", self.eps_low)
+        if self.lr <= 0:
+            raise ConfigError(f"{prefix}.lr", "a number > 0", self.lr)
+        if self.lr_schedule not in ("constant", "cosine", "linear"):
+            raise ConfigError(f"{prefix}.lr_schedule", "one of constant, cosine, linear", self.lr_schedule)
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"{prefix}.device", "one of auto, cpu, cuda", self.device)
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"{prefix}.dtype", "one of float32, bfloat16", self.dtype)
+        for name in ("dp_size", "tp_size", "pp_size", "ep_size", "max_tokens_per_microbatch"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{prefix}.{name}", "an integer >= 1", getattr(self, name))
+        if self.grad_clip < 0:
+            raise ConfigError(f"{prefix}.grad_clip", "a number >= 0 (0 disables clipping)", self.grad_clip)
