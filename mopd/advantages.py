@@ -1,0 +1,77 @@
+"""MOPD advantages and the training/inference importance mask (MiMo-V2-Flash report, eqs. 5-9).
+
+Per response token t of a sample whose prompt belongs to teacher T:
+
+    A_t = sg[ log pi_T(y_t) - log pi_theta(y_t) ] * teacher_coef + alpha * A_ORM
+    w_t = sg[ pi_theta(y_t) / mu(y_t) ]   if eps_low <= pi_theta/mu <= eps_high, else 0
+
+A_ORM is the GRPO outcome advantage of the sample within its prompt group. Tokens with
+loss_mask == 0 (tool output, padding) get A_t = 0 and w_t = 0. These are pure tensor functions:
+the trainer calls them inside its loss with the freshly computed log pi_theta, and the tests
+check them against values computed by hand.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mopd.types import ConfigError
+
+
+@dataclass
+class AdvantageConfig:
+    alpha: float = 1.0  # weight of the outcome-reward (GRPO) advantage; 0 = pure distillation
+    teacher_coef: float = 1.0  # weight of the dense teacher term; 0 = pure GRPO
+    grpo_normalize_std: bool = True  # divide by the group's reward std (GRPO); False = Dr.GRPO style
+    grpo_eps: float = 1e-6
+
+    def validate(self, prefix: str = "algo") -> None:
+        if self.alpha < 0:
+            raise ConfigError(f"{prefix}.alpha", "a number >= 0", self.alpha)
+        if self.teacher_coef < 0:
+            raise ConfigError(f"{prefix}.teacher_coef", "a number >= 0", self.teacher_coef)
+
+
+def grpo_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, *, normalize_std: bool = True,
+                    eps: float = 1e-6) -> torch.Tensor:
+    """Group-normalised outcome advantage: (r - mean_group) / (std_group + eps).
+
+    A group whose rewards are all equal carries no signal and gets advantage 0. The std is the
+    unbiased one, as in the GRPO paper; a group of one sample gets 0.
+    """
+    rewards = rewards.to(torch.float64)
+    advantages = torch.zeros_like(rewards)
+    for gid in torch.unique(group_ids):
+        idx = group_ids == gid
+        group = rewards[idx]
+        centered = group - group.mean()
+        if normalize_std:
+            std = group.std(unbiased=True) if group.numel() > 1 else torch.zeros((), dtype=group.dtype)
+            centered = centered / (std + eps)
+        advantages[idx] = centered
+    return advantages.to(torch.float32)
+
+
+def token_advantages(teacher_logprobs: torch.Tensor, student_logprobs: torch.Tensor,
+                     orm_advantage: torch.Tensor | float, loss_mask: torch.Tensor, *, alpha: float,
+                     teacher_coef: float = 1.0) -> torch.Tensor:
+    """A_t for one or more sequences (any matching shape); no gradient flows through it."""
+    reverse_kl_reward = (teacher_logprobs - student_logprobs).detach()
+    advantages = teacher_coef * reverse_kl_reward + alpha * torch.as_tensor(orm_advantage)
+    return advantages * loss_mask.to(advantages.dtype)
+
+
+def importance_weights(logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, loss_mask: torch.Tensor,
+                       *, eps_low: float, eps_high: float) -> torch.Tensor:
+    """w_t = pi_theta/mu inside [eps_low, eps_high], else 0 (masked, not clipped); detached."""
+    ratio = torch.exp((logprobs - rollout_logprobs).detach())
+    keep = (ratio >= eps_low) & (ratio <= eps_high) & loss_mask.bool()
+    return torch.where(keep, ratio, torch.zeros_like(ratio))
+
+
+def per_sequence_token_mean(values: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """(1/|y|) sum_t values_t over the masked tokens of one sequence; |y| counts loss-mask tokens."""
+    mask = loss_mask.to(values.dtype)
+    return (values * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
