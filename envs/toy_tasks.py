@@ -20,7 +20,7 @@ class ToyDomain:
 
 
 def _arith(rng: random.Random) -> tuple[str, str]:
-    a, b = rng.randint(0, 49), rng.randint(0, 49)
+    a, b = rng.randint(0, 9), rng.randint(0, 9)
     return f"{a}+{b}=", str(a + b)
 
 

@@ -1,0 +1,153 @@
+"""Prompt datasets and the data scheduler.
+
+The scheduler hands out each step's prompts from one stream per source (domain): a seeded
+permutation per epoch, so the order is reproducible and the state is one integer per source.
+Saving and restoring that state makes resume exact: no prompt is skipped or repeated.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+from mopd.config import DataConfig
+from mopd.types import ConfigError, Sample
+
+log = logging.getLogger(__name__)
+ALL_SOURCES = "__all__"
+
+
+@dataclass
+class PromptRow:
+    prompt_ids: list[int]
+    domain: str
+    label: Any
+    metadata: dict[str, Any]
+
+
+def load_prompts(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, max_prompt_len: int) -> list[PromptRow]:
+    """Read and tokenize every JSONL row; rows with prompts longer than `max_prompt_len` are dropped (logged)."""
+    if not cfg.train_files:
+        raise ConfigError("data.train_files", "a non-empty list of JSONL files", cfg.train_files)
+    rows: list[PromptRow] = []
+    too_long = 0
+    for file in cfg.train_files:
+        path = Path(file)
+        if not path.is_file():
+            raise ConfigError("data.train_files", "paths of existing JSONL files", file)
+        with open(path) as f:
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                row = _parse_row(line, cfg, f"{file}:{line_no}")
+                ids = _prompt_ids(row[cfg.prompt_key], tokenizer)
+                if len(ids) > max_prompt_len:
+                    too_long += 1
+                    continue
+                meta = {k: v for k, v in row.items() if k not in (cfg.prompt_key, cfg.domain_key, cfg.label_key)}
+                rows.append(PromptRow(ids, str(row[cfg.domain_key]), row.get(cfg.label_key), meta))
+    if too_long:
+        log.warning("data: dropped %d prompt(s) longer than %d tokens (rollout.max_context_len - "
+                    "rollout.max_new_tokens)", too_long, max_prompt_len)
+    if not rows:
+        raise ConfigError("data.train_files", f"at least one prompt of at most {max_prompt_len} tokens", cfg.train_files)
+    return rows
+
+
+def _parse_row(line: str, cfg: DataConfig, where: str) -> dict:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ConfigError("data.train_files", f"valid JSON on every line ({where}: {e.msg})") from None
+    for key, name in ((cfg.prompt_key, "prompt_key"), (cfg.domain_key, "domain_key")):
+        if key not in row:
+            raise ConfigError(f"data.{name}", f"a key present in every row ({where} has {sorted(row)})", key)
+    return row
+
+
+def _prompt_ids(prompt: str | list[dict], tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+class DataScheduler:
+    """Per-source prompt streams with per-step quotas; the state is `{source: prompts consumed}`."""
+
+    def __init__(self, rows: list[PromptRow], cfg: DataConfig) -> None:
+        self.cfg = cfg
+        domains = sorted({r.domain for r in rows})
+        unknown = sorted(set(cfg.domain_weights) - set(domains))
+        if unknown:
+            raise ConfigError("data.domain_weights", f"weights only for domains in the data {domains}", unknown)
+        if any(w < 0 for w in cfg.domain_weights.values()) or (cfg.domain_weights and
+                                                                sum(cfg.domain_weights.values()) <= 0):
+            raise ConfigError("data.domain_weights", "non-negative weights with a positive sum",
+                              dict(cfg.domain_weights))
+        if cfg.domain_weights:
+            self.sources = {d: [i for i, r in enumerate(rows) if r.domain == d] for d in domains
+                            if cfg.domain_weights.get(d, 0) > 0}
+            self.weights = {d: cfg.domain_weights[d] for d in self.sources}
+        else:
+            self.sources = {ALL_SOURCES: list(range(len(rows)))}
+            self.weights = {ALL_SOURCES: 1.0}
+        self.rows = rows
+        self.consumed = {s: 0 for s in self.sources}
+
+    @property
+    def domains(self) -> set[str]:
+        return {r.domain for r in self.rows}
+
+    def next_prompts(self, n: int) -> list[tuple[int, PromptRow]]:
+        """The next `n` prompts as (stream position, row); positions are unique across sources."""
+        out = []
+        for source, count in self._quota(n).items():
+            for _ in range(count):
+                out.append(self._take(source))
+        return out
+
+    def make_samples(self, n_prompts: int, n_per_prompt: int) -> list[Sample]:
+        samples = []
+        for position, row in self.next_prompts(n_prompts):
+            for _ in range(n_per_prompt):
+                samples.append(Sample(prompt_index=position, group_index=position, domain=row.domain,
+                                      prompt_ids=list(row.prompt_ids), label=row.label,
+                                      metadata=dict(row.metadata)))
+        return samples
+
+    def state_dict(self) -> dict[str, int]:
+        return dict(self.consumed)
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if set(state) != set(self.consumed):
+            raise ValueError(f"data state has sources {sorted(state)}, the scheduler has {sorted(self.consumed)}; "
+                             "was data.domain_weights changed since the checkpoint?")
+        self.consumed = {k: int(v) for k, v in state.items()}
+
+    def _quota(self, n: int) -> dict[str, int]:
+        """Largest-remainder split of n by weight, ties broken by source name for determinism."""
+        total = sum(self.weights.values())
+        exact = {s: n * w / total for s, w in self.weights.items()}
+        quota = {s: int(v) for s, v in exact.items()}
+        rest = sorted(exact, key=lambda s: (-(exact[s] - quota[s]), s))
+        for s in rest[: n - sum(quota.values())]:
+            quota[s] += 1
+        return quota
+
+    def _take(self, source: str) -> tuple[int, PromptRow]:
+        indices = self.sources[source]
+        k = self.consumed[source]
+        epoch, offset = divmod(k, len(indices))
+        order = list(indices)
+        if self.cfg.shuffle:
+            random.Random(f"{self.cfg.seed}:{source}:{epoch}").shuffle(order)
+        self.consumed[source] = k + 1
+        # position: unique per (source, k) so GRPO groups never collide across sources
+        position = k * len(self.sources) + sorted(self.sources).index(source)
+        return position, self.rows[order[offset]]

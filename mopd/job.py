@@ -1,0 +1,126 @@
+"""Start-up and shutdown of a training job: every check that can fail early runs before Ray starts.
+
+The order is: static config checks -> toy world (if asked) -> files, vocabularies and data ->
+run directory and resume point -> Ray, engines, teachers, trainer -> logger. `Runtime` holds
+what the step loop in `mopd/train.py` needs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray
+from omegaconf import OmegaConf
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from mopd.checkpoint import DriverState, latest_checkpoint
+from mopd.config import JobConfig
+from mopd.data import DataScheduler, load_prompts
+from mopd.run_logger import RunLogger
+from mopd.teachers import TeacherRouter, TeacherSet, check_teacher_vocabularies
+from mopd.toy.world import ToyWorldSpec, ensure_toy_world
+from mopd.types import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    job: JobConfig
+    run_dir: Path
+    tokenizer: PreTrainedTokenizerBase
+    data: DataScheduler
+    student_engines: object  # rollout.engine.EngineGroup
+    rollout: object  # rollout.manager.RolloutManager
+    teachers: TeacherSet
+    trainer: object  # trainer.group.TrainerGroup
+    logger: RunLogger
+    start_step: int = 0
+    weight_version: int = 0
+    resources: ExitStack = field(default_factory=ExitStack)
+
+    def close(self) -> None:
+        self.resources.close()
+
+
+def prepare(job: JobConfig) -> tuple[PreTrainedTokenizerBase, DataScheduler]:
+    """Everything that can be checked without starting a process: paths, vocabularies, data, routing."""
+    if job.toy.dir:
+        ensure_toy_world(job.toy.dir, ToyWorldSpec(domains=tuple(job.toy.domains), arch=job.toy.arch,
+                                                   teacher_steps=job.toy.teacher_steps, seed=job.seed))
+    _require_checkpoint("student.model_path", job.student.model_path)
+    for name, teacher in job.teachers.items():
+        if teacher.backend in ("local", "sglang"):
+            _require_checkpoint(f"teachers.{name}.model_path", teacher.model_path)
+    tokenizer = AutoTokenizer.from_pretrained(job.student.tokenizer_path or job.student.model_path)
+    check_teacher_vocabularies(job, tokenizer)
+    max_prompt_len = job.rollout.max_context_len - job.rollout.max_new_tokens
+    data = DataScheduler(load_prompts(job.data, tokenizer, max_prompt_len), job.data)
+    if job.trainer.loss == "mopd" and job.algo.teacher_coef > 0:
+        TeacherRouter.from_config(job).check_domains(data.domains)
+    return tokenizer, data
+
+
+def start(job: JobConfig, config_dict: dict) -> Runtime:
+    tokenizer, data = prepare(job)
+    run_dir = Path(job.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(OmegaConf.create(config_dict), run_dir / "config.yaml")
+    resume_from = latest_checkpoint(run_dir) if job.resume else None
+    if job.resume and resume_from is None:
+        log.warning("resume=true but %s has no checkpoint: starting from step 0", run_dir / "checkpoints")
+    state = resume_from[1] if resume_from else DriverState(step=0)
+    if resume_from:
+        data.load_state_dict(state.data)
+
+    from rollout.engine import launch_engines
+    from rollout.manager import RolloutManager
+    from trainer.group import TrainerGroup
+
+    stack = ExitStack()
+    try:
+        _init_ray(job)
+        stack.callback(ray.shutdown)
+        engines = launch_engines(job.student.model_path, job.rollout, name="student",
+                                 routing_replay=job.rollout.routing_replay)
+        stack.callback(engines.shutdown)
+        teachers = TeacherSet.launch(job)
+        stack.callback(teachers.close)
+        trainer = TrainerGroup(job.student.model_path, job.trainer, job.algo, num_steps=job.num_steps,
+                               rollout_temperature=job.rollout.temperature)
+        stack.callback(trainer.shutdown)
+        if resume_from:
+            trainer.load_checkpoint(str(resume_from[0] / "trainer"))
+            trainer.push_weights(list(engines.urls), state.weight_version)
+        rollout = RolloutManager(list(engines.urls), job.rollout, eos_token_id=tokenizer.eos_token_id,
+                                 tokenizer=tokenizer)
+        logger = RunLogger(run_dir, job.logger, config_dict, total_steps=job.num_steps, start_step=state.step,
+                           wandb_id=state.wandb_id)
+        stack.callback(logger.close)
+    except BaseException:
+        stack.close()
+        raise
+    return Runtime(job=job, run_dir=run_dir, tokenizer=tokenizer, data=data, student_engines=engines,
+                   rollout=rollout, teachers=teachers, trainer=trainer, logger=logger, start_step=state.step,
+                   weight_version=state.weight_version, resources=stack)
+
+
+def _init_ray(job: JobConfig) -> None:
+    if job.ray_address:
+        ray.init(address=job.ray_address)
+        return
+    needed = (job.rollout.num_engines * job.rollout.cpus_per_engine
+              + sum(t.replicas * t.cpus_per_replica for t in job.teachers.values() if t.backend != "remote")
+              + job.trainer.dp_size * job.trainer.cpus_per_rank)
+    num_cpus = job.ray_num_cpus or max(int(needed + 0.999), os.cpu_count() or 1)
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}})
+
+
+def _require_checkpoint(field_name: str, path: str) -> None:
+    if not path or not (Path(path) / "config.json").is_file():
+        raise ConfigError(field_name, "an HF checkpoint directory containing config.json", path)

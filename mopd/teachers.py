@@ -1,0 +1,177 @@
+"""Domain teachers: registration, routing of prompts to teachers, vocabulary checks, scoring.
+
+A teacher scores `prompt + response` and returns log pi_teacher of every response token. Built-in
+backends serve the teacher checkpoint on rollout engines (the local HF server or SGLang) or use
+servers that already run (`remote`); all of them are spoken to over SGLang's native API. Users add
+other kinds (an API model, a reward server) with `register_teacher_backend`:
+
+    from mopd.teachers import Teacher, register_teacher_backend
+
+    @register_teacher_backend("my_kind")
+    def make(name: str, cfg: TeacherConfig, rollout: RolloutConfig) -> Teacher:
+        return MyTeacher(...)   # any object with .score(samples) and .close()
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from mopd.config import JobConfig, TeacherConfig
+from mopd.types import ConfigError, Sample
+from rollout.config import RolloutConfig
+
+
+class Teacher(Protocol):
+    def score(self, samples: list[Sample]) -> list[list[float]]:
+        """log pi_teacher(y_t | x, y_<t) for every response token of every sample."""
+
+    def close(self) -> None: ...
+
+
+TeacherFactory = Callable[[str, TeacherConfig, RolloutConfig], Teacher]
+_BACKENDS: dict[str, TeacherFactory] = {}
+
+
+def register_teacher_backend(kind: str) -> Callable[[TeacherFactory], TeacherFactory]:
+    """Make `teachers.NAME.backend=kind` build teachers with the decorated factory."""
+
+    def decorator(factory: TeacherFactory) -> TeacherFactory:
+        _BACKENDS[kind] = factory
+        return factory
+
+    return decorator
+
+
+def known_backends() -> set[str]:
+    return set(_BACKENDS)
+
+
+class EngineTeacher:
+    """A teacher served by SGLang-protocol engines; scoring is a prefill with prompt logprobs."""
+
+    def __init__(self, name: str, urls: list[str], shutdown: Callable[[], None] | None = None) -> None:
+        self.name = name
+        self.urls = urls
+        self._shutdown = shutdown
+
+    def score(self, samples: list[Sample]) -> list[list[float]]:
+        from rollout.scoring import score_samples
+
+        return asyncio.run(score_samples(self.urls, samples))
+
+    def close(self) -> None:
+        if self._shutdown is not None:
+            self._shutdown()
+
+
+def _engine_teacher(name: str, cfg: TeacherConfig, rollout: RolloutConfig) -> Teacher:
+    from dataclasses import replace
+
+    from rollout.engine import launch_engines
+
+    engine_cfg = replace(rollout, backend=cfg.backend, num_engines=cfg.replicas, urls=list(cfg.urls),
+                         cpus_per_engine=cfg.cpus_per_replica, gpus_per_engine=cfg.gpus_per_replica,
+                         sglang_args=dict(cfg.sglang_args))
+    group = launch_engines(cfg.model_path, engine_cfg, name=f"teacher-{name}", routing_replay=False)
+    return EngineTeacher(name, list(group.urls), group.shutdown)
+
+
+for _kind in ("local", "sglang", "remote"):
+    register_teacher_backend(_kind)(_engine_teacher)
+
+
+@dataclass
+class TeacherRouter:
+    """Maps a prompt's domain to the name of the teacher that scores it."""
+
+    domain_to_teacher: dict[str, str]
+    default_teacher: str | None = None
+
+    @classmethod
+    def from_config(cls, job: JobConfig) -> TeacherRouter:
+        mapping = {d: name for name, t in job.teachers.items() for d in t.domains}
+        return cls(mapping, job.default_teacher)
+
+    def teacher_for(self, domain: str) -> str:
+        teacher = self.domain_to_teacher.get(domain, self.default_teacher)
+        if teacher is None:
+            raise ConfigError("teachers", f"a teacher whose domains include {domain!r} or a default_teacher "
+                              f"(covered: {sorted(self.domain_to_teacher)})", domain)
+        return teacher
+
+    def check_domains(self, domains: set[str]) -> None:
+        """Fail at start-up if the data holds a domain that no teacher covers."""
+        uncovered = sorted(d for d in domains if d not in self.domain_to_teacher)
+        if uncovered and self.default_teacher is None:
+            raise ConfigError("teachers", f"a teacher for every domain in the data; no teacher covers {uncovered} "
+                              f"(add it to a teacher's domains or set default_teacher)", uncovered)
+
+
+def check_same_vocabulary(student: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBase,
+                          teacher_name: str, max_listed: int = 10) -> None:
+    """Token-level rewards compare logprobs of the same token ids, so the vocabularies must agree."""
+    s_vocab, t_vocab = student.get_vocab(), teacher.get_vocab()
+    if s_vocab == t_vocab:
+        return
+    only_student = sorted(set(s_vocab) - set(t_vocab))
+    only_teacher = sorted(set(t_vocab) - set(s_vocab))
+    different_ids = sorted(tok for tok in set(s_vocab) & set(t_vocab) if s_vocab[tok] != t_vocab[tok])
+    parts = []
+    if only_student:
+        parts.append(f"{len(only_student)} token(s) only in the student, e.g. {only_student[:max_listed]}")
+    if only_teacher:
+        parts.append(f"{len(only_teacher)} token(s) only in the teacher, e.g. {only_teacher[:max_listed]}")
+    if different_ids:
+        examples = [(t, s_vocab[t], t_vocab[t]) for t in different_ids[:max_listed]]
+        parts.append(f"{len(different_ids)} token(s) with different ids (token, student id, teacher id), "
+                     f"e.g. {examples}")
+    raise ConfigError(f"teachers.{teacher_name}.model_path",
+                      "a teacher with the student's vocabulary; " + "; ".join(parts))
+
+
+def check_teacher_vocabularies(job: JobConfig, student_tokenizer: PreTrainedTokenizerBase) -> None:
+    for name, teacher in job.teachers.items():
+        if teacher.model_path:
+            check_same_vocabulary(student_tokenizer, AutoTokenizer.from_pretrained(teacher.model_path), name)
+
+
+class TeacherSet:
+    """All teachers of a job; scores a batch by sending each sample to its domain's teacher."""
+
+    def __init__(self, teachers: dict[str, Teacher], router: TeacherRouter) -> None:
+        self.teachers = teachers
+        self.router = router
+
+    @classmethod
+    def launch(cls, job: JobConfig) -> TeacherSet:
+        teachers: dict[str, Teacher] = {}
+        try:
+            for name, cfg in job.teachers.items():
+                teachers[name] = _BACKENDS[cfg.backend](name, cfg, job.rollout)
+        except BaseException:
+            for teacher in teachers.values():
+                teacher.close()
+            raise
+        return cls(teachers, TeacherRouter.from_config(job))
+
+    def score(self, samples: list[Sample]) -> None:
+        """Fill `sample.teacher` and `sample.teacher_logprobs` for every sample."""
+        by_teacher: dict[str, list[Sample]] = defaultdict(list)
+        for sample in samples:
+            sample.teacher = self.router.teacher_for(sample.domain)
+            by_teacher[sample.teacher].append(sample)
+        for name, group in by_teacher.items():
+            for sample, logprobs in zip(group, self.teachers[name].score(group)):
+                if len(logprobs) != len(sample.response_ids):
+                    raise RuntimeError(f"teacher {name!r} returned {len(logprobs)} logprobs for a response of "
+                                       f"{len(sample.response_ids)} tokens")
+                sample.teacher_logprobs = list(logprobs)
+
+    def close(self) -> None:
+        for teacher in self.teachers.values():
+            teacher.close()

@@ -1,0 +1,114 @@
+"""The toy world for dry runs: tokenizer, a base student, one SFT-trained teacher per domain, datasets.
+
+Teachers start from the same base as the student and are fine-tuned on their own domain only,
+so each is an expert in one domain and MOPD has something real to distil. Everything is written
+with `save_pretrained` and read back by path, exactly like real checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from envs.toy_tasks import END_OF_TURN, TOY_DOMAINS, make_examples
+from mopd.toy.models import create_tiny_model
+from mopd.toy.tokenizer import build_char_tokenizer
+
+log = logging.getLogger(__name__)
+MANIFEST = "toy_world.json"
+
+
+@dataclass
+class ToyWorldSpec:
+    domains: tuple[str, ...] = ("arith", "reverse")
+    arch: str = "qwen3_moe"
+    teacher_steps: int = 300
+    teacher_batch: int = 32
+    teacher_lr: float = 3e-3
+    train_prompts_per_domain: int = 2000
+    test_prompts_per_domain: int = 200
+    seed: int = 0
+
+
+def ensure_toy_world(root: str | Path, spec: ToyWorldSpec | None = None) -> Path:
+    """Create the toy world under `root` unless a complete one with the same spec is already there."""
+    spec = spec or ToyWorldSpec()
+    root = Path(root)
+    manifest = root / MANIFEST
+    wanted = _spec_dict(spec)
+    if manifest.exists() and json.loads(manifest.read_text()) == wanted:
+        return root
+    unknown = [d for d in spec.domains if d not in TOY_DOMAINS]
+    if unknown:
+        raise ValueError(f"toy.domains: unknown domain(s) {unknown}; expected a subset of {sorted(TOY_DOMAINS)}")
+    root.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_char_tokenizer()
+    create_tiny_model(root / "student", tokenizer, arch=spec.arch, seed=spec.seed)
+    for domain in spec.domains:
+        log.info("toy world: fine-tuning the %s teacher (%d steps)", domain, spec.teacher_steps)
+        train_teacher(root / "student", root / f"teacher_{domain}", domain, spec)
+    write_datasets(root / "data", spec)
+    manifest.write_text(json.dumps(wanted, indent=2))
+    return root
+
+
+def write_datasets(data_dir: Path, spec: ToyWorldSpec) -> None:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    for split, n, seed in (("train", spec.train_prompts_per_domain, spec.seed),
+                           ("test", spec.test_prompts_per_domain, spec.seed + 10_000)):
+        rows = [row for d in spec.domains for row in make_examples(d, n, seed)]
+        random.Random(seed).shuffle(rows)
+        with open(data_dir / f"{split}.jsonl", "w") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+
+
+def train_teacher(base: Path, out: Path, domain: str, spec: ToyWorldSpec) -> Path:
+    """Supervised fine-tuning of the base model on one domain's gold answers (response tokens only)."""
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.teacher_lr, weight_decay=0.0)
+    rng_seed = spec.seed + 1
+    for step in range(spec.teacher_steps):
+        rows = make_examples(domain, spec.teacher_batch, seed=rng_seed * 100_003 + step)
+        input_ids, labels = _sft_batch(tokenizer, rows)
+        loss = model(input_ids=input_ids, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+    log.info("toy world: %s teacher final SFT loss %.4f", domain, loss.item())
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def _sft_batch(tokenizer: PreTrainedTokenizerBase, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    sequences, masks = [], []
+    for row in rows:
+        prompt = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+        p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        r_ids = tokenizer(row["label"] + END_OF_TURN, add_special_tokens=False)["input_ids"]
+        sequences.append(p_ids + r_ids)
+        masks.append([0] * len(p_ids) + [1] * len(r_ids))
+    width = max(len(s) for s in sequences)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    for i, (seq, mask) in enumerate(zip(sequences, masks)):
+        input_ids[i, :len(seq)] = torch.tensor(seq)
+        labels[i, :len(seq)] = torch.where(torch.tensor(mask).bool(), torch.tensor(seq), -100)
+    return input_ids, labels
+
+
+def _spec_dict(spec: ToyWorldSpec) -> dict:
+    d = dict(spec.__dict__)
+    d["domains"] = list(spec.domains)
+    return d

@@ -1,0 +1,150 @@
+"""`mopd-train`: the MOPD step loop.
+
+    generate -> score (verifier rewards + teacher logprobs) -> advantages -> train -> push weights
+    -> log -> checkpoint
+
+Each step is one short function; the packages that own the work (rollout/, trainer/, mopd/teachers,
+mopd/rewards) do the heavy lifting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import time
+from collections import defaultdict
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from mopd import job as job_lib
+from mopd.checkpoint import DriverState, step_dir, write_driver_state
+from mopd.config import JobConfig, register_configs, to_job_config
+from mopd.rewards import assign_orm_advantages, score_outcomes
+from mopd.types import ConfigError, Sample
+
+log = logging.getLogger("mopd.train")
+register_configs()
+
+
+def generate(rt: job_lib.Runtime) -> tuple[list[Sample], float]:
+    """Sample this step's responses on-policy from the student engines."""
+    cfg = rt.job.rollout
+    samples = rt.data.make_samples(cfg.prompts_per_step, cfg.n_samples_per_prompt)
+    start = time.perf_counter()
+    samples = asyncio.run(rt.rollout.generate(samples))
+    return samples, time.perf_counter() - start
+
+
+def score(rt: job_lib.Runtime, samples: list[Sample]) -> None:
+    """Outcome rewards from the verifiers, dense rewards from each sample's domain teacher."""
+    score_outcomes(samples)
+    if rt.job.trainer.loss == "mopd" and rt.job.algo.teacher_coef > 0:
+        rt.teachers.score(samples)
+
+
+def compute_advantages(rt: job_lib.Runtime, samples: list[Sample]) -> None:
+    """GRPO outcome advantages here; the dense teacher term needs log pi_theta and is formed in the loss."""
+    assign_orm_advantages(samples, rt.job.algo)
+
+
+def train(rt: job_lib.Runtime, samples: list[Sample]) -> dict[str, float]:
+    return rt.trainer.train_step(samples)
+
+
+def push_weights(rt: job_lib.Runtime) -> None:
+    rt.weight_version += 1
+    rt.trainer.push_weights(list(rt.student_engines.urls), rt.weight_version)
+
+
+def step_metrics(rt: job_lib.Runtime, samples: list[Sample], train_metrics: dict[str, float],
+                 timings: dict[str, float]) -> dict[str, float]:
+    """Rollout, reward and per-teacher reverse-KL statistics of one step."""
+    tokens = sum(s.num_response_tokens for s in samples)
+    metrics: dict[str, float] = {
+        "rollout/tokens": tokens,
+        "rollout/samples": len(samples),
+        "rollout/reward": sum(s.reward for s in samples) / max(len(samples), 1),
+        "rollout/response_len": tokens / max(len(samples), 1),
+        "rollout/tokens_per_s": tokens / max(timings["time/generate_s"], 1e-9),
+        "rollout/abort_frac": sum(s.finish_reason == "abort" for s in samples) / max(len(samples), 1),
+        "rollout/weight_version": rt.weight_version,
+    }
+    by_domain: dict[str, list[float]] = defaultdict(list)
+    for s in samples:
+        by_domain[s.domain].append(s.reward)
+    metrics.update({f"rollout/reward/{d}": sum(r) / len(r) for d, r in by_domain.items()})
+    # Sample estimate of KL(student || teacher) per token: E_{y~student}[log mu(y) - log pi_T(y)].
+    kl_sum: dict[str, float] = defaultdict(float)
+    kl_count: dict[str, int] = defaultdict(int)
+    for s in samples:
+        if s.teacher_logprobs is None:
+            continue
+        for mask, mu, teacher_lp in zip(s.loss_mask, s.rollout_logprobs, s.teacher_logprobs):
+            if mask:
+                kl_sum[s.teacher] += mu - teacher_lp
+                kl_count[s.teacher] += 1
+    metrics.update({f"mopd/reverse_kl/{t}": kl_sum[t] / kl_count[t] for t in kl_count})
+    metrics.update(train_metrics)
+    metrics.update(timings)
+    return metrics
+
+
+def checkpoint(rt: job_lib.Runtime, step: int) -> None:
+    """Trainer state + HF export first; driver.json last marks the checkpoint complete."""
+    path = step_dir(rt.run_dir, step + 1)
+    path.mkdir(parents=True, exist_ok=True)
+    rt.trainer.save_checkpoint(str(path / "trainer"))
+    rt.trainer.export_hf(str(path / "hf"))
+    write_driver_state(path, DriverState(step=step + 1, data=rt.data.state_dict(),
+                                         weight_version=rt.weight_version, wandb_id=rt.logger.wandb_id))
+
+
+def should_checkpoint(job: JobConfig, step: int) -> bool:
+    last = step + 1 == job.num_steps
+    return last or (job.save_interval > 0 and (step + 1) % job.save_interval == 0)
+
+
+def run(job: JobConfig, config_dict: dict | None = None) -> None:
+    rt = job_lib.start(job, config_dict or OmegaConf.to_container(OmegaConf.structured(job)))
+    try:
+        for step in range(rt.start_step, job.num_steps):
+            step_start = time.perf_counter()
+            samples, generate_s = generate(rt)
+            t = time.perf_counter()
+            score(rt, samples)
+            score_s = time.perf_counter() - t
+            compute_advantages(rt, samples)
+            t = time.perf_counter()
+            train_metrics = train(rt, samples)
+            train_s = time.perf_counter() - t
+            t = time.perf_counter()
+            push_weights(rt)
+            push_s = time.perf_counter() - t
+            timings = {"time/generate_s": generate_s, "time/score_s": score_s, "time/train_s": train_s,
+                       "time/push_s": push_s, "time/step_s": time.perf_counter() - step_start}
+            rt.logger.log(step, step_metrics(rt, samples, train_metrics, timings))
+            if should_checkpoint(job, step):
+                checkpoint(rt, step)
+    finally:
+        rt.close()
+
+
+@hydra.main(version_base=None, config_path="pkg://configs", config_name="config")
+def _hydra_main(cfg: DictConfig) -> None:
+    try:
+        job = to_job_config(cfg)
+        run(job, OmegaConf.to_container(cfg, resolve=True))
+    except ConfigError as e:  # a user error: say what is wrong, no traceback
+        log.error("%s", e)
+        sys.exit(2)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""Hydra composition of the real configs and start-up validation errors."""
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ValidationError
+
+from mopd.config import register_configs, to_job_config
+from mopd.types import ConfigError
+
+register_configs()
+
+
+def _compose(*overrides: str):
+    with initialize_config_module(config_module="configs", version_base=None):
+        return compose(config_name="config", overrides=["run_dir=/tmp/mopd-config-test", *overrides])
+
+
+def test_dry_run_experiment_composes_typed():
+    job = to_job_config(_compose("experiment=dry_run"))
+    assert set(job.teachers) == {"arith", "reverse"}
+    assert job.teachers["arith"].domains == ["arith"]
+    assert job.student.model_path == "/tmp/mopd-config-test/toy/student"
+    assert job.trainer.loss == "mopd"
+
+
+def test_register_a_teacher_on_the_command_line():
+    job = to_job_config(_compose("experiment=dry_run", "+teacher@teachers.sort=toy_sort"))
+    assert job.teachers["sort"].domains == ["sort"]
+    assert job.teachers["sort"].model_path.endswith("toy/teacher_sort")
+
+
+@pytest.mark.parametrize("override, field", [
+    ("trainer.eps_low=3.0", "trainer.eps_low"),
+    ("trainer.eps_high=0.5", "trainer.eps_high"),
+    ("trainer.loss=ppo", "trainer.loss"),
+    ("default_teacher=chemistry", "default_teacher"),
+    ("rollout.top_p=0", "rollout.top_p"),
+    ("rollout.max_new_tokens=4096", "rollout.max_new_tokens"),
+    ("teachers.arith.backend=vllm", "teachers.arith.backend"),
+    ("teachers.reverse.domains=[arith]", "teachers.reverse.domains"),
+    ("teachers.arith.domains=[]", "teachers.arith.domains"),
+    ("logger.wandb_mode=sometimes", "logger.wandb_mode"),
+    ("num_steps=0", "num_steps"),
+    ("algo.alpha=-1", "algo.alpha"),
+])
+def test_invalid_values_name_the_field(override, field):
+    with pytest.raises(ConfigError) as err:
+        to_job_config(_compose("experiment=dry_run", override))
+    assert err.value.field_name == field
+    assert "expected" in str(err.value)
+
+
+def test_mopd_without_teachers_is_an_error():
+    with pytest.raises(ConfigError, match="teachers"):
+        to_job_config(_compose("student=hf", "student.model_path=/m", "data=jsonl", "data.train_files=[x]"))
+
+
+def test_missing_model_path_is_reported():
+    cfg = _compose("student=hf", "data=jsonl", "data.train_files=[x]", "trainer.loss=grpo")
+    with pytest.raises(ConfigError, match="student.model_path.*required"):
+        to_job_config(cfg)
+
+
+def test_wrong_types_fail_at_composition():
+    with pytest.raises((ConfigCompositionException, ValidationError), match="num_engines"):
+        _compose("experiment=dry_run", "rollout.num_engines=many")
+    with pytest.raises((ConfigCompositionException, ValidationError)):
+        _compose("experiment=dry_run", "rollout.no_such_field=1")
+
+
+def test_teacher_yaml_files_are_valid_teacher_configs():
+    names = sorted(p.stem for p in (Path(__file__).parents[2] / "configs" / "teacher").glob("*.yaml"))
+    for name in names:
+        if name == "sglang_example":
+            continue
+        job = to_job_config(_compose("experiment=dry_run", f"+teacher@teachers.extra_{name}={name}",
+                                     f"teachers.extra_{name}.domains=[d_{name}]"))
+        assert job.teachers[f"extra_{name}"].backend in ("local", "sglang", "remote")
