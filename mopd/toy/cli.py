@@ -1,0 +1,31 @@
+"""`mopd-toy init DIR`: write the toy world (tokenizer, student, domain teachers, datasets)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from envs.toy_tasks import TOY_DOMAINS
+from mopd.toy.world import ToyWorldSpec, ensure_toy_world
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="mopd-toy", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    init = sub.add_parser("init", help="create the toy world in DIR (skipped if an identical one exists)")
+    init.add_argument("dir")
+    init.add_argument("--domains", default="arith,reverse",
+                      help=f"comma-separated subset of {','.join(sorted(TOY_DOMAINS))}")
+    init.add_argument("--arch", default="qwen3_moe", choices=["qwen3_moe", "qwen3"])
+    init.add_argument("--teacher-steps", type=int, default=300, help="SFT steps per domain teacher")
+    init.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    domains = tuple(d.strip() for d in args.domains.split(",") if d.strip())
+    root = ensure_toy_world(args.dir, ToyWorldSpec(domains=domains, arch=args.arch,
+                                                   teacher_steps=args.teacher_steps, seed=args.seed))
+    print(f"toy world ready in {root}: student/, " + ", ".join(f"teacher_{d}/" for d in domains) + ", data/")
+
+
+if __name__ == "__main__":
+    main()
