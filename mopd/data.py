@@ -86,6 +86,10 @@ class DataScheduler:
         unknown = sorted(set(cfg.domain_weights) - set(domains))
         if unknown:
             raise ConfigError("data.domain_weights", f"weights only for domains in the data {domains}", unknown)
+        missing = sorted(set(domains) - set(cfg.domain_weights)) if cfg.domain_weights else []
+        if missing:
+            raise ConfigError("data.domain_weights", f"a weight for every domain in the data (0 skips one); "
+                              f"missing {missing}", dict(cfg.domain_weights))
         if any(w < 0 for w in cfg.domain_weights.values()) or (cfg.domain_weights and
                                                                 sum(cfg.domain_weights.values()) <= 0):
             raise ConfigError("data.domain_weights", "non-negative weights with a positive sum",

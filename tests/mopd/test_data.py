@@ -65,6 +65,10 @@ def test_bad_data_fails_with_the_field_named(tmp_path, tokenizer):
     with pytest.raises(ConfigError, match="data.domain_weights"):
         cfg = DataConfig(train_files=[ok], domain_weights={"chem": 1.0})
         DataScheduler(load_prompts(cfg, tokenizer, 100), cfg)
+    with pytest.raises(ConfigError, match="missing \\['arith'\\]"):
+        both = _write(tmp_path / "both.jsonl", make_examples("arith", 3, 0) + make_examples("reverse", 3, 0))
+        cfg = DataConfig(train_files=[both], domain_weights={"reverse": 1.0})
+        DataScheduler(load_prompts(cfg, tokenizer, 100), cfg)
 
 
 def test_overlong_prompts_are_dropped_not_truncated(tmp_path, tokenizer):
