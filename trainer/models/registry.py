@@ -1,0 +1,36 @@
+"""Architecture registry keyed by HF `model_type`: adding a model family is one new module."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+Tensor = torch.Tensor
+StateDict = dict[str, Tensor]
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What the builder and converter need to know about one HF model family."""
+
+    model_type: str
+    transformer_kwargs: Callable[[Any], dict[str, Any]]  # hf config -> TransformerConfig fields
+    moe_layers: Callable[[Any], list[int]]  # hf config -> indices of MoE layers (R3 uses them)
+    hf_to_megatron: Callable[[StateDict, Any], StateDict]
+    megatron_to_hf: Callable[[StateDict, Any], StateDict]
+
+
+_REGISTRY: dict[str, Architecture] = {}
+
+
+def register(arch: Architecture) -> None:
+    _REGISTRY[arch.model_type] = arch
+
+
+def get_architecture(model_type: str) -> Architecture:
+    if model_type not in _REGISTRY:
+        raise ValueError(f"hf config model_type={model_type!r} is not supported by the trainer; "
+                         f"expected one of {sorted(_REGISTRY)}")
+    return _REGISTRY[model_type]
