@@ -82,6 +82,7 @@ class JobConfig:
     resume: bool = False
     seed: int = 0
     save_interval: int = 10  # checkpoint every N steps (and at the end); 0 = only at the end
+    dump_samples: bool = False  # write run_dir/samples/step_N.jsonl (prompt, response, reward, teacher KL)
     default_teacher: str | None = None  # scores prompts whose domain no teacher lists
     ray_address: str | None = None  # None = start an embedded Ray cluster
     ray_num_cpus: int | None = None  # embedded cluster only; None = what the job needs

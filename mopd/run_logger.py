@@ -10,7 +10,10 @@ from typing import Any
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
     TimeRemainingColumn
 
+from transformers import PreTrainedTokenizerBase
+
 from mopd.config import LoggerConfig
+from mopd.types import Sample
 
 
 class RunLogger:
@@ -43,6 +46,23 @@ class RunLogger:
         if self.progress is not None:
             info = f"loss {metrics.get('train/loss', float('nan')):.4f}  reward {metrics.get('rollout/reward', 0):.3f}"
             self.progress.update(self.task, completed=step + 1, info=info)
+
+    def dump_samples(self, step: int, samples: list[Sample], tokenizer: PreTrainedTokenizerBase) -> None:
+        """One line per trajectory, for reading what the student wrote and how it was scored."""
+        out = self.path.parent / "samples"
+        out.mkdir(exist_ok=True)
+        with open(out / f"step_{step}.jsonl", "w") as f:
+            for s in samples:
+                kl = None
+                if s.teacher_logprobs is not None and any(s.loss_mask):
+                    pairs = [(m, t) for m, t, k in zip(s.rollout_logprobs, s.teacher_logprobs, s.loss_mask) if k]
+                    kl = sum(m - t for m, t in pairs) / len(pairs)
+                f.write(json.dumps({
+                    "prompt_index": s.prompt_index, "domain": s.domain, "teacher": s.teacher,
+                    "prompt": tokenizer.decode(s.prompt_ids), "response": s.response_text, "label": s.label,
+                    "reward": s.reward, "reverse_kl": kl, "finish_reason": s.finish_reason,
+                    "response_tokens": s.num_response_tokens, "weight_version": max(s.weight_versions, default=0),
+                }) + "\n")
 
     def close(self) -> None:
         if self.progress is not None:

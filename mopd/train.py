@@ -125,6 +125,8 @@ def run(job: JobConfig, config_dict: dict | None = None) -> None:
             timings = {"time/generate_s": generate_s, "time/score_s": score_s, "time/train_s": train_s,
                        "time/push_s": push_s, "time/step_s": time.perf_counter() - step_start}
             rt.logger.log(step, step_metrics(rt, samples, train_metrics, timings))
+            if job.dump_samples:
+                rt.logger.dump_samples(step, samples, rt.tokenizer)
             if should_checkpoint(job, step):
                 checkpoint(rt, step)
     finally:

@@ -1,0 +1,93 @@
+"""A shortened dry run through the real CLI: Ray, local engines, teachers, Megatron trainer, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+SHORT = ["experiment=dry_run", "toy.teacher_steps=60", "logger.progress=false", "rollout.prompts_per_step=4",
+         "save_interval=2"]
+
+
+def _train(*overrides: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HYDRA_FULL_ERROR="1")
+    return subprocess.run([sys.executable, "-m", "mopd.train", *overrides], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("dry") / "run"
+    proc = _train(*SHORT, f"run_dir={run_dir}", "num_steps=4")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return run_dir
+
+
+def test_run_writes_config_metrics_checkpoints_and_wandb(run_dir: Path):
+    assert (run_dir / "config.yaml").is_file()
+    metrics = _metrics(run_dir)
+    assert [m["step"] for m in metrics] == [0, 1, 2, 3]
+    for m in metrics:
+        for key in ("train/loss", "mopd/reverse_kl/arith", "mopd/reverse_kl/reverse", "rollout/tokens",
+                    "time/step_s"):
+            assert isinstance(m.get(key), (int, float)), (key, m)
+        assert m["rollout/tokens"] > 0
+    assert (run_dir / "checkpoints" / "step_2" / "driver.json").is_file()
+    assert (run_dir / "checkpoints" / "step_4" / "driver.json").is_file()
+    assert list((run_dir / "wandb").glob("offline-run-*")), "no offline wandb run directory"
+
+
+def test_checkpoint_exports_a_student_that_transformers_loads(run_dir: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf = run_dir / "checkpoints" / "step_4" / "hf"
+    model = AutoModelForCausalLM.from_pretrained(hf)
+    tokenizer = AutoTokenizer.from_pretrained(hf)
+    ids = tokenizer("1+2=", return_tensors="pt")["input_ids"]
+    assert model(ids).logits.shape[-1] >= len(tokenizer)
+
+
+def test_resume_continues_steps_without_skipping_or_repeating_prompts(run_dir: Path):
+    proc = _train(*SHORT, f"run_dir={run_dir}", "num_steps=6", "resume=true")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert [m["step"] for m in _metrics(run_dir)] == [0, 1, 2, 3, 4, 5]
+    positions = []
+    for step in range(6):
+        rows = [json.loads(line) for line in (run_dir / "samples" / f"step_{step}.jsonl").read_text().splitlines()]
+        positions += sorted({r["prompt_index"] for r in rows})
+    # 6 steps x 4 prompts, two equally weighted domains: positions 0..23, each exactly once
+    assert sorted(positions) == list(range(24))
+    assert _metrics(run_dir)[-1]["rollout/weight_version"] == 6
+
+
+@pytest.mark.parametrize("override, field", [
+    ("trainer.eps_low=3.0", "trainer.eps_low"),
+    ("teachers.arith.model_path=/nowhere", "teachers.arith.model_path"),
+    ("default_teacher=chemistry", "default_teacher"),
+])
+def test_config_errors_fail_before_start_up_and_name_the_field(run_dir: Path, override: str, field: str):
+    proc = _train(*SHORT, f"run_dir={run_dir.parent / 'bad'}", f"toy.dir={run_dir / 'toy'}", override,
+                  timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"invalid config `{field}`" in proc.stderr + proc.stdout
+    assert not (run_dir.parent / "bad" / "metrics.jsonl").exists()
+
+
+def test_data_domain_without_a_teacher_is_a_start_up_error(run_dir: Path, tmp_path: Path):
+    data = tmp_path / "chem.jsonl"
+    data.write_text(json.dumps({"prompt": "H2O?", "domain": "chemistry", "label": "water"}) + "\n")
+    proc = _train(*SHORT, f"run_dir={tmp_path / 'run'}", f"toy.dir={run_dir / 'toy'}",
+                  f"data.train_files=[{data}]", "data.domain_weights={}", timeout=120)
+    assert proc.returncode == 2
+    assert "no teacher covers ['chemistry']" in proc.stderr + proc.stdout
