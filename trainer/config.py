@@ -34,6 +34,11 @@ class TrainerConfig:
     dtype: str = "float32"  # float32 | bfloat16
     weight_sync: str = "tensor"  # tensor | disk | distributed
     weight_sync_bucket_mb: int = 64
+    # tensor mode payload: auto (sglang serializer on GPU, safetensors on CPU) | sglang | safetensors
+    weight_sync_format: str = "auto"
+    weight_sync_engine_tp: int = 1  # TP size of each engine: one serialized entry per TP rank
+    weight_sync_dir: str = ""  # disk mode: where HF snapshots are written ("" = system temp dir)
+    weight_sync_timeout_s: float = 300.0
     routing_replay: bool = True  # replay rollout routing (R3) in training forward/backward
     activation_recompute: bool = False
     cpus_per_rank: float = 1.0
@@ -61,5 +66,13 @@ class TrainerConfig:
         for name in ("dp_size", "tp_size", "pp_size", "ep_size", "max_tokens_per_microbatch"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{prefix}.{name}", "an integer >= 1", getattr(self, name))
+        if self.weight_sync_format not in ("auto", "sglang", "safetensors"):
+            raise ConfigError(f"{prefix}.weight_sync_format", "one of auto, sglang, safetensors",
+                              self.weight_sync_format)
+        for name in ("weight_sync_bucket_mb", "weight_sync_engine_tp"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{prefix}.{name}", "an integer >= 1", getattr(self, name))
+        if self.cpus_per_rank <= 0:
+            raise ConfigError(f"{prefix}.cpus_per_rank", "a number > 0", self.cpus_per_rank)
         if self.grad_clip < 0:
             raise ConfigError(f"{prefix}.grad_clip", "a number >= 0 (0 disables clipping)", self.grad_clip)

@@ -119,7 +119,12 @@ def load_megatron_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) 
 
 def hf_to_model(model: torch.nn.Module, arch: Architecture, hf_config: Any,
                 hf_state: dict[str, torch.Tensor]) -> None:
-    load_megatron_state(model, arch.hf_to_megatron(hf_state, hf_config))
+    try:
+        converted = arch.hf_to_megatron(hf_state, hf_config)
+    except KeyError as err:
+        raise ValueError(f"HF checkpoint has no tensor {err.args[0]!r}, which a {arch.model_type} model with "
+                         "this config needs") from None
+    load_megatron_state(model, converted)
 
 
 def model_to_hf(model: torch.nn.Module, arch: Architecture, hf_config: Any) -> dict[str, torch.Tensor]:

@@ -1,0 +1,90 @@
+"""The Ray actor of one trainer rank: sets up torch.distributed + Megatron, owns a TrainEngine."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+
+from mopd.advantages import AdvantageConfig
+from mopd.types import Sample
+from trainer import checkpoint, weight_sync
+from trainer.config import TrainerConfig
+
+
+@ray.remote
+class TrainerActor:
+    """Rank `rank` of `world_size` data-parallel ranks (TP=PP=EP=1)."""
+
+    def __init__(self, rank: int, world_size: int) -> None:
+        self.rank, self.world_size = rank, world_size
+        self.engine: Any = None
+        self.pusher: Any = None
+        torch.set_num_threads(1)  # CPU is shared; on GPU the host threads do little
+
+    def master_address(self) -> tuple[str, int]:
+        """Called on rank 0: where the process group rendezvous listens."""
+        from trainer.dist import free_port
+
+        return ray.util.get_node_ip_address(), free_port()
+
+    def setup(self, master_addr: str, master_port: int, model_path: str, cfg: TrainerConfig,
+              adv: AdvantageConfig, num_steps: int, rollout_temperature: float) -> None:
+        from trainer import cpu_compat
+        from trainer.dist import init_distributed
+        from trainer.engine import TrainEngine
+
+        use_cuda = not cpu_compat.needs_cpu_compat(cfg.device)
+        init_distributed(self.rank, self.world_size, master_addr, master_port, use_cuda=use_cuda,
+                         tp=cfg.tp_size, pp=cfg.pp_size, ep=cfg.ep_size, seed=cfg.seed)
+        torch.manual_seed(cfg.seed + self.rank)
+        np.random.seed(cfg.seed + self.rank)
+        self.cfg, self.model_path = cfg, model_path
+        self.engine = TrainEngine(model_path, cfg, adv, num_steps=num_steps, rollout_temperature=rollout_temperature)
+
+    def compute_logprobs(self, samples: list[Sample]) -> list[np.ndarray]:
+        return self.engine.compute_logprobs(samples)
+
+    def train_step(self, samples: list[Sample], num_global_samples: int) -> dict[str, float]:
+        return self.engine.train_step(samples, num_global_samples)
+
+    def push_weights(self, urls: list[str], version: int) -> None:
+        if self.rank != 0:
+            return
+        named = self.engine.hf_state()
+        if self.cfg.weight_sync == "tensor":
+            weight_sync.push_tensor(named, urls, version, self.cfg)
+        elif self.cfg.weight_sync == "disk":
+            weight_sync.push_disk(named, urls, version, self.cfg, self.model_path)
+        else:
+            if self.pusher is None or self.pusher.urls != urls:
+                self.pusher = weight_sync.DistributedPusher(urls, self.cfg)
+            self.pusher.push(named, version)
+
+    def save_checkpoint(self, path: str) -> None:
+        state = self.engine.state_dict() if self.rank == 0 else None
+        checkpoint.save_trainer_state(path, state, self.rank)
+        if self.rank == 0:
+            checkpoint.export_hf(Path(path) / "hf", self.engine.hf_state(), self.model_path)
+
+    def load_checkpoint(self, path: str) -> None:
+        state, rng = checkpoint.load_trainer_state(path, self.rank)
+        self.engine.load_state_dict(state)
+        if rng is not None:
+            checkpoint.set_rng_state(rng)
+
+    def export_hf(self, path: str) -> None:
+        if self.rank == 0:
+            checkpoint.export_hf(path, self.engine.hf_state(), self.model_path)
+
+    def shutdown(self) -> None:
+        from trainer.dist import shutdown_distributed
+
+        shutdown_distributed()
+
+    def pid(self) -> int:
+        return os.getpid()

@@ -1,0 +1,101 @@
+"""Samples -> right-padded microbatches under a token budget, with per-token loss tensors.
+
+Right padding with causal attention needs no attention mask: a real token only attends to
+earlier (real) positions, and padding never reaches the loss (mask 0). The MoE dispatcher used
+here has no capacity limit, so padding tokens do not change how real tokens are routed either.
+Column p of every [B, S-1] tensor belongs to the token at position p+1 (predicted from p).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mopd.types import Sample
+from trainer.losses import LossInputs
+
+
+@dataclass
+class MicroBatch:
+    indices: list[int]  # positions of these samples in the caller's list
+    tokens: torch.Tensor  # [B, S] int64, right-padded with 0
+    position_ids: torch.Tensor  # [B, S]
+    targets: torch.Tensor  # [B, S-1] = tokens[:, 1:]
+    response_mask: torch.Tensor  # [B, S-1] 1 on every response token position
+    inputs: LossInputs
+    lengths: list[int]
+    prompt_lengths: list[int]
+
+
+def validate_samples(samples: list[Sample], *, vocab_size: int, need: tuple[str, ...] = ()) -> None:
+    """Fail early, naming the sample and the field, instead of deep inside the model."""
+    for i, s in enumerate(samples):
+        s.check()
+        if not s.prompt_ids:
+            raise ValueError(f"sample {i}: prompt_ids is empty; expected at least one token")
+        if not s.response_ids:
+            raise ValueError(f"sample {i}: response_ids is empty; expected at least one token")
+        bad = [t for t in s.tokens if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"sample {i}: token ids {bad[:5]} outside the vocabulary [0, {vocab_size})")
+        for name in need:
+            value = getattr(s, name)
+            if value is None or (isinstance(value, list) and len(value) != len(s.response_ids)):
+                raise ValueError(f"sample {i}: Sample.{name} must have one entry per response token "
+                                 f"({len(s.response_ids)}), got {None if value is None else len(value)}")
+
+
+def plan_microbatches(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Greedy packing, longest first: a microbatch's padded size (B * max_len) stays <= max_tokens.
+
+    A sequence longer than the budget gets a microbatch of its own (it cannot be split).
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        width = lengths[current[0]] if current else lengths[i]  # first is the longest
+        if current and width * (len(current) + 1) > max_tokens:
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _per_token(values: list[float] | None, batch: int, row: int, start: int, out: torch.Tensor | None,
+               ) -> None:
+    if out is not None and values is not None:
+        out[row, start:start + len(values)] = torch.as_tensor(values, dtype=torch.float32)
+
+
+def collate(samples: list[Sample], indices: list[int]) -> MicroBatch:
+    """Build the padded tensors of one microbatch (samples given in the caller's order)."""
+    chosen = [samples[i] for i in indices]
+    lengths = [len(s.tokens) for s in chosen]
+    B, S = len(chosen), max(lengths)
+    tokens = torch.zeros(B, S, dtype=torch.long)
+    response_mask = torch.zeros(B, S - 1)
+    loss_mask = torch.zeros(B, S - 1)
+    has_mu = all(s.rollout_logprobs for s in chosen)
+    has_teacher = all(s.teacher_logprobs is not None for s in chosen)
+    mu = torch.zeros(B, S - 1) if has_mu else None
+    teacher = torch.zeros(B, S - 1) if has_teacher else None
+    for b, s in enumerate(chosen):
+        tokens[b, :lengths[b]] = torch.as_tensor(s.tokens, dtype=torch.long)
+        start, n = len(s.prompt_ids) - 1, len(s.response_ids)
+        response_mask[b, start:start + n] = 1.0
+        mask = s.loss_mask if s.loss_mask else [1] * n
+        loss_mask[b, start:start + n] = torch.as_tensor(mask, dtype=torch.float32)
+        _per_token(s.rollout_logprobs, B, b, start, mu)
+        _per_token(s.teacher_logprobs, B, b, start, teacher)
+    orm = torch.as_tensor([float(s.orm_advantage) for s in chosen], dtype=torch.float32)
+    return MicroBatch(
+        indices=list(indices), tokens=tokens,
+        position_ids=torch.arange(S, dtype=torch.long).unsqueeze(0).expand(B, S).contiguous(),
+        targets=tokens[:, 1:].contiguous(), response_mask=response_mask,
+        inputs=LossInputs(loss_mask=loss_mask, rollout_logprobs=mu, teacher_logprobs=teacher, orm_advantage=orm),
+        lengths=lengths, prompt_lengths=[len(s.prompt_ids) for s in chosen],
+    )

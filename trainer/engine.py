@@ -1,0 +1,193 @@
+"""One trainer rank: Megatron model + optimizer + schedule; logprobs, train step, state.
+
+Ray-free so it can be unit-tested in-process; trainer.actor wraps it in a Ray actor. The
+optimizer is torch AdamW (not Megatron's get_megatron_optimizer): with TP=PP=EP=1 it is exact,
+its state_dict round-trips bit for bit for resume, and it needs neither Megatron's DDP grad
+buffers nor CUDA; data-parallel gradients are all-reduced explicitly (one coalesced all_reduce).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from mopd.advantages import AdvantageConfig
+from mopd.types import ConfigError, Sample
+from trainer import batching, routing_replay
+from trainer.config import TrainerConfig
+from trainer.hf_io import load_hf_state
+from trainer.losses import compute_loss, token_logprobs_and_entropy
+from trainer.model_builder import build_model, hf_to_model, load_hf_config, model_to_hf
+
+_NEEDS = {"mopd": ("rollout_logprobs", "teacher_logprobs"), "grpo": ("rollout_logprobs",), "sft": ()}
+
+
+def lr_lambda(cfg: TrainerConfig, total_steps: int):
+    """Multiplier of cfg.lr at a step: linear warmup, then constant / cosine / linear to min_lr."""
+    floor = cfg.min_lr / cfg.lr
+
+    def fn(step: int) -> float:
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.lr_schedule == "constant":
+            return 1.0
+        span = max(1, total_steps - cfg.warmup_steps)
+        progress = min(1.0, (step - cfg.warmup_steps) / span)
+        if cfg.lr_schedule == "cosine":
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        return floor + (1 - floor) * (1 - progress)
+
+    return fn
+
+
+class TrainEngine:
+    """Model, optimizer and scheduler of one data-parallel rank."""
+
+    def __init__(self, model_path: str, cfg: TrainerConfig, adv: AdvantageConfig, *, num_steps: int,
+                 rollout_temperature: float = 1.0) -> None:
+        cfg.validate()
+        adv.validate()
+        if (cfg.tp_size, cfg.pp_size, cfg.ep_size) != (1, 1, 1):
+            raise ConfigError("trainer.tp_size/pp_size/ep_size", "1 (only data parallelism is implemented)",
+                              (cfg.tp_size, cfg.pp_size, cfg.ep_size))
+        if rollout_temperature <= 0:
+            raise ConfigError("rollout_temperature", "a number > 0", rollout_temperature)
+        self.cfg, self.adv, self.model_path = cfg, adv, model_path
+        self.temperature = rollout_temperature
+        self.hf_config = load_hf_config(model_path)
+        self.model, self.arch = build_model(self.hf_config, device=cfg.device, dtype=cfg.dtype,
+                                            routing_replay=cfg.routing_replay,
+                                            activation_recompute=cfg.activation_recompute)
+        hf_to_model(self.model, self.arch, self.hf_config, load_hf_state(model_path))
+        self.device = next(self.model.parameters()).device
+        self.moe_layers = self.arch.moe_layers(self.hf_config)
+        decay = [p for p in self.model.parameters() if p.ndim >= 2]
+        no_decay = [p for p in self.model.parameters() if p.ndim < 2]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
+        total = cfg.total_steps or num_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, total))
+        self.step = 0
+
+    # ---------------------------------------------------------------- forward
+    def _replay_data(self, samples: list[Sample], seq_len: int) -> list[torch.Tensor] | None:
+        if not (self.cfg.routing_replay and self.moe_layers):
+            return None
+        have = [s.routed_experts is not None for s in samples]
+        if not any(have):
+            return None
+        if not all(have):
+            raise ValueError("routing replay: some samples of a batch carry routed_experts and some do not; "
+                             "expected all or none")
+        h = self.hf_config
+        for i, s in enumerate(samples):
+            routing_replay.check_routed_experts(s, i, num_layers=h.num_hidden_layers, top_k=h.num_experts_per_tok,
+                                                num_experts=h.num_experts)
+        tensors = routing_replay.replay_tensors(samples, seq_len, self.moe_layers, num_layers=h.num_hidden_layers,
+                                                top_k=h.num_experts_per_tok, num_experts=h.num_experts)
+        return [t.to(self.device) for t in tensors]
+
+    def _forward(self, mb: batching.MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.model(mb.tokens.to(self.device), mb.position_ids.to(self.device), None)
+        lp, ent = token_logprobs_and_entropy(logits[:, :-1], mb.targets.to(self.device), self.temperature)
+        return lp.cpu() if self.device.type != "cpu" else lp, ent.cpu()
+
+    def _microbatches(self, samples: list[Sample]) -> list[batching.MicroBatch]:
+        plan = batching.plan_microbatches([len(s.tokens) for s in samples], self.cfg.max_tokens_per_microbatch)
+        return [batching.collate(samples, idx) for idx in plan]
+
+    @torch.no_grad()
+    def compute_logprobs(self, samples: list[Sample]) -> list[np.ndarray]:
+        """log pi_theta of every response token (float32), with routing replay when available."""
+        batching.validate_samples(samples, vocab_size=self.hf_config.vocab_size)
+        self.model.eval()
+        out: list[np.ndarray | None] = [None] * len(samples)
+        for mb in self._microbatches(samples):
+            chosen = [samples[i] for i in mb.indices]
+            with routing_replay.replaying(self.model, self._replay_data(chosen, mb.tokens.shape[1])):
+                lp, _ = self._forward(mb)
+            for b, i in enumerate(mb.indices):
+                start = mb.prompt_lengths[b] - 1
+                out[i] = lp[b, start:start + len(samples[i].response_ids)].float().numpy().copy()
+        return out  # type: ignore[return-value]
+
+    # ---------------------------------------------------------------- train
+    def train_step(self, samples: list[Sample], num_global_samples: int) -> dict[str, float]:
+        """Accumulate gradients over this rank's microbatches, all-reduce over DP, clip, step."""
+        if num_global_samples < 1:
+            raise ValueError(f"train_step needs at least one sample in the global batch, got {num_global_samples}")
+        batching.validate_samples(samples, vocab_size=self.hf_config.vocab_size, need=_NEEDS[self.cfg.loss])
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=False)
+        stats = torch.zeros(5, dtype=torch.float64)  # loss, masked, kl, mask tokens, entropy sum
+        for mb in self._microbatches(samples):
+            chosen = [samples[i] for i in mb.indices]
+            with routing_replay.replaying(self.model, self._replay_data(chosen, mb.tokens.shape[1])):
+                lp, ent = self._forward(mb)
+                if self.cfg.activation_recompute and self.cfg.routing_replay and self.moe_layers:
+                    routing_replay.switch_to_backward(self.model)
+                out = compute_loss(self.cfg.loss, lp, mb.inputs, self.adv, eps_low=self.cfg.eps_low,
+                                   eps_high=self.cfg.eps_high)
+                (out.loss_sum / num_global_samples).backward()
+            mask = mb.inputs.loss_mask
+            stats += torch.tensor([out.loss_sum.item(), out.is_masked_tokens, out.kl_rollout_sum, out.mask_tokens,
+                                   (ent * mask).sum().item()], dtype=torch.float64)
+        self._allreduce_grads()
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(stats)
+        params = [p for p in self.model.parameters()]
+        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        tokens = max(stats[3].item(), 1.0)
+        has_mu = self.cfg.loss != "sft" or all(s.rollout_logprobs for s in samples)
+        return {
+            "train/loss": stats[0].item() / num_global_samples,
+            "train/grad_norm": grad_norm,
+            "train/entropy": stats[4].item() / tokens,
+            "train/is_mask_frac": stats[1].item() / tokens,
+            "train/kl_rollout": stats[2].item() / tokens if has_mu else 0.0,
+            "train/lr": lr,
+            "train/step": float(self.step),
+        }
+
+    def _allreduce_grads(self) -> None:
+        for p in self.model.parameters():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        if not (dist.is_initialized() and dist.get_world_size() > 1):
+            return
+        grads = [p.grad for p in self.model.parameters()]
+        flat = _flatten_dense_tensors(grads)
+        dist.all_reduce(flat)
+        for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+            g.copy_(synced)
+
+    # ---------------------------------------------------------------- weights and state
+    def hf_state(self) -> dict[str, torch.Tensor]:
+        """Student weights under HF names (what engines and the HF export consume)."""
+        return model_to_hf(self.model, self.arch, self.hf_config)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": {k: v for k, v in self.model.state_dict().items() if not k.endswith("_extra_state")},
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "step": self.step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        missing, unexpected = self.model.load_state_dict(state["model"], strict=False)
+        missing = [k for k in missing if not k.endswith("_extra_state")]
+        if missing or unexpected:
+            raise ValueError(f"trainer checkpoint does not match the model: missing {missing[:8]}, "
+                             f"unexpected {list(unexpected)[:8]}")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = int(state["step"])

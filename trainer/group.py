@@ -1,0 +1,86 @@
+"""TrainerGroup: the only trainer object the driver talks to (sync calls over all DP ranks)."""
+
+from __future__ import annotations
+
+import numpy as np
+import ray
+
+from mopd.advantages import AdvantageConfig
+from mopd.types import Sample
+from trainer.config import TrainerConfig
+
+
+def split_by_tokens(samples: list[Sample], parts: int) -> list[list[int]]:
+    """Indices per rank, balancing token counts (longest first onto the lightest rank)."""
+    shards: list[list[int]] = [[] for _ in range(parts)]
+    load = [0] * parts
+    for i in sorted(range(len(samples)), key=lambda i: -len(samples[i].tokens)):
+        r = min(range(parts), key=lambda r: (load[r], len(shards[r]), r))
+        shards[r].append(i)
+        load[r] += len(samples[i].tokens)
+    return [sorted(s) for s in shards]
+
+
+class TrainerGroup:
+    """`cfg.dp_size` Ray actors training one Megatron model with data parallelism.
+
+    CPU: each actor asks for `cfg.cpus_per_rank` CPUs and uses gloo; GPU: one GPU each and NCCL.
+    """
+
+    def __init__(self, model_path: str, cfg: TrainerConfig, adv: AdvantageConfig, *, num_steps: int,
+                 rollout_temperature: float = 1.0) -> None:
+        from trainer import cpu_compat
+        from trainer.actor import TrainerActor
+
+        cfg.validate()
+        adv.validate()
+        if not ray.is_initialized():
+            raise RuntimeError("TrainerGroup needs a running Ray (call ray.init first)")
+        self.cfg = cfg
+        on_cpu = cpu_compat.needs_cpu_compat(cfg.device)
+        options = {"num_cpus": cfg.cpus_per_rank} if on_cpu else {"num_cpus": cfg.cpus_per_rank, "num_gpus": 1}
+        self.actors = [TrainerActor.options(**options).remote(r, cfg.dp_size) for r in range(cfg.dp_size)]
+        addr, port = ray.get(self.actors[0].master_address.remote())
+        ray.get([a.setup.remote(addr, port, model_path, cfg, adv, num_steps, rollout_temperature)
+                 for a in self.actors])
+
+    def compute_logprobs(self, samples: list[Sample]) -> list[np.ndarray]:
+        """log pi_theta per response token, in the order of `samples`."""
+        shards = split_by_tokens(samples, len(self.actors))
+        results = ray.get([a.compute_logprobs.remote([samples[i] for i in idx])
+                           for a, idx in zip(self.actors, shards)])
+        out: list[np.ndarray | None] = [None] * len(samples)
+        for idx, res in zip(shards, results):
+            for i, lp in zip(idx, res):
+                out[i] = lp
+        return out  # type: ignore[return-value]
+
+    def train_step(self, samples: list[Sample]) -> dict[str, float]:
+        """One optimizer step over all samples; metrics are global (all-reduced over ranks)."""
+        if not samples:
+            raise ValueError("train_step got an empty list of samples; expected at least one")
+        shards = split_by_tokens(samples, len(self.actors))
+        metrics = ray.get([a.train_step.remote([samples[i] for i in idx], len(samples))
+                           for a, idx in zip(self.actors, shards)])
+        return metrics[0]
+
+    def push_weights(self, urls: list[str], version: int) -> None:
+        ray.get([a.push_weights.remote(list(urls), int(version)) for a in self.actors])
+
+    def save_checkpoint(self, path: str) -> None:
+        """`path/trainer/` (exact training state) and `path/hf/` (HF export)."""
+        ray.get([a.save_checkpoint.remote(str(path)) for a in self.actors])
+
+    def load_checkpoint(self, path: str) -> None:
+        ray.get([a.load_checkpoint.remote(str(path)) for a in self.actors])
+
+    def export_hf(self, path: str) -> None:
+        ray.get([a.export_hf.remote(str(path)) for a in self.actors])
+
+    def shutdown(self) -> None:
+        try:
+            ray.get([a.shutdown.remote() for a in self.actors])
+        finally:
+            for a in self.actors:
+                ray.kill(a)
+            self.actors = []

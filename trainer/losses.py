@@ -1,0 +1,97 @@
+"""Training losses: MOPD policy gradient, GRPO and SFT, on per-token log pi_theta.
+
+All three return the SUM over sequences of the per-sequence loss; the caller divides by the
+number of sequences in the whole (all data-parallel ranks) batch, so the gradient is that of
+L = -mean_seq((1/|y|) sum_t ...) no matter how sequences are split into microbatches and ranks.
+The MOPD math itself lives in mopd.advantages; this module only wires it to the trainer's tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mopd.advantages import AdvantageConfig, importance_weights, per_sequence_token_mean, token_advantages
+
+
+@dataclass
+class LossInputs:
+    """Per-token tensors [B, N] aligned with the logprobs (N = positions that predict a token)."""
+
+    loss_mask: torch.Tensor  # 1 on response tokens that are trained on
+    rollout_logprobs: torch.Tensor | None = None  # log mu
+    teacher_logprobs: torch.Tensor | None = None  # log pi_teacher
+    orm_advantage: torch.Tensor | None = None  # [B]
+
+
+@dataclass
+class LossOutput:
+    loss_sum: torch.Tensor  # sum over sequences of the per-sequence loss (has grad)
+    is_masked_tokens: float  # loss-mask tokens the IS mask zeroed
+    kl_rollout_sum: float  # sum over loss-mask tokens of log mu - log pi_theta
+    mask_tokens: float
+
+
+def _require(value: torch.Tensor | None, name: str, loss: str) -> torch.Tensor:
+    if value is None:
+        raise ValueError(f"loss={loss!r} needs Sample.{name} on every sample (got None)")
+    return value
+
+
+def _rollout_stats(logprobs: torch.Tensor, inputs: LossInputs) -> tuple[float, float]:
+    mask = inputs.loss_mask.to(logprobs.dtype)
+    if inputs.rollout_logprobs is None:
+        return 0.0, 0.0
+    kl = ((inputs.rollout_logprobs - logprobs.detach()) * mask).sum().item()
+    return kl, float(mask.sum().item())
+
+
+def pg_loss(logprobs: torch.Tensor, inputs: LossInputs, adv: AdvantageConfig, *, eps_low: float,
+            eps_high: float, teacher_coef: float) -> LossOutput:
+    """-sum_seq (1/|y|) sum_t w_t A_t log pi_theta(y_t); w_t the IS mask, A_t the MOPD advantage."""
+    mask = inputs.loss_mask.to(logprobs.dtype)
+    mu = _require(inputs.rollout_logprobs, "rollout_logprobs", "mopd/grpo")
+    orm = _require(inputs.orm_advantage, "orm_advantage", "mopd/grpo").to(logprobs.dtype)
+    if teacher_coef > 0:
+        teacher = _require(inputs.teacher_logprobs, "teacher_logprobs", "mopd")
+    else:
+        teacher = torch.zeros_like(logprobs)
+    advantages = token_advantages(teacher, logprobs.detach(), orm.unsqueeze(-1), mask, alpha=adv.alpha,
+                                  teacher_coef=teacher_coef)
+    weights = importance_weights(logprobs, mu, mask, eps_low=eps_low, eps_high=eps_high)
+    per_seq = per_sequence_token_mean(weights * advantages * logprobs, mask)
+    kl, _ = _rollout_stats(logprobs, inputs)
+    return LossOutput(loss_sum=-per_seq.sum(), is_masked_tokens=float(((weights == 0) & (mask > 0)).sum().item()),
+                      kl_rollout_sum=kl, mask_tokens=float(mask.sum().item()))
+
+
+def sft_loss(logprobs: torch.Tensor, inputs: LossInputs) -> LossOutput:
+    """Cross-entropy on loss-mask tokens: per-sequence token mean, summed over sequences."""
+    mask = inputs.loss_mask.to(logprobs.dtype)
+    per_seq = per_sequence_token_mean(-logprobs, mask)
+    kl, _ = _rollout_stats(logprobs, inputs)
+    return LossOutput(loss_sum=per_seq.sum(), is_masked_tokens=0.0, kl_rollout_sum=kl,
+                      mask_tokens=float(mask.sum().item()))
+
+
+def compute_loss(kind: str, logprobs: torch.Tensor, inputs: LossInputs, adv: AdvantageConfig, *,
+                 eps_low: float, eps_high: float) -> LossOutput:
+    """Dispatch on TrainerConfig.loss: mopd | grpo (teacher term off) | sft."""
+    if kind == "mopd":
+        return pg_loss(logprobs, inputs, adv, eps_low=eps_low, eps_high=eps_high, teacher_coef=adv.teacher_coef)
+    if kind == "grpo":
+        return pg_loss(logprobs, inputs, adv, eps_low=eps_low, eps_high=eps_high, teacher_coef=0.0)
+    if kind == "sft":
+        return sft_loss(logprobs, inputs)
+    raise ValueError(f"trainer.loss={kind!r}: expected one of mopd, grpo, sft")
+
+
+def token_logprobs_and_entropy(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(target) and the entropy of the tempered distribution, both [B, N], computed in fp32."""
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    token_lp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    with torch.no_grad():
+        entropy = -(logp.exp() * logp).sum(-1)
+    return token_lp, entropy
