@@ -8,6 +8,7 @@ from mopd.types import ConfigError
 
 ENV_KINDS = ("verifiable", "swe")
 SANDBOX_BACKENDS = ("local", "kubernetes")
+ISOLATION_MODES = ("auto", "strict", "none")
 
 
 @dataclass
@@ -17,11 +18,37 @@ class SandboxConfig:
     memory_mb: int = 1024
     wall_timeout_s: float = 120.0
     max_output_bytes: int = 65536
+    max_procs: int = 64  # pids cgroup + RLIMIT_NPROC (per-sandbox uid)
+    file_size_mb: int = 256  # RLIMIT_FSIZE
+    no_network: bool = True
+    # local: auto = enforce every mechanism this host supports; strict = refuse to start without
+    # uid switch, network cut, read-only filesystem and a pids cgroup; none = rlimits only
+    isolation: str = "auto"
+    base_dir: str = ""  # default: $TMPDIR/mopd-sandboxes
     # kubernetes
     namespace: str = "mopd-sandboxes"
     image: str = "python:3.11-slim"
     runtime_class: str | None = None
     warm_pool_size: int = 0
+    cpu: str = "1"
+    ephemeral_storage: str = "2Gi"
+    agent_port: int = 8000
+    ready_timeout_s: float = 120.0
+
+    def validate(self, prefix: str = "sandbox") -> None:
+        if self.backend not in SANDBOX_BACKENDS:
+            raise ConfigError(f"{prefix}.backend", f"one of {SANDBOX_BACKENDS}", self.backend)
+        if self.isolation not in ISOLATION_MODES:
+            raise ConfigError(f"{prefix}.isolation", f"one of {ISOLATION_MODES}", self.isolation)
+        for name in ("cpu_time_s", "memory_mb", "max_output_bytes", "max_procs", "file_size_mb", "agent_port"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{prefix}.{name}", "an integer >= 1", value)
+        for name in ("wall_timeout_s", "ready_timeout_s"):
+            if not isinstance(self.wall_timeout_s, (int, float)) or getattr(self, name) <= 0:
+                raise ConfigError(f"{prefix}.{name}", "a number of seconds > 0", getattr(self, name))
+        if self.warm_pool_size < 0:
+            raise ConfigError(f"{prefix}.warm_pool_size", "an integer >= 0", self.warm_pool_size)
 
 
 @dataclass
@@ -36,5 +63,4 @@ class EnvConfig:
             raise ConfigError(f"{prefix}.kind", f"one of {ENV_KINDS}", self.kind)
         if self.max_turns < 1:
             raise ConfigError(f"{prefix}.max_turns", "an integer >= 1", self.max_turns)
-        if self.sandbox.backend not in SANDBOX_BACKENDS:
-            raise ConfigError(f"{prefix}.sandbox.backend", f"one of {SANDBOX_BACKENDS}", self.sandbox.backend)
+        self.sandbox.validate(f"{prefix}.sandbox")

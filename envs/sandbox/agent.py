@@ -1,0 +1,333 @@
+"""In-sandbox agent: a small authenticated HTTP server (standard library only, any Python 3.8+ image).
+
+The same file runs as a local process (started by ``envs.sandbox.local``) and as the main process
+of a Kubernetes sandbox pod. The trainer side talks to it with ``envs.sandbox.client.AgentClient``.
+
+Endpoints (JSON in/out, ``Authorization: Bearer <token>`` except ``/health``):
+  GET  /health                       readiness (no secrets)
+  POST /exec    {command, timeout, max_output, cwd?, env?}
+  POST /read    {path}               -> {content_b64}
+  POST /write   {path, content_b64, mode?}
+  POST /upload  (body: tar) ?dest=   extracted with the tarfile "data" filter (no escapes)
+  POST /shutdown
+
+Commands start through ``jail.py`` (its sibling file): own session, rlimits, and, when ``--jail``
+asks for them, namespaces, a read-only filesystem, an unprivileged uid and cgroups. After a command ends,
+times out or floods output, everything it left running is killed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hmac
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+MAX_BODY = 256 << 20
+JAIL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "jail.py")
+
+
+class AgentError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Agent:
+    """State and operations; the HTTP handler only decodes requests and encodes replies."""
+
+    def __init__(self, args: argparse.Namespace, token: str) -> None:
+        self.root = os.path.realpath(args.root)
+        self.token = token.encode()
+        self.args = args
+        self.jail = dict(json.loads(args.jail) if args.jail else {}, root=self.root)
+        self.jail["rlimits"] = dict(args.rlimits or {}, **self.jail.get("rlimits", {}))
+        self.uid = self.jail.get("uid")
+        self.gid = self.jail.get("gid")
+        self.shell = next((s for s in ("/bin/bash", "/usr/bin/bash", "/bin/sh") if os.path.exists(s)), "sh")
+
+    # -- paths -------------------------------------------------------------------------------------
+    def resolve(self, path: str) -> str:
+        """Resolve a sandbox path; anything that lands outside the root (.., symlinks) is refused."""
+        if not isinstance(path, str) or not path:
+            raise AgentError(400, "field `path` must be a non-empty string")
+        full = os.path.realpath(os.path.join(self.root, path))
+        if full != self.root and not full.startswith(self.root + os.sep):
+            raise AgentError(403, f"path {path!r} is outside the sandbox")
+        return full
+
+    def _own(self, path: str) -> None:
+        if self.uid is not None:
+            os.chown(path, self.uid, self.gid if self.gid is not None else -1, follow_symlinks=False)
+
+    # -- operations --------------------------------------------------------------------------------
+    def read(self, body: dict) -> dict:
+        full = self.resolve(body.get("path"))
+        limit = int(body.get("max_bytes", 16 << 20))
+        try:
+            with open(full, "rb") as f:
+                data = f.read(limit + 1)
+        except FileNotFoundError:
+            raise AgentError(404, f"no such file: {body.get('path')}") from None
+        except IsADirectoryError:
+            raise AgentError(400, f"{body.get('path')} is a directory") from None
+        if len(data) > limit:
+            raise AgentError(413, f"{body.get('path')} is larger than {limit} bytes")
+        return {"content_b64": base64.b64encode(data).decode()}
+
+    def write(self, body: dict) -> dict:
+        full = self.resolve(body.get("path"))
+        try:
+            data = base64.b64decode(body.get("content_b64", ""), validate=True)
+        except (ValueError, TypeError):
+            raise AgentError(400, "field `content_b64` must be base64") from None
+        parent = os.path.dirname(full)
+        os.makedirs(parent, exist_ok=True)
+        tmp = f"{full}.mopd-tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, int(body.get("mode", 0o644)))
+        os.replace(tmp, full)
+        self._own(full)
+        return {"bytes": len(data)}
+
+    def upload(self, dest: str, data: bytes) -> dict:
+        target = self.resolve(dest or ".")
+        os.makedirs(target, exist_ok=True)
+        try:
+            with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+                names = tar.getnames()
+                tar.extractall(target, filter="data")
+        except (tarfile.TarError, OSError) as exc:
+            raise AgentError(400, f"bad tar upload: {exc}") from None
+        if self.uid is not None:
+            for dirpath, dirnames, filenames in os.walk(target):
+                for name in [dirpath] + [os.path.join(dirpath, n) for n in dirnames + filenames]:
+                    self._own(name)
+        return {"files": len(names)}
+
+    def _command(self, command: str, cwd: str, env: dict) -> list[str]:
+        spec = dict(self.jail, cwd=cwd, env=env)
+        return [sys.executable, "-I", "-S", JAIL, json.dumps(spec), "--", self.shell, "-c", command]
+
+    def exec(self, body: dict) -> dict:
+        command = body.get("command")
+        if not isinstance(command, str):
+            raise AgentError(400, "field `command` must be a string")
+        timeout = float(body.get("timeout", self.args.default_timeout))
+        cap = int(body.get("max_output", self.args.max_output))
+        cwd = self.resolve(body.get("cwd") or ".")
+        env = {"PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"), "HOME": self.root,
+               "TMPDIR": os.path.join(self.root, ".tmp"), "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1"}
+        os.makedirs(env["TMPDIR"], exist_ok=True)
+        self._own(env["TMPDIR"])
+        env.update({str(k): str(v) for k, v in (body.get("env") or {}).items()})
+        start = time.monotonic()
+        proc = subprocess.Popen(
+            self._command(command, cwd, env), cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        chunks: list[bytes] = []
+        state = {"size": 0, "flood": False}
+
+        def pump() -> None:
+            while True:
+                chunk = proc.stdout.read1(65536)
+                if not chunk:
+                    return
+                if state["size"] < cap:
+                    chunks.append(chunk[: cap - state["size"]])
+                state["size"] += len(chunk)
+                if state["size"] > cap and not state["flood"]:
+                    state["flood"] = True
+                    self.kill_group(proc.pid)
+
+        reader = threading.Thread(target=pump, daemon=True)
+        reader.start()
+        timed_out = False
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+        self.kill_group(proc.pid)  # the command's leftovers (background jobs, fork bombs) go too
+        proc.wait()
+        reader.join(timeout=2.0)
+        code = proc.returncode
+        reason = "timeout" if timed_out else "output_limit" if state["flood"] else None
+        if reason is None and code is not None and code < 0:
+            reason = f"signal {signal.Signals(-code).name}" if -code in signal.valid_signals() else "signal"
+        return {"exit_code": code, "output": b"".join(chunks).decode("utf-8", "replace"),
+                "truncated": state["size"] > cap, "output_bytes": state["size"], "timed_out": timed_out,
+                "killed_reason": reason, "duration_s": round(time.monotonic() - start, 4)}
+
+    def kill_group(self, pgid: int) -> None:
+        """Kill a command's process group, its cgroups, and (jailed) every process of the sandbox uid."""
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        for cg in self.jail.get("cgroups", []):
+            _kill_cgroup(cg)
+        if self.uid is not None and self.uid != os.getuid():
+            kill_uid(self.uid)
+
+
+def _kill_cgroup(path: str) -> None:
+    for _ in range(50):
+        try:
+            with open(os.path.join(path, "cgroup.procs")) as f:
+                pids = [int(p) for p in f.read().split()]
+        except OSError:
+            return
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.01)
+
+
+def uid_pids(uid: int) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.stat(f"/proc/{entry}").st_uid == uid:
+                    pids.append(int(entry))
+            except OSError:
+                pass
+    return pids
+
+
+def kill_uid(uid: int) -> None:
+    """SIGKILL every process of `uid` (unique per sandbox); loops to win races against forkers."""
+    for _ in range(50):
+        pids = uid_pids(uid)
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.01)
+
+
+class Handler(BaseHTTPRequestHandler):
+    agent: Agent
+    server_version = "mopd-sandbox-agent/1"
+
+    def log_message(self, fmt: str, *args: object) -> None:  # quiet; errors go back to the caller
+        pass
+
+    def _reply(self, status: int, obj: dict) -> None:
+        data = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _authorized(self) -> bool:
+        got = self.headers.get("Authorization", "")
+        expected = b"Bearer " + self.agent.token
+        return hmac.compare_digest(got.encode("utf-8", "replace"), expected)
+
+    def do_GET(self) -> None:
+        if self.path == "/health":
+            self._reply(200, {"ok": True, "jail": sorted(k for k, v in self.agent.jail.items() if v)})
+        else:
+            self._reply(404, {"error": f"unknown endpoint {self.path}"})
+
+    def do_POST(self) -> None:
+        if not self._authorized():
+            self._reply(401, {"error": "missing or wrong sandbox token"})
+            return
+        length = int(self.headers.get("Content-Length") or 0)
+        if length > MAX_BODY:
+            self._reply(413, {"error": f"request body larger than {MAX_BODY} bytes"})
+            return
+        raw = self.rfile.read(length)
+        route, _, query = self.path.partition("?")
+        try:
+            if route == "/upload":
+                dest = dict(p.split("=", 1) for p in query.split("&") if "=" in p).get("dest", ".")
+                self._reply(200, self.agent.upload(dest, raw))
+                return
+            body = json.loads(raw or b"{}")
+            if not isinstance(body, dict):
+                raise AgentError(400, "request body must be a JSON object")
+            if route == "/exec":
+                self._reply(200, self.agent.exec(body))
+            elif route == "/read":
+                self._reply(200, self.agent.read(body))
+            elif route == "/write":
+                self._reply(200, self.agent.write(body))
+            elif route == "/shutdown":
+                self._reply(200, {"ok": True})
+                threading.Thread(target=self.server.shutdown, daemon=True).start()
+            else:
+                self._reply(404, {"error": f"unknown endpoint {route}"})
+        except AgentError as exc:
+            self._reply(exc.status, {"error": str(exc)})
+        except (json.JSONDecodeError, ValueError, TypeError) as exc:
+            self._reply(400, {"error": f"bad request: {exc}"})
+        except OSError as exc:
+            self._reply(500, {"error": f"{type(exc).__name__}: {exc}"})
+
+
+def _watch_parent(parent: int, server: ThreadingHTTPServer) -> None:
+    """Exit when the process that started us is gone (local mode): no orphaned sandboxes."""
+    while True:
+        time.sleep(0.5)
+        if os.getppid() != parent:
+            server.shutdown()
+            return
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--root", default=os.getcwd())
+    p.add_argument("--token-env", default="MOPD_SANDBOX_TOKEN", help="env var holding the token")
+    p.add_argument("--max-output", type=int, default=65536)
+    p.add_argument("--default-timeout", type=float, default=120.0)
+    p.add_argument("--rlimits", type=json.loads, default={}, help='e.g. {"RLIMIT_CPU": 60}')
+    p.add_argument("--jail", default="", help="JSON spec for jail.py (local backend)")
+    p.add_argument("--parent-pid", type=int, default=0)
+    args = p.parse_args(argv)
+    token = os.environ.pop(args.token_env, "")
+    if len(token) < 16:
+        sys.stderr.write(f"agent: ${args.token_env} must hold a token of >= 16 characters\n")
+        sys.exit(2)
+    os.makedirs(args.root, exist_ok=True)
+    Handler.agent = Agent(args, token)
+    server = ThreadingHTTPServer((args.host, args.port), Handler)
+    server.daemon_threads = True
+    if args.parent_pid:
+        threading.Thread(target=_watch_parent, args=(args.parent_pid, server), daemon=True).start()
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
+    print(f"READY {server.server_address[1]}", flush=True)
+    try:
+        server.serve_forever(poll_interval=0.2)
+    finally:
+        if Handler.agent.uid is not None and Handler.agent.uid != os.getuid():
+            kill_uid(Handler.agent.uid)
+        shutil.rmtree(os.path.join(Handler.agent.root, ".tmp"), ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

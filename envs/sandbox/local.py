@@ -1,0 +1,240 @@
+"""Local sandbox backend: one agent process per sandbox, confined with what this host supports.
+
+Per sandbox: its own directory (``<base>/sb-<uid>/work``), its own unprivileged uid (claimed
+atomically by the directory name), its own pids and memory cgroups when writable, and commands that
+start through ``jail.py`` (no network, read-only filesystem except the sandbox, rlimits).
+
+Cleanup happens on ``close()``, at interpreter exit (atexit), when the owner dies (the agent
+watches its parent pid and kills the sandbox uid's processes), and for anything left behind by a
+killed owner via ``sweep_stale`` (run at backend start-up).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import json
+import os
+import random
+import secrets
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import uuid
+from typing import Any
+
+from envs.config import SandboxConfig
+from envs.sandbox.agent import kill_uid
+from envs.sandbox.base import Sandbox
+from envs.sandbox.client import AgentClient, SandboxError
+from envs.sandbox.isolation import Isolation, detect
+
+AGENT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "agent.py")
+UID_RANGE = (200000, 260000)
+_LIVE: dict[str, dict[str, Any]] = {}  # sandbox dir -> meta, for atexit
+
+
+def default_base_dir() -> str:
+    return os.path.join(tempfile.gettempdir(), "mopd-sandboxes")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def _kill_cgroup_dir(path: str) -> None:
+    for _ in range(100):
+        try:
+            with open(os.path.join(path, "cgroup.procs")) as f:
+                pids = [int(p) for p in f.read().split()]
+        except OSError:
+            break
+        if not pids:
+            break
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.01)
+    for _ in range(50):
+        try:
+            os.rmdir(path)
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            time.sleep(0.02)
+
+
+def destroy(meta: dict[str, Any]) -> None:
+    """Kill everything a sandbox started and remove its files and cgroups (sync; safe to repeat)."""
+    agent_pid = meta.get("agent_pid")
+    if agent_pid:
+        try:
+            os.killpg(agent_pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    if meta.get("uid") is not None and meta.get("setuid"):
+        kill_uid(meta["uid"])
+    for cg in meta.get("cgroups", []):
+        _kill_cgroup_dir(cg)
+    shutil.rmtree(meta["dir"], ignore_errors=True)
+    _LIVE.pop(meta["dir"], None)
+
+
+@atexit.register
+def _cleanup_at_exit() -> None:
+    for meta in list(_LIVE.values()):
+        destroy(meta)
+
+
+def sweep_stale(base_dir: str | None = None) -> int:
+    """Remove sandboxes whose owner process is gone (the owner was SIGKILLed or crashed)."""
+    base = base_dir or default_base_dir()
+    removed = 0
+    if not os.path.isdir(base):
+        return 0
+    for name in os.listdir(base):
+        path = os.path.join(base, name)
+        meta_path = os.path.join(path, "meta.json")
+        try:
+            with open(meta_path) as f:
+                meta = json.load(f)
+        except (OSError, ValueError):
+            if name.startswith("sb-") and time.time() - os.path.getmtime(path) > 300:
+                shutil.rmtree(path, ignore_errors=True)  # half-created and abandoned
+                removed += 1
+            continue
+        if not _pid_alive(int(meta.get("owner_pid", 0))):
+            destroy(meta)
+            removed += 1
+    return removed
+
+
+class LocalSandboxBackend:
+    """Creates confined local sandboxes. ``isolation`` is the detected (and enforced) mechanism set."""
+
+    def __init__(self, config: SandboxConfig | None = None, run_id: str | None = None) -> None:
+        self.config = config or SandboxConfig()
+        self.config.validate("sandbox")
+        self.run_id = run_id or uuid.uuid4().hex[:8]
+        self.base_dir = self.config.base_dir or default_base_dir()
+        os.makedirs(self.base_dir, mode=0o711, exist_ok=True)
+        self.isolation: Isolation = detect() if self.config.isolation != "none" else Isolation(
+            os.geteuid() == 0, False, False, False, None, None, False)
+        if self.config.isolation == "strict":
+            missing = [k for k in ("setuid", "no_network", "fs_readonly", "pids_cgroup")
+                       if not getattr(self.isolation, k)]
+            if missing:
+                raise SandboxError(f"sandbox.isolation=strict but {missing} cannot be enforced on this host "
+                                   f"({self.isolation.summary()})")
+        sweep_stale(self.base_dir)
+
+    def _claim_dir(self) -> tuple[str, int]:
+        for _ in range(1000):
+            uid = random.randrange(*UID_RANGE)
+            path = os.path.join(self.base_dir, f"sb-{uid}")
+            try:
+                os.mkdir(path, 0o711)
+                return path, uid
+            except FileExistsError:
+                continue
+        raise SandboxError(f"no free sandbox uid in {UID_RANGE}")
+
+    def _cgroups(self, name: str) -> list[str]:
+        out = []
+        iso, cfg = self.isolation, self.config
+        for parent, files in ((iso.pids_cgroup, {"pids.max": str(cfg.max_procs)}),
+                              (iso.memory_cgroup, {"memory.max" if iso.cgroup_v2 else "memory.limit_in_bytes":
+                                                   str(cfg.memory_mb << 20)})):
+            if parent is None:
+                continue
+            path = os.path.join(parent, name)
+            os.makedirs(path, exist_ok=True)
+            for fname, value in files.items():
+                with open(os.path.join(path, fname), "w") as f:
+                    f.write(value)
+            out.append(path)
+        return out
+
+    def _jail_spec(self, uid: int, work: str, cgroups: list[str]) -> dict[str, Any]:
+        iso, cfg = self.isolation, self.config
+        py_home = os.path.realpath(sys.base_prefix)
+        spec: dict[str, Any] = {
+            "rlimits": {"RLIMIT_CPU": cfg.cpu_time_s, "RLIMIT_AS": cfg.memory_mb << 20,
+                        "RLIMIT_FSIZE": cfg.file_size_mb << 20, "RLIMIT_NPROC": cfg.max_procs,
+                        "RLIMIT_CORE": 0},
+            "cgroups": cgroups,
+        }
+        if iso.setuid:
+            spec.update(uid=uid, gid=uid)
+        if iso.no_network and cfg.no_network:
+            spec["no_network"] = True
+        if iso.fs_readonly:
+            spec.update(fs_readonly=True, hide=["/root", "/home"], expose=[py_home, os.path.realpath(sys.prefix)])
+        return spec
+
+    async def create(self, snapshot: str | None = None) -> Sandbox:
+        """Start a sandbox; ``snapshot`` is a local directory copied into its workspace."""
+        path, uid = self._claim_dir()
+        work = os.path.join(path, "work")
+        os.mkdir(work, 0o755)
+        name = f"mopd-{self.run_id}-{uid}"
+        meta: dict[str, Any] = {"dir": path, "uid": uid, "owner_pid": os.getpid(), "run_id": self.run_id,
+                                "created": time.time(), "setuid": self.isolation.setuid, "cgroups": []}
+        _LIVE[path] = meta
+        try:
+            meta["cgroups"] = self._cgroups(name)
+            if self.isolation.setuid:
+                os.chown(work, uid, uid)
+            if snapshot is not None:
+                await asyncio.to_thread(shutil.copytree, snapshot, work, dirs_exist_ok=True,
+                                        ignore=shutil.ignore_patterns("__pycache__", ".pytest_cache"))
+                if self.isolation.setuid:
+                    for d, dirs, files in os.walk(work):
+                        for n in [d] + [os.path.join(d, x) for x in dirs + files]:
+                            os.chown(n, uid, uid, follow_symlinks=False)
+            spec = self._jail_spec(uid, work, meta["cgroups"])
+            token = secrets.token_urlsafe(32)
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-I", "-S", AGENT, "--host", "127.0.0.1", "--port", "0", "--root", work,
+                "--max-output", str(self.config.max_output_bytes),
+                "--default-timeout", str(self.config.wall_timeout_s),
+                "--jail", json.dumps(spec), "--parent-pid", str(os.getpid()),
+                env={"MOPD_SANDBOX_TOKEN": token, "PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.DEVNULL, start_new_session=True)
+            meta["agent_pid"] = proc.pid
+            with open(os.path.join(path, "meta.json"), "w") as f:
+                json.dump(meta, f)
+            try:
+                line = await asyncio.wait_for(proc.stdout.readline(), timeout=30.0)
+            except asyncio.TimeoutError:
+                raise SandboxError("sandbox agent did not start within 30s") from None
+            if not line.startswith(b"READY "):
+                raise SandboxError(f"sandbox agent failed to start: {line[:200]!r}")
+            port = int(line.split()[1])
+        except BaseException:
+            destroy(meta)
+            raise
+
+        async def closer() -> None:
+            await asyncio.to_thread(destroy, meta)
+            try:
+                await asyncio.wait_for(proc.wait(), timeout=5.0)
+            except (asyncio.TimeoutError, ProcessLookupError):
+                pass
+
+        client = AgentClient(f"http://127.0.0.1:{port}", token)
+        info = {"backend": "local", "dir": work, "uid": uid, "port": port, "agent_pid": proc.pid,
+                "isolation": self.isolation.as_dict(), "jail": spec}
+        return Sandbox(name, client, closer, info)
