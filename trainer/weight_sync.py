@@ -84,11 +84,12 @@ def _to_all(urls: list[str], path: str, body: dict[str, Any], timeout: float) ->
         list(pool.map(lambda u: post_json(u, path, body, timeout), urls))
 
 
-def push_tensor(named: dict[str, torch.Tensor], urls: list[str], version: int, cfg: TrainerConfig) -> int:
-    """Returns the number of buckets sent."""
+def push_tensor(named: dict[str, torch.Tensor], urls: list[str], version: int, cfg: TrainerConfig, *,
+                bucket_bytes: int | None = None) -> int:
+    """Returns the number of buckets sent (bucket_bytes overrides cfg.weight_sync_bucket_mb)."""
     fmt = tensor_format(cfg)
     serialize = serialize_sglang if fmt == "sglang" else serialize_safetensors
-    groups = list(buckets(named, cfg.weight_sync_bucket_mb * 2**20))
+    groups = list(buckets(named, bucket_bytes or cfg.weight_sync_bucket_mb * 2**20))
     for i, bucket in enumerate(groups):
         payload = serialize(bucket)
         body = {"serialized_named_tensors": [payload] * cfg.weight_sync_engine_tp,

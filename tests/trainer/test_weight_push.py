@@ -1,0 +1,167 @@
+"""Weight push: wire format on a recording HTTP server, and end to end against the local engine."""
+
+from __future__ import annotations
+
+import base64
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load as safetensors_load
+
+from mopd.advantages import AdvantageConfig
+from tests.trainer.conftest import make_samples
+from trainer import weight_sync
+from trainer.config import TrainerConfig
+from trainer.dist import free_port
+from trainer.engine import TrainEngine
+
+
+class _Recorder(BaseHTTPRequestHandler):
+    calls: list[tuple[str, dict]] = []
+    fail = False
+
+    def do_POST(self):  # noqa: N802
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).calls.append((self.path, body))
+        code, reply = (400, {"success": False, "message": "boom"}) if type(self).fail else \
+            (200, {"success": True, "message": "ok"})
+        data = json.dumps(reply).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture()
+def recorder():
+    _Recorder.calls, _Recorder.fail = [], False
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_buckets_respect_size():
+    named = {f"t{i}": torch.zeros(256) for i in range(10)}  # 1 KiB each
+    groups = list(weight_sync.buckets(named, 3 * 1024))
+    assert [len(g) for g in groups] == [3, 3, 3, 1]
+    assert [len(g) for g in weight_sync.buckets({"big": torch.zeros(4096), "s": torch.zeros(1)}, 1024)] == [1, 1]
+
+
+def test_tensor_push_wire_format(recorder, moe_path, dist_env):
+    cfg = TrainerConfig(weight_sync="tensor", weight_sync_bucket_mb=1, weight_sync_format="safetensors")
+    engine = TrainEngine(moe_path, cfg, AdvantageConfig(), num_steps=1)
+    named = engine.hf_state()
+    sent = weight_sync.push_tensor(named, [recorder, recorder], 7, cfg, bucket_bytes=40_000)
+    assert sent > 3
+    calls = _Recorder.calls
+    assert len(calls) == 2 * sent and all(path == "/update_weights_from_tensor" for path, _ in calls)
+    received: dict[str, torch.Tensor] = {}
+    flushes = []
+    for _, body in calls[::2]:
+        assert body["load_format"] == "safetensors" and body["weight_version"] == "7"
+        assert len(body["serialized_named_tensors"]) == cfg.weight_sync_engine_tp
+        received.update(safetensors_load(base64.b64decode(body["serialized_named_tensors"][0])))
+        flushes.append(body["flush_cache"])
+    assert flushes[-1] is True and not any(flushes[:-1])
+    assert set(received) == set(named)
+    assert all(torch.equal(received[k], named[k]) for k in named)
+
+
+def test_disk_push_and_errors(recorder, moe_path, dist_env, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    cfg = TrainerConfig(weight_sync="disk", weight_sync_dir=str(tmp_path))
+    engine = TrainEngine(moe_path, cfg, AdvantageConfig(), num_steps=1)
+    target = weight_sync.push_disk(engine.hf_state(), [recorder], 3, cfg, moe_path)
+    (path, body), = _Recorder.calls
+    assert path == "/update_weights_from_disk" and body == {"model_path": str(target), "weight_version": "3"}
+    AutoModelForCausalLM.from_pretrained(body["model_path"])  # engines load it with the HF loader
+    _Recorder.fail = True
+    with pytest.raises(RuntimeError, match="update_weights_from_tensor -> HTTP 400.*boom"):
+        weight_sync.push_tensor(engine.hf_state(), [recorder], 4, TrainerConfig(weight_sync_format="safetensors"))
+
+
+# ------------------------------------------------------------------ end to end with rollout's local server
+HAVE_LOCAL_SERVER = importlib.util.find_spec("rollout.local_server") is not None
+
+
+def _post(url: str, path: str, body: dict) -> dict:
+    req = urllib.request.Request(url + path, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        return json.loads(resp.read())
+
+
+def _engine_logprobs(url: str, sample) -> np.ndarray:
+    reply = _post(url, "/generate", {"input_ids": sample.tokens, "return_logprob": True, "logprob_start_len": 0,
+                                     "sampling_params": {"max_new_tokens": 1, "temperature": 1.0}})
+    entries = reply["meta_info"]["input_token_logprobs"]
+    tail = entries[len(entries) - len(sample.response_ids):]
+    assert [e[1] for e in tail] == sample.response_ids
+    return np.array([e[0] for e in tail], dtype=np.float64)
+
+
+@pytest.fixture()
+def local_server(moe_path):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "rollout.local_server", "--model-path", moe_path,
+                             "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while True:
+        try:
+            urllib.request.urlopen(url + "/model_info", timeout=2)
+            break
+        except Exception:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                raise RuntimeError(f"local server did not start: {proc.stderr.read().decode()[-2000:]}")
+            time.sleep(0.5)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAVE_LOCAL_SERVER, reason="rollout.local_server is not importable yet")
+def test_push_then_engine_logprobs_match_trainer(local_server, moe_path, tmp_path):
+    import ray
+
+    from trainer.group import TrainerGroup
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    group = TrainerGroup(moe_path, TrainerConfig(dp_size=1, lr=2e-2, weight_sync="tensor",
+                                                 weight_sync_format="safetensors", weight_sync_bucket_mb=1),
+                         AdvantageConfig(alpha=1.0), num_steps=2)
+    try:
+        samples = make_samples(3, seed=31)
+        for _ in range(2):
+            group.train_step(samples)
+        trained = group.compute_logprobs(samples)
+        stale = [_engine_logprobs(local_server, s) for s in samples]
+        assert max(np.abs(a - b).max() for a, b in zip(stale, trained)) > 1e-3, "training did not move the policy"
+        group.push_weights([local_server], version=1)
+        fresh = [_engine_logprobs(local_server, s) for s in samples]
+        gap = max(np.abs(a - b).max() for a, b in zip(fresh, trained))
+        print(f"after tensor push: max |engine - trainer logprob| = {gap:.3e}")
+        assert gap < 1e-4
+    finally:
+        group.shutdown()
+        ray.shutdown()
