@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -68,8 +67,6 @@ class TrainerActor:
     def save_checkpoint(self, path: str) -> None:
         state = self.engine.state_dict() if self.rank == 0 else None
         checkpoint.save_trainer_state(path, state, self.rank)
-        if self.rank == 0:
-            checkpoint.export_hf(Path(path) / "hf", self.engine.hf_state(), self.model_path)
 
     def load_checkpoint(self, path: str) -> None:
         state, rng = checkpoint.load_trainer_state(path, self.rank)

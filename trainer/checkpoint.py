@@ -1,4 +1,5 @@
-"""Checkpoints: `<dir>/trainer/` holds the exact training state, `<dir>/hf/` the HF export.
+"""Checkpoints. The driver lays out `checkpoints/step_N/` as `trainer/` (this module's exact training
+state: `TrainerGroup.save_checkpoint(step_N/trainer)`) and `hf/` (`TrainerGroup.export_hf(step_N/hf)`).
 
 Model, optimizer and scheduler are identical on every data-parallel rank, so rank 0 writes them
 once (`state.pt`); each rank writes its own RNG state (`rng_rank<r>.pt`). Writes go to a temp
@@ -42,7 +43,7 @@ def _atomic_save(obj: Any, path: Path) -> None:
 
 def save_trainer_state(path: str | Path, engine_state: dict[str, Any] | None, rank: int) -> None:
     """engine_state only from rank 0 (None elsewhere); every rank saves its RNG."""
-    d = Path(path) / "trainer"
+    d = Path(path)
     d.mkdir(parents=True, exist_ok=True)
     if engine_state is not None:
         _atomic_save({"format_version": FORMAT_VERSION, **engine_state}, d / "state.pt")
@@ -50,9 +51,9 @@ def save_trainer_state(path: str | Path, engine_state: dict[str, Any] | None, ra
 
 
 def load_trainer_state(path: str | Path, rank: int) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    d = Path(path) / "trainer"
+    d = Path(path)
     if not (d / "state.pt").exists():
-        raise FileNotFoundError(f"no trainer state at {d / 'state.pt'} (expected a checkpoints/step_N dir)")
+        raise FileNotFoundError(f"no trainer state at {d / 'state.pt'} (expected a dir written by save_checkpoint)")
     state = torch.load(d / "state.pt", map_location="cpu", weights_only=False)
     if state.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{d / 'state.pt'}: format_version {state.get('format_version')}, expected {FORMAT_VERSION}")

@@ -27,6 +27,13 @@ from trainer.model_builder import build_model, hf_to_model, load_hf_config, mode
 _NEEDS = {"mopd": ("rollout_logprobs", "teacher_logprobs"), "grpo": ("rollout_logprobs",), "sft": ()}
 
 
+def needed_fields(loss: str, adv: AdvantageConfig) -> tuple[str, ...]:
+    """Per-token Sample fields the loss reads (no teacher logprobs when teacher_coef == 0)."""
+    if loss == "mopd" and adv.teacher_coef == 0:
+        return ("rollout_logprobs",)
+    return _NEEDS[loss]
+
+
 def lr_lambda(cfg: TrainerConfig, total_steps: int):
     """Multiplier of cfg.lr at a step: linear warmup, then constant / cosine / linear to min_lr."""
     floor = cfg.min_lr / cfg.lr
@@ -122,7 +129,7 @@ class TrainEngine:
         """Accumulate gradients over this rank's microbatches, all-reduce over DP, clip, step."""
         if num_global_samples < 1:
             raise ValueError(f"train_step needs at least one sample in the global batch, got {num_global_samples}")
-        batching.validate_samples(samples, vocab_size=self.hf_config.vocab_size, need=_NEEDS[self.cfg.loss])
+        batching.validate_samples(samples, vocab_size=self.hf_config.vocab_size, need=needed_fields(self.cfg.loss, self.adv))
         self.model.train()
         self.optimizer.zero_grad(set_to_none=False)
         stats = torch.zeros(5, dtype=torch.float64)  # loss, masked, kl, mask tokens, entropy sum

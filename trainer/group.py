@@ -68,13 +68,15 @@ class TrainerGroup:
         ray.get([a.push_weights.remote(list(urls), int(version)) for a in self.actors])
 
     def save_checkpoint(self, path: str) -> None:
-        """`path/trainer/` (exact training state) and `path/hf/` (HF export)."""
+        """Exact training state (model, optimizer, scheduler, step, per-rank RNG) into `path`
+        (the driver uses `checkpoints/step_N/trainer`); the HF export is `export_hf`."""
         ray.get([a.save_checkpoint.remote(str(path)) for a in self.actors])
 
     def load_checkpoint(self, path: str) -> None:
         ray.get([a.load_checkpoint.remote(str(path)) for a in self.actors])
 
     def export_hf(self, path: str) -> None:
+        """HF safetensors + config.json + tokenizer files (loads with AutoModelForCausalLM)."""
         ray.get([a.export_hf.remote(str(path)) for a in self.actors])
 
     def shutdown(self) -> None:

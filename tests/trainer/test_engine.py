@@ -79,3 +79,12 @@ def test_clear_errors(moe_path, dist_env):
         TrainEngine(moe_path, TrainerConfig(tp_size=2), AdvantageConfig(), num_steps=1)
     with pytest.raises(ConfigError, match="trainer.loss"):
         TrainerConfig(loss="dpo").validate()
+
+
+def test_mopd_without_teacher_when_teacher_coef_is_zero(moe_path, dist_env):
+    engine = TrainEngine(moe_path, TrainerConfig(loss="mopd"), AdvantageConfig(teacher_coef=0.0), num_steps=1)
+    samples = make_samples(2, seed=9)
+    for s in samples:
+        s.teacher_logprobs = None
+    metrics = engine.train_step(samples, 2)
+    assert metrics["train/grad_norm"] > 0

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import ray
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mopd.advantages import AdvantageConfig
 from tests.trainer.conftest import make_samples
@@ -47,7 +47,8 @@ def test_dp2_resume_and_export(ray_session, moe_path, dist_env, tmp_path):
     try:
         lps = group.compute_logprobs(batch1)
         m1 = group.train_step(batch1)
-        group.save_checkpoint(str(tmp_path / "step_1"))
+        group.save_checkpoint(str(tmp_path / "step_1" / "trainer"))
+        group.export_hf(str(tmp_path / "step_1" / "hf"))
         m2 = group.train_step(batch2)
     finally:
         group.shutdown()
@@ -60,7 +61,7 @@ def test_dp2_resume_and_export(ray_session, moe_path, dist_env, tmp_path):
     # exact resume in a fresh group
     resumed = TrainerGroup(moe_path, _cfg(), adv, num_steps=4)
     try:
-        resumed.load_checkpoint(str(tmp_path / "step_1"))
+        resumed.load_checkpoint(str(tmp_path / "step_1" / "trainer"))
         m2b = resumed.train_step(batch2)
     finally:
         resumed.shutdown()
@@ -79,6 +80,8 @@ def test_dp2_resume_and_export(ray_session, moe_path, dist_env, tmp_path):
 
     # the HF export after step 1 is the single-rank model after step 1, loadable by transformers
     hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "step_1" / "hf"), dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "step_1" / "hf"))
+    assert tok.decode(tok("2+2")["input_ids"]) == "2+2"
     ours = single.compute_logprobs(batch2)
     for s, lp in zip(batch2, ours):
         with torch.no_grad():
