@@ -113,6 +113,8 @@ def _init_ray(job: JobConfig) -> None:
     if job.ray_address:
         ray.init(address=job.ray_address)
         return
+    # A single-node embedded cluster stays on loopback (Ray otherwise binds the interface address).
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     needed = (job.rollout.num_engines * job.rollout.cpus_per_engine
               + sum(t.replicas * t.cpus_per_replica for t in job.teachers.values() if t.backend != "remote")
               + job.trainer.dp_size * job.trainer.cpus_per_rank)
