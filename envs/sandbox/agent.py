@@ -66,6 +66,16 @@ class Agent:
             raise AgentError(403, f"path {path!r} is outside the sandbox")
         return full
 
+    def _makedirs(self, path: str) -> None:
+        """Create missing directories, owned by the sandbox uid so its commands can use them."""
+        missing = []
+        while not os.path.isdir(path) and path != self.root:
+            missing.append(path)
+            path = os.path.dirname(path)
+        for d in reversed(missing):
+            os.mkdir(d)
+            self._own(d)
+
     def _own(self, path: str) -> None:
         if self.uid is not None:
             os.chown(path, self.uid, self.gid if self.gid is not None else -1, follow_symlinks=False)
@@ -91,8 +101,7 @@ class Agent:
             data = base64.b64decode(body.get("content_b64", ""), validate=True)
         except (ValueError, TypeError):
             raise AgentError(400, "field `content_b64` must be base64") from None
-        parent = os.path.dirname(full)
-        os.makedirs(parent, exist_ok=True)
+        self._makedirs(os.path.dirname(full))
         tmp = f"{full}.mopd-tmp"
         with open(tmp, "wb") as f:
             f.write(data)
@@ -103,7 +112,7 @@ class Agent:
 
     def upload(self, dest: str, data: bytes) -> dict:
         target = self.resolve(dest or ".")
-        os.makedirs(target, exist_ok=True)
+        self._makedirs(target)
         try:
             with tarfile.open(fileobj=io.BytesIO(data)) as tar:
                 names = tar.getnames()
@@ -205,8 +214,10 @@ def uid_pids(uid: int) -> list[int]:
         if entry.isdigit():
             try:
                 if os.stat(f"/proc/{entry}").st_uid == uid:
-                    pids.append(int(entry))
-            except OSError:
+                    with open(f"/proc/{entry}/stat") as f:
+                        if f.read().rsplit(")", 1)[1].split()[0] != "Z":  # zombies are already dead
+                            pids.append(int(entry))
+            except (OSError, IndexError):
                 pass
     return pids
 

@@ -120,6 +120,19 @@ def sweep_stale(base_dir: str | None = None) -> int:
     return removed
 
 
+def _check_traversable(path: str) -> None:
+    """Sandbox uids are unprivileged: every parent of the base dir must be searchable by others."""
+    path = os.path.realpath(path)
+    while True:
+        if not os.stat(path).st_mode & 0o001:
+            raise SandboxError(f"sandbox.base_dir: {path!r} is not searchable by other users (mode "
+                               f"{oct(os.stat(path).st_mode & 0o777)}); sandboxed commands run as their own "
+                               "uid and could not enter it; choose a base_dir under a world-searchable path")
+        if path == "/":
+            return
+        path = os.path.dirname(path)
+
+
 class LocalSandboxBackend:
     """Creates confined local sandboxes. ``isolation`` is the detected (and enforced) mechanism set."""
 
@@ -137,6 +150,8 @@ class LocalSandboxBackend:
             if missing:
                 raise SandboxError(f"sandbox.isolation=strict but {missing} cannot be enforced on this host "
                                    f"({self.isolation.summary()})")
+        if self.isolation.setuid:
+            _check_traversable(self.base_dir)
         sweep_stale(self.base_dir)
 
     def _claim_dir(self) -> tuple[str, int]:

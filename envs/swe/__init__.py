@@ -1,0 +1,1 @@
+"""SWE-style code environment: task instances, tools (bash, str_replace, finish) and the Env."""

@@ -1,0 +1,140 @@
+"""Local sandbox backend + agent: real processes, real HTTP on 127.0.0.1, real cleanup."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import textwrap
+import time
+
+import aiohttp
+import pytest
+
+from envs.config import EnvConfig, SandboxConfig
+from envs.sandbox.agent import uid_pids
+from envs.sandbox.client import AgentClient, SandboxError
+from envs.sandbox.local import LocalSandboxBackend, sweep_stale
+from mopd.types import ConfigError
+
+pytestmark = pytest.mark.asyncio
+
+
+async def test_exec_files_and_upload(sandbox, tmp_path):
+    r = await sandbox.exec("echo hello; echo err >&2; exit 3")
+    assert r.exit_code == 3 and "hello" in r.output and "err" in r.output and not r.timed_out
+    await sandbox.write_file("pkg/mod.py", "X = 41\n")
+    r = await sandbox.exec("python3 -c 'import sys; sys.path.insert(0, \"pkg\"); import mod; print(mod.X + 1)'")
+    assert r.output.strip() == "42", r
+    assert await sandbox.read_file("pkg/mod.py") == "X = 41\n"
+    (tmp_path / "snap" / "sub").mkdir(parents=True)
+    (tmp_path / "snap" / "sub" / "a.txt").write_text("from tar")
+    assert await sandbox.upload(str(tmp_path / "snap")) >= 2
+    assert (await sandbox.exec("cat sub/a.txt")).output == "from tar"
+
+
+async def test_token_is_required_and_paths_stay_inside(sandbox):
+    bad = AgentClient(sandbox.client.base_url, "x" * 40)
+    with pytest.raises(SandboxError) as exc:
+        await bad.call("/exec", {"command": "true"})
+    assert exc.value.status == 401
+    await bad.close()
+    for path in ("../../etc/passwd", "/etc/passwd"):
+        with pytest.raises(SandboxError) as exc:
+            await sandbox.read_file(path)
+        assert exc.value.status == 403
+    await sandbox.exec("ln -s /etc sneaky")
+    with pytest.raises(SandboxError) as exc:
+        await sandbox.read_file("sneaky/hostname")
+    assert exc.value.status == 403
+    with pytest.raises(SandboxError) as exc:
+        await sandbox.client.call("/exec", {"command": 5})
+    assert exc.value.status == 400 and "command" in str(exc.value)
+
+
+async def test_tar_upload_cannot_escape(sandbox, tmp_path):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        data = b"pwned"
+        info = tarfile.TarInfo("../../escaped.txt")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(SandboxError) as exc:
+        await sandbox.client.upload(buf.getvalue())
+    assert exc.value.status == 400
+    assert not os.path.exists(os.path.join(os.path.dirname(sandbox.info["dir"]), "..", "escaped.txt"))
+
+
+async def test_timeout_and_output_cap_are_reported(sandbox):
+    t0 = time.monotonic()
+    r = await sandbox.exec("sleep 60", timeout=1.0)
+    assert r.timed_out and r.killed_reason == "timeout" and time.monotonic() - t0 < 10
+    r = await sandbox.exec("yes", timeout=20, max_output=4096)
+    assert r.truncated and r.killed_reason == "output_limit" and len(r.output) == 4096
+    r = await sandbox.exec("sleep 300 & echo started")  # leftovers are killed with the command
+    assert "started" in r.output
+    if sandbox.info["jail"].get("uid"):
+        assert uid_pids(sandbox.info["uid"]) == []
+
+
+async def test_close_removes_processes_and_files(backend):
+    sb = await backend.create()
+    await sb.exec("true")
+    pid, d = sb.info["agent_pid"], os.path.dirname(sb.info["dir"])
+    await sb.close()
+    assert not os.path.exists(d)
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+def test_owner_death_cleans_up(tmp_path, sandbox_config):
+    """SIGKILL the process owning a sandbox: the agent exits and the next backend sweeps the dir."""
+    script = textwrap.dedent(f"""
+        import asyncio, json, sys
+        from envs.config import SandboxConfig
+        from envs.sandbox.local import LocalSandboxBackend
+        async def main():
+            b = LocalSandboxBackend(SandboxConfig(base_dir={sandbox_config.base_dir!r}))
+            sb = await b.create()
+            await sb.exec("sleep 120 &")
+            print(json.dumps(sb.info), flush=True)
+            await asyncio.sleep(120)
+        asyncio.run(main())
+    """)
+    owner = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, cwd=os.getcwd())
+    info = json.loads(owner.stdout.readline())
+    owner.send_signal(signal.SIGKILL)
+    owner.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            os.kill(info["agent_pid"], 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("agent survived its owner")
+    assert os.path.isdir(os.path.dirname(info["dir"]))
+    assert sweep_stale(sandbox_config.base_dir) == 1
+    assert not os.path.exists(os.path.dirname(info["dir"]))
+    if info["jail"].get("uid"):
+        assert uid_pids(info["uid"]) == []
+
+
+def test_config_validation_names_the_field():
+    with pytest.raises(ConfigError, match="sandbox.isolation"):
+        SandboxConfig(isolation="maybe").validate()
+    with pytest.raises(ConfigError, match="env.sandbox.memory_mb"):
+        EnvConfig(sandbox=SandboxConfig(memory_mb=0)).validate()
+
+
+async def test_health_is_public_but_reveals_no_token(sandbox):
+    async with aiohttp.ClientSession() as s:
+        async with s.get(sandbox.client.base_url + "/health") as resp:
+            body = await resp.text()
+    assert resp.status == 200 and sandbox.client._headers["Authorization"].split()[1] not in body
