@@ -62,6 +62,11 @@ class TrainEngine:
         if (cfg.tp_size, cfg.pp_size, cfg.ep_size) != (1, 1, 1):
             raise ConfigError("trainer.tp_size/pp_size/ep_size", "1 (only data parallelism is implemented)",
                               (cfg.tp_size, cfg.pp_size, cfg.ep_size))
+        from trainer.cpu_compat import needs_cpu_compat
+
+        if cfg.activation_recompute and needs_cpu_compat(cfg.device):
+            raise ConfigError("trainer.activation_recompute", "false on CPU (Megatron's recompute saves and "
+                              "restores the CUDA RNG state)", True)
         if rollout_temperature <= 0:
             raise ConfigError("rollout_temperature", "a number > 0", rollout_temperature)
         self.cfg, self.adv, self.model_path = cfg, adv, model_path

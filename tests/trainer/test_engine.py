@@ -77,6 +77,8 @@ def test_clear_errors(moe_path, dist_env):
         engine.compute_logprobs(s)
     with pytest.raises(ConfigError, match="tp_size"):
         TrainEngine(moe_path, TrainerConfig(tp_size=2), AdvantageConfig(), num_steps=1)
+    with pytest.raises(ConfigError, match="activation_recompute"):
+        TrainEngine(moe_path, TrainerConfig(activation_recompute=True), AdvantageConfig(), num_steps=1)
     with pytest.raises(ConfigError, match="trainer.loss"):
         TrainerConfig(loss="dpo").validate()
 
