@@ -25,7 +25,7 @@ def init_distributed(rank: int, world_size: int, master_addr: str, master_port: 
     os.environ["MASTER_PORT"] = str(master_port)
     if not dist.is_initialized():
         if use_cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", rank=rank, world_size=world_size,
                                 timeout=timedelta(minutes=30))
     if not parallel_state.model_parallel_is_initialized():

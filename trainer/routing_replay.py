@@ -10,7 +10,7 @@ tensor per MoE layer, tokens flattened the way the router sees them: [S, B] -> s
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch

@@ -26,8 +26,8 @@ def ray_session():
 
 
 def _cfg(**kw) -> TrainerConfig:
-    base = dict(dp_size=2, cpus_per_rank=1, lr=5e-3, lr_schedule="cosine", warmup_steps=1, total_steps=4,
-                max_tokens_per_microbatch=48)
+    base = {"dp_size": 2, "cpus_per_rank": 1, "lr": 5e-3, "lr_schedule": "cosine", "warmup_steps": 1, "total_steps": 4,
+                "max_tokens_per_microbatch": 48}
     base.update(kw)
     return TrainerConfig(**base)
 

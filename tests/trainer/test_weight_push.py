@@ -12,6 +12,7 @@ import threading
 import time
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -27,10 +28,10 @@ from trainer.engine import TrainEngine
 
 
 class _Recorder(BaseHTTPRequestHandler):
-    calls: list[tuple[str, dict]] = []
+    calls: ClassVar[list[tuple[str, dict]]] = []
     fail = False
 
-    def do_POST(self):  # noqa: N802
+    def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         type(self).calls.append((self.path, body))
         code, reply = (400, {"success": False, "message": "boom"}) if type(self).fail else \
@@ -129,7 +130,7 @@ def local_server(moe_path):
         try:
             urllib.request.urlopen(url + "/model_info", timeout=2)
             break
-        except Exception:
+        except OSError:  # URLError and connection refused are OSErrors
             if proc.poll() is not None or time.time() > deadline:
                 proc.kill()
                 raise RuntimeError(f"local server did not start: {proc.stderr.read().decode()[-2000:]}")

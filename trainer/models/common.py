@@ -36,40 +36,40 @@ def base_transformer_kwargs(hf_config: Any) -> dict[str, Any]:
     """TransformerConfig fields of a pre-norm RMSNorm/SwiGLU/RoPE decoder with qk-norm."""
     if getattr(hf_config, "attention_bias", False):
         raise ValueError("hf config attention_bias=True is not supported by this converter; expected False")
-    return dict(
-        num_layers=hf_config.num_hidden_layers,
-        hidden_size=hf_config.hidden_size,
-        num_attention_heads=hf_config.num_attention_heads,
-        num_query_groups=hf_config.num_key_value_heads,
-        kv_channels=head_dim(hf_config),
-        ffn_hidden_size=hf_config.intermediate_size,
-        normalization="RMSNorm",
-        layernorm_epsilon=hf_config.rms_norm_eps,
-        qk_layernorm=True,
-        add_bias_linear=False,
-        add_qkv_bias=False,
-        gated_linear_unit=True,
-        activation_func=F.silu,
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        apply_rope_fusion=False,
-        masked_softmax_fusion=False,
-        gradient_accumulation_fusion=False,
-        persist_layer_norm=False,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-    )
+    return {
+        "num_layers": hf_config.num_hidden_layers,
+        "hidden_size": hf_config.hidden_size,
+        "num_attention_heads": hf_config.num_attention_heads,
+        "num_query_groups": hf_config.num_key_value_heads,
+        "kv_channels": head_dim(hf_config),
+        "ffn_hidden_size": hf_config.intermediate_size,
+        "normalization": "RMSNorm",
+        "layernorm_epsilon": hf_config.rms_norm_eps,
+        "qk_layernorm": True,
+        "add_bias_linear": False,
+        "add_qkv_bias": False,
+        "gated_linear_unit": True,
+        "activation_func": F.silu,
+        "bias_activation_fusion": False,
+        "bias_dropout_fusion": False,
+        "apply_rope_fusion": False,
+        "masked_softmax_fusion": False,
+        "gradient_accumulation_fusion": False,
+        "persist_layer_norm": False,
+        "hidden_dropout": 0.0,
+        "attention_dropout": 0.0,
+    }
 
 
 def gpt_model_kwargs(hf_config: Any) -> dict[str, Any]:
     """GPTModel constructor fields (besides config and layer spec)."""
-    return dict(
-        vocab_size=hf_config.vocab_size,
-        max_sequence_length=hf_config.max_position_embeddings,
-        position_embedding_type="rope",
-        rotary_base=rope_theta(hf_config),
-        share_embeddings_and_output_weights=bool(getattr(hf_config, "tie_word_embeddings", False)),
-    )
+    return {
+        "vocab_size": hf_config.vocab_size,
+        "max_sequence_length": hf_config.max_position_embeddings,
+        "position_embedding_type": "rope",
+        "rotary_base": rope_theta(hf_config),
+        "share_embeddings_and_output_weights": bool(getattr(hf_config, "tie_word_embeddings", False)),
+    }
 
 
 def qkv_to_megatron(q: Tensor, k: Tensor, v: Tensor, num_heads: int, num_kv: int) -> Tensor:
