@@ -1,0 +1,99 @@
+"""The per-rollout-worker ToolManager: the agent loop's only door to tools.
+
+Pre-warms the sandboxes its trajectories will need, runs every tool call with a timeout, turns
+failures into observations the model can read, recovers sessions whose sandbox timed out or died,
+computes rewards as background tasks, and keeps latency (p50/p99) and failure counts per tool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections import defaultdict
+from typing import Any
+
+from envs.base import StepResult
+from envs.swe.task import SWETask
+from toolbox.parsing import ToolCall
+from toolbox.toolbox import get_or_create_toolbox
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100.0 * (len(ordered) - 1))))]
+
+
+class ToolManager:
+    def __init__(self, toolbox: Any = None, call_timeout_s: float = 120.0) -> None:
+        self.toolbox = toolbox if toolbox is not None else get_or_create_toolbox()
+        self.call_timeout_s = call_timeout_s
+        self.latency: dict[str, list[float]] = defaultdict(list)
+        self.failures: dict[str, int] = defaultdict(int)
+        self.timeouts: dict[str, int] = defaultdict(int)
+        self._rewards: dict[str, asyncio.Task] = {}
+
+    async def prewarm(self, kind: str, per_worker: int) -> dict[str, int]:
+        return await self.toolbox.prewarm.remote(kind, per_worker)
+
+    async def start(self, kind: str, task: SWETask | dict[str, Any]) -> tuple[str, str]:
+        """Open a session; returns (session id, first observation)."""
+        payload = task if isinstance(task, dict) else _task_payload(task)
+        return await self.toolbox.open_session.remote(kind, payload)
+
+    async def step(self, session_id: str, action: ToolCall | str, timeout: float | None = None) -> StepResult:
+        """Run one tool call. Timeouts and failures come back as observations, never as exceptions."""
+        payload: Any = action if isinstance(action, str) else {"name": action.name, "arguments": action.arguments}
+        tool = "text" if isinstance(action, str) else action.name
+        t0 = time.perf_counter()
+        ref = self.toolbox.step.remote(session_id, payload)
+        try:
+            result = await asyncio.wait_for(asyncio.wrap_future(ref.future()), timeout or self.call_timeout_s)
+        except asyncio.TimeoutError:
+            self.timeouts[tool] += 1
+            self.failures[tool] += 1
+            await self.toolbox.recover.remote(session_id)  # fresh sandbox with the session's history
+            return StepResult(f"Tool `{tool}` timed out after {timeout or self.call_timeout_s:.0f}s; the "
+                              "workspace was restored to its state before this call.", 0.0, False,
+                              {"error": "timeout", "tool": tool})
+        except Exception as exc:  # noqa: BLE001 - any infrastructure failure is an observation
+            self.failures[tool] += 1
+            return StepResult(f"Tool `{tool}` failed: {type(exc).__name__}", 0.0, False,
+                              {"error": "infrastructure", "tool": tool, "detail": str(exc)[:500]})
+        self.latency[tool].append(time.perf_counter() - t0)
+        return StepResult(result["observation"], float(result["reward"]), bool(result["done"]), result["info"])
+
+    def reward_async(self, session_id: str) -> asyncio.Task:
+        """Submit (``finish``) in the background; await the task for the reward."""
+        async def run() -> float:
+            try:
+                result = await self.step(session_id, ToolCall("finish", {}), timeout=max(self.call_timeout_s, 600))
+                return result.reward
+            finally:
+                await self.close(session_id)
+        task = asyncio.ensure_future(run())
+        self._rewards[session_id] = task
+        return task
+
+    async def close(self, session_id: str) -> None:
+        await self.toolbox.close_session.remote(session_id)
+
+    def metrics(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for tool, values in self.latency.items():
+            out[f"tools/{tool}/p50_s"] = percentile(values, 50)
+            out[f"tools/{tool}/p99_s"] = percentile(values, 99)
+            out[f"tools/{tool}/calls"] = float(len(values))
+        for tool, n in self.failures.items():
+            out[f"tools/{tool}/failures"] = float(n)
+        for tool, n in self.timeouts.items():
+            out[f"tools/{tool}/timeouts"] = float(n)
+        return out
+
+
+def _task_payload(task: SWETask) -> dict[str, Any]:
+    d = dataclasses.asdict(task)
+    d["snapshot"] = d.pop("snapshot_dir")
+    return d

@@ -1,0 +1,104 @@
+"""A sandbox worker: hosts environment sessions of one kind and keeps a pool of warm sandboxes.
+
+Wrapped as a Ray actor by the Toolbox. Sessions are env instances (``SWEEnv``) keyed by id; a warm
+sandbox is an agent already started and answering, so ``open`` skips the cold start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+from envs.config import SandboxConfig
+from envs.sandbox.base import Sandbox
+from envs.sandbox.client import SandboxError
+from envs.sandbox.local import LocalSandboxBackend
+from envs.swe.env import SWEEnv
+from envs.swe.task import task_from_dict
+from toolbox.parsing import ToolCall
+
+ENV_KINDS = ("swe",)
+
+
+class SandboxWorker:
+    """Plain class (usable in-process); ``toolbox.toolbox`` makes it a Ray actor."""
+
+    def __init__(self, kind: str, sandbox: dict[str, Any] | None = None, max_turns: int = 30,
+                 command_timeout: float = 60.0) -> None:
+        if kind not in ENV_KINDS:
+            raise ValueError(f"toolbox env kind must be one of {ENV_KINDS}, got {kind!r}")
+        self.kind = kind
+        self.config = SandboxConfig(**(sandbox or {}))
+        self.backend = LocalSandboxBackend(self.config)
+        self.max_turns = max_turns
+        self.command_timeout = command_timeout
+        self.sessions: dict[str, SWEEnv] = {}
+        self.warm: asyncio.Queue[Sandbox] = asyncio.Queue()
+        self.cold_starts = 0
+        self.warm_hits = 0
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    async def prewarm(self, n: int) -> int:
+        """Top the warm pool up to ``n`` ready sandboxes; returns the pool size."""
+        missing = n - self.warm.qsize()
+        if missing > 0:
+            for sb in await asyncio.gather(*(self.backend.create() for _ in range(missing))):
+                self.warm.put_nowait(sb)
+        return self.warm.qsize()
+
+    async def _sandbox(self) -> Sandbox:
+        while not self.warm.empty():
+            sb = self.warm.get_nowait()
+            if await sb.alive():
+                self.warm_hits += 1
+                return sb
+            await sb.close()
+        self.cold_starts += 1
+        return await self.backend.create()
+
+    async def open(self, session_id: str, task: dict[str, Any]) -> str:
+        await self.close(session_id)
+        env = SWEEnv(self._sandbox, max_turns=self.max_turns, command_timeout=self.command_timeout)
+        self.sessions[session_id] = env
+        return await env.reset(task_from_dict(task, source=f"task for session {session_id}"))
+
+    async def step(self, session_id: str, action: dict[str, Any] | str) -> dict[str, Any]:
+        """One env step. A lost sandbox is reported as ``{"lost": True}`` so the caller can replay."""
+        env = self.sessions.get(session_id)
+        if env is None:
+            return {"lost": True, "observation": f"unknown session {session_id}", "reward": 0.0, "done": False,
+                    "info": {}}
+        call = action if isinstance(action, str) else ToolCall(action["name"], action.get("arguments", {}))
+        try:
+            result = await env.step(call)
+        except SandboxError as exc:
+            if exc.status == 0 or not await env.sandbox.alive():
+                return {"lost": True, "observation": str(exc), "reward": 0.0, "done": False, "info": {}}
+            raise
+        return {"observation": result.observation, "reward": result.reward, "done": result.done,
+                "info": result.info}
+
+    async def kill_sandbox(self, session_id: str) -> int:
+        """Test/ops hook: kill a session's agent process (simulates a crashed sandbox)."""
+        env = self.sessions[session_id]
+        pid = env.sandbox.info["agent_pid"]
+        os.kill(pid, 9)
+        return pid
+
+    async def close(self, session_id: str) -> None:
+        env = self.sessions.pop(session_id, None)
+        if env is not None:
+            await env.close()
+
+    async def stats(self) -> dict[str, Any]:
+        return {"sessions": len(self.sessions), "warm": self.warm.qsize(), "cold_starts": self.cold_starts,
+                "warm_hits": self.warm_hits, "pid": os.getpid()}
+
+    async def shutdown(self) -> None:
+        for sid in list(self.sessions):
+            await self.close(sid)
+        while not self.warm.empty():
+            await self.warm.get_nowait().close()
