@@ -38,3 +38,134 @@ async def sandbox(backend):
     sb = await backend.create()
     yield sb
     await sb.close()
+
+
+# -- Kubernetes API emulator (kmock) on 127.0.0.1, with fault injection and a test "kubelet" --------
+import asyncio  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+
+import kmock  # noqa: E402
+from kmock._internal import apps as kmock_apps  # noqa: E402
+from kmock._internal.k8s import KubernetesError  # noqa: E402
+from kubernetes import client as k8s  # noqa: E402
+
+from envs.sandbox.local import AGENT  # noqa: E402
+
+
+class FaultyEmulator(kmock.KubernetesEmulator):
+    """kmock's emulator plus injected failures that happen before any state change (like a real
+    apiserver rejecting a request), e.g. ``faults.append(["POST", "/pods", 429, 2])``."""
+
+    faults: list = []
+
+    async def _handle(self, request):
+        for fault in self.faults:
+            method, path, status, count = fault
+            if count > 0 and str(request.method).upper().endswith(method) and path in request.url.path:
+                fault[3] -= 1
+                return await self._render_error(KubernetesError(status=status, reason="Injected",
+                                                                message=f"injected {status}"))
+        return await super()._handle(request)
+
+
+class Emulator:
+    def __init__(self) -> None:
+        self.url = ""
+        self.handler: FaultyEmulator | None = None
+        self._ready = threading.Event()
+        self._stop: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+        self._thread.start()
+        self._ready.wait(30)
+
+    async def _main(self) -> None:
+        async with FaultyEmulator() as handler, kmock_apps.Server(handler, host="127.0.0.1") as server:
+            handler.faults = []
+            handler.resources["v1/pods"] = kmock.ResourceInfo(kind="Pod", namespaced=True)
+            handler.resources["v1/configmaps"] = kmock.ResourceInfo(kind="ConfigMap", namespaced=True)
+            self.handler, self.url = handler, str(server.url).rstrip("/")
+            self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+            self._ready.set()
+            await self._stop.wait()
+
+    def api(self) -> k8s.CoreV1Api:
+        cfg = k8s.Configuration()
+        cfg.host = self.url
+        return k8s.CoreV1Api(k8s.ApiClient(cfg))
+
+    def stop(self) -> None:
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+
+
+class FakeKubelet:
+    """Plays the kubelet: for each new sandbox pod, runs the real agent as a local process on
+    127.0.0.1 with the pod's token, then reports the pod Running/Ready with podIP 127.0.0.1."""
+
+    def __init__(self, emulator: Emulator, namespace: str, root: str) -> None:
+        self.api, self.namespace, self.root = emulator.api(), namespace, root
+        self.agents: dict[str, tuple[subprocess.Popen, int]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def endpoint(self, pod) -> str:
+        return f"http://{pod.status.pod_ip}:{self.agents[pod.metadata.name][1]}"
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                pods = {p.metadata.name: p for p in self.api.list_namespaced_pod(self.namespace).items}
+            except Exception:  # noqa: BLE001 - injected faults hit the kubelet too; try again
+                time.sleep(0.05)
+                continue
+            for name, pod in pods.items():
+                if name not in self.agents:
+                    self._start(pod)
+            for name in list(self.agents):
+                if name not in pods:
+                    proc, _ = self.agents.pop(name)
+                    proc.kill()
+                    proc.wait()
+            time.sleep(0.05)
+
+    def _start(self, pod) -> None:
+        c = pod.spec.containers[0]
+        token = next(e.value for e in c.env if e.name == "MOPD_SANDBOX_TOKEN")
+        args = c.command[c.command.index("--max-output"):]  # the pod's own agent flags
+        proc = subprocess.Popen([sys.executable, AGENT, "--host", "127.0.0.1", "--port", "0", "--root",
+                                 os.path.join(self.root, pod.metadata.name), *args],
+                                env={"MOPD_SANDBOX_TOKEN": token, "PATH": os.environ["PATH"]},
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
+        port = int(proc.stdout.readline().split()[1])
+        self.agents[pod.metadata.name] = (proc, port)
+        status = {"status": {"phase": "Running", "podIP": "127.0.0.1",
+                             "conditions": [{"type": "Ready", "status": "True"}]}}
+        for _ in range(20):
+            try:
+                self.api.patch_namespaced_pod_status(pod.metadata.name, self.namespace, status)
+                return
+            except Exception:  # noqa: BLE001 - retry through injected faults
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        for proc, _ in self.agents.values():
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def k8s_env(sandbox_base):
+    emulator = Emulator()
+    kubelet = FakeKubelet(emulator, "mopd-sandboxes", sandbox_base)
+    yield emulator, kubelet
+    kubelet.stop()
+    emulator.stop()
+
+

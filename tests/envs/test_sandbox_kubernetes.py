@@ -1,0 +1,77 @@
+"""Kubernetes backend with the official client against kmock's API emulator on 127.0.0.1.
+A test kubelet runs the real agent locally, so the same agent-client code path is exercised."""
+
+from __future__ import annotations
+
+import pytest
+
+from envs.config import SandboxConfig
+from envs.sandbox.kubernetes import LABEL_RUN, KubernetesSandboxBackend, pod_manifest
+from kubernetes.client.rest import ApiException
+
+pytestmark = pytest.mark.asyncio
+NS = "mopd-sandboxes"
+
+
+def _backend(emulator, kubelet, **kw) -> KubernetesSandboxBackend:
+    cfg = SandboxConfig(backend="kubernetes", namespace=NS, ready_timeout_s=20, **kw)
+    return KubernetesSandboxBackend(cfg, api=emulator.api(), run_id="run42", endpoint=kubelet.endpoint)
+
+
+async def test_pod_lifecycle_through_agent(k8s_env):
+    emulator, kubelet = k8s_env
+    backend = _backend(emulator, kubelet)
+    sb = await backend.create()
+    pod = emulator.api().read_namespaced_pod(sb.id, NS)
+    spec = pod.spec
+    assert spec.restart_policy == "Never" and spec.automount_service_account_token is False
+    sc = spec.containers[0].security_context
+    assert sc.allow_privilege_escalation is False and sc.capabilities.drop == ["ALL"] and sc.run_as_non_root
+    assert set(spec.containers[0].resources.limits) == {"cpu", "memory", "ephemeral-storage"}
+    assert pod.metadata.labels[LABEL_RUN] == "run42"
+    r = await sb.exec("echo from-pod > f.txt; cat f.txt")
+    assert r.ok and r.output.strip() == "from-pod"
+    assert await sb.read_file("f.txt") == "from-pod\n"
+    await sb.close()
+    with pytest.raises(ApiException) as exc:
+        emulator.api().read_namespaced_pod(sb.id, NS)
+    assert exc.value.status == 404
+
+
+async def test_retries_on_429_and_500_and_adopts_on_409(k8s_env):
+    emulator, kubelet = k8s_env
+    backend = _backend(emulator, kubelet)
+    emulator.handler.faults.extend([["POST", "/pods", 429, 2], ["GET", "/pods/", 500, 2]])
+    sb = await backend.create()
+    assert backend.api_retries >= 4
+    assert (await sb.exec("echo ok")).output.strip() == "ok"
+    # a create that landed but whose reply was lost: the retry sees 409 and adopts our own pod
+    pod = pod_manifest(backend.config, "mopd-sb-run42-adopt", "run42", "t" * 32)
+    emulator.api().create_namespaced_pod(NS, pod)
+    await backend._create_pod(pod)  # no exception: same run label
+    foreign = pod_manifest(backend.config, "mopd-sb-other", "other-run", "t" * 32)
+    emulator.api().create_namespaced_pod(NS, foreign)
+    with pytest.raises(Exception, match="another run"):
+        await backend._create_pod(foreign)
+    emulator.handler.faults.append(["POST", "/pods", 403, 1])
+    with pytest.raises(ApiException) as exc:  # not retryable
+        await backend.create()
+    assert exc.value.status == 403
+    await sb.close()
+    assert await backend.sweep() == 1  # the adopted pod; the foreign one is left alone
+    names = [p.metadata.name for p in emulator.api().list_namespaced_pod(NS).items]
+    assert names == ["mopd-sb-other"]
+
+
+async def test_warm_pool_per_image(k8s_env):
+    emulator, kubelet = k8s_env
+    backend = _backend(emulator, kubelet)
+    assert await backend.prewarm(2) == 2
+    warm_names = {sb.id for sb in backend.warm[backend.config.image]}
+    sb = await backend.create()
+    assert sb.id in warm_names and len(backend.warm[backend.config.image]) == 1
+    other = await backend.create(image="python:3.12-slim")  # other image: cold start
+    assert other.id not in warm_names
+    await sb.close()
+    await other.close()
+    assert await backend.sweep() == 1
