@@ -40,9 +40,14 @@ class TrainerGroup:
         on_cpu = cpu_compat.needs_cpu_compat(cfg.device)
         options = {"num_cpus": cfg.cpus_per_rank} if on_cpu else {"num_cpus": cfg.cpus_per_rank, "num_gpus": 1}
         self.actors = [TrainerActor.options(**options).remote(r, cfg.dp_size) for r in range(cfg.dp_size)]
-        addr, port = ray.get(self.actors[0].master_address.remote())
-        ray.get([a.setup.remote(addr, port, model_path, cfg, adv, num_steps, rollout_temperature)
-                 for a in self.actors])
+        try:
+            addr, port = ray.get(self.actors[0].master_address.remote())
+            ray.get([a.setup.remote(addr, port, model_path, cfg, adv, num_steps, rollout_temperature)
+                     for a in self.actors])
+        except BaseException:
+            for a in self.actors:  # do not leak ranks (and their CPUs/GPUs) when setup fails
+                ray.kill(a)
+            raise
 
     def compute_logprobs(self, samples: list[Sample]) -> list[np.ndarray]:
         """log pi_theta per response token, in the order of `samples`."""

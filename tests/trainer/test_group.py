@@ -88,3 +88,14 @@ def test_dp2_resume_and_export(ray_session, moe_path, dist_env, tmp_path):
             logits = hf(torch.tensor([s.tokens])).logits[0, len(s.prompt_ids) - 1:-1]
         ref = torch.log_softmax(logits, -1).gather(-1, torch.tensor(s.response_ids)[:, None]).squeeze(-1)
         assert np.abs(ref.numpy() - lp).max() < 1e-4
+
+
+def test_failed_setup_releases_ranks(ray_session, tmp_path):
+    import time
+
+    with pytest.raises(Exception, match="config.json|model_type|not a valid model"):
+        TrainerGroup(str(tmp_path), _cfg(dp_size=1), AdvantageConfig(), num_steps=1)
+    deadline = time.time() + 20
+    while ray.available_resources().get("CPU", 0) < 2 and time.time() < deadline:
+        time.sleep(0.2)
+    assert ray.available_resources().get("CPU", 0) == 2
