@@ -211,6 +211,8 @@ class KubernetesSandboxBackend:
         return len(mine)
 
     def sweep_sync(self) -> None:
+        """atexit: one quick attempt, since the API server may already be unreachable."""
+        self.max_attempts = 1
         try:
             asyncio.run(self.sweep())
         except Exception:  # noqa: BLE001 - best effort at interpreter exit (API may be gone)
