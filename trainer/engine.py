@@ -1,14 +1,12 @@
 """One trainer rank: Megatron model + optimizer + schedule; logprobs, train step, state.
 
 Ray-free so it can be unit-tested in-process; trainer.actor wraps it in a Ray actor. The
-optimizer is torch AdamW (not Megatron's get_megatron_optimizer): with TP=PP=EP=1 it is exact,
-its state_dict round-trips bit for bit for resume, and it needs neither Megatron's DDP grad
-buffers nor CUDA; data-parallel gradients are all-reduced explicitly (one coalesced all_reduce).
+optimizer (trainer.optim) is torch AdamW; data-parallel gradients are all-reduced explicitly
+here (one coalesced all_reduce), so the same code runs on gloo and NCCL.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
@@ -23,6 +21,7 @@ from trainer.config import TrainerConfig
 from trainer.hf_io import load_hf_state
 from trainer.losses import compute_loss, token_logprobs_and_entropy
 from trainer.model_builder import build_model, hf_to_model, load_hf_config, model_to_hf
+from trainer.optim import Optimizer
 
 _NEEDS = {"mopd": ("rollout_logprobs", "teacher_logprobs"), "grpo": ("rollout_logprobs",), "sft": ()}
 
@@ -32,24 +31,6 @@ def needed_fields(loss: str, adv: AdvantageConfig) -> tuple[str, ...]:
     if loss == "mopd" and adv.teacher_coef == 0:
         return ("rollout_logprobs",)
     return _NEEDS[loss]
-
-
-def lr_lambda(cfg: TrainerConfig, total_steps: int):
-    """Multiplier of cfg.lr at a step: linear warmup, then constant / cosine / linear to min_lr."""
-    floor = cfg.min_lr / cfg.lr
-
-    def fn(step: int) -> float:
-        if cfg.warmup_steps and step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        if cfg.lr_schedule == "constant":
-            return 1.0
-        span = max(1, total_steps - cfg.warmup_steps)
-        progress = min(1.0, (step - cfg.warmup_steps) / span)
-        if cfg.lr_schedule == "cosine":
-            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-        return floor + (1 - floor) * (1 - progress)
-
-    return fn
 
 
 class TrainEngine:
@@ -78,13 +59,7 @@ class TrainEngine:
         hf_to_model(self.model, self.arch, self.hf_config, load_hf_state(model_path))
         self.device = next(self.model.parameters()).device
         self.moe_layers = self.arch.moe_layers(self.hf_config)
-        decay = [p for p in self.model.parameters() if p.ndim >= 2]
-        no_decay = [p for p in self.model.parameters() if p.ndim < 2]
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
-        total = cfg.total_steps or num_steps
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, total))
+        self.optim = Optimizer(self.model, cfg, cfg.total_steps or num_steps)
         self.step = 0
 
     # ---------------------------------------------------------------- forward
@@ -136,7 +111,7 @@ class TrainEngine:
             raise ValueError(f"train_step needs at least one sample in the global batch, got {num_global_samples}")
         batching.validate_samples(samples, vocab_size=self.hf_config.vocab_size, need=needed_fields(self.cfg.loss, self.adv))
         self.model.train()
-        self.optimizer.zero_grad(set_to_none=False)
+        self.optim.zero_grad()
         stats = torch.zeros(5, dtype=torch.float64)  # loss, masked, kl, mask tokens, entropy sum
         for mb in self._microbatches(samples):
             chosen = [samples[i] for i in mb.indices]
@@ -153,12 +128,7 @@ class TrainEngine:
         self._allreduce_grads()
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(stats)
-        params = [p for p in self.model.parameters()]
-        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
-        self.scheduler.step()
+        grad_norm, lr = self.optim.step()
         self.step += 1
         tokens = max(stats[3].item(), 1.0)
         has_mu = self.cfg.loss != "sft" or all(s.rollout_logprobs for s in samples)
@@ -191,8 +161,7 @@ class TrainEngine:
 
     def state_dict(self) -> dict[str, Any]:
         return {"model": {k: v for k, v in self.model.state_dict().items() if not k.endswith("_extra_state")},
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "step": self.step}
+                "optim": self.optim.state_dict(), "step": self.step}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         missing, unexpected = self.model.load_state_dict(state["model"], strict=False)
@@ -200,6 +169,5 @@ class TrainEngine:
         if missing or unexpected:
             raise ValueError(f"trainer checkpoint does not match the model: missing {missing[:8]}, "
                              f"unexpected {list(unexpected)[:8]}")
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        self.optim.load_state_dict(state["optim"])
         self.step = int(state["step"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -10,7 +11,8 @@ from mopd.types import ConfigError
 from tests.trainer.conftest import make_samples
 from trainer.batching import collate, plan_microbatches
 from trainer.config import TrainerConfig
-from trainer.engine import TrainEngine, lr_lambda
+from trainer.engine import TrainEngine
+from trainer.optim import lr_lambda
 
 
 def test_plan_respects_budget_and_covers_all():
@@ -90,3 +92,22 @@ def test_mopd_without_teacher_when_teacher_coef_is_zero(moe_path, dist_env):
         s.teacher_logprobs = None
     metrics = engine.train_step(samples, 2)
     assert metrics["train/grad_norm"] > 0
+
+
+def test_bfloat16_model_steps_fp32_master_weights(moe_path, dist_env):
+    samples = make_samples(3, seed=12)
+    engine = TrainEngine(moe_path, TrainerConfig(dtype="bfloat16", lr=1e-6), AdvantageConfig(), num_steps=2)
+    assert engine.optim.mixed and any(p.dtype == torch.bfloat16 for p in engine.model.parameters())
+    before = [m.clone() for m in engine.optim.masters]
+    lps = engine.compute_logprobs(samples)
+    assert all(np.isfinite(lp).all() for lp in lps)
+    engine.train_step(samples, len(samples))
+    moved = sum(int((m != b).sum()) for m, b in zip(engine.optim.masters, before))
+    # an lr of 1e-6 is below bf16 resolution for most weights: only the fp32 masters keep the update
+    assert moved > 0 and all(m.dtype == torch.float32 for m in engine.optim.masters)
+    for p, m in zip(engine.optim.params, engine.optim.masters):
+        assert torch.equal(p, m.to(p.dtype))
+    state = engine.state_dict()
+    fresh = TrainEngine(moe_path, TrainerConfig(dtype="bfloat16", lr=1e-6), AdvantageConfig(), num_steps=2)
+    fresh.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.optim.masters, engine.optim.masters))
