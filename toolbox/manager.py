@@ -36,7 +36,13 @@ class ToolManager:
         self._rewards: dict[str, asyncio.Task] = {}
 
     async def prewarm(self, kind: str, per_worker: int) -> dict[str, int]:
+        """Keep ``per_worker`` ready sandboxes on every worker of ``kind``."""
         return await self.toolbox.prewarm.remote(kind, per_worker)
+
+    async def prewarm_for(self, kind: str, trajectories: int) -> dict[str, int]:
+        """Pre-warm enough sandboxes for ``trajectories`` sessions about to start (spread over workers)."""
+        workers = (await self.toolbox.stats.remote())["pools"][kind]["workers"]
+        return await self.prewarm(kind, -(-trajectories // max(1, workers)))
 
     async def start(self, kind: str, task: SWETask | dict[str, Any]) -> tuple[str, str]:
         """Open a session; returns (session id, first observation)."""

@@ -37,12 +37,15 @@ class SandboxWorker:
         self.warm: asyncio.Queue[Sandbox] = asyncio.Queue()
         self.cold_starts = 0
         self.warm_hits = 0
+        self.target_warm = 0
+        self._refill: asyncio.Task | None = None
 
     def pid(self) -> int:
         return os.getpid()
 
     async def prewarm(self, n: int) -> int:
-        """Top the warm pool up to ``n`` ready sandboxes; returns the pool size."""
+        """Top the warm pool up to ``n`` ready sandboxes and keep it there; returns the pool size."""
+        self.target_warm = n
         missing = n - self.warm.qsize()
         if missing > 0:
             for sb in await asyncio.gather(*(self.backend.create() for _ in range(missing))):
@@ -54,10 +57,16 @@ class SandboxWorker:
             sb = self.warm.get_nowait()
             if await sb.alive():
                 self.warm_hits += 1
+                self._top_up()
                 return sb
             await sb.close()
         self.cold_starts += 1
         return await self.backend.create()
+
+    def _top_up(self) -> None:
+        """Refill the warm pool in the background after a sandbox was taken from it."""
+        if self._refill is None or self._refill.done():
+            self._refill = asyncio.ensure_future(self.prewarm(self.target_warm))
 
     async def open(self, session_id: str, task: dict[str, Any]) -> str:
         await self.close(session_id)
@@ -98,6 +107,9 @@ class SandboxWorker:
                 "warm_hits": self.warm_hits, "pid": os.getpid()}
 
     async def shutdown(self) -> None:
+        self.target_warm = 0
+        if self._refill is not None:
+            self._refill.cancel()
         for sid in list(self.sessions):
             await self.close(sid)
         while not self.warm.empty():

@@ -7,6 +7,8 @@ import os
 import pytest
 import ray
 
+from envs.sandbox.local import sweep_stale
+
 
 @pytest.fixture(scope="module")
 def ray_cluster():
@@ -14,3 +16,4 @@ def ray_cluster():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="mopd")
     yield
     ray.shutdown()
+    sweep_stale()  # sandboxes of worker actors that the tests killed on purpose

@@ -50,6 +50,9 @@ async def test_episode_through_manager_with_async_reward(toolbox):
     assert m["tools/str_replace/calls"] == 1 and m["tools/str_replace/p99_s"] >= m["tools/str_replace/p50_s"] > 0
     stats = await toolbox.stats.remote()
     assert sum(w["warm_hits"] for w in stats["workers"]["swe"]) >= 1
+    await asyncio.sleep(1.0)  # the taken warm sandbox is replaced in the background
+    assert all(w["warm"] >= 1 for w in (await toolbox.stats.remote())["workers"]["swe"])
+    assert (await tm.prewarm_for("swe", 4))["swe"] >= 4
 
 
 async def test_killed_worker_is_replaced_and_call_retried(toolbox):
