@@ -1,4 +1,5 @@
-"""The environment contract (DESIGN.md): ``reset(task) -> observation``, ``step(action) -> (obs, reward, done, info)``.
+"""The environment contract (DESIGN.md): ``reset(task) -> observation`` and
+``step(action) -> (observation, reward, done, info)``.
 
 Async so that many trajectories share one event loop while their sandboxes work.
 """

@@ -40,7 +40,14 @@ class SandboxConfig:
             raise ConfigError(f"{prefix}.backend", f"one of {SANDBOX_BACKENDS}", self.backend)
         if self.isolation not in ISOLATION_MODES:
             raise ConfigError(f"{prefix}.isolation", f"one of {ISOLATION_MODES}", self.isolation)
-        for name in ("cpu_time_s", "memory_mb", "max_output_bytes", "max_procs", "file_size_mb", "agent_port"):
+        for name in (
+            "cpu_time_s",
+            "memory_mb",
+            "max_output_bytes",
+            "max_procs",
+            "file_size_mb",
+            "agent_port",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{prefix}.{name}", "an integer >= 1", value)

@@ -51,7 +51,9 @@ class ToolManager:
 
     async def step(self, session_id: str, action: ToolCall | str, timeout: float | None = None) -> StepResult:
         """Run one tool call. Timeouts and failures come back as observations, never as exceptions."""
-        payload: Any = action if isinstance(action, str) else {"name": action.name, "arguments": action.arguments}
+        payload: Any = (
+            action if isinstance(action, str) else {"name": action.name, "arguments": action.arguments}
+        )
         tool = "text" if isinstance(action, str) else action.name
         t0 = time.perf_counter()
         ref = self.toolbox.step.remote(session_id, payload)
@@ -61,24 +63,38 @@ class ToolManager:
             self.timeouts[tool] += 1
             self.failures[tool] += 1
             await self.toolbox.recover.remote(session_id)  # fresh sandbox with the session's history
-            return StepResult(f"Tool `{tool}` timed out after {timeout or self.call_timeout_s:.0f}s; the "
-                              "workspace was restored to its state before this call.", 0.0, False,
-                              {"error": "timeout", "tool": tool})
+            return StepResult(
+                f"Tool `{tool}` timed out after {timeout or self.call_timeout_s:.0f}s; the "
+                "workspace was restored to its state before this call.",
+                0.0,
+                False,
+                {"error": "timeout", "tool": tool},
+            )
         except Exception as exc:  # noqa: BLE001 - any infrastructure failure is an observation
             self.failures[tool] += 1
-            return StepResult(f"Tool `{tool}` failed: {type(exc).__name__}", 0.0, False,
-                              {"error": "infrastructure", "tool": tool, "detail": str(exc)[:500]})
+            return StepResult(
+                f"Tool `{tool}` failed: {type(exc).__name__}",
+                0.0,
+                False,
+                {"error": "infrastructure", "tool": tool, "detail": str(exc)[:500]},
+            )
         self.latency[tool].append(time.perf_counter() - t0)
-        return StepResult(result["observation"], float(result["reward"]), bool(result["done"]), result["info"])
+        return StepResult(
+            result["observation"], float(result["reward"]), bool(result["done"]), result["info"]
+        )
 
     def reward_async(self, session_id: str) -> asyncio.Task:
         """Submit (``finish``) in the background; await the task for the reward."""
+
         async def run() -> float:
             try:
-                result = await self.step(session_id, ToolCall("finish", {}), timeout=max(self.call_timeout_s, 600))
+                result = await self.step(
+                    session_id, ToolCall("finish", {}), timeout=max(self.call_timeout_s, 600)
+                )
                 return result.reward
             finally:
                 await self.close(session_id)
+
         task = asyncio.ensure_future(run())
         self._rewards[session_id] = task
         return task

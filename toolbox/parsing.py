@@ -63,13 +63,15 @@ def _blocks(text: str) -> tuple[list[str], list[ToolCallError], str]:
         end = text.find(CLOSE, start + len(OPEN))
         nested = text.find(OPEN, start + len(OPEN))
         if end < 0:
-            errors.append(ToolCallError(f"`{OPEN}` is never closed with `{CLOSE}`", text[start:start + 200]))
+            errors.append(
+                ToolCallError(f"`{OPEN}` is never closed with `{CLOSE}`", text[start : start + 200])
+            )
             break
         if 0 <= nested < end:
             errors.append(ToolCallError(f"`{OPEN}` opened again before `{CLOSE}`", text[start:nested][:200]))
             pos = nested
             continue
-        bodies.append(text[start + len(OPEN):end])
+        bodies.append(text[start + len(OPEN) : end])
         pos = end + len(CLOSE)
     stray = "".join(content_parts)
     if CLOSE in stray:
@@ -82,8 +84,10 @@ def _parse_hermes(body: str) -> ToolCall | ToolCallError:
     try:
         obj = json.loads(raw)
     except (json.JSONDecodeError, RecursionError) as exc:
-        return ToolCallError(f"the tool call is not valid JSON ({exc}); expected "
-                             '{"name": "<tool>", "arguments": {...}}', raw[:200])
+        return ToolCallError(
+            f'the tool call is not valid JSON ({exc}); expected {{"name": "<tool>", "arguments": {{...}}}}',
+            raw[:200],
+        )
     if not isinstance(obj, dict):
         return ToolCallError(f"the tool call must be a JSON object, got {type(obj).__name__}", raw[:200])
     name = obj.get("name")
@@ -98,8 +102,9 @@ def _parse_hermes(body: str) -> ToolCall | ToolCallError:
     if args is None:
         args = {}
     if not isinstance(args, dict):
-        return ToolCallError(f'"arguments" of `{name}` must be a JSON object, got {type(args).__name__}',
-                             raw[:200])
+        return ToolCallError(
+            f'"arguments" of `{name}` must be a JSON object, got {type(args).__name__}', raw[:200]
+        )
     return ToolCall(name.strip(), args)
 
 
@@ -125,8 +130,9 @@ def _convert(value: str, schema: dict[str, Any] | None) -> Any:
 def _parse_mimo(body: str, tools: dict[str, dict[str, Any]] | None) -> ToolCall | ToolCallError:
     match = _FUNC_RE.search(body)
     if match is None:
-        return ToolCallError("expected `<function=NAME>` ... `</function>` inside the tool call",
-                             body.strip()[:200])
+        return ToolCallError(
+            "expected `<function=NAME>` ... `</function>` inside the tool call", body.strip()[:200]
+        )
     name = match.group(1).strip()
     if not name:
         return ToolCallError("`<function=...>` has an empty name", body.strip()[:200])
@@ -140,8 +146,9 @@ def _parse_mimo(body: str, tools: dict[str, dict[str, Any]] | None) -> ToolCall 
         args[pname] = _convert(_strip_one_newline(pmatch.group(2)), props.get(pname))
     leftover = _PARAM_RE.sub("", inner)
     if "<parameter=" in leftover:
-        return ToolCallError(f"a `<parameter=...>` of `{name}` is not closed with `</parameter>`",
-                             body.strip()[:200])
+        return ToolCallError(
+            f"a `<parameter=...>` of `{name}` is not closed with `</parameter>`", body.strip()[:200]
+        )
     return ToolCall(name, args)
 
 
@@ -158,7 +165,9 @@ def parse_tool_calls(
     if fmt not in FORMATS:
         raise ValueError(f"tool-call format must be one of {FORMATS}, got {fmt!r}")
     if not isinstance(text, str):
-        return ParseResult(errors=[ToolCallError(f"model output must be text, got {type(text).__name__}", "")])
+        return ParseResult(
+            errors=[ToolCallError(f"model output must be text, got {type(text).__name__}", "")]
+        )
     bodies, errors, content = _blocks(text)
     result = ParseResult(errors=list(errors), content=content)
     for body in bodies:
@@ -184,7 +193,7 @@ def _check_against(call: ToolCall, tools: dict[str, dict[str, Any]]) -> ToolCall
 def format_tool_call(call: ToolCall, fmt: str = "hermes") -> str:
     """Render a call in a wire format (used for prompts, few-shot examples and round-trip tests)."""
     if fmt == "hermes":
-        return f'{OPEN}\n{json.dumps({"name": call.name, "arguments": call.arguments})}\n{CLOSE}'
+        return f"{OPEN}\n{json.dumps({'name': call.name, 'arguments': call.arguments})}\n{CLOSE}"
     if fmt == "mimo":
         params = "".join(
             f"<parameter={k}>\n{v if isinstance(v, str) else json.dumps(v)}\n</parameter>\n"

@@ -36,7 +36,9 @@ class TokenBucket:
 class Admission:
     """Quota (max concurrent calls) and QPS limit per tool name; unknown tools are unlimited."""
 
-    def __init__(self, max_concurrent: dict[str, int] | None = None, qps: dict[str, float] | None = None) -> None:
+    def __init__(
+        self, max_concurrent: dict[str, int] | None = None, qps: dict[str, float] | None = None
+    ) -> None:
         for tool, n in (max_concurrent or {}).items():
             if n < 1:
                 raise ValueError(f"toolbox quota for `{tool}` must be >= 1 concurrent call, got {n}")

@@ -48,8 +48,13 @@ class _WorkerActor(SandboxWorker):
 class ToolboxImpl:
     """Body of the Toolbox actor (async methods run concurrently on the actor's event loop)."""
 
-    def __init__(self, pools: dict[str, dict[str, Any]], max_concurrent: dict[str, int] | None = None,
-                 qps: dict[str, float] | None = None, max_retries: int = 2) -> None:
+    def __init__(
+        self,
+        pools: dict[str, dict[str, Any]],
+        max_concurrent: dict[str, int] | None = None,
+        qps: dict[str, float] | None = None,
+        max_retries: int = 2,
+    ) -> None:
         self.specs = {}
         for kind, spec in pools.items():
             if kind not in ENV_KINDS:
@@ -57,8 +62,9 @@ class ToolboxImpl:
             self.specs[kind] = PoolSpec(**spec)
         self.admission = Admission(max_concurrent, qps)
         self.max_retries = max_retries
-        self.workers: dict[str, list[Any]] = {k: [self._new_worker(k) for _ in range(s.workers)]
-                                              for k, s in self.specs.items()}
+        self.workers: dict[str, list[Any]] = {
+            k: [self._new_worker(k) for _ in range(s.workers)] for k, s in self.specs.items()
+        }
         self.sessions: dict[str, _Session] = {}
         self._ids = itertools.count()
         self.replaced = 0
@@ -74,7 +80,9 @@ class ToolboxImpl:
         out = {}
         for k in kinds:
             n = per_worker if per_worker is not None else self.specs[k].warm_per_worker
-            sizes = await asyncio.gather(*(w.prewarm.remote(n) for w in self.workers[k]), return_exceptions=True)
+            sizes = await asyncio.gather(
+                *(w.prewarm.remote(n) for w in self.workers[k]), return_exceptions=True
+            )
             out[k] = sum(s for s in sizes if isinstance(s, int))
         return out
 
@@ -101,7 +109,7 @@ class ToolboxImpl:
     async def _restore(self, sid: str, replay: bool = True) -> str:
         """(Re)create the session on its worker; after a loss, replay the actions that succeeded."""
         s = self.sessions[sid]
-        for attempt in range(self.max_retries + 1):
+        for _ in range(self.max_retries + 1):
             worker = self.workers[s.kind][s.worker]
             try:
                 obs = await worker.open.remote(sid, s.task)
@@ -163,9 +171,15 @@ class ToolboxImpl:
         for kind, ws in self.workers.items():
             res = await asyncio.gather(*(w.stats.remote() for w in ws), return_exceptions=True)
             per_worker[kind] = [r if isinstance(r, dict) else {"error": repr(r)} for r in res]
-        return {"sessions": len(self.sessions), "replaced_workers": self.replaced, "retried_calls": self.retried,
-                "replayed_sessions": self.replayed, "peak_in_flight": dict(self.admission.peak),
-                "workers": per_worker, "pools": {k: asdict(v) for k, v in self.specs.items()}}
+        return {
+            "sessions": len(self.sessions),
+            "replaced_workers": self.replaced,
+            "retried_calls": self.retried,
+            "replayed_sessions": self.replayed,
+            "peak_in_flight": dict(self.admission.peak),
+            "workers": per_worker,
+            "pools": {k: asdict(v) for k, v in self.specs.items()},
+        }
 
     async def shutdown(self) -> None:
         for ws in self.workers.values():
@@ -177,14 +191,21 @@ class ToolboxImpl:
 _ToolboxActor = ray.remote(num_cpus=0, max_concurrency=1000)(ToolboxImpl)
 
 
-def get_or_create_toolbox(pools: dict[str, dict[str, Any]] | None = None, *, name: str = TOOLBOX_NAME,
-                          detached: bool = False, **kwargs: Any) -> Any:
+def get_or_create_toolbox(
+    pools: dict[str, dict[str, Any]] | None = None,
+    *,
+    name: str = TOOLBOX_NAME,
+    detached: bool = False,
+    **kwargs: Any,
+) -> Any:
     """The named Toolbox actor: attach if it exists in the cluster, else create it from ``pools``."""
     try:
         return ray.get_actor(name, namespace=NAMESPACE)
     except ValueError:
         if pools is None:
-            raise ValueError(f"no Toolbox actor named {name!r} in namespace {NAMESPACE!r} and no pools given") from None
+            raise ValueError(
+                f"no Toolbox actor named {name!r} in namespace {NAMESPACE!r} and no pools given"
+            ) from None
     opts: dict[str, Any] = {"name": name, "namespace": NAMESPACE, "get_if_exists": True}
     if detached:
         opts["lifetime"] = "detached"

@@ -24,8 +24,13 @@ ENV_KINDS = ("swe",)
 class SandboxWorker:
     """Plain class (usable in-process); ``toolbox.toolbox`` makes it a Ray actor."""
 
-    def __init__(self, kind: str, sandbox: dict[str, Any] | None = None, max_turns: int = 30,
-                 command_timeout: float = 60.0) -> None:
+    def __init__(
+        self,
+        kind: str,
+        sandbox: dict[str, Any] | None = None,
+        max_turns: int = 30,
+        command_timeout: float = 60.0,
+    ) -> None:
         if kind not in ENV_KINDS:
             raise ValueError(f"toolbox env kind must be one of {ENV_KINDS}, got {kind!r}")
         self.kind = kind
@@ -78,8 +83,13 @@ class SandboxWorker:
         """One env step. A lost sandbox is reported as ``{"lost": True}`` so the caller can replay."""
         env = self.sessions.get(session_id)
         if env is None:
-            return {"lost": True, "observation": f"unknown session {session_id}", "reward": 0.0, "done": False,
-                    "info": {}}
+            return {
+                "lost": True,
+                "observation": f"unknown session {session_id}",
+                "reward": 0.0,
+                "done": False,
+                "info": {},
+            }
         call = action if isinstance(action, str) else ToolCall(action["name"], action.get("arguments", {}))
         try:
             result = await env.step(call)
@@ -87,8 +97,12 @@ class SandboxWorker:
             if exc.status == 0 or not await env.sandbox.alive():
                 return {"lost": True, "observation": str(exc), "reward": 0.0, "done": False, "info": {}}
             raise
-        return {"observation": result.observation, "reward": result.reward, "done": result.done,
-                "info": result.info}
+        return {
+            "observation": result.observation,
+            "reward": result.reward,
+            "done": result.done,
+            "info": result.info,
+        }
 
     async def kill_sandbox(self, session_id: str) -> int:
         """Test/ops hook: kill a session's agent process (simulates a crashed sandbox)."""
@@ -103,8 +117,13 @@ class SandboxWorker:
             await env.close()
 
     async def stats(self) -> dict[str, Any]:
-        return {"sessions": len(self.sessions), "warm": self.warm.qsize(), "cold_starts": self.cold_starts,
-                "warm_hits": self.warm_hits, "pid": os.getpid()}
+        return {
+            "sessions": len(self.sessions),
+            "warm": self.warm.qsize(),
+            "cold_starts": self.cold_starts,
+            "warm_hits": self.warm_hits,
+            "pid": os.getpid(),
+        }
 
     async def shutdown(self) -> None:
         self.target_warm = 0

@@ -48,8 +48,14 @@ async def first_call_latency(name: str, sessions: int, warm: bool) -> dict[str, 
     ray.get(tb.shutdown.remote())
     ray.kill(tb)
     w = stats["workers"]["swe"][0]
-    return {"p50_s": percentile(lat, 50), "p99_s": percentile(lat, 99), "call_p50_s": percentile(call_lat, 50),
-            "call_p99_s": percentile(call_lat, 99), "warm_hits": w["warm_hits"], "cold_starts": w["cold_starts"]}
+    return {
+        "p50_s": percentile(lat, 50),
+        "p99_s": percentile(lat, 99),
+        "call_p50_s": percentile(call_lat, 50),
+        "call_p99_s": percentile(call_lat, 99),
+        "warm_hits": w["warm_hits"],
+        "cold_starts": w["cold_starts"],
+    }
 
 
 async def throughput(name: str, workers: int, sessions: int, calls: int) -> dict[str, float]:
@@ -69,12 +75,22 @@ async def throughput(name: str, workers: int, sessions: int, calls: int) -> dict
     ray.get(tb.shutdown.remote())
     ray.kill(tb)
     lat = tm.latency["bash"]
-    return {"calls_per_s": sessions * calls / elapsed, "p50_s": percentile(lat, 50), "p99_s": percentile(lat, 99)}
+    return {
+        "calls_per_s": sessions * calls / elapsed,
+        "p50_s": percentile(lat, 50),
+        "p99_s": percentile(lat, 99),
+    }
 
 
 async def main(args: argparse.Namespace) -> dict:
-    out: dict = {"host": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                          "isolation": detect().as_dict()}, "args": vars(args)}
+    out: dict = {
+        "host": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "isolation": detect().as_dict(),
+        },
+        "args": vars(args),
+    }
     out["cold"] = await first_call_latency("bench-cold", args.sessions, warm=False)
     out["warm"] = await first_call_latency("bench-warm", args.sessions, warm=True)
     out["throughput"] = {}
@@ -84,12 +100,16 @@ async def main(args: argparse.Namespace) -> dict:
 
 
 def table(res: dict) -> str:
-    lines = ["| start | first call incl. session open p50 / p99 (s) | tool call alone p50 / p99 (s) | warm hits / cold starts |",
-             "|---|---|---|---|"]
+    lines = [
+        "| start | first call incl. session open p50 / p99 (s) | tool call alone p50 / p99 (s) | warm hits / cold starts |",
+        "|---|---|---|---|",
+    ]
     for k in ("cold", "warm"):
         r = res[k]
-        lines.append(f"| {k} | {r['p50_s']:.3f} / {r['p99_s']:.3f} | {r['call_p50_s']:.3f} / {r['call_p99_s']:.3f} "
-                     f"| {r['warm_hits']} / {r['cold_starts']} |")
+        lines.append(
+            f"| {k} | {r['p50_s']:.3f} / {r['p99_s']:.3f} | {r['call_p50_s']:.3f} / {r['call_p99_s']:.3f} "
+            f"| {r['warm_hits']} / {r['cold_starts']} |"
+        )
     lines += ["", "| workers | calls/s | call p50 / p99 (s) |", "|---|---|---|"]
     for n, r in res["throughput"].items():
         lines.append(f"| {n} | {r['calls_per_s']:.1f} | {r['p50_s']:.3f} / {r['p99_s']:.3f} |")

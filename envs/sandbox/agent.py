@@ -136,15 +136,25 @@ class Agent:
         timeout = float(body.get("timeout", self.args.default_timeout))
         cap = int(body.get("max_output", self.args.max_output))
         cwd = self.resolve(body.get("cwd") or ".")
-        env = {"PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"), "HOME": self.root,
-               "TMPDIR": os.path.join(self.root, ".tmp"), "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1"}
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
+            "HOME": self.root,
+            "TMPDIR": os.path.join(self.root, ".tmp"),
+            "LANG": "C.UTF-8",
+            "PYTHONDONTWRITEBYTECODE": "1",
+        }
         os.makedirs(env["TMPDIR"], exist_ok=True)
         self._own(env["TMPDIR"])
         env.update({str(k): str(v) for k, v in (body.get("env") or {}).items()})
         start = time.monotonic()
         proc = subprocess.Popen(
-            self._command(command, cwd, env), cwd=cwd, env=env, stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+            self._command(command, cwd, env),
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         chunks: list[bytes] = []
         state = {"size": 0, "flood": False}
@@ -175,9 +185,15 @@ class Agent:
         reason = "timeout" if timed_out else "output_limit" if state["flood"] else None
         if reason is None and code is not None and code < 0:
             reason = f"signal {signal.Signals(-code).name}" if -code in signal.valid_signals() else "signal"
-        return {"exit_code": code, "output": b"".join(chunks).decode("utf-8", "replace"),
-                "truncated": state["size"] > cap, "output_bytes": state["size"], "timed_out": timed_out,
-                "killed_reason": reason, "duration_s": round(time.monotonic() - start, 4)}
+        return {
+            "exit_code": code,
+            "output": b"".join(chunks).decode("utf-8", "replace"),
+            "truncated": state["size"] > cap,
+            "output_bytes": state["size"],
+            "timed_out": timed_out,
+            "killed_reason": reason,
+            "duration_s": round(time.monotonic() - start, 4),
+        }
 
     def kill_group(self, pgid: int) -> None:
         """Kill a command's process group, its cgroups, and (jailed) every process of the sandbox uid."""

@@ -30,8 +30,14 @@ class ExecResult:
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> "ExecResult":
-        return cls(obj.get("exit_code"), obj.get("output", ""), bool(obj.get("truncated")),
-                   bool(obj.get("timed_out")), obj.get("killed_reason"), float(obj.get("duration_s", 0.0)))
+        return cls(
+            obj.get("exit_code"),
+            obj.get("output", ""),
+            bool(obj.get("truncated")),
+            bool(obj.get("timed_out")),
+            obj.get("killed_reason"),
+            float(obj.get("duration_s", 0.0)),
+        )
 
 
 def tar_directory(path: str, arcname: str = ".") -> bytes:
@@ -47,16 +53,26 @@ def tar_directory(path: str, arcname: str = ".") -> bytes:
 class Sandbox:
     """One isolated workspace: ``exec``, ``read_file``, ``write_file``, ``upload``, ``close``."""
 
-    def __init__(self, sandbox_id: str, client: AgentClient, closer: Callable[[], Awaitable[None]],
-                 info: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        sandbox_id: str,
+        client: AgentClient,
+        closer: Callable[[], Awaitable[None]],
+        info: dict[str, Any] | None = None,
+    ) -> None:
         self.id = sandbox_id
         self.client = client
         self.info = info or {}
         self._closer = closer
         self.closed = False
 
-    async def exec(self, command: str, timeout: float | None = None, max_output: int | None = None,
-                   cwd: str | None = None) -> ExecResult:
+    async def exec(
+        self,
+        command: str,
+        timeout: float | None = None,
+        max_output: int | None = None,
+        cwd: str | None = None,
+    ) -> ExecResult:
         body: dict[str, Any] = {"command": command}
         if timeout is not None:
             body["timeout"] = timeout

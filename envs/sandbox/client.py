@@ -33,24 +33,38 @@ class AgentClient:
             self._loop = loop
         return self._session
 
-    async def call(self, route: str, body: dict[str, Any] | bytes, timeout: float = 60.0,
-                   params: dict[str, str] | None = None) -> dict[str, Any]:
+    async def call(
+        self,
+        route: str,
+        body: dict[str, Any] | bytes,
+        timeout: float = 60.0,
+        params: dict[str, str] | None = None,
+    ) -> dict[str, Any]:
         session = self._get_session()
         kwargs: dict[str, Any] = {"data": body} if isinstance(body, bytes) else {"json": body}
         try:
-            async with session.post(f"{self.base_url}{route}", params=params,
-                                    timeout=aiohttp.ClientTimeout(total=timeout), **kwargs) as resp:
+            async with session.post(
+                f"{self.base_url}{route}",
+                params=params,
+                timeout=aiohttp.ClientTimeout(total=timeout),
+                **kwargs,
+            ) as resp:
                 payload = await resp.json(content_type=None)
                 if resp.status != 200:
-                    raise SandboxError(f"agent {route}: HTTP {resp.status}: {payload.get('error')}", resp.status)
+                    raise SandboxError(
+                        f"agent {route}: HTTP {resp.status}: {payload.get('error')}", resp.status
+                    )
                 return payload
         except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as exc:
-            raise SandboxError(f"agent {route} at {self.base_url} unreachable: {type(exc).__name__}: {exc}") from exc
+            raise SandboxError(
+                f"agent {route} at {self.base_url} unreachable: {type(exc).__name__}: {exc}"
+            ) from exc
 
     async def healthy(self, timeout: float = 2.0) -> bool:
         try:
-            async with self._get_session().get(f"{self.base_url}/health",
-                                               timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+            async with self._get_session().get(
+                f"{self.base_url}/health", timeout=aiohttp.ClientTimeout(total=timeout)
+            ) as resp:
                 return resp.status == 200
         except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError):
             return False
@@ -70,7 +84,9 @@ class AgentClient:
         return base64.b64decode((await self.call("/read", {"path": path}))["content_b64"])
 
     async def write(self, path: str, data: bytes, mode: int = 0o644) -> None:
-        await self.call("/write", {"path": path, "content_b64": base64.b64encode(data).decode(), "mode": mode})
+        await self.call(
+            "/write", {"path": path, "content_b64": base64.b64encode(data).decode(), "mode": mode}
+        )
 
     async def upload(self, tar_bytes: bytes, dest: str = ".") -> int:
         return int((await self.call("/upload", tar_bytes, timeout=300.0, params={"dest": dest}))["files"])

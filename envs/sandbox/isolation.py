@@ -38,9 +38,13 @@ def _try_jail(spec: dict) -> bool:
     spec = {"root": "/", **spec}
     spec["cwd"] = spec["root"]
     try:
-        out = subprocess.run([sys.executable, "-I", "-S", JAIL, json.dumps(spec), "--", "/bin/sh", "-c", "exit 0"],
-                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             timeout=20)
+        out = subprocess.run(
+            [sys.executable, "-I", "-S", JAIL, json.dumps(spec), "--", "/bin/sh", "-c", "exit 0"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=20,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return False
     return out.returncode == 0
@@ -87,8 +91,12 @@ def detect() -> Isolation:
         no_network=_try_jail({"no_network": True}),
         fs_readonly=root and _try_jail({"fs_readonly": True, "root": "/tmp"}),
         pids_cgroup=_cgroup_parent("pids", "pids.max") if root else None,
-        memory_cgroup=(_cgroup_parent("memory", "memory.limit_in_bytes")
-                       or (_cgroup_parent("", "memory.max") if v2 else None)) if root else None,
+        memory_cgroup=(
+            _cgroup_parent("memory", "memory.limit_in_bytes")
+            or (_cgroup_parent("", "memory.max") if v2 else None)
+        )
+        if root
+        else None,
         cgroup_v2=v2,
     )
 

@@ -48,58 +48,116 @@ def agent_configmap(namespace: str) -> k8s.V1ConfigMap:
     for name in ("agent.py", "jail.py"):
         with open(os.path.join(HERE, name), encoding="utf-8") as f:
             data[name] = f.read()
-    return k8s.V1ConfigMap(metadata=k8s.V1ObjectMeta(name=AGENT_CONFIGMAP, namespace=namespace,
-                                                     labels={LABEL_APP: "mopd-sandbox"}), data=data)
+    return k8s.V1ConfigMap(
+        metadata=k8s.V1ObjectMeta(
+            name=AGENT_CONFIGMAP, namespace=namespace, labels={LABEL_APP: "mopd-sandbox"}
+        ),
+        data=data,
+    )
 
 
-def pod_manifest(cfg: SandboxConfig, name: str, run_id: str, token: str, image: str | None = None,
-                 owner: k8s.V1OwnerReference | None = None) -> k8s.V1Pod:
+def pod_manifest(
+    cfg: SandboxConfig,
+    name: str,
+    run_id: str,
+    token: str,
+    image: str | None = None,
+    owner: k8s.V1OwnerReference | None = None,
+) -> k8s.V1Pod:
     """The sandbox pod (also rendered to k8s/sandbox-pod-template.yaml)."""
     image = image or cfg.image
     resources = {"cpu": cfg.cpu, "memory": f"{cfg.memory_mb}Mi", "ephemeral-storage": cfg.ephemeral_storage}
-    rlimits = '{"RLIMIT_CPU": %d, "RLIMIT_FSIZE": %d, "RLIMIT_CORE": 0}' % (cfg.cpu_time_s, cfg.file_size_mb << 20)
+    rlimits = '{"RLIMIT_CPU": %d, "RLIMIT_FSIZE": %d, "RLIMIT_CORE": 0}' % (
+        cfg.cpu_time_s,
+        cfg.file_size_mb << 20,
+    )
     container = k8s.V1Container(
-        name="agent", image=image, image_pull_policy="IfNotPresent",
-        command=["python3", "/opt/mopd/agent.py", "--host", "0.0.0.0", "--port", str(cfg.agent_port),
-                 "--root", "/workspace", "--max-output", str(cfg.max_output_bytes),
-                 "--default-timeout", str(cfg.wall_timeout_s), "--rlimits", rlimits],
+        name="agent",
+        image=image,
+        image_pull_policy="IfNotPresent",
+        command=[
+            "python3",
+            "/opt/mopd/agent.py",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            str(cfg.agent_port),
+            "--root",
+            "/workspace",
+            "--max-output",
+            str(cfg.max_output_bytes),
+            "--default-timeout",
+            str(cfg.wall_timeout_s),
+            "--rlimits",
+            rlimits,
+        ],
         env=[k8s.V1EnvVar(name="MOPD_SANDBOX_TOKEN", value=token)],
         ports=[k8s.V1ContainerPort(container_port=cfg.agent_port, name="agent")],
         resources=k8s.V1ResourceRequirements(requests=dict(resources), limits=dict(resources)),
-        readiness_probe=k8s.V1Probe(http_get=k8s.V1HTTPGetAction(path="/health", port=cfg.agent_port),
-                                    period_seconds=1, failure_threshold=120),
+        readiness_probe=k8s.V1Probe(
+            http_get=k8s.V1HTTPGetAction(path="/health", port=cfg.agent_port),
+            period_seconds=1,
+            failure_threshold=120,
+        ),
         security_context=k8s.V1SecurityContext(
-            allow_privilege_escalation=False, privileged=False, read_only_root_filesystem=True,
-            run_as_non_root=True, capabilities=k8s.V1Capabilities(drop=["ALL"])),
-        volume_mounts=[k8s.V1VolumeMount(name="agent", mount_path="/opt/mopd", read_only=True),
-                       k8s.V1VolumeMount(name="workspace", mount_path="/workspace"),
-                       k8s.V1VolumeMount(name="tmp", mount_path="/tmp")],
+            allow_privilege_escalation=False,
+            privileged=False,
+            read_only_root_filesystem=True,
+            run_as_non_root=True,
+            capabilities=k8s.V1Capabilities(drop=["ALL"]),
+        ),
+        volume_mounts=[
+            k8s.V1VolumeMount(name="agent", mount_path="/opt/mopd", read_only=True),
+            k8s.V1VolumeMount(name="workspace", mount_path="/workspace"),
+            k8s.V1VolumeMount(name="tmp", mount_path="/tmp"),
+        ],
     )
     return k8s.V1Pod(
-        api_version="v1", kind="Pod",
+        api_version="v1",
+        kind="Pod",
         metadata=k8s.V1ObjectMeta(
-            name=name, namespace=cfg.namespace, owner_references=[owner] if owner else None,
-            labels={LABEL_APP: "mopd-sandbox", LABEL_RUN: run_id, LABEL_IMAGE: _image_label(image)}),
+            name=name,
+            namespace=cfg.namespace,
+            owner_references=[owner] if owner else None,
+            labels={LABEL_APP: "mopd-sandbox", LABEL_RUN: run_id, LABEL_IMAGE: _image_label(image)},
+        ),
         spec=k8s.V1PodSpec(
-            restart_policy="Never", automount_service_account_token=False, enable_service_links=False,
-            runtime_class_name=cfg.runtime_class, termination_grace_period_seconds=0,
+            restart_policy="Never",
+            automount_service_account_token=False,
+            enable_service_links=False,
+            runtime_class_name=cfg.runtime_class,
+            termination_grace_period_seconds=0,
             security_context=k8s.V1PodSecurityContext(
-                run_as_non_root=True, run_as_user=65532, run_as_group=65532, fs_group=65532,
-                seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault")),
+                run_as_non_root=True,
+                run_as_user=65532,
+                run_as_group=65532,
+                fs_group=65532,
+                seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault"),
+            ),
             containers=[container],
-            volumes=[k8s.V1Volume(name="agent", config_map=k8s.V1ConfigMapVolumeSource(name=AGENT_CONFIGMAP)),
-                     k8s.V1Volume(name="workspace", empty_dir=k8s.V1EmptyDirVolumeSource(
-                         size_limit=cfg.ephemeral_storage)),
-                     k8s.V1Volume(name="tmp", empty_dir=k8s.V1EmptyDirVolumeSource(size_limit="256Mi"))]),
+            volumes=[
+                k8s.V1Volume(name="agent", config_map=k8s.V1ConfigMapVolumeSource(name=AGENT_CONFIGMAP)),
+                k8s.V1Volume(
+                    name="workspace", empty_dir=k8s.V1EmptyDirVolumeSource(size_limit=cfg.ephemeral_storage)
+                ),
+                k8s.V1Volume(name="tmp", empty_dir=k8s.V1EmptyDirVolumeSource(size_limit="256Mi")),
+            ],
+        ),
     )
 
 
 class KubernetesSandboxBackend:
     """Pods as sandboxes. ``endpoint`` maps a Ready pod to the agent's base URL (default podIP:port)."""
 
-    def __init__(self, config: SandboxConfig, api: k8s.CoreV1Api | None = None, run_id: str | None = None,
-                 owner: k8s.V1OwnerReference | None = None, endpoint: Endpoint | None = None,
-                 max_attempts: int = 6) -> None:
+    def __init__(
+        self,
+        config: SandboxConfig,
+        api: k8s.CoreV1Api | None = None,
+        run_id: str | None = None,
+        owner: k8s.V1OwnerReference | None = None,
+        endpoint: Endpoint | None = None,
+        max_attempts: int = 6,
+    ) -> None:
         config.validate("sandbox")
         self.config = config
         self.api = api or k8s.CoreV1Api()
@@ -114,9 +172,12 @@ class KubernetesSandboxBackend:
 
     async def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """One API call in a thread (the official client is blocking), with backoff on 429/5xx."""
-        async for attempt in AsyncRetrying(retry=retry_if_exception(_retryable), reraise=True,
-                                           stop=stop_after_attempt(self.max_attempts),
-                                           wait=wait_exponential(multiplier=0.05, max=2.0)):
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception(_retryable),
+            reraise=True,
+            stop=stop_after_attempt(self.max_attempts),
+            wait=wait_exponential(multiplier=0.05, max=2.0),
+        ):
             with attempt:
                 if attempt.retry_state.attempt_number > 1:
                     self.api_retries += 1
@@ -126,8 +187,11 @@ class KubernetesSandboxBackend:
         if self._configmap_ready:
             return
         try:
-            await self._call(self.api.create_namespaced_config_map, self.config.namespace,
-                             agent_configmap(self.config.namespace))
+            await self._call(
+                self.api.create_namespaced_config_map,
+                self.config.namespace,
+                agent_configmap(self.config.namespace),
+            )
         except ApiException as exc:
             if exc.status != 409:  # 409: already there (another trainer or an earlier run)
                 raise
@@ -139,9 +203,13 @@ class KubernetesSandboxBackend:
         except ApiException as exc:
             if exc.status != 409:
                 raise
-            existing = await self._call(self.api.read_namespaced_pod, pod.metadata.name, self.config.namespace)
+            existing = await self._call(
+                self.api.read_namespaced_pod, pod.metadata.name, self.config.namespace
+            )
             if (existing.metadata.labels or {}).get(LABEL_RUN) != self.run_id:
-                raise SandboxError(f"pod {pod.metadata.name} already exists and belongs to another run", 409)
+                raise SandboxError(
+                    f"pod {pod.metadata.name} already exists and belongs to another run", 409
+                ) from exc
 
     async def _wait_ready(self, name: str) -> k8s.V1Pod:
         loop = asyncio.get_running_loop()
@@ -152,7 +220,11 @@ class KubernetesSandboxBackend:
             status = pod.status
             if status is not None and status.phase in ("Failed", "Succeeded"):
                 raise SandboxError(f"sandbox pod {name} ended in phase {status.phase} before becoming ready")
-            ready = any(c.type == "Ready" and c.status == "True" for c in (status.conditions or [])) if status else False
+            ready = (
+                any(c.type == "Ready" and c.status == "True" for c in (status.conditions or []))
+                if status
+                else False
+            )
             if ready and status.pod_ip:
                 return pod
             if loop.time() > deadline:
@@ -162,7 +234,9 @@ class KubernetesSandboxBackend:
 
     async def delete_pod(self, name: str) -> None:
         try:
-            await self._call(self.api.delete_namespaced_pod, name, self.config.namespace, grace_period_seconds=0)
+            await self._call(
+                self.api.delete_namespaced_pod, name, self.config.namespace, grace_period_seconds=0
+            )
         except ApiException as exc:
             if exc.status != 404:
                 raise
@@ -179,8 +253,12 @@ class KubernetesSandboxBackend:
         except BaseException:
             await self.delete_pod(name)
             raise
-        return Sandbox(name, agent, lambda: self.delete_pod(name),
-                       {"backend": "kubernetes", "pod": name, "image": image, "python": "python3"})
+        return Sandbox(
+            name,
+            agent,
+            lambda: self.delete_pod(name),
+            {"backend": "kubernetes", "pod": name, "image": image, "python": "python3"},
+        )
 
     async def prewarm(self, n: int, image: str | None = None) -> int:
         """Keep ``n`` ready pods for ``image``."""
@@ -203,8 +281,9 @@ class KubernetesSandboxBackend:
 
     async def sweep(self) -> int:
         """Delete every pod labelled with this run id (labels re-checked client-side)."""
-        pods = await self._call(self.api.list_namespaced_pod, self.config.namespace,
-                                label_selector=f"{LABEL_RUN}={self.run_id}")
+        pods = await self._call(
+            self.api.list_namespaced_pod, self.config.namespace, label_selector=f"{LABEL_RUN}={self.run_id}"
+        )
         mine = [p for p in pods.items if (p.metadata.labels or {}).get(LABEL_RUN) == self.run_id]
         await asyncio.gather(*(self.delete_pod(p.metadata.name) for p in mine))
         self.warm.clear()

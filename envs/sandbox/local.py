@@ -125,9 +125,11 @@ def _check_traversable(path: str) -> None:
     path = os.path.realpath(path)
     while True:
         if not os.stat(path).st_mode & 0o001:
-            raise SandboxError(f"sandbox.base_dir: {path!r} is not searchable by other users (mode "
-                               f"{oct(os.stat(path).st_mode & 0o777)}); sandboxed commands run as their own "
-                               "uid and could not enter it; choose a base_dir under a world-searchable path")
+            raise SandboxError(
+                f"sandbox.base_dir: {path!r} is not searchable by other users (mode "
+                f"{oct(os.stat(path).st_mode & 0o777)}); sandboxed commands run as their own "
+                "uid and could not enter it; choose a base_dir under a world-searchable path"
+            )
         if path == "/":
             return
         path = os.path.dirname(path)
@@ -142,14 +144,22 @@ class LocalSandboxBackend:
         self.run_id = run_id or uuid.uuid4().hex[:8]
         self.base_dir = self.config.base_dir or default_base_dir()
         os.makedirs(self.base_dir, mode=0o711, exist_ok=True)
-        self.isolation: Isolation = detect() if self.config.isolation != "none" else Isolation(
-            os.geteuid() == 0, False, False, False, None, None, False)
+        self.isolation: Isolation = (
+            detect()
+            if self.config.isolation != "none"
+            else Isolation(os.geteuid() == 0, False, False, False, None, None, False)
+        )
         if self.config.isolation == "strict":
-            missing = [k for k in ("setuid", "no_network", "fs_readonly", "pids_cgroup")
-                       if not getattr(self.isolation, k)]
+            missing = [
+                k
+                for k in ("setuid", "no_network", "fs_readonly", "pids_cgroup")
+                if not getattr(self.isolation, k)
+            ]
             if missing:
-                raise SandboxError(f"sandbox.isolation=strict but {missing} cannot be enforced on this host "
-                                   f"({self.isolation.summary()})")
+                raise SandboxError(
+                    f"sandbox.isolation=strict but {missing} cannot be enforced on this host "
+                    f"({self.isolation.summary()})"
+                )
         if self.isolation.setuid:
             _check_traversable(self.base_dir)
         sweep_stale(self.base_dir)
@@ -168,9 +178,13 @@ class LocalSandboxBackend:
     def _cgroups(self, name: str) -> list[str]:
         out = []
         iso, cfg = self.isolation, self.config
-        for parent, files in ((iso.pids_cgroup, {"pids.max": str(cfg.max_procs)}),
-                              (iso.memory_cgroup, {"memory.max" if iso.cgroup_v2 else "memory.limit_in_bytes":
-                                                   str(cfg.memory_mb << 20)})):
+        for parent, files in (
+            (iso.pids_cgroup, {"pids.max": str(cfg.max_procs)}),
+            (
+                iso.memory_cgroup,
+                {"memory.max" if iso.cgroup_v2 else "memory.limit_in_bytes": str(cfg.memory_mb << 20)},
+            ),
+        ):
             if parent is None:
                 continue
             path = os.path.join(parent, name)
@@ -185,9 +199,13 @@ class LocalSandboxBackend:
         iso, cfg = self.isolation, self.config
         py_home = os.path.realpath(sys.base_prefix)
         spec: dict[str, Any] = {
-            "rlimits": {"RLIMIT_CPU": cfg.cpu_time_s, "RLIMIT_AS": cfg.memory_mb << 20,
-                        "RLIMIT_FSIZE": cfg.file_size_mb << 20, "RLIMIT_NPROC": cfg.max_procs,
-                        "RLIMIT_CORE": 0},
+            "rlimits": {
+                "RLIMIT_CPU": cfg.cpu_time_s,
+                "RLIMIT_AS": cfg.memory_mb << 20,
+                "RLIMIT_FSIZE": cfg.file_size_mb << 20,
+                "RLIMIT_NPROC": cfg.max_procs,
+                "RLIMIT_CORE": 0,
+            },
             "cgroups": cgroups,
         }
         if iso.setuid:
@@ -195,7 +213,9 @@ class LocalSandboxBackend:
         if iso.no_network and cfg.no_network:
             spec["no_network"] = True
         if iso.fs_readonly:
-            spec.update(fs_readonly=True, hide=["/root", "/home"], expose=[py_home, os.path.realpath(sys.prefix)])
+            spec.update(
+                fs_readonly=True, hide=["/root", "/home"], expose=[py_home, os.path.realpath(sys.prefix)]
+            )
         return spec
 
     async def create(self, snapshot: str | None = None) -> Sandbox:
@@ -204,16 +224,28 @@ class LocalSandboxBackend:
         work = os.path.join(path, "work")
         os.mkdir(work, 0o755)
         name = f"mopd-{self.run_id}-{uid}"
-        meta: dict[str, Any] = {"dir": path, "uid": uid, "owner_pid": os.getpid(), "run_id": self.run_id,
-                                "created": time.time(), "setuid": self.isolation.setuid, "cgroups": []}
+        meta: dict[str, Any] = {
+            "dir": path,
+            "uid": uid,
+            "owner_pid": os.getpid(),
+            "run_id": self.run_id,
+            "created": time.time(),
+            "setuid": self.isolation.setuid,
+            "cgroups": [],
+        }
         _LIVE[path] = meta
         try:
             meta["cgroups"] = self._cgroups(name)
             if self.isolation.setuid:
                 os.chown(work, uid, uid)
             if snapshot is not None:
-                await asyncio.to_thread(shutil.copytree, snapshot, work, dirs_exist_ok=True,
-                                        ignore=shutil.ignore_patterns("__pycache__", ".pytest_cache"))
+                await asyncio.to_thread(
+                    shutil.copytree,
+                    snapshot,
+                    work,
+                    dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("__pycache__", ".pytest_cache"),
+                )
                 if self.isolation.setuid:
                     for d, dirs, files in os.walk(work):
                         for n in [d] + [os.path.join(d, x) for x in dirs + files]:
@@ -221,13 +253,30 @@ class LocalSandboxBackend:
             spec = self._jail_spec(uid, work, meta["cgroups"])
             token = secrets.token_urlsafe(32)
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-I", "-S", AGENT, "--host", "127.0.0.1", "--port", "0", "--root", work,
-                "--max-output", str(self.config.max_output_bytes),
-                "--default-timeout", str(self.config.wall_timeout_s),
-                "--jail", json.dumps(spec), "--parent-pid", str(os.getpid()),
+                sys.executable,
+                "-I",
+                "-S",
+                AGENT,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--root",
+                work,
+                "--max-output",
+                str(self.config.max_output_bytes),
+                "--default-timeout",
+                str(self.config.wall_timeout_s),
+                "--jail",
+                json.dumps(spec),
+                "--parent-pid",
+                str(os.getpid()),
                 env={"MOPD_SANDBOX_TOKEN": token, "PATH": os.environ.get("PATH", "/usr/bin:/bin")},
-                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.DEVNULL, start_new_session=True)
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.DEVNULL,
+                start_new_session=True,
+            )
             meta["agent_pid"] = proc.pid
             with open(os.path.join(path, "meta.json"), "w") as f:
                 json.dump(meta, f)
@@ -250,6 +299,13 @@ class LocalSandboxBackend:
                 pass
 
         client = AgentClient(f"http://127.0.0.1:{port}", token)
-        info = {"backend": "local", "dir": work, "uid": uid, "port": port, "agent_pid": proc.pid,
-                "isolation": self.isolation.as_dict(), "jail": spec}
+        info = {
+            "backend": "local",
+            "dir": work,
+            "uid": uid,
+            "port": port,
+            "agent_pid": proc.pid,
+            "isolation": self.isolation.as_dict(),
+            "jail": spec,
+        }
         return Sandbox(name, client, closer, info)

@@ -45,8 +45,11 @@ async def apply_patch(sb: Sandbox, patch: str, name: str, timeout: float = 60.0)
         return
     path = f".mopd/{name}.diff"
     await sb.write_file(path, patch)
-    res = await sb.exec(f"(git apply --whitespace=nowarn {path} 2>&1 || patch -p1 --forward --batch < {path}) "
-                        f"&& rm -f {path}", timeout=timeout)
+    res = await sb.exec(
+        f"(git apply --whitespace=nowarn {path} 2>&1 || patch -p1 --forward --batch < {path}) "
+        f"&& rm -f {path}",
+        timeout=timeout,
+    )
     if res.exit_code != 0:
         raise ToolError(f"{name} does not apply:\n{res.output[-2000:]}")
 
@@ -57,7 +60,10 @@ async def evaluate(sb: Sandbox, task: SWETask, python: str, timeout: float = 300
         await apply_patch(sb, task.test_patch, "test_patch")
     except ToolError as exc:
         return Evaluation(0.0, [], task.FAIL_TO_PASS + task.PASS_TO_PASS, str(exc))
-    cmd = f"PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 {python} -m pytest -rA -q -p no:cacheprovider --no-header {quote_all(task.tests_to_run())}"
+    cmd = (
+        f"PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 {python} -m pytest -rA -q -p no:cacheprovider --no-header "
+        f"{quote_all(task.tests_to_run())}"
+    )
     res = await sb.exec(cmd, timeout=timeout, max_output=8 << 20)
     outcomes = parse_pytest_report(res.output)
     required = task.FAIL_TO_PASS + task.PASS_TO_PASS
@@ -69,8 +75,15 @@ async def evaluate(sb: Sandbox, task: SWETask, python: str, timeout: float = 300
 class SWEEnv:
     """One trajectory on one task. ``sandbox_factory`` gives a fresh sandbox (local process or pod)."""
 
-    def __init__(self, sandbox_factory: SandboxFactory, max_turns: int = 20, command_timeout: float = 60.0,
-                 max_output: int = 16384, python: str | None = None, tool_format: str = "auto") -> None:
+    def __init__(
+        self,
+        sandbox_factory: SandboxFactory,
+        max_turns: int = 20,
+        command_timeout: float = 60.0,
+        max_output: int = 16384,
+        python: str | None = None,
+        tool_format: str = "auto",
+    ) -> None:
         if max_turns < 1:
             raise ValueError(f"max_turns must be >= 1, got {max_turns}")
         self.sandbox_factory = sandbox_factory
@@ -91,11 +104,14 @@ class SWEEnv:
         if task.snapshot_dir:
             await self.sandbox.upload(task.snapshot_dir)
         if self.python is None:
-            self.python = self.sandbox.info.get("python") or ("python3" if self.sandbox.info.get("backend") !=
-                                                              "local" else sys.executable)
-        return (f"Repository {task.repo} is checked out in the current directory.\n\n"
-                f"Issue:\n{task.problem_statement}\n\nTools: bash(command), str_replace(path, old, new), "
-                f"finish(). You have {self.max_turns} turns.")
+            self.python = self.sandbox.info.get("python") or (
+                "python3" if self.sandbox.info.get("backend") != "local" else sys.executable
+            )
+        return (
+            f"Repository {task.repo} is checked out in the current directory.\n\n"
+            f"Issue:\n{task.problem_statement}\n\nTools: bash(command), str_replace(path, old, new), "
+            f"finish(). You have {self.max_turns} turns."
+        )
 
     async def step(self, action: ToolCall | str) -> StepResult:
         """Run one tool call (or model text holding one). Malformed calls cost a turn and explain why."""
@@ -109,9 +125,13 @@ class SWEEnv:
         if isinstance(action, str):
             parsed = parse_tool_calls(action, self.tool_format, TOOL_SCHEMAS)
             if not parsed.ok or len(parsed.calls) != 1:
-                obs = parsed.error_observation() if not parsed.ok else (
-                    "Tool call error: expected exactly one tool call per turn, got "
-                    f"{len(parsed.calls)}")
+                obs = (
+                    parsed.error_observation()
+                    if not parsed.ok
+                    else (
+                        f"Tool call error: expected exactly one tool call per turn, got {len(parsed.calls)}"
+                    )
+                )
                 return await self._after(obs, dict(info, error="parse"))
             call = parsed.calls[0]
         info["tool"] = call.name
@@ -139,10 +159,12 @@ class SWEEnv:
         assert self.task is not None and self.sandbox is not None
         self.done = True
         ev = await evaluate(self.sandbox, self.task, self.python or "python3")
-        info.update(reward=ev.reward, failed_tests=ev.failed[:20], n_failed=len(ev.failed),
-                    n_passed=len(ev.passed))
-        return StepResult(f"Submitted. {len(ev.passed)} required tests pass, {len(ev.failed)} fail.",
-                          ev.reward, True, info)
+        info.update(
+            reward=ev.reward, failed_tests=ev.failed[:20], n_failed=len(ev.failed), n_passed=len(ev.passed)
+        )
+        return StepResult(
+            f"Submitted. {len(ev.passed)} required tests pass, {len(ev.failed)} fail.", ev.reward, True, info
+        )
 
     async def close(self) -> None:
         if self.sandbox is not None:

@@ -7,8 +7,16 @@ import os
 from dataclasses import dataclass, field
 
 TASKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tasks")
-_REQUIRED = {"instance_id": str, "repo": str, "base_commit": str, "problem_statement": str, "patch": str,
-             "test_patch": str, "FAIL_TO_PASS": list, "PASS_TO_PASS": list}
+_REQUIRED = {
+    "instance_id": str,
+    "repo": str,
+    "base_commit": str,
+    "problem_statement": str,
+    "patch": str,
+    "test_patch": str,
+    "FAIL_TO_PASS": list,
+    "PASS_TO_PASS": list,
+}
 
 
 class TaskError(ValueError):
@@ -43,7 +51,9 @@ def task_from_dict(obj: dict, base_dir: str | None = None, source: str = "task")
         if name not in obj:
             raise TaskError(f"{source}: missing field `{name}` (expected {kind.__name__})")
         if not isinstance(obj[name], kind):
-            raise TaskError(f"{source}: field `{name}` must be a {kind.__name__}, got {type(obj[name]).__name__}")
+            raise TaskError(
+                f"{source}: field `{name}` must be a {kind.__name__}, got {type(obj[name]).__name__}"
+            )
     for name in ("FAIL_TO_PASS", "PASS_TO_PASS"):
         if not all(isinstance(t, str) and t for t in obj[name]):
             raise TaskError(f"{source}: field `{name}` must be a list of test ids (non-empty strings)")
@@ -53,9 +63,19 @@ def task_from_dict(obj: dict, base_dir: str | None = None, source: str = "task")
     snapshot_dir = os.path.join(base_dir, snapshot) if snapshot and base_dir else snapshot
     if snapshot_dir is not None and not os.path.isdir(snapshot_dir):
         raise TaskError(f"{source}: field `snapshot` must name a directory, {snapshot_dir!r} does not exist")
-    return SWETask(obj["instance_id"], obj["repo"], obj["base_commit"], obj["problem_statement"], obj["patch"],
-                   obj["test_patch"], list(obj["FAIL_TO_PASS"]), list(obj["PASS_TO_PASS"]),
-                   obj.get("image", "python:3.11-slim"), snapshot_dir, list(obj.get("test_files", [])))
+    return SWETask(
+        obj["instance_id"],
+        obj["repo"],
+        obj["base_commit"],
+        obj["problem_statement"],
+        obj["patch"],
+        obj["test_patch"],
+        list(obj["FAIL_TO_PASS"]),
+        list(obj["PASS_TO_PASS"]),
+        obj.get("image", "python:3.11-slim"),
+        snapshot_dir,
+        list(obj.get("test_files", [])),
+    )
 
 
 def load_task(path: str) -> SWETask:
@@ -73,5 +93,8 @@ def load_task(path: str) -> SWETask:
 
 def builtin_tasks() -> list[SWETask]:
     """The tasks vendored under envs/swe/tasks (real historical bugs of `inflection`, MIT)."""
-    return [load_task(os.path.join(TASKS_DIR, d)) for d in sorted(os.listdir(TASKS_DIR))
-            if os.path.isfile(os.path.join(TASKS_DIR, d, "task.json"))]
+    return [
+        load_task(os.path.join(TASKS_DIR, d))
+        for d in sorted(os.listdir(TASKS_DIR))
+        if os.path.isfile(os.path.join(TASKS_DIR, d, "task.json"))
+    ]

@@ -9,13 +9,16 @@ from envs.sandbox.base import Sandbox
 from envs.sandbox.client import SandboxError
 
 TOOL_SCHEMAS: dict[str, dict[str, Any]] = {
-    "bash": {"description": "Run a bash command in the repository.",
-             "properties": {"command": {"type": "string"}, "timeout": {"type": "number"}},
-             "required": ["command"]},
-    "str_replace": {"description": "Replace exactly one occurrence of `old` by `new` in file `path`.",
-                    "properties": {"path": {"type": "string"}, "old": {"type": "string"},
-                                   "new": {"type": "string"}},
-                    "required": ["path", "old", "new"]},
+    "bash": {
+        "description": "Run a bash command in the repository.",
+        "properties": {"command": {"type": "string"}, "timeout": {"type": "number"}},
+        "required": ["command"],
+    },
+    "str_replace": {
+        "description": "Replace exactly one occurrence of `old` by `new` in file `path`.",
+        "properties": {"path": {"type": "string"}, "old": {"type": "string"}, "new": {"type": "string"}},
+        "required": ["path", "old", "new"],
+    },
     "finish": {"description": "Submit the current state of the repository for evaluation.", "properties": {}},
 }
 
@@ -62,7 +65,9 @@ async def str_replace(sb: Sandbox, args: dict[str, Any]) -> str:
     if count == 0:
         raise ToolError(f"str_replace: `old` was not found in {path}; nothing changed")
     if count > 1:
-        raise ToolError(f"str_replace: `old` occurs {count} times in {path}; give more context so it is unique")
+        raise ToolError(
+            f"str_replace: `old` occurs {count} times in {path}; give more context so it is unique"
+        )
     await sb.write_file(path, text.replace(old, new, 1))
     return f"Edited {path}: replaced 1 occurrence."
 

@@ -24,8 +24,15 @@ def sandbox_base():
 
 @pytest.fixture
 def sandbox_config(sandbox_base) -> SandboxConfig:
-    return SandboxConfig(cpu_time_s=20, memory_mb=768, wall_timeout_s=30, max_output_bytes=65536, max_procs=48,
-                         file_size_mb=16, base_dir=sandbox_base)
+    return SandboxConfig(
+        cpu_time_s=20,
+        memory_mb=768,
+        wall_timeout_s=30,
+        max_output_bytes=65536,
+        max_procs=48,
+        file_size_mb=16,
+        base_dir=sandbox_base,
+    )
 
 
 @pytest.fixture
@@ -66,8 +73,9 @@ class FaultyEmulator(kmock.KubernetesEmulator):
             method, path, status, count = fault
             if count > 0 and str(request.method).upper().endswith(method) and path in request.url.path:
                 fault[3] -= 1
-                return await self._render_error(KubernetesError(status=status, reason="Injected",
-                                                                message=f"injected {status}"))
+                return await self._render_error(
+                    KubernetesError(status=status, reason="Injected", message=f"injected {status}")
+                )
         return await super()._handle(request)
 
 
@@ -136,15 +144,33 @@ class FakeKubelet:
     def _start(self, pod) -> None:
         c = pod.spec.containers[0]
         token = next(e.value for e in c.env if e.name == "MOPD_SANDBOX_TOKEN")
-        args = c.command[c.command.index("--max-output"):]  # the pod's own agent flags
-        proc = subprocess.Popen([sys.executable, AGENT, "--host", "127.0.0.1", "--port", "0", "--root",
-                                 os.path.join(self.root, pod.metadata.name), *args],
-                                env={"MOPD_SANDBOX_TOKEN": token, "PATH": os.environ["PATH"]},
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
+        args = c.command[c.command.index("--max-output") :]  # the pod's own agent flags
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                AGENT,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--root",
+                os.path.join(self.root, pod.metadata.name),
+                *args,
+            ],
+            env={"MOPD_SANDBOX_TOKEN": token, "PATH": os.environ["PATH"]},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         port = int(proc.stdout.readline().split()[1])
         self.agents[pod.metadata.name] = (proc, port)
-        status = {"status": {"phase": "Running", "podIP": "127.0.0.1",
-                             "conditions": [{"type": "Ready", "status": "True"}]}}
+        status = {
+            "status": {
+                "phase": "Running",
+                "podIP": "127.0.0.1",
+                "conditions": [{"type": "Ready", "status": "True"}],
+            }
+        }
         for _ in range(20):
             try:
                 self.api.patch_namespaced_pod_status(pod.metadata.name, self.namespace, status)
@@ -167,5 +193,3 @@ def k8s_env(sandbox_base):
     yield emulator, kubelet
     kubelet.stop()
     emulator.stop()
-
-

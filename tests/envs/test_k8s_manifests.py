@@ -43,16 +43,22 @@ def test_validation_is_not_vacuous():
 
 def test_every_manifest_file_is_covered():
     assert sorted(os.path.basename(p) for p in glob.glob(os.path.join(K8S, "*.yaml"))) == sorted(
-        CORE_FILES + ["rayjob.yaml"])
+        CORE_FILES + ["rayjob.yaml"]
+    )
 
 
 def test_sandbox_template_is_what_the_backend_creates():
-    pod = pod_manifest(SandboxConfig(backend="kubernetes"), "mopd-sandbox-template", "RUN_ID", "REPLACED_PER_POD")
+    pod = pod_manifest(
+        SandboxConfig(backend="kubernetes"), "mopd-sandbox-template", "RUN_ID", "REPLACED_PER_POD"
+    )
     assert client.ApiClient().sanitize_for_serialization(pod) == _docs("sandbox-pod-template.yaml")[0]
     spec = pod.spec
     assert spec.automount_service_account_token is False and spec.restart_policy == "Never"
     c = spec.containers[0]
-    assert c.security_context.allow_privilege_escalation is False and c.security_context.capabilities.drop == ["ALL"]
+    assert (
+        c.security_context.allow_privilege_escalation is False
+        and c.security_context.capabilities.drop == ["ALL"]
+    )
     assert spec.security_context.run_as_non_root and c.resources.requests == c.resources.limits
 
 
@@ -86,16 +92,35 @@ RAYJOB_SCHEMA = {
                     "required": ["headGroupSpec"],
                     "properties": {
                         "rayVersion": {"type": "string"},
-                        "headGroupSpec": {"type": "object", "required": ["template"], "properties": {
-                            "rayStartParams": {"type": "object", "additionalProperties": {"type": "string"}},
-                            "template": _POD_TEMPLATE}},
-                        "workerGroupSpecs": {"type": "array", "items": {
-                            "type": "object", "required": ["groupName", "template"],
-                            "properties": {"groupName": {"type": "string"}, "replicas": {"type": "integer"},
-                                           "minReplicas": {"type": "integer"}, "maxReplicas": {"type": "integer"},
-                                           "rayStartParams": {"type": "object",
-                                                              "additionalProperties": {"type": "string"}},
-                                           "template": _POD_TEMPLATE}}},
+                        "headGroupSpec": {
+                            "type": "object",
+                            "required": ["template"],
+                            "properties": {
+                                "rayStartParams": {
+                                    "type": "object",
+                                    "additionalProperties": {"type": "string"},
+                                },
+                                "template": _POD_TEMPLATE,
+                            },
+                        },
+                        "workerGroupSpecs": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "required": ["groupName", "template"],
+                                "properties": {
+                                    "groupName": {"type": "string"},
+                                    "replicas": {"type": "integer"},
+                                    "minReplicas": {"type": "integer"},
+                                    "maxReplicas": {"type": "integer"},
+                                    "rayStartParams": {
+                                        "type": "object",
+                                        "additionalProperties": {"type": "string"},
+                                    },
+                                    "template": _POD_TEMPLATE,
+                                },
+                            },
+                        },
                     },
                 },
             },
@@ -107,14 +132,22 @@ RAYJOB_SCHEMA = {
 def test_rayjob_structure_and_embedded_pod_templates():
     job = _docs("rayjob.yaml")[0]
     jsonschema.validate(job, RAYJOB_SCHEMA)
-    kubernetes_validate.validate({"apiVersion": "v1", "kind": "ConfigMap", "metadata": job["metadata"]},
-                                 VERSION, strict=True)  # metadata is a real ObjectMeta
+    kubernetes_validate.validate(
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": job["metadata"]}, VERSION, strict=True
+    )  # metadata is a real ObjectMeta
     cluster = job["spec"]["rayClusterSpec"]
     templates = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
     for i, tpl in enumerate(templates):
-        kubernetes_validate.validate({"apiVersion": "v1", "kind": "PodTemplate",
-                                      "metadata": {"name": f"t{i}", "namespace": "mopd"}, "template": tpl},
-                                     VERSION, strict=True)
+        kubernetes_validate.validate(
+            {
+                "apiVersion": "v1",
+                "kind": "PodTemplate",
+                "metadata": {"name": f"t{i}", "namespace": "mopd"},
+                "template": tpl,
+            },
+            VERSION,
+            strict=True,
+        )
     for g in cluster["workerGroupSpecs"]:
         assert g["minReplicas"] <= g["replicas"] <= g["maxReplicas"]
     sa = {t["spec"]["serviceAccountName"] for t in templates}

@@ -4,10 +4,10 @@ A test kubelet runs the real agent locally, so the same agent-client code path i
 from __future__ import annotations
 
 import pytest
+from kubernetes.client.rest import ApiException
 
 from envs.config import SandboxConfig
 from envs.sandbox.kubernetes import LABEL_RUN, KubernetesSandboxBackend, pod_manifest
-from kubernetes.client.rest import ApiException
 
 pytestmark = pytest.mark.asyncio
 NS = "mopd-sandboxes"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
 import os
@@ -19,7 +18,7 @@ import pytest
 from envs.config import EnvConfig, SandboxConfig
 from envs.sandbox.agent import uid_pids
 from envs.sandbox.client import AgentClient, SandboxError
-from envs.sandbox.local import LocalSandboxBackend, sweep_stale
+from envs.sandbox.local import sweep_stale
 from mopd.types import ConfigError
 
 pytestmark = pytest.mark.asyncio
@@ -29,7 +28,9 @@ async def test_exec_files_and_upload(sandbox, tmp_path):
     r = await sandbox.exec("echo hello; echo err >&2; exit 3")
     assert r.exit_code == 3 and "hello" in r.output and "err" in r.output and not r.timed_out
     await sandbox.write_file("pkg/mod.py", "X = 41\n")
-    r = await sandbox.exec("python3 -c 'import sys; sys.path.insert(0, \"pkg\"); import mod; print(mod.X + 1)'")
+    r = await sandbox.exec(
+        "python3 -c 'import sys; sys.path.insert(0, \"pkg\"); import mod; print(mod.X + 1)'"
+    )
     assert r.output.strip() == "42", r
     assert await sandbox.read_file("pkg/mod.py") == "X = 41\n"
     (tmp_path / "snap" / "sub").mkdir(parents=True)

@@ -47,10 +47,18 @@ async def test_fix_that_breaks_pass_to_pass_scores_zero(backend):
     task = TASKS["inflection__potatoes"]
     env = SWEEnv(backend.create, max_turns=5)
     await env.reset(task)
-    r = await env.step(ToolCall("str_replace", {"path": "inflection/__init__.py", "old": "(buffal|tomat)o$",
-                                                "new": "(potat|tomat)o$"}))
+    r = await env.step(
+        ToolCall(
+            "str_replace",
+            {"path": "inflection/__init__.py", "old": "(buffal|tomat)o$", "new": "(potat|tomat)o$"},
+        )
+    )
     assert "replaced 1 occurrence" in r.observation and not r.done
-    r = await env.step(ToolCall("bash", {"command": "python3 -c 'import inflection; print(inflection.pluralize(\"potato\"))'"}))
+    r = await env.step(
+        ToolCall(
+            "bash", {"command": "python3 -c 'import inflection; print(inflection.pluralize(\"potato\"))'"}
+        )
+    )
     assert "potatoes" in r.observation
     result = await env.step(ToolCall("finish", {}))
     await env.close()
@@ -63,9 +71,13 @@ async def test_model_solves_titleize_through_tools(backend):
     task = TASKS["inflection__titleize-unicode"]
     env = SWEEnv(backend.create, max_turns=6)
     await env.reset(task)
-    for old, new in (("r\"\\b('?[a-z])\",", "r\"\\b('?\\w)\","),
-                     ("humanize(underscore(word))\n", "humanize(underscore(word)).title()\n")):
-        text = format_tool_call(ToolCall("str_replace", {"path": "inflection/__init__.py", "old": old, "new": new}))
+    for old, new in (
+        ('r"\\b(\'?[a-z])",', 'r"\\b(\'?\\w)",'),
+        ("humanize(underscore(word))\n", "humanize(underscore(word)).title()\n"),
+    ):
+        text = format_tool_call(
+            ToolCall("str_replace", {"path": "inflection/__init__.py", "old": old, "new": new})
+        )
         r = await env.step("I will edit.\n" + text)
         assert "replaced 1" in r.observation, r.observation
     result = await env.step('<tool_call>{"name": "finish", "arguments": {}}</tool_call>')
@@ -79,12 +91,13 @@ async def test_tool_errors_are_observations_and_turn_limit_ends(backend):
     await env.reset(task)
     r = await env.step(ToolCall("str_replace", {"path": "nope.py", "old": "a", "new": "b"}))
     assert "does not exist" in r.observation and not r.done
-    r = await env.step(ToolCall("str_replace", {"path": "inflection/__init__.py", "old": "(r\"", "new": "x"}))
+    r = await env.step(ToolCall("str_replace", {"path": "inflection/__init__.py", "old": '(r"', "new": "x"}))
     assert "occurs" in r.observation and "times" in r.observation
     r = await env.step("<tool_call>{broken</tool_call>")
     assert "not valid JSON" in r.observation and not r.done
-    r = await env.step(ToolCall("str_replace", {"path": "inflection/__init__.py", "old": "no such text",
-                                                "new": "b"}))
+    r = await env.step(
+        ToolCall("str_replace", {"path": "inflection/__init__.py", "old": "no such text", "new": "b"})
+    )
     assert "not found" in r.observation and r.done and r.reward == 0.0 and r.info["truncated"]
     r = await env.step(ToolCall("finish", {}))
     assert r.done and r.info["error"] == "episode_over"
@@ -93,8 +106,11 @@ async def test_tool_errors_are_observations_and_turn_limit_ends(backend):
 
 def test_task_validation_names_fields(tmp_path):
     good = json.load(open(f"{TASKS['inflection__potatoes'].snapshot_dir}/../task.json"))
-    for field, value, needle in (("FAIL_TO_PASS", [], "at least one"), ("PASS_TO_PASS", "x", "must be a list"),
-                                 ("snapshot", "missing-dir", "snapshot")):
+    for field, value, needle in (
+        ("FAIL_TO_PASS", [], "at least one"),
+        ("PASS_TO_PASS", "x", "must be a list"),
+        ("snapshot", "missing-dir", "snapshot"),
+    ):
         bad = dict(good, **{field: value})
         with pytest.raises(TaskError, match=needle):
             task_from_dict(bad, str(tmp_path))

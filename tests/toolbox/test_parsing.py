@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import json
 
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from toolbox.parsing import ToolCall, format_tool_call, parse_tool_calls
 
 TOOLS = {
-    "bash": {"properties": {"command": {"type": "string"}, "timeout": {"type": "integer"}},
-             "required": ["command"]},
-    "str_replace": {"properties": {"path": {"type": "string"}, "old": {"type": "string"},
-                                   "new": {"type": "string"}}, "required": ["path", "old", "new"]},
+    "bash": {
+        "properties": {"command": {"type": "string"}, "timeout": {"type": "integer"}},
+        "required": ["command"],
+    },
+    "str_replace": {
+        "properties": {"path": {"type": "string"}, "old": {"type": "string"}, "new": {"type": "string"}},
+        "required": ["path", "old", "new"],
+    },
     "finish": {"properties": {}},
 }
 
@@ -25,15 +30,19 @@ def test_hermes_single_call_and_content():
 
 
 def test_hermes_double_encoded_arguments_and_multiple_calls():
-    text = ('<tool_call>{"name": "bash", "arguments": "{\\"command\\": \\"pwd\\"}"}</tool_call>'
-            '<tool_call>{"name": "finish", "arguments": {}}</tool_call>')
+    text = (
+        '<tool_call>{"name": "bash", "arguments": "{\\"command\\": \\"pwd\\"}"}</tool_call>'
+        '<tool_call>{"name": "finish", "arguments": {}}</tool_call>'
+    )
     r = parse_tool_calls(text)
     assert [c.name for c in r.calls] == ["bash", "finish"] and r.calls[0].arguments == {"command": "pwd"}
 
 
 def test_mimo_format_with_typed_parameters():
-    text = ("thinking done\n<tool_call>\n<function=bash>\n<parameter=command>\nfor i in 1 2; do echo $i; done\n"
-            "</parameter>\n<parameter=timeout>\n30\n</parameter>\n</function>\n</tool_call>")
+    text = (
+        "thinking done\n<tool_call>\n<function=bash>\n<parameter=command>\nfor i in 1 2; do echo $i; done\n"
+        "</parameter>\n<parameter=timeout>\n30\n</parameter>\n</function>\n</tool_call>"
+    )
     r = parse_tool_calls(text, "mimo", TOOLS)
     assert r.ok, r.errors
     assert r.calls == [ToolCall("bash", {"command": "for i in 1 2; do echo $i; done", "timeout": 30})]
@@ -67,9 +76,31 @@ def test_random_text_never_raises(text):
         assert isinstance(call.arguments, dict)
 
 
-_FRAGMENTS = st.sampled_from(["<tool_call>", "</tool_call>", "<function=", "</function>", "<parameter=",
-                              "</parameter>", "{", "}", '"name"', ":", '"arguments"', "bash", ">", "\n",
-                              '"', "[", "]", "null", "\\", "\x00", "💥"])
+_FRAGMENTS = st.sampled_from(
+    [
+        "<tool_call>",
+        "</tool_call>",
+        "<function=",
+        "</function>",
+        "<parameter=",
+        "</parameter>",
+        "{",
+        "}",
+        '"name"',
+        ":",
+        '"arguments"',
+        "bash",
+        ">",
+        "\n",
+        '"',
+        "[",
+        "]",
+        "null",
+        "\\",
+        "\x00",
+        "💥",
+    ]
+)
 
 
 @given(st.lists(st.one_of(_FRAGMENTS, st.text(max_size=5)), max_size=60))
@@ -82,15 +113,26 @@ def test_adversarial_fragments_never_raise(parts):
         assert all(isinstance(e.message, str) and e.message for e in r.errors)
 
 
-_ARGS = st.dictionaries(st.text(st.characters(categories=["L", "N"]), min_size=1, max_size=8),
-                        st.text(max_size=30).filter(lambda s: "</parameter>" not in s
-                                                    and "</function>" not in s and "</tool_call>" not in s
-                                                    and "<tool_call>" not in s and "<parameter=" not in s),
-                        max_size=4)
+_ARGS = st.dictionaries(
+    st.text(st.characters(categories=["L", "N"]), min_size=1, max_size=8),
+    st.text(max_size=30).filter(
+        lambda s: (
+            "</parameter>" not in s
+            and "</function>" not in s
+            and "</tool_call>" not in s
+            and "<tool_call>" not in s
+            and "<parameter=" not in s
+        )
+    ),
+    max_size=4,
+)
 
 
-@given(st.text(st.characters(categories=["L", "N"]), min_size=1, max_size=12), _ARGS,
-       st.text(max_size=40).filter(lambda s: "<tool_call>" not in s and "</tool_call>" not in s))
+@given(
+    st.text(st.characters(categories=["L", "N"]), min_size=1, max_size=12),
+    _ARGS,
+    st.text(max_size=40).filter(lambda s: "<tool_call>" not in s and "</tool_call>" not in s),
+)
 @settings(max_examples=300, deadline=None)
 def test_round_trip_both_formats(name, args, prefix):
     call = ToolCall(name, args)

@@ -16,14 +16,19 @@ from toolbox.toolbox import get_or_create_toolbox
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 TASK = {t.instance_id: t for t in builtin_tasks()}["inflection__potatoes"]
-GOLD_EDIT = ToolCall("str_replace", {"path": "inflection/__init__.py", "old": "(buffal|tomat)o$",
-                                     "new": "(buffal|potat|tomat)o$"})
+GOLD_EDIT = ToolCall(
+    "str_replace",
+    {"path": "inflection/__init__.py", "old": "(buffal|tomat)o$", "new": "(buffal|potat|tomat)o$"},
+)
 
 
 @pytest.fixture(scope="module")
 def toolbox(ray_cluster):
-    tb = get_or_create_toolbox({"swe": {"workers": 2, "warm_per_worker": 1, "command_timeout": 30}},
-                               max_concurrent={"bash": 2}, qps={"str_replace": 50})
+    tb = get_or_create_toolbox(
+        {"swe": {"workers": 2, "warm_per_worker": 1, "command_timeout": 30}},
+        max_concurrent={"bash": 2},
+        qps={"str_replace": 50},
+    )
     ray.get(tb.prewarm.remote())
     yield tb
     ray.get(tb.shutdown.remote())
@@ -42,12 +47,17 @@ async def test_episode_through_manager_with_async_reward(toolbox):
     assert "potato" in obs
     r = await tm.step(sid, GOLD_EDIT)
     assert "replaced 1" in r.observation
-    r = await tm.step(sid, "<tool_call>{\"name\": \"bash\", \"arguments\": {\"command\": \"grep -c potat inflection/__init__.py\"}}</tool_call>")
+    r = await tm.step(
+        sid,
+        '<tool_call>{"name": "bash", "arguments": {"command": "grep -c potat inflection/__init__.py"}}</tool_call>',
+    )
     assert r.observation.startswith("1")
     reward = await tm.reward_async(sid)
     assert reward == 1.0
     m = tm.metrics()
-    assert m["tools/str_replace/calls"] == 1 and m["tools/str_replace/p99_s"] >= m["tools/str_replace/p50_s"] > 0
+    assert (
+        m["tools/str_replace/calls"] == 1 and m["tools/str_replace/p99_s"] >= m["tools/str_replace/p50_s"] > 0
+    )
     stats = await toolbox.stats.remote()
     assert sum(w["warm_hits"] for w in stats["workers"]["swe"]) >= 1
     await asyncio.sleep(1.0)  # the taken warm sandbox is replaced in the background

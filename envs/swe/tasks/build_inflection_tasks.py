@@ -1,3 +1,11 @@
+"""How the vendored tasks were built (data provenance; not imported by mopd).
+
+Source: the MIT-licensed `inflection` 0.5.1 sdist (`pip download --no-deps --no-binary :all:
+inflection==0.5.1`, unpacked at SRC) and the upstream git history of jpvanhal/inflection. For each
+task one real upstream fix is reverted in `inflection/__init__.py` (the bug as it shipped), the test
+rows that fix added are removed from `test_inflection.py` (they become `test_patch`), the fix is the
+gold `patch`, and FAIL_TO_PASS / PASS_TO_PASS come from actually running the tests before and after.
+"""
 import json, os, re, shutil, subprocess, sys, tempfile
 SRC = "/tmp/sd/inflection-0.5.1"
 OUT = "/work/main/envs/swe/tasks"
