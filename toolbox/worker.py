@@ -21,6 +21,21 @@ from toolbox.parsing import ToolCall
 ENV_KINDS = ("swe",)
 
 
+def make_backend(config: SandboxConfig) -> Any:
+    """The sandbox backend named by ``config.backend`` (kubernetes: in-cluster config, else kubeconfig)."""
+    if config.backend == "kubernetes":
+        from kubernetes import config as kube_config
+
+        from envs.sandbox.kubernetes import KubernetesSandboxBackend
+
+        try:
+            kube_config.load_incluster_config()
+        except kube_config.ConfigException:
+            kube_config.load_kube_config()
+        return KubernetesSandboxBackend(config)
+    return LocalSandboxBackend(config)
+
+
 class SandboxWorker:
     """Plain class (usable in-process); ``toolbox.toolbox`` makes it a Ray actor."""
 
@@ -35,7 +50,7 @@ class SandboxWorker:
             raise ValueError(f"toolbox env kind must be one of {ENV_KINDS}, got {kind!r}")
         self.kind = kind
         self.config = SandboxConfig(**(sandbox or {}))
-        self.backend = LocalSandboxBackend(self.config)
+        self.backend = make_backend(self.config)
         self.max_turns = max_turns
         self.command_timeout = command_timeout
         self.sessions: dict[str, SWEEnv] = {}

@@ -157,7 +157,8 @@ class FakeKubelet:
                 os.path.join(self.root, pod.metadata.name),
                 *args,
             ],
-            env={"MOPD_SANDBOX_TOKEN": token, "PATH": os.environ["PATH"]},
+            # the "image": python3 on PATH is this interpreter (it has pytest, like a SWE image)
+            env={"MOPD_SANDBOX_TOKEN": token, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"},
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             start_new_session=True,

@@ -75,3 +75,22 @@ async def test_warm_pool_per_image(k8s_env):
     await sb.close()
     await other.close()
     assert await backend.sweep() == 1
+
+
+async def test_swe_episode_on_a_pod(k8s_env):
+    """The SWE env is backend-agnostic: gold patch -> reward 1 with the sandbox in a (test) pod."""
+    from envs.swe.env import SWEEnv, apply_patch
+    from envs.swe.task import builtin_tasks
+    from toolbox.parsing import ToolCall
+
+    emulator, kubelet = k8s_env
+    backend = _backend(emulator, kubelet)
+    task = builtin_tasks()[0]
+    env = SWEEnv(backend.create, max_turns=3)
+    await env.reset(task)
+    assert env.python == "python3"
+    await apply_patch(env.sandbox, task.patch, "gold")
+    result = await env.step(ToolCall("finish", {}))
+    await env.close()
+    assert result.reward == 1.0, result.info
+    assert await backend.sweep() == 0
