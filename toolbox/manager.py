@@ -13,6 +13,8 @@ import time
 from collections import defaultdict
 from typing import Any
 
+import ray
+
 from envs.base import StepResult
 from envs.swe.task import SWETask
 from toolbox.parsing import ToolCall
@@ -62,6 +64,7 @@ class ToolManager:
         except asyncio.TimeoutError:
             self.timeouts[tool] += 1
             self.failures[tool] += 1
+            ray.cancel(ref)  # the Toolbox coroutine stops; recover() below replaces the sandbox
             await self.toolbox.recover.remote(session_id)  # fresh sandbox with the session's history
             return StepResult(
                 f"Tool `{tool}` timed out after {timeout or self.call_timeout_s:.0f}s; the "

@@ -38,6 +38,7 @@ class _Session:
     task: dict[str, Any]
     worker: int
     history: list[Any] = field(default_factory=list)
+    epoch: int = 0  # bumped on every restore; a call from an older epoch must not restore again
 
 
 @ray.remote(num_cpus=0, max_concurrency=1000)
@@ -109,6 +110,7 @@ class ToolboxImpl:
     async def _restore(self, sid: str, replay: bool = True) -> str:
         """(Re)create the session on its worker; after a loss, replay the actions that succeeded."""
         s = self.sessions[sid]
+        s.epoch += 1
         for _ in range(self.max_retries + 1):
             worker = self.workers[s.kind][s.worker]
             try:
@@ -133,6 +135,7 @@ class ToolboxImpl:
     async def _step(self, sid: str, s: _Session, action: dict[str, Any] | str) -> dict[str, Any]:
         for attempt in range(self.max_retries + 1):
             worker = self.workers[s.kind][s.worker]
+            epoch = s.epoch
             try:
                 result = await worker.step.remote(sid, action)
             except RayActorError:
@@ -143,6 +146,15 @@ class ToolboxImpl:
                     s.history.append(action)
                 result["info"]["attempts"] = attempt + 1
                 return result
+            if s.epoch != epoch or self.sessions.get(sid) is not s:
+                # restored (or closed) by someone else meanwhile, e.g. the caller timed out and
+                # recovered: this call is stale, its result must not touch the new workspace
+                return {
+                    "observation": "superseded",
+                    "reward": 0.0,
+                    "done": False,
+                    "info": {"error": "superseded", "attempts": attempt + 1},
+                }
             self.retried += 1
             await self._restore(sid)
         raise RuntimeError(f"session {sid}: tool call failed after {self.max_retries + 1} attempts")

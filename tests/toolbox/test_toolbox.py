@@ -91,11 +91,14 @@ async def test_lost_sandbox_and_timeout_are_recovered(toolbox):
     await worker.kill_sandbox.remote(sid)
     r = await tm.step(sid, ToolCall("bash", {"command": "grep -c potat inflection/__init__.py"}))
     assert r.observation.startswith("1") and r.info["attempts"] == 2
+    retried = (await toolbox.stats.remote())["retried_calls"]
     r = await tm.step(sid, ToolCall("bash", {"command": "sleep 20"}), timeout=1.0)
     assert r.info["error"] == "timeout" and "timed out" in r.observation
     r = await tm.step(sid, ToolCall("bash", {"command": "grep -c potat inflection/__init__.py"}))
     assert r.observation.startswith("1")
     assert tm.metrics()["tools/bash/timeouts"] == 1
+    await asyncio.sleep(1.0)
+    assert (await toolbox.stats.remote())["retried_calls"] == retried  # the timed-out call was not retried
     assert await tm.reward_async(sid) == 1.0
 
 
