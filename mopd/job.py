@@ -7,6 +7,7 @@ what the step loop in `mopd/train.py` needs.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from contextlib import ExitStack
@@ -77,8 +78,8 @@ def start(job: JobConfig, config_dict: dict) -> Runtime:
     if resume_from:
         data.load_state_dict(state.data)
 
-    from rollout.engine import launch_engines
-    from rollout.manager import RolloutManager
+    from rollout.engines import launch_engines
+    from rollout.rollout_manager import RolloutManager
     from trainer.group import TrainerGroup
 
     stack = ExitStack()
@@ -97,7 +98,8 @@ def start(job: JobConfig, config_dict: dict) -> Runtime:
             trainer.load_checkpoint(str(resume_from[0] / "trainer"))
             trainer.push_weights(list(engines.urls), state.weight_version)
         rollout = RolloutManager(list(engines.urls), job.rollout, eos_token_id=tokenizer.eos_token_id,
-                                 tokenizer=tokenizer)
+                                 tokenizer=tokenizer, model_path=job.student.model_path, engines=engines)
+        asyncio.run(rollout.check_engines())
         logger = RunLogger(run_dir, job.logger, config_dict, total_steps=job.num_steps, start_step=state.step,
                            wandb_id=state.wandb_id)
         stack.callback(logger.close)

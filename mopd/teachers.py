@@ -60,7 +60,7 @@ class EngineTeacher:
         self._shutdown = shutdown
 
     def score(self, samples: list[Sample]) -> list[list[float]]:
-        from rollout.scoring import score_samples
+        from rollout.teacher_scoring import score_samples
 
         return asyncio.run(score_samples(self.urls, samples))
 
@@ -72,7 +72,7 @@ class EngineTeacher:
 def _engine_teacher(name: str, cfg: TeacherConfig, rollout: RolloutConfig) -> Teacher:
     from dataclasses import replace
 
-    from rollout.engine import launch_engines
+    from rollout.engines import launch_engines
 
     engine_cfg = replace(rollout, backend=cfg.backend, num_engines=cfg.replicas, urls=list(cfg.urls),
                          cpus_per_engine=cfg.cpus_per_replica, gpus_per_engine=cfg.gpus_per_replica,

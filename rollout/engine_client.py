@@ -1,0 +1,161 @@
+"""Async HTTP client for one engine that speaks SGLang's native API (SGLang or the local HF server).
+
+One pooled aiohttp session per client; connection errors and 5xx answers are retried with
+exponential backoff (tenacity), 4xx answers are the caller's mistake and raise at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
+
+from rollout.sglang_api import GenerateRequest, GenerateResponse
+
+
+class EngineError(RuntimeError):
+    """The engine answered with an error, or could not be reached after the retries."""
+
+    def __init__(self, url: str, message: str, status: int | None = None) -> None:
+        self.url = url
+        self.status = status
+        super().__init__(f"{url}: {message}" + (f" (HTTP {status})" if status else ""))
+
+
+def _retryable(exc: BaseException) -> bool:
+    if isinstance(exc, EngineError):
+        return exc.status is None or exc.status >= 500
+    return isinstance(exc, (aiohttp.ClientConnectionError, asyncio.TimeoutError, aiohttp.ServerDisconnectedError))
+
+
+class EngineClient:
+    def __init__(self, url: str, *, timeout_s: float = 300.0, max_retries: int = 3,
+                 num_layers: int | None = None, top_k: int | None = None) -> None:
+        self.url = url.rstrip("/")
+        self.timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self.max_retries = max_retries
+        self.num_layers = num_layers  # to decode routed experts
+        self.top_k = top_k
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> EngineClient:
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._session is not None and not self._session.closed:
+            await self._session.close()
+        self._session = None
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(timeout=self.timeout,
+                                                  connector=aiohttp.TCPConnector(limit=256))
+        return self._session
+
+    async def request(self, method: str, path: str, body: Any = None, *, retries: int | None = None) -> Any:
+        """One call with retries on connection errors and 5xx; returns the decoded JSON (or text)."""
+        attempts = (self.max_retries if retries is None else retries) + 1
+        async for attempt in AsyncRetrying(stop=stop_after_attempt(attempts), reraise=True,
+                                           wait=wait_exponential(multiplier=0.2, max=5.0),
+                                           retry=retry_if_exception(_retryable)):
+            with attempt:
+                return await self._once(method, path, body)
+
+    async def _once(self, method: str, path: str, body: Any) -> Any:
+        try:
+            async with self._http().request(method, self.url + path, json=body) as resp:
+                text = await resp.text()
+                if resp.status >= 400:
+                    raise EngineError(self.url + path, _error_message(text), resp.status)
+                if resp.content_type == "application/json" and text:
+                    return await resp.json(content_type=None)
+                return text
+        except aiohttp.ClientConnectorError as e:
+            raise EngineError(self.url + path, f"cannot connect: {e.os_error}") from e
+
+    # --- generation -----------------------------------------------------------------------------
+    async def generate(self, request: GenerateRequest, *, retries: int | None = None) -> GenerateResponse:
+        body = await self.request("POST", "/generate", request.to_json(), retries=retries)
+        return GenerateResponse.from_json(body, num_layers=self.num_layers, top_k=self.top_k)
+
+    async def score(self, input_ids: list[int], start: int) -> list[float]:
+        """log p(token_i | tokens_<i) for i in [start, len): a prefill with prompt logprobs (teacher scoring)."""
+        if not 1 <= start < len(input_ids):
+            raise ValueError(f"score: start must be in [1, {len(input_ids)}) (tokens before it are context), "
+                             f"got {start}")
+        req = GenerateRequest(input_ids=input_ids, sampling_params={"max_new_tokens": 0, "temperature": 1.0},
+                              return_logprob=True, logprob_start_len=start)
+        resp = await self.generate(req)
+        values = resp.input_logprobs or []
+        if len(values) != len(input_ids) - start or any(v is None for v in values):
+            raise EngineError(self.url, f"score: expected {len(input_ids) - start} prompt logprobs from position "
+                              f"{start}, got {values!r:.200}")
+        return [float(v) for v in values]
+
+    async def abort(self, rid: str | None = None) -> None:
+        await self.request("POST", "/abort_request", {"rid": rid} if rid else {"abort_all": True})
+
+    async def pause(self, mode: str = "abort") -> None:
+        await self.request("POST", "/pause_generation", {"mode": mode})
+
+    async def resume(self) -> None:
+        await self.request("POST", "/continue_generation", {})
+
+    async def flush_cache(self, *, wait_s: float = 30.0) -> None:
+        """SGLang answers 400 while requests are pending; keep trying until it is idle."""
+        deadline = asyncio.get_running_loop().time() + wait_s
+        while True:
+            try:
+                await self.request("POST", "/flush_cache", {})
+                return
+            except EngineError as e:
+                if e.status != 400 or asyncio.get_running_loop().time() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
+
+    # --- state --------------------------------------------------------------------------------
+    async def health(self) -> bool:
+        try:
+            await self.request("GET", "/health", retries=0)
+            return True
+        except (EngineError, aiohttp.ClientError, asyncio.TimeoutError):
+            return False
+
+    async def model_info(self) -> dict[str, Any]:
+        return await self.request("GET", "/model_info")
+
+    async def open_session(self, capacity_of_str_len: int = 65536) -> str:
+        return str(await self.request("POST", "/open_session", {"capacity_of_str_len": capacity_of_str_len}))
+
+    async def close_session(self, session_id: str) -> None:
+        await self.request("POST", "/close_session", {"session_id": session_id})
+
+    async def update_weights_from_disk(self, model_path: str, version: int | str) -> None:
+        result = await self.request("POST", "/update_weights_from_disk",
+                                    {"model_path": model_path, "weight_version": str(version)})
+        _check_success(self.url, result)
+
+
+def _check_success(url: str, result: Any) -> None:
+    if isinstance(result, dict) and result.get("success") is False:
+        raise EngineError(url, f"weight update failed: {result.get('message')}")
+
+
+def _error_message(text: str) -> str:
+    import json
+
+    try:
+        body = json.loads(text)
+    except ValueError:
+        return text[:500]
+    if isinstance(body, dict):
+        err = body.get("error", body)
+        if isinstance(err, dict):
+            return str(err.get("message", err))
+        return str(err)
+    return text[:500]
