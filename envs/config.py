@@ -52,7 +52,8 @@ class SandboxConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{prefix}.{name}", "an integer >= 1", value)
         for name in ("wall_timeout_s", "ready_timeout_s"):
-            if not isinstance(self.wall_timeout_s, (int, float)) or getattr(self, name) <= 0:
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{prefix}.{name}", "a number of seconds > 0", getattr(self, name))
         if self.warm_pool_size < 0:
             raise ConfigError(f"{prefix}.warm_pool_size", "an integer >= 0", self.warm_pool_size)

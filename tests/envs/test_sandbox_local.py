@@ -130,6 +130,10 @@ def test_owner_death_cleans_up(tmp_path, sandbox_config):
 def test_config_validation_names_the_field():
     with pytest.raises(ConfigError, match="sandbox.isolation"):
         SandboxConfig(isolation="maybe").validate()
+    with pytest.raises(ConfigError, match="sandbox.ready_timeout_s"):
+        SandboxConfig(ready_timeout_s=0).validate()
+    with pytest.raises(ConfigError, match="sandbox.wall_timeout_s"):
+        SandboxConfig(wall_timeout_s=-1).validate()
     with pytest.raises(ConfigError, match="env.sandbox.memory_mb"):
         EnvConfig(sandbox=SandboxConfig(memory_mb=0)).validate()
 
