@@ -99,7 +99,18 @@ def test_disk_push_and_errors(recorder, moe_path, dist_env, tmp_path):
 
 
 # ------------------------------------------------------------------ end to end with rollout's local server
-HAVE_LOCAL_SERVER = importlib.util.find_spec("rollout.local_server") is not None
+def _server_module() -> str | None:
+    """The rollout engineer's local CPU engine (the brief named it local_server; rollout launches hf_server)."""
+    for name in ("rollout.local_server", "rollout.hf_server"):
+        try:
+            if importlib.util.find_spec(name) is not None:
+                return name
+        except ImportError:
+            pass
+    return None
+
+
+SERVER_MODULE = _server_module()
 
 
 def _post(url: str, path: str, body: dict) -> dict:
@@ -121,8 +132,8 @@ def _engine_logprobs(url: str, sample) -> np.ndarray:
 @pytest.fixture()
 def local_server(moe_path):
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "rollout.local_server", "--model-path", moe_path,
-                             "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", SERVER_MODULE, "--model-path", moe_path,
+                             "--host", "127.0.0.1", "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 90
@@ -141,7 +152,7 @@ def local_server(moe_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not HAVE_LOCAL_SERVER, reason="rollout.local_server is not importable yet")
+@pytest.mark.skipif(SERVER_MODULE is None, reason="rollout.local_server / rollout.hf_server not importable yet")
 def test_push_then_engine_logprobs_match_trainer(local_server, moe_path, tmp_path):
     import ray
 
