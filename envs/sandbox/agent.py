@@ -150,7 +150,9 @@ class Agent:
         proc = subprocess.Popen(
             self._command(command, cwd, env),
             cwd=cwd,
-            env=env,
+            # the jail starts privileged: it gets a clean environment (no LD_PRELOAD & co. from the
+            # request); the command's environment travels in the spec and is set at exec time
+            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

@@ -143,3 +143,14 @@ async def test_health_is_public_but_reveals_no_token(sandbox):
         async with s.get(sandbox.client.base_url + "/health") as resp:
             body = await resp.text()
     assert resp.status == 200 and sandbox.client._headers["Authorization"].split()[1] not in body
+
+
+async def test_request_env_reaches_the_command_not_the_privileged_jail(sandbox):
+    await sandbox.write_file("evil.so", b"not an elf")
+    r = await sandbox.client.call(
+        "/exec", {"command": "echo $GREETING", "env": {"GREETING": "hi", "LD_PRELOAD": "./evil.so"}}
+    )
+    assert r["output"].strip().endswith("hi") and r["exit_code"] == 0, r
+    # ld.so complains once, for the command's bash; the jail (still root at that point) never loaded it
+    assert r["output"].count("evil.so") == 1, r["output"]
+
