@@ -20,6 +20,7 @@ class DriverState:
     data: dict[str, int] = field(default_factory=dict)
     weight_version: int = 0
     wandb_id: str | None = None
+    sampled_tokens: int = 0  # response tokens sampled so far (the max_sampled_tokens budget)
 
 
 def step_dir(run_dir: Path, step: int) -> Path:

@@ -82,6 +82,7 @@ class JobConfig:
     resume: bool = False
     seed: int = 0
     save_interval: int = 10  # checkpoint every N steps (and at the end); 0 = only at the end
+    max_sampled_tokens: int = 0  # stop once this many response tokens were sampled; 0 = no budget
     dump_samples: bool = False  # write run_dir/samples/step_N.jsonl (prompt, response, reward, teacher KL)
     default_teacher: str | None = None  # scores prompts whose domain no teacher lists
     ray_address: str | None = None  # None = start an embedded Ray cluster
@@ -124,6 +125,13 @@ def validate_static(job: JobConfig) -> None:
         raise ConfigError("save_interval", "an integer >= 0", job.save_interval)
     if job.logger.wandb_mode not in WANDB_MODES:
         raise ConfigError("logger.wandb_mode", f"one of {WANDB_MODES}", job.logger.wandb_mode)
+    if job.max_sampled_tokens < 0:
+        raise ConfigError("max_sampled_tokens", "an integer >= 0 (0 = no budget)", job.max_sampled_tokens)
+    if job.rollout.sample_from == "teacher" and job.trainer.loss != "sft":
+        raise ConfigError("rollout.sample_from", "student unless trainer.loss=sft (teacher samples are "
+                          "off-policy: the importance mask of mopd/grpo would discard them)", "teacher")
+    if job.rollout.sample_from == "teacher" and not job.teachers:
+        raise ConfigError("teachers", "at least one teacher when rollout.sample_from=teacher", {})
     job.rollout.validate("rollout")
     job.trainer.validate("trainer")
     job.algo.validate("algo")

@@ -42,6 +42,7 @@ class Runtime:
     logger: RunLogger
     start_step: int = 0
     weight_version: int = 0
+    sampled_tokens: int = 0
     resources: ExitStack = field(default_factory=ExitStack)
 
     def close(self) -> None:
@@ -89,7 +90,7 @@ def start(job: JobConfig, config_dict: dict) -> Runtime:
         engines = launch_engines(job.student.model_path, job.rollout, name="student",
                                  routing_replay=job.rollout.routing_replay)
         stack.callback(engines.shutdown)
-        teachers = TeacherSet.launch(job)
+        teachers = TeacherSet.launch(job, tokenizer)
         stack.callback(teachers.close)
         trainer = TrainerGroup(job.student.model_path, job.trainer, job.algo, num_steps=job.num_steps,
                                rollout_temperature=job.rollout.temperature)
@@ -108,7 +109,7 @@ def start(job: JobConfig, config_dict: dict) -> Runtime:
         raise
     return Runtime(job=job, run_dir=run_dir, tokenizer=tokenizer, data=data, student_engines=engines,
                    rollout=rollout, teachers=teachers, trainer=trainer, logger=logger, start_step=state.step,
-                   weight_version=state.weight_version, resources=stack)
+                   weight_version=state.weight_version, sampled_tokens=state.sampled_tokens, resources=stack)
 
 
 def _init_ray(job: JobConfig) -> None:

@@ -54,10 +54,24 @@ def known_backends() -> set[str]:
 class EngineTeacher:
     """A teacher served by SGLang-protocol engines; scoring is a prefill with prompt logprobs."""
 
-    def __init__(self, name: str, urls: list[str], shutdown: Callable[[], None] | None = None) -> None:
+    def __init__(self, name: str, urls: list[str], shutdown: Callable[[], None] | None = None,
+                 model_path: str | None = None) -> None:
         self.name = name
         self.urls = urls
+        self.model_path = model_path
         self._shutdown = shutdown
+
+    async def generate(self, samples: list[Sample], rollout: RolloutConfig,
+                       tokenizer: PreTrainedTokenizerBase | None) -> list[Sample]:
+        """Sample responses from the teacher itself (off-policy data for SFT baselines)."""
+        from dataclasses import replace
+
+        from rollout.rollout_manager import RolloutManager
+
+        manager = RolloutManager(self.urls, replace(rollout, routing_replay=False),
+                                 eos_token_id=tokenizer.eos_token_id if tokenizer else None, tokenizer=tokenizer,
+                                 model_path=self.model_path)
+        return await manager.generate(samples)
 
     def score(self, samples: list[Sample]) -> list[list[float]]:
         from rollout.teacher_scoring import score_samples
@@ -78,7 +92,7 @@ def _engine_teacher(name: str, cfg: TeacherConfig, rollout: RolloutConfig) -> Te
                          cpus_per_engine=cfg.cpus_per_replica, gpus_per_engine=cfg.gpus_per_replica,
                          sglang_args=dict(cfg.sglang_args))
     group = launch_engines(cfg.model_path, engine_cfg, name=f"teacher-{name}", routing_replay=False)
-    return EngineTeacher(name, list(group.urls), group.shutdown)
+    return EngineTeacher(name, list(group.urls), group.shutdown, model_path=cfg.model_path or None)
 
 
 for _kind in ("local", "sglang", "remote"):
@@ -143,12 +157,15 @@ def check_teacher_vocabularies(job: JobConfig, student_tokenizer: PreTrainedToke
 class TeacherSet:
     """All teachers of a job; scores a batch by sending each sample to its domain's teacher."""
 
-    def __init__(self, teachers: dict[str, Teacher], router: TeacherRouter) -> None:
+    def __init__(self, teachers: dict[str, Teacher], router: TeacherRouter, rollout: RolloutConfig | None = None,
+                 tokenizer: PreTrainedTokenizerBase | None = None) -> None:
         self.teachers = teachers
         self.router = router
+        self.rollout = rollout or RolloutConfig()
+        self.tokenizer = tokenizer
 
     @classmethod
-    def launch(cls, job: JobConfig) -> TeacherSet:
+    def launch(cls, job: JobConfig, tokenizer: PreTrainedTokenizerBase | None = None) -> TeacherSet:
         teachers: dict[str, Teacher] = {}
         try:
             for name, cfg in job.teachers.items():
@@ -157,7 +174,7 @@ class TeacherSet:
             for teacher in teachers.values():
                 teacher.close()
             raise
-        return cls(teachers, TeacherRouter.from_config(job))
+        return cls(teachers, TeacherRouter.from_config(job), job.rollout, tokenizer)
 
     def score(self, samples: list[Sample]) -> None:
         """Fill `sample.teacher` and `sample.teacher_logprobs` for every sample."""
@@ -171,6 +188,22 @@ class TeacherSet:
                     raise RuntimeError(f"teacher {name!r} returned {len(logprobs)} logprobs for a response of "
                                        f"{len(sample.response_ids)} tokens")
                 sample.teacher_logprobs = list(logprobs)
+
+    async def generate(self, samples: list[Sample]) -> list[Sample]:
+        """Generate every sample with its domain's teacher (rollout.sample_from=teacher)."""
+        by_teacher: dict[str, list[Sample]] = defaultdict(list)
+        for sample in samples:
+            sample.teacher = self.router.teacher_for(sample.domain)
+            by_teacher[sample.teacher].append(sample)
+        jobs = []
+        for name, group in by_teacher.items():
+            teacher = self.teachers[name]
+            if not hasattr(teacher, "generate"):
+                raise ConfigError(f"teachers.{name}.backend", "a teacher that can generate (local, sglang or "
+                                  "remote) when rollout.sample_from=teacher", type(teacher).__name__)
+            jobs.append(teacher.generate(group, self.rollout, self.tokenizer))
+        await asyncio.gather(*jobs)
+        return samples
 
     def close(self) -> None:
         for teacher in self.teachers.values():

@@ -14,6 +14,8 @@ import logging
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -28,13 +30,13 @@ log = logging.getLogger("mopd.train")
 register_configs()
 
 
-def generate(rt: job_lib.Runtime) -> tuple[list[Sample], float]:
-    """Sample this step's responses on-policy from the student engines."""
+def generate(rt: job_lib.Runtime) -> list[Sample]:
+    """Sample this step's responses: on-policy from the student, or from the teachers (off-policy SFT)."""
     cfg = rt.job.rollout
     samples = rt.data.make_samples(cfg.prompts_per_step, cfg.n_samples_per_prompt)
-    start = time.perf_counter()
-    samples = asyncio.run(rt.rollout.generate(samples))
-    return samples, time.perf_counter() - start
+    if cfg.sample_from == "teacher":
+        return asyncio.run(rt.teachers.generate(samples))
+    return asyncio.run(rt.rollout.generate(samples))
 
 
 def score(rt: job_lib.Runtime, samples: list[Sample]) -> None:
@@ -70,6 +72,7 @@ def step_metrics(rt: job_lib.Runtime, samples: list[Sample], train_metrics: dict
         "rollout/tokens_per_s": tokens / max(timings["time/generate_s"], 1e-9),
         "rollout/abort_frac": sum(s.finish_reason == "abort" for s in samples) / max(len(samples), 1),
         "rollout/weight_version": rt.weight_version,
+        "rollout/total_tokens": rt.sampled_tokens + tokens,
     }
     by_domain: dict[str, list[float]] = defaultdict(list)
     for s in samples:
@@ -97,38 +100,46 @@ def checkpoint(rt: job_lib.Runtime, step: int) -> None:
     path.mkdir(parents=True, exist_ok=True)
     rt.trainer.save_checkpoint(str(path / "trainer"))
     rt.trainer.export_hf(str(path / "hf"))
-    write_driver_state(path, DriverState(step=step + 1, data=rt.data.state_dict(),
-                                         weight_version=rt.weight_version, wandb_id=rt.logger.wandb_id))
+    write_driver_state(path, DriverState(step=step + 1, data=rt.data.state_dict(), weight_version=rt.weight_version,
+                                         wandb_id=rt.logger.wandb_id, sampled_tokens=rt.sampled_tokens))
 
 
-def should_checkpoint(job: JobConfig, step: int) -> bool:
-    last = step + 1 == job.num_steps
-    return last or (job.save_interval > 0 and (step + 1) % job.save_interval == 0)
+def finished(rt: job_lib.Runtime, step: int) -> bool:
+    """Stop after num_steps, or once the sampled-token budget (max_sampled_tokens) is spent."""
+    budget = rt.job.max_sampled_tokens
+    return step >= rt.job.num_steps or (budget > 0 and rt.sampled_tokens >= budget)
+
+
+@contextmanager
+def timed(timings: dict[str, float], name: str) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    timings[f"time/{name}_s"] = time.perf_counter() - start
 
 
 def run(job: JobConfig, config_dict: dict | None = None) -> None:
     rt = job_lib.start(job, config_dict or OmegaConf.to_container(OmegaConf.structured(job)))
     try:
-        for step in range(rt.start_step, job.num_steps):
-            step_start = time.perf_counter()
-            samples, generate_s = generate(rt)
-            t = time.perf_counter()
-            score(rt, samples)
-            score_s = time.perf_counter() - t
-            compute_advantages(rt, samples)
-            t = time.perf_counter()
-            train_metrics = train(rt, samples)
-            train_s = time.perf_counter() - t
-            t = time.perf_counter()
-            push_weights(rt)
-            push_s = time.perf_counter() - t
-            timings = {"time/generate_s": generate_s, "time/score_s": score_s, "time/train_s": train_s,
-                       "time/push_s": push_s, "time/step_s": time.perf_counter() - step_start}
+        step = rt.start_step
+        while not finished(rt, step):
+            timings: dict[str, float] = {}
+            with timed(timings, "step"):
+                with timed(timings, "generate"):
+                    samples = generate(rt)
+                with timed(timings, "score"):
+                    score(rt, samples)
+                compute_advantages(rt, samples)
+                with timed(timings, "train"):
+                    train_metrics = train(rt, samples)
+                with timed(timings, "push"):
+                    push_weights(rt)
+            rt.sampled_tokens += sum(s.num_response_tokens for s in samples)
             rt.logger.log(step, step_metrics(rt, samples, train_metrics, timings))
             if job.dump_samples:
                 rt.logger.dump_samples(step, samples, rt.tokenizer)
-            if should_checkpoint(job, step):
+            if finished(rt, step + 1) or (job.save_interval > 0 and (step + 1) % job.save_interval == 0):
                 checkpoint(rt, step)
+            step += 1
     finally:
         rt.close()
 

@@ -27,6 +27,7 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1
+    sample_from: str = "student"  # student (on-policy) | teacher (each prompt's domain teacher: off-policy SFT)
     # framework features
     prefix_cache: bool = True  # request-level prefix cache for multi-turn trajectories
     routing_replay: bool = True  # R3: capture routed experts at rollout, replay in training
@@ -45,6 +46,8 @@ class RolloutConfig:
                      "max_batch_size", "max_context_len"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{prefix}.{name}", "an integer >= 1", getattr(self, name))
+        if self.sample_from not in ("student", "teacher"):
+            raise ConfigError(f"{prefix}.sample_from", "one of student, teacher", self.sample_from)
         if self.temperature < 0:
             raise ConfigError(f"{prefix}.temperature", "a number >= 0", self.temperature)
         if not 0 < self.top_p <= 1:

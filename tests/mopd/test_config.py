@@ -45,6 +45,9 @@ def test_register_a_teacher_on_the_command_line():
     ("logger.wandb_mode=sometimes", "logger.wandb_mode"),
     ("num_steps=0", "num_steps"),
     ("algo.alpha=-1", "algo.alpha"),
+    ("max_sampled_tokens=-1", "max_sampled_tokens"),
+    ("rollout.sample_from=teacher", "rollout.sample_from"),
+    ("rollout.sample_from=both", "rollout.sample_from"),
 ])
 def test_invalid_values_name_the_field(override, field):
     with pytest.raises(ConfigError) as err:
