@@ -72,7 +72,10 @@ class ToyConfig:
     dir: str | None = None
     domains: list[str] = field(default_factory=lambda: ["arith", "reverse"])
     teacher_steps: int = 300
+    teacher_lr: float = 3e-3
     arch: str = "qwen3_moe"
+    hidden_size: int = 64
+    num_layers: int = 2
 
 
 @dataclass

@@ -52,8 +52,10 @@ class Runtime:
 def prepare(job: JobConfig) -> tuple[PreTrainedTokenizerBase, DataScheduler]:
     """Everything that can be checked without starting a process: paths, vocabularies, data, routing."""
     if job.toy.dir:
-        ensure_toy_world(job.toy.dir, ToyWorldSpec(domains=tuple(job.toy.domains), arch=job.toy.arch,
-                                                   teacher_steps=job.toy.teacher_steps, seed=job.seed))
+        ensure_toy_world(job.toy.dir, ToyWorldSpec(
+            domains=tuple(job.toy.domains), arch=job.toy.arch, hidden_size=job.toy.hidden_size,
+            num_layers=job.toy.num_layers, teacher_steps=job.toy.teacher_steps, teacher_lr=job.toy.teacher_lr,
+            seed=job.seed))
     _require_checkpoint("student.model_path", job.student.model_path)
     for name, teacher in job.teachers.items():
         if teacher.backend in ("local", "sglang"):

@@ -28,6 +28,8 @@ MANIFEST = "toy_world.json"
 class ToyWorldSpec:
     domains: tuple[str, ...] = ("arith", "reverse")
     arch: str = "qwen3_moe"
+    hidden_size: int = 64
+    num_layers: int = 2
     teacher_steps: int = 300
     teacher_batch: int = 32
     teacher_lr: float = 3e-3
@@ -49,7 +51,8 @@ def ensure_toy_world(root: str | Path, spec: ToyWorldSpec | None = None) -> Path
         raise ValueError(f"toy.domains: unknown domain(s) {unknown}; expected a subset of {sorted(TOY_DOMAINS)}")
     root.mkdir(parents=True, exist_ok=True)
     tokenizer = build_char_tokenizer()
-    create_tiny_model(root / "student", tokenizer, arch=spec.arch, seed=spec.seed)
+    create_tiny_model(root / "student", tokenizer, arch=spec.arch, seed=spec.seed, hidden_size=spec.hidden_size,
+                      num_layers=spec.num_layers)
     for domain in spec.domains:
         log.info("toy world: fine-tuning the %s teacher (%d steps)", domain, spec.teacher_steps)
         train_teacher(root / "student", root / f"teacher_{domain}", domain, spec)
