@@ -1,0 +1,330 @@
+"""A local server that speaks SGLang's native HTTP API on top of HF transformers (CPU or one GPU).
+
+It lets rollout, teacher scoring, routing replay (R3) and weight sync run end to end on a machine
+without SGLang: same endpoints, same request parsing (`rollout.sglang_api`), same response shapes.
+Requests are batched continuously (see `hf_server_scheduler` and `hf_server_engine`).
+
+Deviations from SGLang, on purpose:
+- `/update_weights_from_tensor` only takes `load_format: "safetensors"` (each entry base64 of
+  `safetensors.torch.save` bytes). SGLang's default serializer passes CUDA-IPC handles, which
+  cannot cross processes on CPU, so it is refused with HTTP 400.
+- `/init_weights_update_group` and `/update_weights_from_distributed` (NCCL) answer HTTP 400.
+- Prompts are token ids only (`text` is refused by the protocol layer); `stream` is refused.
+- Sampling keys that change the distribution and are not implemented (penalties, min_p, regex,
+  json_schema, stop strings, n > 1, logit_bias...) are refused with HTTP 400 naming the key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import signal
+import uuid
+from typing import Any
+
+import numpy as np
+import torch
+from aiohttp import web
+from safetensors.torch import load as safetensors_load
+
+from rollout.hf_server_engine import ModelRunner
+from rollout.hf_server_scheduler import Request, RequestError, Scheduler, parse_sampling
+from rollout.sglang_api import GenerateRequest, ProtocolError, encode_routed_experts, logprob_entries
+
+NCCL_MESSAGE = "not supported by the local server (NCCL, GPU clusters only)"
+
+
+def _error(message: str, status: int = 400) -> web.Response:
+    return web.json_response({"error": {"message": message}}, status=status)
+
+
+class HFServer:
+    """HTTP handlers; all model work goes through the scheduler's single worker thread."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.runner = ModelRunner.load(args.model_path, device=args.device, dtype=args.dtype,
+                                       capture_routing=args.enable_return_routed_experts)
+        self.model_path = args.model_path
+        self.weight_version = args.weight_version
+        self.tokenizer = _load_tokenizer(args.model_path)
+        self.eos_ids = _eos_ids(self.runner.model)
+        self.scheduler: Scheduler | None = None
+
+    @property
+    def sched(self) -> Scheduler:
+        assert self.scheduler is not None
+        return self.scheduler
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=1 << 31)
+        r = app.router
+        r.add_post("/generate", self.generate)
+        r.add_get("/health", self.health)
+        r.add_get("/health_generate", self.health_generate)
+        r.add_post("/health_generate", self.health_generate)
+        r.add_get("/model_info", self.model_info)
+        r.add_get("/get_model_info", self.model_info)
+        r.add_get("/metrics", self.metrics)
+        r.add_post("/abort_request", self.abort_request)
+        r.add_post("/pause_generation", self.pause_generation)
+        r.add_post("/continue_generation", self.continue_generation)
+        r.add_post("/flush_cache", self.flush_cache)
+        r.add_get("/flush_cache", self.flush_cache)
+        r.add_post("/open_session", self.open_session)
+        r.add_post("/close_session", self.close_session)
+        r.add_post("/update_weights_from_disk", self.update_weights_from_disk)
+        r.add_post("/update_weights_from_tensor", self.update_weights_from_tensor)
+        r.add_post("/init_weights_update_group", self.nccl_unsupported)
+        r.add_post("/update_weights_from_distributed", self.nccl_unsupported)
+        app.on_startup.append(self._on_startup)
+        app.on_cleanup.append(self._on_cleanup)
+        return app
+
+    async def _on_startup(self, _app: web.Application) -> None:
+        self.scheduler = Scheduler(self.runner, max_batch_size=self.args.max_batch_size,
+                                   max_context_len=self.args.max_context_len)
+        self.sched.start()
+
+    async def _on_cleanup(self, _app: web.Application) -> None:
+        if self.scheduler is not None:
+            self.scheduler.abort(all_requests=True)
+            await self.scheduler.stop()
+
+    # ---- generation
+    async def generate(self, request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+        except ValueError:
+            return _error("request body is not JSON")
+        try:
+            if not isinstance(body, dict):
+                raise ProtocolError("request body must be a JSON object")
+            parsed = GenerateRequest.from_json(body)
+            if parsed.stream:
+                raise RequestError("stream=true is not supported by the local HF server")
+            req = self._request(parsed)
+            session = body.get("session_params")
+            if session is None and not parsed.input_ids:
+                raise RequestError("input_ids: expected a non-empty prompt")
+            future = self.sched.submit(req, session, list(parsed.input_ids))
+        except (ProtocolError, RequestError, ValueError, TypeError) as e:
+            return _error(str(e))
+        try:
+            done: Request = await future
+        except Exception as e:  # noqa: BLE001 - the forward failed; report it like SGLang's 500
+            return _error(f"generation failed: {type(e).__name__}: {e}", status=500)
+        return web.json_response(self._response(done))
+
+    def _request(self, parsed: GenerateRequest) -> Request:
+        sampling = parse_sampling(parsed.sampling_params, self.eos_ids)
+        if parsed.return_routed_experts and not self.runner.capture_routing:
+            pass  # like SGLang: the field is silently absent unless the server was started with the flag
+        return Request(rid=parsed.rid or uuid.uuid4().hex, tokens=list(parsed.input_ids),
+                       prompt_len=len(parsed.input_ids), sampling=sampling, return_logprob=parsed.return_logprob,
+                       logprob_start_len=parsed.logprob_start_len, return_routed_experts=parsed.return_routed_experts,
+                       routed_experts_start_len=parsed.routed_experts_start_len,
+                       session_id=parsed.session_params.id if parsed.session_params else None)
+
+    def _response(self, req: Request) -> dict[str, Any]:
+        text_ids = list(req.output_ids)
+        finish = req.finish or {"type": "abort"}
+        if finish["type"] == "stop" and not req.sampling.no_stop_trim and text_ids:
+            text_ids = text_ids[:-1]
+        meta: dict[str, Any] = {
+            "id": req.rid, "finish_reason": finish, "prompt_tokens": req.prompt_len,
+            "completion_tokens": len(req.output_ids), "cached_tokens": req.cached_tokens,
+            "weight_version": self.weight_version,
+        }
+        if req.return_logprob:
+            meta["output_token_logprobs"] = logprob_entries(req.output_logprobs, req.output_ids)
+            if req.logprob_start_len >= 0:
+                lps = req.input_logprobs or [None] * req.prompt_len
+                k = req.logprob_start_len
+                meta["input_token_logprobs"] = logprob_entries(lps[k:req.prompt_len], req.tokens[k:req.prompt_len])
+        if req.return_routed_experts and self.runner.capture_routing:
+            rows = (np.concatenate(req.routing) if req.routing
+                    else np.zeros((0, self.runner.num_layers, self.runner.top_k), np.int32))
+            total = req.prompt_len + len(req.output_ids) - 1
+            rows = rows[req.routed_experts_start_len:total]
+            meta["routed_experts"] = encode_routed_experts(rows)
+        text = ""
+        if self.tokenizer is not None:
+            text = self.tokenizer.decode(text_ids, skip_special_tokens=req.sampling.skip_special_tokens,
+                                         spaces_between_special_tokens=req.sampling.spaces_between_special_tokens)
+        return {"text": text, "output_ids": req.output_ids, "meta_info": meta}
+
+    async def health(self, _request: web.Request) -> web.Response:
+        return web.Response(text="")
+
+    async def health_generate(self, _request: web.Request) -> web.Response:
+        req = Request(rid=f"health-{uuid.uuid4().hex}", tokens=[0], prompt_len=1,
+                      sampling=parse_sampling({"max_new_tokens": 1, "temperature": 0}, set()), return_logprob=False,
+                      logprob_start_len=-1, return_routed_experts=False, routed_experts_start_len=0, session_id=None)
+        try:
+            done = await asyncio.wait_for(self.sched.submit(req, None, [0]), timeout=60)
+        except Exception as e:  # noqa: BLE001
+            return _error(f"health generation failed: {e}", status=503)
+        if done.finish and done.finish["type"] == "abort":
+            return _error("health generation was aborted", status=503)
+        return web.Response(text="")
+
+    async def model_info(self, _request: web.Request) -> web.Response:
+        cfg = self.runner.model.config
+        return web.json_response({
+            "model_path": self.model_path, "tokenizer_path": self.model_path, "is_generation": True,
+            "weight_version": self.weight_version, "num_hidden_layers": self.runner.num_layers,
+            "num_experts_per_tok": self.runner.top_k, "vocab_size": int(cfg.vocab_size),
+            "max_context_len": self.args.max_context_len,
+            "routed_experts_enabled": self.runner.capture_routing,
+            "num_forward_steps": self.runner.forward_steps,
+            "max_running_batch": self.sched.batched_requests_max,
+        })
+
+    async def metrics(self, _request: web.Request) -> web.Response:
+        lines = [f"hf_server_num_forward_steps {self.runner.forward_steps}",
+                 f"hf_server_num_running_reqs {len(self.sched.running)}",
+                 f"hf_server_num_queue_reqs {len(self.sched.pending)}",
+                 f"hf_server_max_running_batch {self.sched.batched_requests_max}"]
+        return web.Response(text="\n".join(lines) + "\n")
+
+    # ---- control
+    async def abort_request(self, request: web.Request) -> web.Response:
+        body = await _json(request)
+        n = self.sched.abort(rid=body.get("rid"), all_requests=bool(body.get("abort_all")))
+        return web.json_response({"success": True, "num_aborted": n})
+
+    async def pause_generation(self, request: web.Request) -> web.Response:
+        body = await _json(request)
+        mode = body.get("mode", "abort")
+        if mode not in ("abort", "in_place", "retract"):
+            return _error(f"mode must be abort, in_place or retract, not {mode!r}")
+        self.sched.pause()
+        if mode == "abort":
+            self.sched.abort(all_requests=True)
+        return web.json_response({"success": True, "message": f"generation paused ({mode})"})
+
+    async def continue_generation(self, _request: web.Request) -> web.Response:
+        self.sched.resume()
+        return web.json_response({"success": True, "message": "generation continued"})
+
+    async def flush_cache(self, _request: web.Request) -> web.Response:
+        if self.sched.busy:
+            return _error("cannot flush the cache while requests are running or pending; retry later")
+        self.sched.drop_kv()
+        return web.json_response({"success": True, "message": "cache flushed"})
+
+    async def open_session(self, request: web.Request) -> web.Response:
+        body = await _json(request)
+        try:
+            sid = self.sched.open_session(int(body.get("capacity_of_str_len", 0)), body.get("session_id"))
+        except (RequestError, ValueError, TypeError) as e:
+            return _error(str(e))
+        return web.json_response(sid)
+
+    async def close_session(self, request: web.Request) -> web.Response:
+        body = await _json(request)
+        try:
+            self.sched.close_session(str(body.get("session_id")))
+        except RequestError as e:
+            return _error(str(e))
+        return web.json_response({"success": True})
+
+    # ---- weights
+    async def update_weights_from_disk(self, request: web.Request) -> web.Response:
+        body = await _json(request)
+        path = body.get("model_path")
+        if not path:
+            return web.json_response({"success": False, "message": "model_path is required"}, status=400)
+        try:
+            n = await self.sched.run_on_model(lambda: self.runner.load_from_disk(path))
+        except (ValueError, OSError, RuntimeError) as e:
+            return web.json_response({"success": False, "message": str(e)}, status=400)
+        self.model_path = path
+        return self._weights_updated(body, f"loaded {n} tensors from {path}")
+
+    async def update_weights_from_tensor(self, request: web.Request) -> web.Response:
+        body = await _json(request)
+        fmt = body.get("load_format")
+        if fmt != "safetensors":
+            return web.json_response({"success": False, "message": (
+                f"load_format {fmt!r}: only \"safetensors\" is supported on this server (SGLang's default "
+                "CUDA-IPC serializer cannot cross processes on CPU)")}, status=400)
+        entries = body.get("serialized_named_tensors")
+        if not isinstance(entries, list) or not entries:
+            return web.json_response({"success": False, "message": "serialized_named_tensors: expected a "
+                                      "non-empty list (one entry per TP rank)"}, status=400)
+        try:
+            # Single process = TP 1: every rank's entry carries the same tensors; rank 0 is loaded.
+            named = safetensors_load(base64.b64decode(entries[0]))
+            n = await self.sched.run_on_model(lambda: self.runner.load_named_tensors(named))
+        except (ValueError, OSError, RuntimeError) as e:
+            return web.json_response({"success": False, "message": str(e)}, status=400)
+        return self._weights_updated(body, f"updated {n} tensors")
+
+    def _weights_updated(self, body: dict[str, Any], message: str) -> web.Response:
+        if body.get("weight_version") is not None:
+            self.weight_version = str(body["weight_version"])
+        self.sched.drop_kv()  # cached KV was computed with the old weights
+        return web.json_response({"success": True, "message": message})
+
+    async def nccl_unsupported(self, _request: web.Request) -> web.Response:
+        return web.json_response({"success": False, "message": NCCL_MESSAGE, "error": {"message": NCCL_MESSAGE}},
+                                 status=400)
+
+
+async def _json(request: web.Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+def _load_tokenizer(path: str) -> Any:
+    """The tokenizer is only used to decode `text`; a checkpoint without one still serves ids."""
+    try:
+        from transformers import AutoTokenizer
+        return AutoTokenizer.from_pretrained(path)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _eos_ids(model: Any) -> set[int]:
+    ids: set[int] = set()
+    for src in (getattr(model, "generation_config", None), model.config):
+        eos = getattr(src, "eos_token_id", None) if src is not None else None
+        if eos is None:
+            continue
+        ids |= set(eos) if isinstance(eos, (list, tuple)) else {int(eos)}
+    return ids
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model-path", required=True)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=30000)
+    p.add_argument("--enable-return-routed-experts", action="store_true")
+    p.add_argument("--max-batch-size", type=int, default=16)
+    p.add_argument("--max-context-len", type=int, default=512)
+    p.add_argument("--num-threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--weight-version", default="default")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.num_threads)
+    server = HFServer(args)
+    # aiohttp's run_app turns SIGINT/SIGTERM into a clean shutdown (on_cleanup aborts requests).
+    web.run_app(server.app(), host=args.host, port=args.port, print=None, handle_signals=True,
+                shutdown_timeout=5)
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL) if hasattr(signal, "SIGPIPE") else None
+    main()

@@ -1,0 +1,242 @@
+"""Model side of the local HF server: one batched forward step over per-request KV caches.
+
+Batching design: every request owns its KV cache (per layer K/V of shape [kv_heads, len, head_dim]).
+A step pads those caches into one batch ([pad | cache_i | pad | new_i] along the key axis), runs a
+single forward with a 2-D attention mask and explicit position_ids, and slices each request's new
+K/V back out. Requests therefore join and leave the batch at any step (continuous batching), a
+session child can start from its parent's cache, and padding never changes a request's numbers
+(masked keys contribute exactly zero), so a batched request equals its solo run up to float
+reduction order. Everything here runs on the scheduler's single worker thread, which also
+serialises weight updates against forwards.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, DynamicCache
+
+_EXPERT_NAME = re.compile(r"^(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_LAYER_NAME = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+@dataclass
+class StepInput:
+    """One request's part of a step: its cache so far and the tokens to feed now."""
+    kv: list[tuple[torch.Tensor, torch.Tensor]] | None  # per layer (K, V) [heads, kv_len, dim]
+    kv_len: int
+    new_ids: list[int]
+    want_prompt_logits: bool = False  # keep log-softmax rows of all fed positions (prompt logprobs)
+    temperature: float = 1.0
+
+
+@dataclass
+class StepOutput:
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+    last_logprobs: torch.Tensor  # [vocab] log softmax(logits/T) at the last fed position
+    last_logits: torch.Tensor  # [vocab] raw logits at the last fed position (float32)
+    fed_logprobs: torch.Tensor | None  # [n_new, vocab] log softmax per fed position (prompt logprobs)
+    routing: np.ndarray | None  # int32 [n_new, num_layers, top_k]
+
+
+@dataclass
+class ModelRunner:
+    """The HF model plus the hooks that record which experts each MoE router picked."""
+    model: Any
+    device: torch.device
+    num_layers: int
+    top_k: int
+    capture_routing: bool
+    forward_steps: int = 0
+    _captured: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: str, *, device: str = "cpu", dtype: str = "float32", capture_routing: bool = False
+             ) -> ModelRunner:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+        model.to(device).eval()
+        cfg = model.config
+        top_k = int(getattr(cfg, "num_experts_per_tok", 0) or 0)
+        runner = cls(model=model, device=torch.device(device), num_layers=int(cfg.num_hidden_layers),
+                     top_k=top_k, capture_routing=capture_routing and top_k > 0)
+        if capture_routing and top_k == 0:
+            raise ValueError("--enable-return-routed-experts needs an MoE model (config has no num_experts_per_tok)")
+        if runner.capture_routing:
+            runner._install_router_hooks()
+        return runner
+
+    def _install_router_hooks(self) -> None:
+        """Hook every router: transformers 5 routers return (logits, scores, top-k indices)."""
+        found = 0
+        for name, module in self.model.named_modules():
+            if not name.endswith("mlp.gate") or not hasattr(module, "top_k"):
+                continue
+            m = _LAYER_NAME.search(name)
+            if m is None:
+                continue
+            layer = int(m.group(1))
+
+            def hook(_mod: Any, _inp: Any, out: Any, layer: int = layer) -> None:
+                indices = out[2] if isinstance(out, tuple) else None
+                if indices is None or indices.dtype.is_floating_point:
+                    raise RuntimeError(f"router of layer {layer} did not return top-k indices")
+                self._captured[layer] = indices.detach()
+            module.register_forward_hook(hook)
+            found += 1
+        if found == 0:
+            raise ValueError("no MoE router modules (`*.mlp.gate` with top_k) found to capture routed experts")
+
+    @torch.inference_mode()
+    def step(self, inputs: list[StepInput]) -> list[StepOutput]:
+        """One forward over all requests; see the module docstring for the padded layout."""
+        b = len(inputs)
+        past = max(x.kv_len for x in inputs)
+        q = max(len(x.new_ids) for x in inputs)
+        dev = self.device
+        ids = torch.zeros(b, q, dtype=torch.long)
+        pos = torch.zeros(b, q, dtype=torch.long)
+        mask = torch.zeros(b, past + q, dtype=torch.long)
+        for i, x in enumerate(inputs):
+            n = len(x.new_ids)
+            ids[i, q - n:] = torch.tensor(x.new_ids)
+            pos[i, q - n:] = torch.arange(x.kv_len, x.kv_len + n)
+            mask[i, past - x.kv_len:past] = 1
+            mask[i, past + q - n:] = 1
+        cache = DynamicCache(config=self.model.config)
+        if past > 0:
+            for layer in range(self.num_layers):
+                ks, vs = [], []
+                for x in inputs:
+                    ref = next(y for y in inputs if y.kv is not None).kv[layer][0]
+                    pad = past - x.kv_len
+                    k = torch.zeros(ref.shape[0], past, ref.shape[2], dtype=ref.dtype, device=dev)
+                    v = torch.zeros_like(k)
+                    if x.kv_len:
+                        k[:, pad:] = x.kv[layer][0]
+                        v[:, pad:] = x.kv[layer][1]
+                    ks.append(k)
+                    vs.append(v)
+                cache.update(torch.stack(ks), torch.stack(vs), layer)
+        self._captured.clear()
+        out = self.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
+                         past_key_values=cache, use_cache=True)
+        self.forward_steps += 1
+        logits = out.logits.float()
+        results = []
+        for i, x in enumerate(inputs):
+            n = len(x.new_ids)
+            kv = []
+            for layer in range(self.num_layers):
+                lay = cache.layers[layer]
+                nk, nv = lay.keys[i, :, past + q - n:], lay.values[i, :, past + q - n:]
+                if x.kv_len:
+                    nk = torch.cat([x.kv[layer][0], nk], dim=1)
+                    nv = torch.cat([x.kv[layer][1], nv], dim=1)
+                kv.append((nk.contiguous(), nv.contiguous()))
+            last = logits[i, -1]
+            fed = _log_softmax(logits[i, q - n:], x.temperature) if x.want_prompt_logits else None
+            results.append(StepOutput(kv=kv, last_logprobs=_log_softmax(last, x.temperature), last_logits=last,
+                                      fed_logprobs=fed, routing=self._routing_rows(i, b, q, n)))
+        return results
+
+    def _routing_rows(self, i: int, b: int, q: int, n: int) -> np.ndarray | None:
+        if not self.capture_routing:
+            return None
+        rows = np.zeros((n, self.num_layers, self.top_k), dtype=np.int32)
+        for layer, idx in self._captured.items():
+            rows[:, layer, :] = idx.reshape(b, q, -1)[i, q - n:].cpu().numpy()
+        return rows
+
+    @torch.inference_mode()
+    def load_named_tensors(self, named: dict[str, torch.Tensor], *, require_all: bool = False) -> int:
+        """Copy HF-named tensors into the live parameters in place.
+
+        Accepts the model's own parameter names and the checkpoint layout transformers 5 converts
+        from on load (per-expert `experts.<e>.{gate,up,down}_proj.weight` into the fused 3-D expert
+        tensors). Unknown names, shape mismatches and (for a full checkpoint) missing names raise.
+        """
+        params = dict(self.model.named_parameters())
+        params.update(dict(self.model.named_buffers()))
+        plan: list[tuple[torch.Tensor, torch.Tensor]] = []
+        covered: set[str] = set()
+        unknown: list[str] = []
+        for name, tensor in named.items():
+            target = self._target(params, name)
+            if target is None:
+                unknown.append(name)
+                continue
+            pname, view = target
+            if tuple(view.shape) != tuple(tensor.shape):
+                raise ValueError(f"{name}: shape {tuple(tensor.shape)} does not match the model's {tuple(view.shape)}")
+            plan.append((view, tensor))
+            covered.add(pname)
+        if unknown:
+            raise ValueError(f"unknown tensor name(s) for this model: {sorted(unknown)[:8]}")
+        if require_all:
+            tied = {"lm_head.weight"} if getattr(self.model.config, "tie_word_embeddings", False) else set()
+            missing = sorted(set(dict(self.model.named_parameters())) - covered - tied)
+            if missing:
+                raise ValueError(f"checkpoint is missing tensor(s): {missing[:8]}")
+        for view, tensor in plan:
+            view.copy_(tensor.to(dtype=view.dtype, device=view.device))
+        return len(plan)
+
+    def _target(self, params: dict[str, torch.Tensor], name: str) -> tuple[str, torch.Tensor] | None:
+        if name in params:
+            return name, params[name]
+        m = _EXPERT_NAME.match(name)
+        if m is None:
+            return None
+        prefix, e, proj = m.group(1), int(m.group(2)), m.group(3)
+        if proj == "down_proj" and f"{prefix}.down_proj" in params:
+            return f"{prefix}.down_proj", params[f"{prefix}.down_proj"][e]
+        fused = params.get(f"{prefix}.gate_up_proj")
+        if fused is None or e >= fused.shape[0]:
+            return None
+        half = fused.shape[1] // 2
+        return f"{prefix}.gate_up_proj", (fused[e, :half] if proj == "gate_proj" else fused[e, half:])
+
+    def load_from_disk(self, path: str) -> int:
+        """Load every *.safetensors file of an HF checkpoint directory (same architecture)."""
+        files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+        if not files:
+            raise ValueError(f"no *.safetensors files in {path!r}")
+        named: dict[str, torch.Tensor] = {}
+        for f in files:
+            named.update(load_file(f))
+        return self.load_named_tensors(named, require_all=True)
+
+
+def _log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """SGLang's logprobs: log softmax(logits / T); T = 0 (greedy) uses the plain distribution."""
+    if temperature > 0 and temperature != 1.0:
+        logits = logits / temperature
+    return torch.log_softmax(logits, dim=-1)
+
+
+def sample_token(logits: torch.Tensor, *, temperature: float, top_p: float, top_k: int,
+                 generator: torch.Generator | None, banned: list[int]) -> int:
+    """Greedy at T=0, else top-k/top-p truncated sampling; `banned` enforces min_new_tokens."""
+    logits = logits.clone()
+    if banned:
+        logits[banned] = float("-inf")
+    if temperature <= 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if 0 < top_k < probs.numel():
+        kth = torch.topk(probs, top_k).values[-1]
+        probs = torch.where(probs < kth, torch.zeros_like(probs), probs)
+    if top_p < 1.0:
+        sorted_p, order = torch.sort(probs, descending=True)
+        cum = torch.cumsum(sorted_p, dim=0)
+        drop = cum - sorted_p > top_p
+        sorted_p[drop] = 0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+    return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
