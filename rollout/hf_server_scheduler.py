@@ -251,13 +251,13 @@ class Scheduler:
 
     async def _loop(self) -> None:
         while True:
+            for req in [r for r in self.running if r.aborted]:  # also while paused (pause mode abort)
+                self.running.remove(req)
+                self._finish(req, {"type": "abort"})
             if self.paused or not (self.pending or self.running):
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            for req in [r for r in self.running if r.aborted]:
-                self.running.remove(req)
-                self._finish(req, {"type": "abort"})
             while self.pending and len(self.running) < self.max_batch_size:
                 self.running.append(self.pending.popleft())
             if not self.running:

@@ -38,6 +38,7 @@ class RolloutManager:
         self.num_layers, self.top_k = routing_shape(model_path) if model_path else (0, 0)
         self.routing_replay = cfg.routing_replay and self.top_k > 0
         self._live: Dispatcher | None = None
+        self.failovers = 0  # requests re-sent to another engine because theirs failed (cumulative)
 
     def sampling_params(self) -> dict[str, Any]:
         params: dict[str, Any] = {"max_new_tokens": self.cfg.max_new_tokens, "temperature": self.cfg.temperature,
@@ -75,6 +76,7 @@ class RolloutManager:
             await asyncio.gather(*(self._generate_one(dispatcher, s) for s in samples))
         finally:
             self._live = None
+            self.failovers += dispatcher.failovers
             await dispatcher.close()
         return samples
 
