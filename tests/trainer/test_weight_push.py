@@ -100,8 +100,8 @@ def test_disk_push_and_errors(recorder, moe_path, dist_env, tmp_path):
 
 # ------------------------------------------------------------------ end to end with rollout's local server
 def _server_module() -> str | None:
-    """The rollout engineer's local CPU engine (the brief named it local_server; rollout launches hf_server)."""
-    for name in ("rollout.local_server", "rollout.hf_server"):
+    """The local CPU engine rollout launches (hf_server); the brief called it local_server."""
+    for name in ("rollout.hf_server", "rollout.local_server"):
         try:
             if importlib.util.find_spec(name) is not None:
                 return name
@@ -129,7 +129,7 @@ def _engine_logprobs(url: str, sample) -> np.ndarray:
     return np.array([e[0] for e in tail], dtype=np.float64)
 
 
-@pytest.fixture()
+@pytest.fixture(scope="module")
 def local_server(moe_path):
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", SERVER_MODULE, "--model-path", moe_path,
@@ -177,3 +177,19 @@ def test_push_then_engine_logprobs_match_trainer(local_server, moe_path, tmp_pat
     finally:
         group.shutdown()
         ray.shutdown()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(SERVER_MODULE is None, reason="rollout.local_server / rollout.hf_server not importable yet")
+def test_disk_push_then_engine_logprobs_match_trainer(local_server, moe_path, dist_env, tmp_path):
+    cfg = TrainerConfig(lr=3e-2, weight_sync="disk", weight_sync_dir=str(tmp_path))
+    engine = TrainEngine(moe_path, cfg, AdvantageConfig(alpha=1.0), num_steps=3)
+    samples = make_samples(3, seed=32)
+    for _ in range(3):
+        engine.train_step(samples, len(samples))
+    trained = engine.compute_logprobs(samples)
+    weight_sync.push_disk(engine.hf_state(), [local_server], 2, cfg, moe_path)
+    fresh = [_engine_logprobs(local_server, s) for s in samples]
+    gap = max(np.abs(a - b).max() for a, b in zip(fresh, trained))
+    print(f"after disk push: max |engine - trainer logprob| = {gap:.3e}")
+    assert gap < 1e-4
