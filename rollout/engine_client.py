@@ -140,6 +140,18 @@ class EngineClient:
                                     {"model_path": model_path, "weight_version": str(version)})
         _check_success(self.url, result)
 
+    async def update_weights_from_tensor(self, serialized_named_tensors: list[str], version: int | str, *,
+                                         load_format: str | None = None, flush_cache: bool = True) -> None:
+        """One bucket of weights. `serialized_named_tensors` has one entry per TP rank: SGLang's serializer
+        output on GPU, or base64 safetensors bytes with `load_format="safetensors"` for the local server."""
+        result = await self.request("POST", "/update_weights_from_tensor", {
+            "serialized_named_tensors": list(serialized_named_tensors), "load_format": load_format,
+            "flush_cache": flush_cache, "weight_version": str(version)})
+        _check_success(self.url, result)
+
+    async def weight_version(self) -> str:
+        return str((await self.model_info()).get("weight_version", ""))
+
 
 def _check_success(url: str, result: Any) -> None:
     if isinstance(result, dict) and result.get("success") is False:

@@ -233,3 +233,22 @@ def test_weight_updates_from_disk_and_tensors_swap_weights_and_bump_the_version(
 def test_bad_requests_are_400_with_the_reason(server, body, message):
     status, reply = post(server, "/generate", body)
     assert status == 400 and message in reply
+
+
+def test_client_pushes_tensors_and_reads_back_the_version(server, models):
+    import asyncio
+
+    from rollout.engine_client import EngineClient, EngineError
+
+    state = {k: v.contiguous() for k, v in _hf(models[0]).state_dict().items()}
+    payload = base64.b64encode(save_safetensors(state)).decode()
+
+    async def go() -> str:
+        async with EngineClient(server) as client:
+            await client.update_weights_from_tensor([payload], 9, load_format="safetensors")
+            with pytest.raises(EngineError, match="unknown parameter"):
+                bad = base64.b64encode(save_safetensors({"no.such.weight": torch.zeros(1)})).decode()
+                await client.update_weights_from_tensor([bad], 10, load_format="safetensors")
+            return await client.weight_version()
+
+    assert asyncio.run(go()) == "9"
