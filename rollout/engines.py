@@ -32,7 +32,7 @@ def server_command(backend: str, model_path: str, port: int, host: str, cfg: Rol
                    routing_replay: bool) -> list[str]:
     """The command line of one engine server."""
     if backend == "local":
-        cmd = [sys.executable, "-m", "rollout.transformers_server", "--model-path", model_path, "--host", host,
+        cmd = [sys.executable, "-m", "rollout.hf_server", "--model-path", model_path, "--host", host,
                "--port", str(port), "--max-batch-size", str(cfg.max_batch_size),
                "--max-context-len", str(cfg.max_context_len),
                "--device", "cuda" if cfg.gpus_per_engine > 0 else "cpu"]

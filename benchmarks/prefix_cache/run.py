@@ -30,7 +30,7 @@ def start_server(model: Path, max_context: int) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "rollout.transformers_server", "--model-path", str(model), "--port",
+    proc = subprocess.Popen([sys.executable, "-m", "rollout.hf_server", "--model-path", str(model), "--port",
                              str(port), "--host", "127.0.0.1", "--enable-return-routed-experts",
                              "--max-context-len", str(max_context)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -33,7 +33,7 @@ def _free_port() -> int:
 def server(tmp_path_factory):
     path = create_tiny_model(tmp_path_factory.mktemp("traj") / "moe", build_char_tokenizer(), arch="qwen3_moe")
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "rollout.transformers_server", "--model-path", str(path), "--port",
+    proc = subprocess.Popen([sys.executable, "-m", "rollout.hf_server", "--model-path", str(path), "--port",
                              str(port), "--host", "127.0.0.1", "--enable-return-routed-experts",
                              "--max-context-len", "1024"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"

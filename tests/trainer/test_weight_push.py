@@ -99,15 +99,9 @@ def test_disk_push_and_errors(recorder, moe_path, dist_env, tmp_path):
 
 
 # ------------------------------------------------------------------ end to end with rollout's local server
-def _server_module() -> str | None:
-    """The local CPU engine rollout launches (hf_server); the brief called it local_server."""
-    for name in ("rollout.hf_server", "rollout.local_server"):
-        try:
-            if importlib.util.find_spec(name) is not None:
-                return name
-        except ImportError:
-            pass
-    return None
+def _server_module() -> str:
+    """The local engine that rollout launches for backend=local."""
+    return "rollout.hf_server"
 
 
 SERVER_MODULE = _server_module()
@@ -152,7 +146,6 @@ def local_server(moe_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(SERVER_MODULE is None, reason="rollout.local_server / rollout.hf_server not importable yet")
 def test_push_then_engine_logprobs_match_trainer(local_server, moe_path, tmp_path):
     import ray
 
@@ -180,7 +173,6 @@ def test_push_then_engine_logprobs_match_trainer(local_server, moe_path, tmp_pat
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(SERVER_MODULE is None, reason="rollout.local_server / rollout.hf_server not importable yet")
 def test_disk_push_then_engine_logprobs_match_trainer(local_server, moe_path, dist_env, tmp_path):
     cfg = TrainerConfig(lr=3e-2, weight_sync="disk", weight_sync_dir=str(tmp_path))
     engine = TrainEngine(moe_path, cfg, AdvantageConfig(alpha=1.0), num_steps=3)
