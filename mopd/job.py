@@ -124,8 +124,14 @@ def _init_ray(job: JobConfig) -> None:
               + sum(t.replicas * t.cpus_per_replica for t in job.teachers.values() if t.backend != "remote")
               + job.trainer.dp_size * job.trainer.cpus_per_rank)
     num_cpus = job.ray_num_cpus or max(int(needed + 0.999), os.cpu_count() or 1)
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}})
+    options = dict(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+                   runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}})
+    try:
+        ray.init(**options)
+    except Exception:  # noqa: BLE001 - a loaded machine can miss Ray's start-up deadline once
+        log.warning("Ray did not start; retrying once", exc_info=True)
+        ray.shutdown()
+        ray.init(**options)
 
 
 def _require_checkpoint(field_name: str, path: str) -> None:

@@ -147,9 +147,6 @@ class EngineActor:
         except ProcessLookupError:
             pass
 
-    def __del__(self) -> None:
-        self.stop()
-
 
 @dataclass
 class EngineGroup:
