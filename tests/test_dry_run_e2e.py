@@ -12,8 +12,7 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-SHORT = ["experiment=dry_run", "toy.teacher_steps=60", "logger.progress=false", "rollout.prompts_per_step=4",
-         "save_interval=2"]
+SHORT = ["experiment=dry_run", "toy.teacher_steps=60", "logger.progress=false", "save_interval=10"]
 
 
 def _train(*overrides: str, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -29,7 +28,7 @@ def _metrics(run_dir: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("dry") / "run"
-    proc = _train(*SHORT, f"run_dir={run_dir}", "num_steps=4")
+    proc = _train(*SHORT, f"run_dir={run_dir}", "num_steps=20")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return run_dir
 
@@ -37,21 +36,29 @@ def run_dir(tmp_path_factory) -> Path:
 def test_run_writes_config_metrics_checkpoints_and_wandb(run_dir: Path):
     assert (run_dir / "config.yaml").is_file()
     metrics = _metrics(run_dir)
-    assert [m["step"] for m in metrics] == [0, 1, 2, 3]
+    assert [m["step"] for m in metrics] == list(range(20))
     for m in metrics:
         for key in ("train/loss", "mopd/reverse_kl/arith", "mopd/reverse_kl/reverse", "rollout/tokens",
                     "time/step_s"):
             assert isinstance(m.get(key), (int, float)), (key, m)
         assert m["rollout/tokens"] > 0
-    assert (run_dir / "checkpoints" / "step_2" / "driver.json").is_file()
-    assert (run_dir / "checkpoints" / "step_4" / "driver.json").is_file()
+    assert (run_dir / "checkpoints" / "step_10" / "driver.json").is_file()
+    assert (run_dir / "checkpoints" / "step_20" / "driver.json").is_file()
+
+
+def test_reverse_kl_to_every_teacher_falls(run_dir: Path):
+    metrics = _metrics(run_dir)
+    for teacher in ("arith", "reverse"):
+        kl = [m[f"mopd/reverse_kl/{teacher}"] for m in metrics]
+        first, last = sum(kl[:5]) / 5, sum(kl[-5:]) / 5
+        assert last < first - 0.1, (teacher, kl)
     assert list((run_dir / "wandb").glob("offline-run-*")), "no offline wandb run directory"
 
 
 def test_checkpoint_exports_a_student_that_transformers_loads(run_dir: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    hf = run_dir / "checkpoints" / "step_4" / "hf"
+    hf = run_dir / "checkpoints" / "step_20" / "hf"
     model = AutoModelForCausalLM.from_pretrained(hf)
     tokenizer = AutoTokenizer.from_pretrained(hf)
     ids = tokenizer("1+2=", return_tensors="pt")["input_ids"]
@@ -59,16 +66,16 @@ def test_checkpoint_exports_a_student_that_transformers_loads(run_dir: Path):
 
 
 def test_resume_continues_steps_without_skipping_or_repeating_prompts(run_dir: Path):
-    proc = _train(*SHORT, f"run_dir={run_dir}", "num_steps=6", "resume=true")
+    proc = _train(*SHORT, f"run_dir={run_dir}", "num_steps=22", "resume=true")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    assert [m["step"] for m in _metrics(run_dir)] == [0, 1, 2, 3, 4, 5]
+    assert [m["step"] for m in _metrics(run_dir)] == list(range(22))
     positions = []
-    for step in range(6):
+    for step in range(22):
         rows = [json.loads(line) for line in (run_dir / "samples" / f"step_{step}.jsonl").read_text().splitlines()]
         positions += sorted({r["prompt_index"] for r in rows})
-    # 6 steps x 4 prompts, two equally weighted domains: positions 0..23, each exactly once
-    assert sorted(positions) == list(range(24))
-    assert _metrics(run_dir)[-1]["rollout/weight_version"] == 6
+    # 22 steps x 16 prompts, two equally weighted domains: positions 0..351, each exactly once
+    assert sorted(positions) == list(range(22 * 16))
+    assert _metrics(run_dir)[-1]["rollout/weight_version"] == 22
 
 
 @pytest.mark.parametrize("override, field", [
@@ -87,7 +94,8 @@ def test_config_errors_fail_before_start_up_and_name_the_field(run_dir: Path, ov
 def test_data_domain_without_a_teacher_is_a_start_up_error(run_dir: Path, tmp_path: Path):
     data = tmp_path / "chem.jsonl"
     data.write_text(json.dumps({"prompt": "H2O?", "domain": "chemistry", "label": "water"}) + "\n")
+    toy_train = run_dir / "toy" / "data" / "train.jsonl"
     proc = _train(*SHORT, f"run_dir={tmp_path / 'run'}", f"toy.dir={run_dir / 'toy'}",
-                  f"data.train_files=[{data}]", "data.domain_weights={}", timeout=120)
+                  f"data.train_files=[{toy_train},{data}]", "+data.domain_weights.chemistry=1.0", timeout=120)
     assert proc.returncode == 2
     assert "no teacher covers ['chemistry']" in proc.stderr + proc.stdout
