@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import signal
 import uuid
 from typing import Any
 
@@ -119,8 +118,7 @@ class HFServer:
 
     def _request(self, parsed: GenerateRequest) -> Request:
         sampling = parse_sampling(parsed.sampling_params, self.eos_ids)
-        if parsed.return_routed_experts and not self.runner.capture_routing:
-            pass  # like SGLang: the field is silently absent unless the server was started with the flag
+        # Like SGLang, return_routed_experts without --enable-return-routed-experts leaves the field absent.
         return Request(rid=parsed.rid or uuid.uuid4().hex, tokens=list(parsed.input_ids),
                        prompt_len=len(parsed.input_ids), sampling=sampling, return_logprob=parsed.return_logprob,
                        logprob_start_len=parsed.logprob_start_len, return_routed_experts=parsed.return_routed_experts,
@@ -326,5 +324,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL) if hasattr(signal, "SIGPIPE") else None
     main()

@@ -111,10 +111,11 @@ class ModelRunner:
             mask[i, past + q - n:] = 1
         cache = DynamicCache(config=self.model.config)
         if past > 0:
+            cached = next(y for y in inputs if y.kv is not None)
             for layer in range(self.num_layers):
                 ks, vs = [], []
+                ref = cached.kv[layer][0]
                 for x in inputs:
-                    ref = next(y for y in inputs if y.kv is not None).kv[layer][0]
                     pad = past - x.kv_len
                     k = torch.zeros(ref.shape[0], past, ref.shape[2], dtype=ref.dtype, device=dev)
                     v = torch.zeros_like(k)
@@ -140,8 +141,8 @@ class ModelRunner:
                     nk = torch.cat([x.kv[layer][0], nk], dim=1)
                     nv = torch.cat([x.kv[layer][1], nv], dim=1)
                 kv.append((nk.contiguous(), nv.contiguous()))
-            last = logits[i, -1]
-            fed = _log_softmax(logits[i, q - n:], x.temperature) if x.want_prompt_logits else None
+            last = logits[i, -1].cpu()  # sampling runs on CPU (per-request CPU generators)
+            fed = _log_softmax(logits[i, q - n:], x.temperature).cpu() if x.want_prompt_logits else None
             results.append(StepOutput(kv=kv, last_logprobs=_log_softmax(last, x.temperature), last_logits=last,
                                       fed_logprobs=fed, routing=self._routing_rows(i, b, q, n)))
         return results
