@@ -11,10 +11,10 @@ import asyncio
 import logging
 import os
 from contextlib import ExitStack
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import ray
 from omegaconf import OmegaConf
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
@@ -87,8 +87,7 @@ def start(job: JobConfig, config_dict: dict) -> Runtime:
 
     stack = ExitStack()
     try:
-        _init_ray(job)
-        stack.callback(ray.shutdown)
+        stack.callback(_init_ray(job))
         engines = launch_engines(job.student.model_path, job.rollout, name="student",
                                  routing_replay=job.rollout.routing_replay)
         stack.callback(engines.shutdown)
@@ -114,12 +113,17 @@ def start(job: JobConfig, config_dict: dict) -> Runtime:
                    weight_version=state.weight_version, sampled_tokens=state.sampled_tokens, resources=stack)
 
 
-def _init_ray(job: JobConfig) -> None:
+def _init_ray(job: JobConfig) -> Callable[[], None]:
+    """Connect to the job's Ray cluster or start an embedded one; returns the shutdown function."""
+    if not job.ray_address:
+        # A single-node embedded cluster stays on loopback; Ray reads this when it is first imported,
+        # which is why ray is imported here and not at the top of this module.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
     if job.ray_address:
         ray.init(address=job.ray_address)
-        return
-    # A single-node embedded cluster stays on loopback (Ray otherwise binds the interface address).
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        return ray.shutdown
     needed = (job.rollout.num_engines * job.rollout.cpus_per_engine
               + sum(t.replicas * t.cpus_per_replica for t in job.teachers.values() if t.backend != "remote")
               + job.trainer.dp_size * job.trainer.cpus_per_rank)
@@ -132,6 +136,7 @@ def _init_ray(job: JobConfig) -> None:
         log.warning("Ray did not start; retrying once", exc_info=True)
         ray.shutdown()
         ray.init(**options)
+    return ray.shutdown
 
 
 def _require_checkpoint(field_name: str, path: str) -> None:

@@ -56,6 +56,16 @@ def server_command(backend: str, model_path: str, port: int, host: str, cfg: Rol
     raise ValueError(f"rollout.backend={backend!r}: expected local or sglang for a launched engine")
 
 
+def is_moe(model_path: str) -> bool:
+    """Routing replay only applies to MoE models; a dense engine is started without capture."""
+    try:
+        from transformers import AutoConfig
+
+        return int(getattr(AutoConfig.from_pretrained(model_path), "num_experts_per_tok", 0) or 0) > 0
+    except (OSError, ValueError):  # not readable here (e.g. a hub id resolved on the engine's node)
+        return True
+
+
 def _die_with_parent() -> None:
     """preexec_fn: own process group, and SIGTERM when the actor process dies (Linux prctl)."""
     os.setsid()
@@ -181,7 +191,7 @@ def launch_engines(model_path: str, cfg: RolloutConfig, *, name: str, num_engine
     if cfg.backend == "remote":
         return EngineGroup(urls=list(cfg.urls))
     n = num_engines or cfg.num_engines
-    r3 = cfg.routing_replay if routing_replay is None else routing_replay
+    r3 = (cfg.routing_replay if routing_replay is None else routing_replay) and is_moe(model_path)
     placement = None
     options: list[dict[str, Any]] = []
     if cfg.gpus_per_engine > 0:
