@@ -71,6 +71,7 @@ class ToyConfig:
 
     dir: str | None = None
     domains: list[str] = field(default_factory=lambda: ["arith", "reverse"])
+    base_steps: int = 0  # mixed-domain SFT of the base student first (0 = a random base)
     teacher_steps: int = 300
     teacher_lr: float = 3e-3
     arch: str = "qwen3_moe"

@@ -54,8 +54,8 @@ def prepare(job: JobConfig) -> tuple[PreTrainedTokenizerBase, DataScheduler]:
     if job.toy.dir:
         ensure_toy_world(job.toy.dir, ToyWorldSpec(
             domains=tuple(job.toy.domains), arch=job.toy.arch, hidden_size=job.toy.hidden_size,
-            num_layers=job.toy.num_layers, teacher_steps=job.toy.teacher_steps, teacher_lr=job.toy.teacher_lr,
-            seed=job.seed))
+            num_layers=job.toy.num_layers, base_steps=job.toy.base_steps, teacher_steps=job.toy.teacher_steps,
+            teacher_lr=job.toy.teacher_lr, seed=job.seed))
     _require_checkpoint("student.model_path", job.student.model_path)
     for name, teacher in job.teachers.items():
         if teacher.backend in ("local", "sglang"):

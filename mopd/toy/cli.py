@@ -17,12 +17,13 @@ def main(argv: list[str] | None = None) -> None:
     init.add_argument("--domains", default="arith,reverse",
                       help=f"comma-separated subset of {','.join(sorted(TOY_DOMAINS))}")
     init.add_argument("--arch", default="qwen3_moe", choices=["qwen3_moe", "qwen3"])
+    init.add_argument("--base-steps", type=int, default=0, help="mixed-domain SFT steps of the base student")
     init.add_argument("--teacher-steps", type=int, default=300, help="SFT steps per domain teacher")
     init.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     domains = tuple(d.strip() for d in args.domains.split(",") if d.strip())
-    root = ensure_toy_world(args.dir, ToyWorldSpec(domains=domains, arch=args.arch,
+    root = ensure_toy_world(args.dir, ToyWorldSpec(domains=domains, arch=args.arch, base_steps=args.base_steps,
                                                    teacher_steps=args.teacher_steps, seed=args.seed))
     print(f"toy world ready in {root}: student/, " + ", ".join(f"teacher_{d}/" for d in domains) + ", data/")
 

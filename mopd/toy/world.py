@@ -1,7 +1,8 @@
 """The toy world for dry runs: tokenizer, a base student, one SFT-trained teacher per domain, datasets.
 
-Teachers start from the same base as the student and are fine-tuned on their own domain only,
-so each is an expert in one domain and MOPD has something real to distil. Everything is written
+The base student is a random init, optionally warmed up by a short SFT on a mix of all domains
+(`base_steps`); each teacher continues from that base on its own domain only, so each is an expert
+in one domain and MOPD has something real to distil. Everything is written
 with `save_pretrained` and read back by path, exactly like real checkpoints.
 """
 
@@ -30,6 +31,7 @@ class ToyWorldSpec:
     arch: str = "qwen3_moe"
     hidden_size: int = 64
     num_layers: int = 2
+    base_steps: int = 0  # mixed-domain SFT of the base student; 0 = a random base
     teacher_steps: int = 300
     teacher_batch: int = 32
     teacher_lr: float = 3e-3
@@ -53,9 +55,12 @@ def ensure_toy_world(root: str | Path, spec: ToyWorldSpec | None = None) -> Path
     tokenizer = build_char_tokenizer()
     create_tiny_model(root / "student", tokenizer, arch=spec.arch, seed=spec.seed, hidden_size=spec.hidden_size,
                       num_layers=spec.num_layers)
+    if spec.base_steps > 0:
+        log.info("toy world: warming up the base student on all domains (%d steps)", spec.base_steps)
+        sft(root / "student", root / "student", spec.domains, spec.base_steps, spec, seed=spec.seed + 2)
     for domain in spec.domains:
         log.info("toy world: fine-tuning the %s teacher (%d steps)", domain, spec.teacher_steps)
-        train_teacher(root / "student", root / f"teacher_{domain}", domain, spec)
+        sft(root / "student", root / f"teacher_{domain}", (domain,), spec.teacher_steps, spec, seed=spec.seed + 1)
     write_datasets(root / "data", spec)
     manifest.write_text(json.dumps(wanted, indent=2))
     return root
@@ -72,25 +77,30 @@ def write_datasets(data_dir: Path, spec: ToyWorldSpec) -> None:
                 f.write(json.dumps(row) + "\n")
 
 
-def train_teacher(base: Path, out: Path, domain: str, spec: ToyWorldSpec) -> Path:
-    """Supervised fine-tuning of the base model on one domain's gold answers (response tokens only)."""
+def sft(base: Path, out: Path, domains: tuple[str, ...], steps: int, spec: ToyWorldSpec, *, seed: int) -> Path:
+    """Supervised fine-tuning on gold answers of `domains` (response tokens only), saved to `out`."""
     tokenizer = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.teacher_lr, weight_decay=0.0)
-    rng_seed = spec.seed + 1
-    for step in range(spec.teacher_steps):
-        rows = make_examples(domain, spec.teacher_batch, seed=rng_seed * 100_003 + step)
+    per_domain = max(1, spec.teacher_batch // len(domains))
+    for step in range(steps):
+        rows = [row for d in domains for row in make_examples(d, per_domain, seed=seed * 100_003 + step)]
         input_ids, labels = _sft_batch(tokenizer, rows)
         loss = model(input_ids=input_ids, labels=labels).loss
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-    log.info("toy world: %s teacher final SFT loss %.4f", domain, loss.item())
+    log.info("toy world: SFT on %s done, final loss %.4f", ",".join(domains), loss.item())
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+def train_teacher(base: Path, out: Path, domain: str, spec: ToyWorldSpec) -> Path:
+    """A domain expert: the base fine-tuned on one domain only."""
+    return sft(base, out, (domain,), spec.teacher_steps, spec, seed=spec.seed + 1)
 
 
 def _sft_batch(tokenizer: PreTrainedTokenizerBase, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
