@@ -50,7 +50,7 @@ TASK_SCALES = (0.3, 0.5, 0.7, 1.0)
 
 FULL = dict(world=WorldSpec(), budget=50_000, save_interval=25, eval_per_domain=200, eval_samples=4)
 QUICK = dict(world=WorldSpec(domains=("arith", "reverse"), hidden_size=32, base_steps=20, teacher_steps=40),
-             budget=300, save_interval=2, eval_per_domain=12, eval_samples=1)
+             budget=800, save_interval=1, eval_per_domain=12, eval_samples=1)
 
 
 def train_method(name: str, world: World, domains: list[str], run_dir: Path, budget: int, save_interval: int,
