@@ -133,8 +133,8 @@ def run(job: JobConfig, config_dict: dict | None = None) -> None:
                     train_metrics = train(rt, samples)
                 with timed(timings, "push"):
                     push_weights(rt)
-            rt.sampled_tokens += sum(s.num_response_tokens for s in samples)
             rt.logger.log(step, step_metrics(rt, samples, train_metrics, timings))
+            rt.sampled_tokens += sum(s.num_response_tokens for s in samples)
             if job.dump_samples:
                 rt.logger.dump_samples(step, samples, rt.tokenizer)
             if finished(rt, step + 1) or (job.save_interval > 0 and (step + 1) % job.save_interval == 0):
