@@ -26,12 +26,19 @@ class AdvantageConfig:
     teacher_coef: float = 1.0  # weight of the dense teacher term; 0 = pure GRPO
     grpo_normalize_std: bool = True  # divide by the group's reward std (GRPO); False = Dr.GRPO style
     grpo_eps: float = 1e-6
+    # clamp the per-token dense reward log pi_T - log pi_theta to [-clip, clip]; 0 = unbounded.
+    # A sharp teacher gives a sampled wrong token a reward near -15, and a few such tokens dominate
+    # the gradient; bounding them trades a little bias for much lower variance.
+    teacher_reward_clip: float = 0.0
 
     def validate(self, prefix: str = "algo") -> None:
         if self.alpha < 0:
             raise ConfigError(f"{prefix}.alpha", "a number >= 0", self.alpha)
         if self.teacher_coef < 0:
             raise ConfigError(f"{prefix}.teacher_coef", "a number >= 0", self.teacher_coef)
+        if self.teacher_reward_clip < 0:
+            raise ConfigError(f"{prefix}.teacher_reward_clip", "a number >= 0 (0 = unbounded)",
+                              self.teacher_reward_clip)
 
 
 def grpo_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, *, normalize_std: bool = True,
@@ -56,9 +63,11 @@ def grpo_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, *, normalize
 
 def token_advantages(teacher_logprobs: torch.Tensor, student_logprobs: torch.Tensor,
                      orm_advantage: torch.Tensor | float, loss_mask: torch.Tensor, *, alpha: float,
-                     teacher_coef: float = 1.0) -> torch.Tensor:
+                     teacher_coef: float = 1.0, reward_clip: float = 0.0) -> torch.Tensor:
     """A_t for one or more sequences (any matching shape); no gradient flows through it."""
     reverse_kl_reward = (teacher_logprobs - student_logprobs).detach()
+    if reward_clip > 0:
+        reverse_kl_reward = reverse_kl_reward.clamp(-reward_clip, reward_clip)
     advantages = teacher_coef * reverse_kl_reward + alpha * torch.as_tensor(orm_advantage)
     return advantages * loss_mask.to(advantages.dtype)
 

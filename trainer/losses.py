@@ -58,7 +58,7 @@ def pg_loss(logprobs: torch.Tensor, inputs: LossInputs, adv: AdvantageConfig, *,
     else:
         teacher = torch.zeros_like(logprobs)
     advantages = token_advantages(teacher, logprobs.detach(), orm.unsqueeze(-1), mask, alpha=adv.alpha,
-                                  teacher_coef=teacher_coef)
+                                  teacher_coef=teacher_coef, reward_clip=adv.teacher_reward_clip)
     weights = importance_weights(logprobs, mu, mask, eps_low=eps_low, eps_high=eps_high)
     per_seq = per_sequence_token_mean(weights * advantages * logprobs, mask)
     kl, _ = _rollout_stats(logprobs, inputs)

@@ -44,6 +44,17 @@ def test_alpha_zero_is_pure_distillation_and_teacher_coef_zero_is_pure_grpo():
     assert token_advantages(teacher, student, 1.0, mask, alpha=1.0, teacher_coef=0.0).tolist() == [1.0, 1.0]
 
 
+def test_teacher_reward_clip_bounds_only_the_dense_term():
+    teacher = torch.tensor([-15.0, -0.1, -0.2])
+    student = torch.tensor([-0.5, -6.0, -0.4])
+    mask = torch.tensor([1, 1, 1])
+    adv = token_advantages(teacher, student, orm_advantage=1.0, loss_mask=mask, alpha=0.5, reward_clip=3.0)
+    # dense rewards -14.5, 5.9, 0.2 -> clipped to -3, 3, 0.2; the outcome term 0.5 is added after clipping
+    assert adv.tolist() == pytest.approx([-3.0 + 0.5, 3.0 + 0.5, 0.2 + 0.5])
+    with pytest.raises(ValueError, match="algo.teacher_reward_clip"):
+        AdvantageConfig(teacher_reward_clip=-1.0).validate()
+
+
 def test_importance_mask_keeps_ratio_inside_band_and_zeroes_outside():
     logp = torch.log(torch.tensor([0.5, 0.5, 0.5, 0.5]))
     mu = torch.log(torch.tensor([0.5, 0.2, 0.9, 0.4]))  # ratios 1.0, 2.5, 0.555.., 1.25
