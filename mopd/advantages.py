@@ -20,6 +20,9 @@ import torch
 from mopd.types import ConfigError
 
 
+DIVERGENCES = ("reverse_kl", "forward_kl")
+
+
 @dataclass
 class AdvantageConfig:
     alpha: float = 1.0  # weight of the outcome-reward (GRPO) advantage; 0 = pure distillation
@@ -30,12 +33,23 @@ class AdvantageConfig:
     # A sharp teacher gives a sampled wrong token a reward near -15, and a few such tokens dominate
     # the gradient; bounding them trades a little bias for much lower variance.
     teacher_reward_clip: float = 0.0
+    # 0: the dense term is the sampled token's reward log pi_T(y_t) - log pi_theta(y_t) (MiMo report, eq. 7).
+    # k > 0: the teacher also returns its k most likely tokens at every response position, and the dense
+    # term becomes a divergence between the two distributions over those k tokens plus one "rest" bucket,
+    # differentiated exactly instead of estimated from the one sampled token (lower variance).
+    teacher_top_k: int = 0
+    top_k_divergence: str = "reverse_kl"  # reverse_kl: KL(pi_theta || pi_T) | forward_kl: KL(pi_T || pi_theta)
 
     def validate(self, prefix: str = "algo") -> None:
         if self.alpha < 0:
             raise ConfigError(f"{prefix}.alpha", "a number >= 0", self.alpha)
         if self.teacher_coef < 0:
             raise ConfigError(f"{prefix}.teacher_coef", "a number >= 0", self.teacher_coef)
+        if self.teacher_top_k < 0:
+            raise ConfigError(f"{prefix}.teacher_top_k", "an integer >= 0 (0 = sampled-token reward)",
+                              self.teacher_top_k)
+        if self.top_k_divergence not in DIVERGENCES:
+            raise ConfigError(f"{prefix}.top_k_divergence", f"one of {DIVERGENCES}", self.top_k_divergence)
         if self.teacher_reward_clip < 0:
             raise ConfigError(f"{prefix}.teacher_reward_clip", "a number >= 0 (0 = unbounded)",
                               self.teacher_reward_clip)
@@ -84,3 +98,25 @@ def per_sequence_token_mean(values: torch.Tensor, loss_mask: torch.Tensor) -> to
     """(1/|y|) sum_t values_t over the masked tokens of one sequence; |y| counts loss-mask tokens."""
     mask = loss_mask.to(values.dtype)
     return (values * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+
+
+def top_k_divergence(student_top_logprobs: torch.Tensor, teacher_top_logprobs: torch.Tensor, *,
+                     kind: str = "reverse_kl") -> torch.Tensor:
+    """Per-position divergence between student and teacher over the teacher's top-k tokens plus a "rest" bucket.
+
+    Inputs are [..., k] log-probabilities of the same k token ids under each model (the student's keep
+    their gradient). The bucket holds each model's remaining mass, so a student cannot lower the divergence
+    by moving mass off the teacher's top k; with k = vocabulary size it is the exact per-token KL.
+    """
+    student = _with_rest_bucket(student_top_logprobs)
+    teacher = _with_rest_bucket(teacher_top_logprobs.detach())
+    if kind == "reverse_kl":
+        return (student.exp() * (student - teacher)).sum(-1)
+    if kind == "forward_kl":
+        return (teacher.exp() * (teacher - student)).sum(-1)
+    raise ValueError(f"top_k_divergence: kind={kind!r}; expected one of {DIVERGENCES}")
+
+
+def _with_rest_bucket(top_logprobs: torch.Tensor) -> torch.Tensor:
+    rest = (1.0 - top_logprobs.exp().sum(-1, keepdim=True)).clamp(min=1e-8).log()
+    return torch.cat([top_logprobs, rest], dim=-1)

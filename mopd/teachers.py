@@ -22,7 +22,7 @@ from typing import Callable, Protocol
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from mopd.config import JobConfig, TeacherConfig
-from mopd.types import ConfigError, Sample
+from mopd.types import ConfigError, Sample, TokenScores
 from rollout.config import RolloutConfig
 
 
@@ -31,6 +31,12 @@ class Teacher(Protocol):
         """log pi_teacher(y_t | x, y_<t) for every response token of every sample."""
 
     def close(self) -> None: ...
+
+
+class TopKTeacher(Teacher, Protocol):
+    """A teacher that can also give its k most likely tokens at each response position (algo.teacher_top_k)."""
+
+    def score_top_k(self, samples: list[Sample], top_k: int) -> list[TokenScores]: ...
 
 
 TeacherFactory = Callable[[str, TeacherConfig, RolloutConfig], Teacher]
@@ -74,9 +80,12 @@ class EngineTeacher:
         return await manager.generate(samples)
 
     def score(self, samples: list[Sample]) -> list[list[float]]:
+        return [s.logprobs for s in self.score_top_k(samples, 0)]
+
+    def score_top_k(self, samples: list[Sample], top_k: int) -> list[TokenScores]:
         from rollout.teacher_scoring import score_samples
 
-        return asyncio.run(score_samples(self.urls, samples))
+        return asyncio.run(score_samples(self.urls, samples, top_k=top_k))
 
     def close(self) -> None:
         if self._shutdown is not None:
@@ -170,24 +179,35 @@ class TeacherSet:
         try:
             for name, cfg in job.teachers.items():
                 teachers[name] = _BACKENDS[cfg.backend](name, cfg, job.rollout)
+                if job.algo.teacher_top_k > 0 and not hasattr(teachers[name], "score_top_k"):
+                    raise ConfigError("algo.teacher_top_k", f"0, or teachers whose backend gives top-k logprobs "
+                                      f"(teacher {name!r}, backend {cfg.backend!r}, has no score_top_k)",
+                                      job.algo.teacher_top_k)
         except BaseException:
             for teacher in teachers.values():
                 teacher.close()
             raise
         return cls(teachers, TeacherRouter.from_config(job), job.rollout, tokenizer)
 
-    def score(self, samples: list[Sample]) -> None:
-        """Fill `sample.teacher` and `sample.teacher_logprobs` for every sample."""
+    def score(self, samples: list[Sample], top_k: int = 0) -> None:
+        """Fill `sample.teacher` and `sample.teacher_logprobs` (and, with top_k > 0, the teacher's top-k tokens
+        and their logprobs at each response position) for every sample."""
         by_teacher: dict[str, list[Sample]] = defaultdict(list)
         for sample in samples:
             sample.teacher = self.router.teacher_for(sample.domain)
             by_teacher[sample.teacher].append(sample)
         for name, group in by_teacher.items():
-            for sample, logprobs in zip(group, self.teachers[name].score(group)):
-                if len(logprobs) != len(sample.response_ids):
-                    raise RuntimeError(f"teacher {name!r} returned {len(logprobs)} logprobs for a response of "
+            teacher = self.teachers[name]
+            if top_k > 0:
+                scores = teacher.score_top_k(group, top_k)  # type: ignore[attr-defined]
+            else:
+                scores = [TokenScores(logprobs=list(lp)) for lp in teacher.score(group)]
+            for sample, got in zip(group, scores):
+                if len(got.logprobs) != len(sample.response_ids):
+                    raise RuntimeError(f"teacher {name!r} returned {len(got.logprobs)} logprobs for a response of "
                                        f"{len(sample.response_ids)} tokens")
-                sample.teacher_logprobs = list(logprobs)
+                sample.teacher_logprobs = list(got.logprobs)
+                sample.teacher_top_ids, sample.teacher_top_logprobs = got.top_ids, got.top_logprobs
 
     async def generate(self, samples: list[Sample]) -> list[Sample]:
         """Generate every sample with its domain's teacher (rollout.sample_from=teacher)."""

@@ -43,7 +43,7 @@ def score(rt: job_lib.Runtime, samples: list[Sample]) -> None:
     """Outcome rewards from the verifiers, dense rewards from each sample's domain teacher."""
     score_outcomes(samples)
     if rt.job.trainer.loss == "mopd" and rt.job.algo.teacher_coef > 0:
-        rt.teachers.score(samples)
+        rt.teachers.score(samples, top_k=rt.job.algo.teacher_top_k)
 
 
 def compute_advantages(rt: job_lib.Runtime, samples: list[Sample]) -> None:

@@ -27,6 +27,15 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class TokenScores:
+    """A model's view of given tokens: log p of each, and optionally its top-k tokens at each position."""
+
+    logprobs: list[float]
+    top_ids: list[list[int]] | None = None  # per position, the k most likely token ids, most likely first
+    top_logprobs: list[list[float]] | None = None  # their log p
+
+
+@dataclass
 class Sample:
     """One trajectory (prompt + response), single-turn or multi-turn.
 
@@ -54,6 +63,9 @@ class Sample:
     reward: float = 0.0
     teacher: str | None = None
     teacher_logprobs: list[float] | None = None
+    # algo.teacher_top_k > 0: the teacher's k most likely tokens at each response position, and their log p
+    teacher_top_ids: list[list[int]] | None = None
+    teacher_top_logprobs: list[list[float]] | None = None
     orm_advantage: float = 0.0
     advantages: list[float] | None = None
 
@@ -72,7 +84,7 @@ class Sample:
             value = getattr(self, name)
             if value and len(value) != n:
                 raise ValueError(f"Sample.{name} has {len(value)} entries, expected {n} (response length)")
-        for name in ("teacher_logprobs", "advantages"):
+        for name in ("teacher_logprobs", "advantages", "teacher_top_ids", "teacher_top_logprobs"):
             value = getattr(self, name)
             if value is not None and len(value) != n:
                 raise ValueError(f"Sample.{name} has {len(value)} entries, expected {n} (response length)")

@@ -12,6 +12,7 @@ from typing import Any
 import aiohttp
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
 
+from mopd.types import TokenScores
 from rollout.sglang_api import GenerateRequest, GenerateResponse
 
 
@@ -85,17 +86,30 @@ class EngineClient:
 
     async def score(self, input_ids: list[int], start: int) -> list[float]:
         """log p(token_i | tokens_<i) for i in [start, len): a prefill with prompt logprobs (teacher scoring)."""
+        return (await self.score_top_k(input_ids, start, 0)).logprobs
+
+    async def score_top_k(self, input_ids: list[int], start: int, top_k: int) -> TokenScores:
+        """Like `score`, plus the engine's `top_k` most likely tokens at each of those positions (top_k > 0)."""
         if not 1 <= start < len(input_ids):
             raise ValueError(f"score: start must be in [1, {len(input_ids)}) (tokens before it are context), "
                              f"got {start}")
         req = GenerateRequest(input_ids=input_ids, sampling_params={"max_new_tokens": 0, "temperature": 1.0},
-                              return_logprob=True, logprob_start_len=start)
+                              return_logprob=True, logprob_start_len=start, top_logprobs_num=top_k)
         resp = await self.generate(req)
+        n = len(input_ids) - start
         values = resp.input_logprobs or []
-        if len(values) != len(input_ids) - start or any(v is None for v in values):
-            raise EngineError(self.url, f"score: expected {len(input_ids) - start} prompt logprobs from position "
-                              f"{start}, got {values!r:.200}")
-        return [float(v) for v in values]
+        if len(values) != n or any(v is None for v in values):
+            raise EngineError(self.url, f"score: expected {n} prompt logprobs from position {start}, "
+                              f"got {values!r:.200}")
+        scores = TokenScores(logprobs=[float(v) for v in values])
+        if top_k > 0:
+            tops = resp.input_top_logprobs or []
+            if len(tops) != n or any(not row for row in tops):
+                raise EngineError(self.url, f"score: expected top-{top_k} logprobs at {n} positions from {start}, "
+                                  f"got {tops!r:.200}")
+            scores.top_ids = [[t for _, t in row[:top_k]] for row in tops]
+            scores.top_logprobs = [[lp for lp, _ in row[:top_k]] for row in tops]
+        return scores
 
     async def abort(self, rid: str | None = None) -> None:
         await self.request("POST", "/abort_request", {"rid": rid} if rid else {"abort_all": True})

@@ -29,7 +29,8 @@ from safetensors.torch import load as safetensors_load
 
 from rollout.hf_server_engine import ModelRunner
 from rollout.hf_server_scheduler import Request, RequestError, Scheduler, parse_sampling
-from rollout.sglang_api import GenerateRequest, ProtocolError, encode_routed_experts, logprob_entries
+from rollout.sglang_api import (GenerateRequest, ProtocolError, encode_routed_experts, logprob_entries,
+                                 top_logprob_entries)
 
 NCCL_MESSAGE = "not supported by the local server (NCCL, GPU clusters only)"
 
@@ -123,7 +124,8 @@ class HFServer:
                        prompt_len=len(parsed.input_ids), sampling=sampling, return_logprob=parsed.return_logprob,
                        logprob_start_len=parsed.logprob_start_len, return_routed_experts=parsed.return_routed_experts,
                        routed_experts_start_len=parsed.routed_experts_start_len,
-                       session_id=parsed.session_params.id if parsed.session_params else None)
+                       session_id=parsed.session_params.id if parsed.session_params else None,
+                       top_logprobs_num=parsed.top_logprobs_num if parsed.return_logprob else 0)
 
     def _response(self, req: Request) -> dict[str, Any]:
         text_ids = list(req.output_ids)
@@ -141,6 +143,11 @@ class HFServer:
                 lps = req.input_logprobs or [None] * req.prompt_len
                 k = req.logprob_start_len
                 meta["input_token_logprobs"] = logprob_entries(lps[k:req.prompt_len], req.tokens[k:req.prompt_len])
+                if req.top_logprobs_num > 0:
+                    tops = req.input_top_logprobs or [None] * req.prompt_len
+                    meta["input_top_logprobs"] = top_logprob_entries(tops[k:req.prompt_len])
+            if req.top_logprobs_num > 0:
+                meta["output_top_logprobs"] = top_logprob_entries(req.output_top_logprobs)
         if req.return_routed_experts and self.runner.capture_routing:
             rows = (np.concatenate(req.routing) if req.routing
                     else np.zeros((0, self.runner.num_layers, self.runner.top_k), np.int32))

@@ -75,6 +75,7 @@ class Request:
     return_routed_experts: bool
     routed_experts_start_len: int
     session_id: str | None
+    top_logprobs_num: int = 0
     kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
     kv_len: int = 0
     cached_tokens: int = 0
@@ -82,6 +83,8 @@ class Request:
     output_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)
     input_logprobs: list[float | None] | None = None
+    input_top_logprobs: list[list[tuple[float, int]] | None] | None = None
+    output_top_logprobs: list[list[tuple[float, int]]] = field(default_factory=list)
     finish: dict[str, Any] | None = None
     aborted: bool = False
     future: asyncio.Future | None = None
@@ -300,16 +303,22 @@ class Scheduler:
                                generator=s.generator, banned=banned)
             req.output_ids.append(tok)
             req.output_logprobs.append(float(out.last_logprobs[tok]))
+            if req.top_logprobs_num > 0:
+                req.output_top_logprobs.append(_top_k(out.last_logprobs, req.top_logprobs_num))
             req.tokens.append(tok)
 
     def _prompt_logprobs(self, req: Request, start: int, new_ids: list[int], fed: torch.Tensor) -> None:
         """Logprob of prompt token p comes from the row of position p-1 (position 0 has none)."""
         if req.input_logprobs is None:
             req.input_logprobs = [None] * req.prompt_len
+            if req.top_logprobs_num > 0:
+                req.input_top_logprobs = [None] * req.prompt_len
         for j in range(len(new_ids)):
             p = start + j + 1
             if p < req.prompt_len:
                 req.input_logprobs[p] = float(fed[j, req.tokens[p]])
+                if req.input_top_logprobs is not None:
+                    req.input_top_logprobs[p] = _top_k(fed[j], req.top_logprobs_num)
 
     def _check_done(self, req: Request) -> bool:
         s = req.sampling
@@ -320,3 +329,9 @@ class Scheduler:
         elif len(req.output_ids) >= s.max_new_tokens:
             req.finish = {"type": "length", "length": s.max_new_tokens}
         return req.finish is not None
+
+
+def _top_k(logprobs: torch.Tensor, k: int) -> list[tuple[float, int]]:
+    """The k most likely tokens of one position as (logprob, token_id), most likely first (SGLang's order)."""
+    values, ids = torch.topk(logprobs.float(), min(k, logprobs.shape[-1]))
+    return list(zip(values.tolist(), ids.tolist()))

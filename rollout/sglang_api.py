@@ -48,6 +48,7 @@ class GenerateRequest:
     sampling_params: dict[str, Any] = field(default_factory=dict)
     return_logprob: bool = False
     logprob_start_len: int = -1  # -1: output tokens only; k: also prompt tokens from position k
+    top_logprobs_num: int = 0  # with return_logprob: also the k most likely tokens at each of those positions
     return_routed_experts: bool = False
     routed_experts_start_len: int = 0
     rid: str | None = None
@@ -60,6 +61,8 @@ class GenerateRequest:
         if self.return_logprob:
             body["return_logprob"] = True
             body["logprob_start_len"] = self.logprob_start_len
+            if self.top_logprobs_num > 0:
+                body["top_logprobs_num"] = self.top_logprobs_num
         if self.return_routed_experts:
             body["return_routed_experts"] = True
             body["routed_experts_start_len"] = self.routed_experts_start_len
@@ -82,6 +85,7 @@ class GenerateRequest:
             input_ids=list(body["input_ids"]), sampling_params=dict(body.get("sampling_params") or {}),
             return_logprob=bool(body.get("return_logprob", False)),
             logprob_start_len=int(body.get("logprob_start_len", -1)),
+            top_logprobs_num=int(body.get("top_logprobs_num") or 0),
             return_routed_experts=bool(body.get("return_routed_experts", False)),
             routed_experts_start_len=int(body.get("routed_experts_start_len", 0)), rid=body.get("rid"),
             session_params=SessionParams(**session) if session else None, stream=bool(body.get("stream", False)))
@@ -123,6 +127,9 @@ class GenerateResponse:
     input_logprobs: list[float | None] | None  # from logprob_start_len; None where undefined (first token)
     routed_experts: np.ndarray | None  # int32 [rows, num_hidden_layers, top_k]
     rid: str | None = None
+    # top_logprobs_num > 0: per position, [(logprob, token_id), ...] most likely first; None where undefined
+    input_top_logprobs: list[list[tuple[float, int]] | None] | None = None
+    output_top_logprobs: list[list[tuple[float, int]] | None] | None = None
 
     @classmethod
     def from_json(cls, body: dict[str, Any], *, num_layers: int | None = None, top_k: int | None = None
@@ -141,8 +148,9 @@ class GenerateResponse:
                 input_logprobs=_logprob_values(meta.get("input_token_logprobs")),
                 routed_experts=(decode_routed_experts(experts, num_layers, top_k)
                                 if experts is not None and num_layers and top_k else None),
-                rid=meta.get("id"))
-        except (KeyError, TypeError) as e:
+                rid=meta.get("id"), input_top_logprobs=_top_logprob_values(meta.get("input_top_logprobs")),
+                output_top_logprobs=_top_logprob_values(meta.get("output_top_logprobs")))
+        except (KeyError, TypeError, IndexError) as e:
             raise ProtocolError(f"malformed /generate response: missing or bad {e}") from None
 
 
@@ -151,6 +159,18 @@ def _logprob_values(entries: list | None) -> list | None:
     if entries is None:
         return None
     return [None if e[0] is None else float(e[0]) for e in entries]
+
+
+def _top_logprob_values(positions: list | None) -> list | None:
+    """SGLang sends, per position, a list of [logprob, token_id, text_or_null] (or null); keep the pairs."""
+    if positions is None:
+        return None
+    return [None if entries is None else [(float(e[0]), int(e[1])) for e in entries] for entries in positions]
+
+
+def top_logprob_entries(rows: list[list[tuple[float, int]] | None]) -> list[list[list] | None]:
+    """Per position, [logprob, token_id, None] triples in SGLang's layout (most likely first), or None."""
+    return [None if row is None else [[float(lp), int(t), None] for lp, t in row] for row in rows]
 
 
 def logprob_entries(logprobs: list[float | None], token_ids: list[int]) -> list[list]:

@@ -92,10 +92,36 @@ def collate(samples: list[Sample], indices: list[int]) -> MicroBatch:
         _per_token(s.rollout_logprobs, B, b, start, mu)
         _per_token(s.teacher_logprobs, B, b, start, teacher)
     orm = torch.as_tensor([float(s.orm_advantage) for s in chosen], dtype=torch.float32)
+    top_ids, top_lps = _collate_top_k(chosen, indices, S)
     return MicroBatch(
         indices=list(indices), tokens=tokens,
         position_ids=torch.arange(S, dtype=torch.long).unsqueeze(0).expand(B, S).contiguous(),
         targets=tokens[:, 1:].contiguous(), response_mask=response_mask,
-        inputs=LossInputs(loss_mask=loss_mask, rollout_logprobs=mu, teacher_logprobs=teacher, orm_advantage=orm),
+        inputs=LossInputs(loss_mask=loss_mask, rollout_logprobs=mu, teacher_logprobs=teacher, orm_advantage=orm,
+                          teacher_top_ids=top_ids, teacher_top_logprobs=top_lps),
         lengths=lengths, prompt_lengths=[len(s.prompt_ids) for s in chosen],
     )
+
+
+# Positions without a teacher distribution (prompt, padding) get token 0 at a negligible probability: the
+# values stay finite (no NaN through the loss mask) and the loss mask zeroes them.
+_NO_TOP_LOGPROB = -30.0
+
+
+def _collate_top_k(chosen: list[Sample], indices: list[int], seq_len: int,
+                   ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """[B, S-1, k] teacher top-k ids and logprobs, aligned like the other per-token tensors."""
+    if not chosen or not all(s.teacher_top_ids is not None and s.teacher_top_logprobs is not None for s in chosen):
+        return None, None
+    k = max((len(row) for s in chosen for row in s.teacher_top_ids), default=0)
+    ids = torch.zeros(len(chosen), seq_len - 1, max(k, 1), dtype=torch.long)
+    lps = torch.full((len(chosen), seq_len - 1, max(k, 1)), _NO_TOP_LOGPROB)
+    for b, (i, s) in enumerate(zip(indices, chosen)):
+        start = len(s.prompt_ids) - 1
+        for t, (row_ids, row_lps) in enumerate(zip(s.teacher_top_ids, s.teacher_top_logprobs)):
+            if len(row_ids) != k or len(row_lps) != k:
+                raise ValueError(f"sample {i}: teacher top-k at response token {t} has {len(row_ids)} ids and "
+                                 f"{len(row_lps)} logprobs, expected {k} of each (as the batch's other tokens)")
+            ids[b, start + t] = torch.as_tensor(row_ids, dtype=torch.long)
+            lps[b, start + t] = torch.as_tensor(row_lps, dtype=torch.float32)
+    return ids, lps

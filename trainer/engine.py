@@ -30,6 +30,8 @@ def needed_fields(loss: str, adv: AdvantageConfig) -> tuple[str, ...]:
     """Per-token Sample fields the loss reads (no teacher logprobs when teacher_coef == 0)."""
     if loss == "mopd" and adv.teacher_coef == 0:
         return ("rollout_logprobs",)
+    if loss == "mopd" and adv.teacher_top_k > 0:
+        return ("rollout_logprobs", "teacher_top_ids", "teacher_top_logprobs")
     return _NEEDS[loss]
 
 
@@ -80,10 +82,15 @@ class TrainEngine:
                                                 top_k=h.num_experts_per_tok, num_experts=h.num_experts)
         return [t.to(self.device) for t in tensors]
 
-    def _forward(self, mb: batching.MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward(self, mb: batching.MicroBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """log pi_theta of the targets, entropy, and log pi_theta of the teacher's top-k tokens (if any)."""
         logits = self.model(mb.tokens.to(self.device), mb.position_ids.to(self.device), None)
-        lp, ent = token_logprobs_and_entropy(logits[:, :-1], mb.targets.to(self.device), self.temperature)
-        return lp.cpu() if self.device.type != "cpu" else lp, ent.cpu()
+        top_ids = mb.inputs.teacher_top_ids
+        lp, ent, top_lp = token_logprobs_and_entropy(logits[:, :-1], mb.targets.to(self.device), self.temperature,
+                                                     top_ids.to(self.device) if top_ids is not None else None)
+        if self.device.type != "cpu":
+            lp, top_lp = lp.cpu(), (top_lp.cpu() if top_lp is not None else None)
+        return lp, ent.cpu(), top_lp
 
     def _microbatches(self, samples: list[Sample]) -> list[batching.MicroBatch]:
         plan = batching.plan_microbatches([len(s.tokens) for s in samples], self.cfg.max_tokens_per_microbatch)
@@ -98,7 +105,7 @@ class TrainEngine:
         for mb in self._microbatches(samples):
             chosen = [samples[i] for i in mb.indices]
             with routing_replay.replaying(self.model, self._replay_data(chosen, mb.tokens.shape[1])):
-                lp, _ = self._forward(mb)
+                lp, _, _ = self._forward(mb)
             for b, i in enumerate(mb.indices):
                 start = mb.prompt_lengths[b] - 1
                 out[i] = lp[b, start:start + len(samples[i].response_ids)].float().numpy().copy()
@@ -116,11 +123,11 @@ class TrainEngine:
         for mb in self._microbatches(samples):
             chosen = [samples[i] for i in mb.indices]
             with routing_replay.replaying(self.model, self._replay_data(chosen, mb.tokens.shape[1])):
-                lp, ent = self._forward(mb)
+                lp, ent, top_lp = self._forward(mb)
                 if self.cfg.activation_recompute and self.cfg.routing_replay and self.moe_layers:
                     routing_replay.switch_to_backward(self.model)
                 out = compute_loss(self.cfg.loss, lp, mb.inputs, self.adv, eps_low=self.cfg.eps_low,
-                                   eps_high=self.cfg.eps_high)
+                                   eps_high=self.cfg.eps_high, student_top_logprobs=top_lp)
                 (out.loss_sum / num_global_samples).backward()
             mask = mb.inputs.loss_mask
             stats += torch.tensor([out.loss_sum.item(), out.is_masked_tokens, out.kl_rollout_sum, out.mask_tokens,

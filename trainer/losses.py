@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from mopd.advantages import AdvantageConfig, importance_weights, per_sequence_token_mean, token_advantages
+from mopd.advantages import (AdvantageConfig, importance_weights, per_sequence_token_mean, token_advantages,
+                             top_k_divergence)
 
 
 @dataclass
@@ -23,6 +24,8 @@ class LossInputs:
     rollout_logprobs: torch.Tensor | None = None  # log mu
     teacher_logprobs: torch.Tensor | None = None  # log pi_teacher
     orm_advantage: torch.Tensor | None = None  # [B]
+    teacher_top_ids: torch.Tensor | None = None  # [B, N, k] algo.teacher_top_k: the teacher's top-k token ids
+    teacher_top_logprobs: torch.Tensor | None = None  # [B, N, k] their log pi_teacher
 
 
 @dataclass
@@ -48,19 +51,35 @@ def _rollout_stats(logprobs: torch.Tensor, inputs: LossInputs) -> tuple[float, f
 
 
 def pg_loss(logprobs: torch.Tensor, inputs: LossInputs, adv: AdvantageConfig, *, eps_low: float,
-            eps_high: float, teacher_coef: float) -> LossOutput:
-    """-sum_seq (1/|y|) sum_t w_t A_t log pi_theta(y_t); w_t the IS mask, A_t the MOPD advantage."""
+            eps_high: float, teacher_coef: float, student_top_logprobs: torch.Tensor | None = None) -> LossOutput:
+    """-sum_seq (1/|y|) sum_t w_t (A_t log pi_theta(y_t) - teacher_coef * D_t); w_t the IS mask.
+
+    With sampled-token teacher rewards (algo.teacher_top_k = 0) the teacher term is inside A_t and D_t = 0;
+    with top-k teacher distributions A_t is the outcome term alone and D_t the top-k divergence, whose
+    gradient flows through the student's logprobs of the teacher's top-k tokens (student_top_logprobs).
+    """
     mask = inputs.loss_mask.to(logprobs.dtype)
     mu = _require(inputs.rollout_logprobs, "rollout_logprobs", "mopd/grpo")
     orm = _require(inputs.orm_advantage, "orm_advantage", "mopd/grpo").to(logprobs.dtype)
-    if teacher_coef > 0:
+    top_k = teacher_coef > 0 and adv.teacher_top_k > 0
+    if teacher_coef > 0 and not top_k:
         teacher = _require(inputs.teacher_logprobs, "teacher_logprobs", "mopd")
     else:
         teacher = torch.zeros_like(logprobs)
+    sampled_coef = 0.0 if top_k else teacher_coef
     advantages = token_advantages(teacher, logprobs.detach(), orm.unsqueeze(-1), mask, alpha=adv.alpha,
-                                  teacher_coef=teacher_coef, reward_clip=adv.teacher_reward_clip)
+                                  teacher_coef=sampled_coef, reward_clip=adv.teacher_reward_clip)
     weights = importance_weights(logprobs, mu, mask, eps_low=eps_low, eps_high=eps_high)
-    per_seq = per_sequence_token_mean(weights * advantages * logprobs, mask)
+    objective = weights * advantages * logprobs
+    if top_k:
+        teacher_top = _require(inputs.teacher_top_logprobs, "teacher_top_logprobs", "mopd with teacher_top_k")
+        if student_top_logprobs is None:
+            raise ValueError("pg_loss with algo.teacher_top_k > 0 needs the student's logprobs of the teacher's "
+                             "top-k tokens")
+        divergence = top_k_divergence(student_top_logprobs, teacher_top.to(logprobs.dtype),
+                                      kind=adv.top_k_divergence)
+        objective = objective - teacher_coef * weights * divergence * mask
+    per_seq = per_sequence_token_mean(objective, mask)
     kl, _ = _rollout_stats(logprobs, inputs)
     return LossOutput(loss_sum=-per_seq.sum(), is_masked_tokens=float(((weights == 0) & (mask > 0)).sum().item()),
                       kl_rollout_sum=kl, mask_tokens=float(mask.sum().item()))
@@ -76,10 +95,11 @@ def sft_loss(logprobs: torch.Tensor, inputs: LossInputs) -> LossOutput:
 
 
 def compute_loss(kind: str, logprobs: torch.Tensor, inputs: LossInputs, adv: AdvantageConfig, *,
-                 eps_low: float, eps_high: float) -> LossOutput:
+                 eps_low: float, eps_high: float, student_top_logprobs: torch.Tensor | None = None) -> LossOutput:
     """Dispatch on TrainerConfig.loss: mopd | grpo (teacher term off) | sft."""
     if kind == "mopd":
-        return pg_loss(logprobs, inputs, adv, eps_low=eps_low, eps_high=eps_high, teacher_coef=adv.teacher_coef)
+        return pg_loss(logprobs, inputs, adv, eps_low=eps_low, eps_high=eps_high, teacher_coef=adv.teacher_coef,
+                       student_top_logprobs=student_top_logprobs)
     if kind == "grpo":
         return pg_loss(logprobs, inputs, adv, eps_low=eps_low, eps_high=eps_high, teacher_coef=0.0)
     if kind == "sft":
@@ -88,10 +108,13 @@ def compute_loss(kind: str, logprobs: torch.Tensor, inputs: LossInputs, adv: Adv
 
 
 def token_logprobs_and_entropy(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
-                               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """log p(target) and the entropy of the tempered distribution, both [B, N], computed in fp32."""
+                               top_ids: torch.Tensor | None = None,
+                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """log p(target) [B, N], the entropy of the tempered distribution [B, N], and log p of `top_ids`
+    [B, N, k] when given (the teacher's top-k tokens), all computed in fp32."""
     logp = torch.log_softmax(logits.float() / temperature, dim=-1)
     token_lp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    top_lp = logp.gather(-1, top_ids) if top_ids is not None else None
     with torch.no_grad():
         entropy = -(logp.exp() * logp).sum(-1)
-    return token_lp, entropy
+    return token_lp, entropy, top_lp

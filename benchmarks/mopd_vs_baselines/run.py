@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from report import STUDENT, TEACHER, normalized_score, plot_curves, results_table  # noqa: E402
-from world import World, WorldSpec, build_world  # noqa: E402
+from world import FULL_WORLD, QUICK_WORLD, World, build_world  # noqa: E402
 
 from mopd import merge  # noqa: E402
 from mopd.checkpoint import DRIVER_FILE  # noqa: E402
@@ -48,9 +48,8 @@ MERGE_AVERAGE = "Merge: weight average"
 MERGE_TASK = "Merge: task arithmetic"
 TASK_SCALES = (0.3, 0.5, 0.7, 1.0)
 
-FULL = dict(world=WorldSpec(), budget=50_000, save_interval=25, eval_per_domain=200, eval_samples=4)
-QUICK = dict(world=WorldSpec(domains=("arith", "reverse"), hidden_size=32, base_steps=20, teacher_steps=40),
-             budget=800, save_interval=1, eval_per_domain=12, eval_samples=1)
+FULL = dict(world=FULL_WORLD, budget=50_000, save_interval=25, eval_per_domain=200, eval_samples=4)
+QUICK = dict(world=QUICK_WORLD, budget=800, save_interval=1, eval_per_domain=12, eval_samples=1)
 
 
 def train_method(name: str, world: World, domains: list[str], run_dir: Path, budget: int, save_interval: int,
@@ -120,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     setup = QUICK if args.quick else FULL
-    spec: WorldSpec = setup["world"]
+    spec = setup["world"]
     budget = args.budget or setup["budget"]
     save_interval = args.save_interval or setup["save_interval"]
     per_domain = args.eval_per_domain or setup["eval_per_domain"]

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from mopd.advantages import grpo_advantages, importance_weights, per_sequence_token_mean, token_advantages
+from mopd.advantages import (grpo_advantages, importance_weights, per_sequence_token_mean, token_advantages,
+                             top_k_divergence)
 from mopd.rewards import assign_orm_advantages
 from mopd.advantages import AdvantageConfig
 from mopd.types import Sample
@@ -87,3 +88,34 @@ def test_assign_orm_advantages_uses_prompt_groups():
     assign_orm_advantages(samples, AdvantageConfig())
     assert samples[0].orm_advantage > 0 > samples[1].orm_advantage
     assert samples[2].orm_advantage == samples[3].orm_advantage == 0.0
+
+
+def test_top_k_divergence_by_hand_with_the_rest_bucket():
+    student = torch.log(torch.tensor([0.5, 0.2]))  # rest 0.3
+    teacher = torch.log(torch.tensor([0.9, 0.05]))  # rest 0.05
+    s, t = [0.5, 0.2, 0.3], [0.9, 0.05, 0.05]
+    reverse = sum(a * math.log(a / b) for a, b in zip(s, t))
+    forward = sum(b * math.log(b / a) for a, b in zip(s, t))
+    assert top_k_divergence(student, teacher).item() == pytest.approx(reverse, rel=1e-5)
+    assert top_k_divergence(student, teacher, kind="forward_kl").item() == pytest.approx(forward, rel=1e-5)
+    assert top_k_divergence(teacher, teacher).item() == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="kind='js'"):
+        top_k_divergence(student, teacher, kind="js")
+
+
+def test_top_k_divergence_over_the_whole_vocabulary_is_the_exact_kl():
+    torch.manual_seed(0)
+    logits_s, logits_t = torch.randn(3, 7, requires_grad=True), torch.randn(3, 7)
+    s, t = torch.log_softmax(logits_s, -1), torch.log_softmax(logits_t, -1)
+    exact = (s.exp() * (s - t)).sum(-1)
+    got = top_k_divergence(s, t)  # k = vocabulary: the rest bucket is empty
+    assert torch.allclose(got, exact, atol=1e-5)
+    got.sum().backward()
+    assert logits_s.grad is not None and logits_s.grad.abs().sum() > 0  # the student's side carries the gradient
+
+
+def test_top_k_config_is_validated():
+    with pytest.raises(ValueError, match="algo.teacher_top_k"):
+        AdvantageConfig(teacher_top_k=-1).validate()
+    with pytest.raises(ValueError, match="algo.top_k_divergence"):
+        AdvantageConfig(top_k_divergence="js").validate()

@@ -98,6 +98,30 @@ def test_prompt_logprobs_for_teacher_scoring(servers, hf):
         np.testing.assert_allclose(lps(entries), ref[max(start, 1) - 1:].numpy(), atol=1e-5)
 
 
+def test_top_logprobs_at_prompt_and_output_positions_equal_hf(servers, hf):
+    """top_logprobs_num (teacher top-k scoring): SGLang's [logprob, token_id, text] per position, best first."""
+    seq = PROMPT + [60, 61, 62]
+    with torch.no_grad():
+        full = torch.log_softmax(hf["moe"](torch.tensor([seq])).logits[0].float(), -1)
+    start, k = 5, 4
+    reply = servers["r3"].generate({"input_ids": seq, "sampling_params": {"max_new_tokens": 2, "temperature": 0.0},
+                                    "return_logprob": True, "logprob_start_len": start, "top_logprobs_num": k})
+    tops = reply["meta_info"]["input_top_logprobs"]
+    assert len(tops) == len(seq) - start
+    for p, row in zip(range(start, len(seq)), tops):
+        want_lp, want_ids = torch.topk(full[p - 1], k)
+        assert [e[1] for e in row] == want_ids.tolist()
+        np.testing.assert_allclose([e[0] for e in row], want_lp.numpy(), atol=1e-5)
+    out_tops = reply["meta_info"]["output_top_logprobs"]
+    assert len(out_tops) == 2 and all(len(row) == k for row in out_tops)
+    # greedy: the sampled token is the most likely one, with the same logprob as output_token_logprobs
+    for row, (lp, tok, _) in zip(out_tops, reply["meta_info"]["output_token_logprobs"]):
+        assert row[0][1] == tok and row[0][0] == pytest.approx(lp, abs=1e-6)
+    plain = servers["r3"].generate({"input_ids": seq, "sampling_params": {"max_new_tokens": 0},
+                                    "return_logprob": True, "logprob_start_len": start})
+    assert "input_top_logprobs" not in plain["meta_info"]
+
+
 def test_sampling_logprobs_are_temperature_scaled_and_seeded(servers, hf):
     body = {"input_ids": PROMPT, "return_logprob": True,
             "sampling_params": {"max_new_tokens": 8, "temperature": 0.7, "top_p": 0.9, "top_k": 20,

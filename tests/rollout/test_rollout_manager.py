@@ -83,14 +83,19 @@ def test_teacher_scores_equal_a_direct_hf_forward(engines, cfg, model_dir):
     for s, resp in zip(samples, ("12<|im_end|>", "ab", "7")):
         s.response_ids = tokenizer(resp, add_special_tokens=False)["input_ids"]
     scores = asyncio.run(score_samples(engines.urls, samples))
+    top = asyncio.run(score_samples(engines.urls, samples, top_k=3))
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    for s, got in zip(samples, scores):
+    for s, got, got_top in zip(samples, scores, top):
         ids = torch.tensor([s.prompt_ids + s.response_ids])
         with torch.no_grad():
             logp = torch.log_softmax(model(ids).logits[0].float(), -1)
         p = len(s.prompt_ids)
         want = [logp[p - 1 + t, tok].item() for t, tok in enumerate(s.response_ids)]
-        np.testing.assert_allclose(got, want, atol=1e-4)
+        np.testing.assert_allclose(got.logprobs, want, atol=1e-4)
+        assert got.top_ids is None and got_top.logprobs == got.logprobs
+        want_lp, want_ids = torch.topk(logp[p - 1:p - 1 + len(s.response_ids)], 3)
+        assert got_top.top_ids == want_ids.tolist()
+        np.testing.assert_allclose(got_top.top_logprobs, want_lp.numpy(), atol=1e-4)
 
 
 def test_routing_replay_without_engine_support_fails_at_start_up(cluster, model_dir, cfg):

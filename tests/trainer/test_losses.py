@@ -59,6 +59,28 @@ def test_grpo_ignores_teacher():
         compute_loss("mopd", lp, no_teacher, ADV, eps_low=0.5, eps_high=2.0)
 
 
+def test_mopd_with_teacher_top_k_replaces_the_sampled_reward_by_the_divergence():
+    from mopd.advantages import top_k_divergence
+
+    adv = AdvantageConfig(alpha=0.5, teacher_coef=2.0, teacher_top_k=2, top_k_divergence="forward_kl")
+    inputs = _inputs()
+    inputs.teacher_top_logprobs = torch.log(torch.tensor([[[0.7, 0.2]] * 3, [[0.6, 0.3]] * 3]))
+    student_top = torch.log(torch.tensor([[[0.4, 0.4]] * 3, [[0.5, 0.1]] * 3])).requires_grad_(True)
+    lp = torch.tensor(LP, requires_grad=True)
+    out = compute_loss("mopd", lp, inputs, adv, eps_low=0.5, eps_high=2.0, student_top_logprobs=student_top)
+    out.loss_sum.backward()
+    d = top_k_divergence(student_top.detach(), inputs.teacher_top_logprobs, kind="forward_kl")
+    w2 = math.exp(0.1)
+    # seq 1: w [1, 0]; A = alpha*orm = 0.5 -> mean(w (A lp - 2 d)) over 2 tokens; seq 2: w2 (-0.5 * -0.5 - 2 d)
+    seq1 = (0.5 * -1.0 - 2 * d[0, 0].item()) / 2
+    seq2 = w2 * (-0.5 * -0.5 - 2 * d[1, 0].item())
+    assert out.loss_sum.item() == pytest.approx(-(seq1 + seq2), abs=1e-5)
+    assert torch.allclose(lp.grad, torch.tensor([[-0.25, 0.0, 0.0], [w2 * 0.5, 0.0, 0.0]]), atol=1e-6)
+    assert student_top.grad[0, 0].abs().sum() > 0 and student_top.grad[0, 1:].abs().sum() == 0  # masked/IS
+    with pytest.raises(ValueError, match="student's logprobs"):
+        compute_loss("mopd", lp, inputs, adv, eps_low=0.5, eps_high=2.0)
+
+
 def test_sft_cross_entropy():
     out, grad = _run("sft")
     assert out.loss_sum.item() == pytest.approx((1 + 2) / 2 + 0.5, abs=1e-6)
@@ -70,7 +92,7 @@ def test_sft_cross_entropy():
 def test_token_logprobs_and_temperature():
     logits = torch.tensor([[[2.0, 0.0, -1.0], [0.0, 0.0, 0.0]]])
     targets = torch.tensor([[0, 2]])
-    lp, ent = token_logprobs_and_entropy(logits, targets, temperature=2.0)
+    lp, ent, _ = token_logprobs_and_entropy(logits, targets, temperature=2.0)
     z = math.exp(1.0) + 1 + math.exp(-0.5)
     assert lp[0, 0].item() == pytest.approx(1.0 - math.log(z), abs=1e-6)
     assert lp[0, 1].item() == pytest.approx(-math.log(3), abs=1e-6)
