@@ -14,7 +14,7 @@ from pathlib import Path
 
 from mopd.toy.world import ToyWorldSpec, ensure_toy_world
 
-FULL_WORLD = ToyWorldSpec(domains=("arith", "reverse", "sort"), base_steps=150, teacher_steps=400)
+FULL_WORLD = ToyWorldSpec(domains=("arith", "reverse", "sort"), base_steps=220, teacher_steps=400)
 QUICK_WORLD = ToyWorldSpec(domains=("arith", "reverse"), hidden_size=32, base_steps=20, teacher_steps=40)
 
 
