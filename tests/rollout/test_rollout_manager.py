@@ -133,7 +133,12 @@ def test_a_server_killed_mid_request_loses_and_duplicates_nothing(engines, cfg, 
 
     async def go():
         task = asyncio.create_task(manager.generate(_samples(tokenizer, 24)))
-        await asyncio.sleep(0.5)
+        # kill as soon as the victim holds requests (a fixed sleep raced a fast machine)
+        for _ in range(2000):
+            live = manager._live
+            if live is not None and live.in_flight[0] > 0:
+                break
+            await asyncio.sleep(0.005)
         assert not task.done(), "generation finished before the kill: make it longer"
         os.kill(victim, signal.SIGKILL)
         return await task
