@@ -52,6 +52,9 @@ SLUGS = {"MOPD": "mopd", "MOPD w/o outcome reward": "mopd_no_orm", "MOPD, sample
 MERGE_AVERAGE = "Merge: weight average"
 MERGE_TASK = "Merge: task arithmetic"
 TASK_SCALES = (0.3, 0.5, 0.7, 1.0)
+# Sampled response tokens per training step (48 samples of ~4.2 tokens, measured), so the shared cosine
+# schedule ends where the token budget does.
+TOKENS_PER_STEP = 200
 
 FULL = dict(world=FULL_WORLD, budget=100_000, save_interval=50, eval_per_domain=200, eval_samples=4)
 QUICK = dict(world=QUICK_WORLD, budget=800, save_interval=1, eval_per_domain=12, eval_samples=1)
@@ -65,7 +68,7 @@ def train_method(name: str, world: World, domains: list[str], run_dir: Path, bud
         return run_dir
     overrides = ["experiment=mopd_toy3", f"run_dir={run_dir}", f"student.model_path={world.student}",
                  f"data.train_files=[{world.train_file}]", f"max_sampled_tokens={budget}",
-                 f"save_interval={save_interval}"]
+                 f"save_interval={save_interval}", f"trainer.total_steps={max(1, budget // TOKENS_PER_STEP)}"]
     for d in ("arith", "reverse", "sort"):
         overrides += [f"teachers.{d}.model_path={world.teacher(d)}"] if d in domains else \
             [f"~teachers.{d}", f"~data.domain_weights.{d}"]
