@@ -1,6 +1,6 @@
 """MOPD against its baselines on three toy domains, at an equal sampled-token budget (GitHub issue #6).
 
-    python benchmarks/mopd_vs_baselines/run.py                 # the full benchmark (~40 min, 2 CPU cores)
+    python benchmarks/mopd_vs_baselines/run.py                 # the full benchmark (~27 min, 2 CPU cores)
     python benchmarks/mopd_vs_baselines/run.py --quick         # the same code path in a few minutes
 
 1. builds the world: a weak generalist base student and one SFT expert per domain from it (world.py);
