@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable, Protocol, cast
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
@@ -199,7 +199,7 @@ class TeacherSet:
         for name, group in by_teacher.items():
             teacher = self.teachers[name]
             if top_k > 0:
-                scores = teacher.score_top_k(group, top_k)  # type: ignore[attr-defined]
+                scores = cast(TopKTeacher, teacher).score_top_k(group, top_k)  # checked at start-up
             else:
                 scores = [TokenScores(logprobs=list(lp)) for lp in teacher.score(group)]
             for sample, got in zip(group, scores):
