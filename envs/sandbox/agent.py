@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import base64
 import hmac
+import importlib.util
 import io
 import json
 import os
@@ -34,7 +35,19 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 MAX_BODY = 256 << 20
-JAIL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "jail.py")
+HERE = os.path.dirname(os.path.abspath(__file__))
+JAIL = os.path.join(HERE, "jail.py")
+
+
+def _sibling(name: str):
+    """Load a sibling file by path: the agent runs as a lone ``python -I -S`` script (and in pods)."""
+    spec = importlib.util.spec_from_file_location(f"mopd_sandbox_{name}", os.path.join(HERE, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+safe_fs = _sibling("safe_fs")
 
 
 class AgentError(Exception):
@@ -56,73 +69,46 @@ class Agent:
         self.gid = self.jail.get("gid")
         self.shell = next((s for s in ("/bin/bash", "/usr/bin/bash", "/bin/sh") if os.path.exists(s)), "sh")
 
-    # -- paths -------------------------------------------------------------------------------------
-    def resolve(self, path: str) -> str:
-        """Resolve a sandbox path; anything that lands outside the root (.., symlinks) is refused."""
-        if not isinstance(path, str) or not path:
-            raise AgentError(400, "field `path` must be a non-empty string")
-        full = os.path.realpath(os.path.join(self.root, path))
-        if full != self.root and not full.startswith(self.root + os.sep):
-            raise AgentError(403, f"path {path!r} is outside the sandbox")
-        return full
-
-    def _makedirs(self, path: str) -> None:
-        """Create missing directories, owned by the sandbox uid so its commands can use them."""
-        missing = []
-        while not os.path.isdir(path) and path != self.root:
-            missing.append(path)
-            path = os.path.dirname(path)
-        for d in reversed(missing):
-            os.mkdir(d)
-            self._own(d)
-
-    def _own(self, path: str) -> None:
-        if self.uid is not None:
-            os.chown(path, self.uid, self.gid if self.gid is not None else -1, follow_symlinks=False)
+    # -- paths: every file operation goes through safe_fs (no link, FIFO or device is followed) ----
+    @property
+    def owner(self) -> tuple[int, int] | None:
+        if self.uid is None:
+            return None
+        return self.uid, self.gid if self.gid is not None else -1
 
     # -- operations --------------------------------------------------------------------------------
     def read(self, body: dict) -> dict:
-        full = self.resolve(body.get("path"))
-        limit = int(body.get("max_bytes", 16 << 20))
-        try:
-            with open(full, "rb") as f:
-                data = f.read(limit + 1)
-        except FileNotFoundError:
-            raise AgentError(404, f"no such file: {body.get('path')}") from None
-        except IsADirectoryError:
-            raise AgentError(400, f"{body.get('path')} is a directory") from None
-        if len(data) > limit:
-            raise AgentError(413, f"{body.get('path')} is larger than {limit} bytes")
+        limit = _int_field(body, "max_bytes", 16 << 20, 0, MAX_BODY)
+        data = safe_fs.read_file(self.root, body.get("path"), limit)
         return {"content_b64": base64.b64encode(data).decode()}
 
     def write(self, body: dict) -> dict:
-        full = self.resolve(body.get("path"))
         try:
             data = base64.b64decode(body.get("content_b64", ""), validate=True)
         except (ValueError, TypeError):
             raise AgentError(400, "field `content_b64` must be base64") from None
-        self._makedirs(os.path.dirname(full))
-        tmp = f"{full}.mopd-tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, int(body.get("mode", 0o644)))
-        os.replace(tmp, full)
-        self._own(full)
+        mode = _int_field(body, "mode", 0o644, 0, 0o777)
+        safe_fs.write_file(self.root, body.get("path"), data, mode, self.owner)
         return {"bytes": len(data)}
 
     def upload(self, dest: str, data: bytes) -> dict:
-        target = self.resolve(dest or ".")
-        self._makedirs(target)
+        target = safe_fs.make_dirs(self.root, dest or ".", self.owner)
+        rel = os.path.relpath(target, self.root)
+
+        def guarded(member: tarfile.TarInfo, path: str) -> tarfile.TarInfo:
+            safe_fs.check_extract_target(self.root, rel, member.name, member.isdir())
+            return tarfile.data_filter(member, path)
+
         try:
             with tarfile.open(fileobj=io.BytesIO(data)) as tar:
                 names = tar.getnames()
-                tar.extractall(target, filter="data")
+                tar.extractall(target, filter=guarded)
         except (tarfile.TarError, OSError) as exc:
             raise AgentError(400, f"bad tar upload: {exc}") from None
         if self.uid is not None:
             for dirpath, dirnames, filenames in os.walk(target):
                 for name in [dirpath] + [os.path.join(dirpath, n) for n in dirnames + filenames]:
-                    self._own(name)
+                    os.chown(name, *self.owner, follow_symlinks=False)
         return {"files": len(names)}
 
     def _command(self, command: str, cwd: str, env: dict) -> list[str]:
@@ -133,9 +119,9 @@ class Agent:
         command = body.get("command")
         if not isinstance(command, str):
             raise AgentError(400, "field `command` must be a string")
-        timeout = float(body.get("timeout", self.args.default_timeout))
-        cap = int(body.get("max_output", self.args.max_output))
-        cwd = self.resolve(body.get("cwd") or ".")
+        timeout = _float_field(body, "timeout", self.args.default_timeout, 0.0, self.args.max_timeout)
+        cap = min(_int_field(body, "max_output", self.args.max_output, 0, 1 << 40), self.args.max_output)
+        cwd = safe_fs.existing_dir(self.root, body.get("cwd") or ".")
         env = {
             "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
             "HOME": self.root,
@@ -143,8 +129,7 @@ class Agent:
             "LANG": "C.UTF-8",
             "PYTHONDONTWRITEBYTECODE": "1",
         }
-        os.makedirs(env["TMPDIR"], exist_ok=True)
-        self._own(env["TMPDIR"])
+        safe_fs.make_dirs(self.root, ".tmp", self.owner)
         env.update({str(k): str(v) for k, v in (body.get("env") or {}).items()})
         start = time.monotonic()
         proc = subprocess.Popen(
@@ -254,6 +239,27 @@ def kill_uid(uid: int) -> None:
         time.sleep(0.01)
 
 
+def _int_field(body: dict, name: str, default: int, low: int, high: int) -> int:
+    value = body.get(name, default)
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise AgentError(400, f"field `{name}` must be an integer in [{low}, {high}], got {value!r}")
+    return value
+
+
+def _float_field(body: dict, name: str, default: float, low: float, high: float) -> float:
+    """A finite number in (low, high]: NaN or 1e400 must never switch a limit off."""
+    value = body.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise AgentError(400, f"field `{name}` must be a number, got {value!r}")
+    try:
+        value = float(value)
+    except OverflowError:
+        value = float("inf")
+    if not (low < value <= high):  # also False for NaN
+        raise AgentError(400, f"field `{name}` must be a finite number in ({low:g}, {high:g}], got {value!r}")
+    return value
+
+
 class Handler(BaseHTTPRequestHandler):
     agent: Agent
     server_version = "mopd-sandbox-agent/1"
@@ -309,7 +315,7 @@ class Handler(BaseHTTPRequestHandler):
                 threading.Thread(target=self.server.shutdown, daemon=True).start()
             else:
                 self._reply(404, {"error": f"unknown endpoint {route}"})
-        except AgentError as exc:
+        except (AgentError, safe_fs.Refused) as exc:
             self._reply(exc.status, {"error": str(exc)})
         except (json.JSONDecodeError, ValueError, TypeError) as exc:
             self._reply(400, {"error": f"bad request: {exc}"})
@@ -334,6 +340,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--token-env", default="MOPD_SANDBOX_TOKEN", help="env var holding the token")
     p.add_argument("--max-output", type=int, default=65536)
     p.add_argument("--default-timeout", type=float, default=120.0)
+    p.add_argument("--max-timeout", type=float, default=3600.0, help="largest per-call timeout accepted")
     p.add_argument("--rlimits", type=json.loads, default={}, help='e.g. {"RLIMIT_CPU": 60}')
     p.add_argument("--jail", default="", help="JSON spec for jail.py (local backend)")
     p.add_argument("--parent-pid", type=int, default=0)

@@ -45,7 +45,7 @@ def _image_label(image: str) -> str:
 def agent_configmap(namespace: str) -> k8s.V1ConfigMap:
     """The agent and jail sources, mounted read-only into every sandbox pod."""
     data = {}
-    for name in ("agent.py", "jail.py"):
+    for name in ("agent.py", "jail.py", "safe_fs.py"):
         with open(os.path.join(HERE, name), encoding="utf-8") as f:
             data[name] = f.read()
     return k8s.V1ConfigMap(
