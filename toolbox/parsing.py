@@ -6,6 +6,8 @@
 
 Parsing never raises on model text: every malformed call becomes a ``ToolCallError`` whose
 ``message`` is written for the model to read, so an agent loop can feed it back as the observation.
+With ``tools`` (name -> JSON schema of the parameters) every call is also checked against its schema:
+unknown tools, unknown or missing arguments and arguments of the wrong JSON type are errors too.
 """
 
 from __future__ import annotations
@@ -17,8 +19,19 @@ from typing import Any
 
 FORMATS = ("hermes", "mimo", "auto")
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
+_FUNC_OPEN = "<function="
 _FUNC_RE = re.compile(r"<function=([^>\n]*)>(.*?)</function>", re.DOTALL)
 _PARAM_RE = re.compile(r"<parameter=([^>\n]*)>(.*?)</parameter>", re.DOTALL)
+_JSON_TYPES: dict[str, tuple[type, ...]] = {
+    "string": (str,),
+    "number": (int, float),
+    "integer": (int,),
+    "boolean": (bool,),
+    "object": (dict,),
+    "array": (list,),
+    "null": (type(None),),
+}
+_SHOWN = 80  # longest name quoted back to the model
 
 
 @dataclass(frozen=True)
@@ -46,6 +59,25 @@ class ParseResult:
     def error_observation(self) -> str:
         """One message that tells the model what was wrong and what the expected format is."""
         return "\n".join(f"Tool call error: {e.message}" for e in self.errors)
+
+
+def show(value: Any, limit: int = _SHOWN) -> str:
+    """A model-chosen value quoted back safely: escaped (NUL, surrogates), and cut to ``limit``."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return f"<an integer of {len(str(abs(value))) if value.bit_length() < 14000 else 'over 4000'} digits>"
+    text = value if isinstance(value, str) else repr(value)
+    text = text.encode("unicode_escape").decode("ascii") if not text.isprintable() else text
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} chars)"
+
+
+def json_type(value: Any) -> str:
+    """The JSON name of a Python value's type, for messages the model reads."""
+    if isinstance(value, bool):
+        return "boolean"
+    for name in ("string", "integer", "number", "object", "array", "null"):
+        if isinstance(value, _JSON_TYPES[name]):
+            return name
+    return type(value).__name__
 
 
 def _blocks(text: str) -> tuple[list[str], list[ToolCallError], str]:
@@ -76,35 +108,73 @@ def _blocks(text: str) -> tuple[list[str], list[ToolCallError], str]:
     stray = "".join(content_parts)
     if CLOSE in stray:
         errors.append(ToolCallError(f"`{CLOSE}` without a matching `{OPEN}`", stray[:200]))
+    if _FUNC_OPEN in stray or "<parameter=" in stray:
+        errors.append(
+            ToolCallError(
+                f"`<function=...>` / `<parameter=...>` found outside `{OPEN}` ... `{CLOSE}`; "
+                f"wrap the call in `{OPEN}`",
+                stray[:200],
+            )
+        )
     return bodies, errors, stray.replace(CLOSE, "").strip()
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise _DuplicateKey(key)
+        obj[key] = value
+    return obj
+
+
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _loads(text: str) -> Any:
+    """json.loads that refuses duplicate keys (the model meant one of them; we cannot tell which)."""
+    return json.loads(text, object_pairs_hook=_no_duplicates)
+
+
+def _json_error(exc: BaseException) -> str:
+    if isinstance(exc, _DuplicateKey):
+        return f'duplicate key "{show(exc.key)}" in a JSON object'
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    return show(str(exc), 200)
+
+
+_EXPECTED = f'expected {OPEN}{{"name": "<tool>", "arguments": {{...}}}}{CLOSE}'
 
 
 def _parse_hermes(body: str) -> ToolCall | ToolCallError:
     raw = body.strip()
     try:
-        obj = json.loads(raw)
-    except (json.JSONDecodeError, RecursionError) as exc:
-        return ToolCallError(
-            f'the tool call is not valid JSON ({exc}); expected {{"name": "<tool>", "arguments": {{...}}}}',
-            raw[:200],
-        )
+        obj = _loads(raw)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, duplicates, > 4300-digit ints
+        return ToolCallError(f"the tool call is not valid JSON ({_json_error(exc)}); {_EXPECTED}", raw[:200])
     if not isinstance(obj, dict):
-        return ToolCallError(f"the tool call must be a JSON object, got {type(obj).__name__}", raw[:200])
+        return ToolCallError(f"the tool call must be a JSON object, got {json_type(obj)}", raw[:200])
     name = obj.get("name")
     if not isinstance(name, str) or not name.strip():
         return ToolCallError('the tool call needs a string field "name"', raw[:200])
+    shown = show(name.strip())
     args = obj.get("arguments", obj.get("parameters", {}))
     if isinstance(args, str):  # some models double-encode the arguments
         try:
-            args = json.loads(args) if args.strip() else {}
-        except (json.JSONDecodeError, RecursionError):
-            return ToolCallError(f'"arguments" of `{name}` is a string that is not a JSON object', raw[:200])
+            args = _loads(args) if args.strip() else {}
+        except (ValueError, RecursionError) as exc:
+            return ToolCallError(
+                f'"arguments" of `{shown}` is a string that is not a JSON object ({_json_error(exc)})',
+                raw[:200],
+            )
     if args is None:
         args = {}
     if not isinstance(args, dict):
-        return ToolCallError(
-            f'"arguments" of `{name}` must be a JSON object, got {type(args).__name__}', raw[:200]
-        )
+        return ToolCallError(f'"arguments" of `{shown}` must be a JSON object, got {json_type(args)}', raw[:200])
     return ToolCall(name.strip(), args)
 
 
@@ -122,34 +192,61 @@ def _convert(value: str, schema: dict[str, Any] | None) -> Any:
     if kind == "string":
         return value
     try:
-        return json.loads(value)
-    except (json.JSONDecodeError, RecursionError):
-        return value
+        return _loads(value)
+    except (ValueError, RecursionError):
+        return value  # left as text: the schema check names the argument and the expected type
 
 
 def _parse_mimo(body: str, tools: dict[str, dict[str, Any]] | None) -> ToolCall | ToolCallError:
+    raw = body.strip()
     match = _FUNC_RE.search(body)
     if match is None:
-        return ToolCallError(
-            "expected `<function=NAME>` ... `</function>` inside the tool call", body.strip()[:200]
-        )
+        return ToolCallError("expected `<function=NAME>` ... `</function>` inside the tool call", raw[:200])
     name = match.group(1).strip()
     if not name:
-        return ToolCallError("`<function=...>` has an empty name", body.strip()[:200])
+        return ToolCallError("`<function=...>` has an empty name", raw[:200])
+    shown = show(name)
+    outside = (body[: match.start()] + body[match.end() :]).strip()
+    if _FUNC_OPEN in outside:
+        return ToolCallError(
+            "more than one `<function=...>` in one tool call; put each call in its own "
+            f"`{OPEN}` (one call per turn)",
+            raw[:200],
+        )
+    if outside:
+        return ToolCallError(
+            f"text outside `<function={shown}>` ... `</function>` inside the tool call: {show(outside)}", raw[:200]
+        )
     inner = match.group(2)
     props = ((tools or {}).get(name) or {}).get("properties", {})
     args: dict[str, Any] = {}
     for pmatch in _PARAM_RE.finditer(inner):
         pname = pmatch.group(1).strip()
         if not pname:
-            return ToolCallError(f"a `<parameter=...>` of `{name}` has an empty name", body.strip()[:200])
+            return ToolCallError(f"a `<parameter=...>` of `{shown}` has an empty name", raw[:200])
+        if pname in args:
+            return ToolCallError(
+                f"parameter `{show(pname)}` of `{shown}` is given more than once", raw[:200]
+            )
         args[pname] = _convert(_strip_one_newline(pmatch.group(2)), props.get(pname))
     leftover = _PARAM_RE.sub("", inner)
     if "<parameter=" in leftover:
+        return ToolCallError(f"a `<parameter=...>` of `{shown}` is not closed with `</parameter>`", raw[:200])
+    if leftover.strip():
         return ToolCallError(
-            f"a `<parameter=...>` of `{name}` is not closed with `</parameter>`", body.strip()[:200]
+            f"`<function={shown}>` holds text outside `<parameter=NAME>` ... `</parameter>`: "
+            f"{show(leftover.strip())}",
+            raw[:200],
         )
     return ToolCall(name, args)
+
+
+def _detect(body: str) -> str:
+    """A body that starts like JSON is hermes (its strings may mention `<function=`), else mimo."""
+    head = body.lstrip()
+    if head.startswith("{") or head.startswith("["):
+        return "hermes"
+    return "mimo" if _FUNC_OPEN in body else "hermes"
 
 
 def parse_tool_calls(
@@ -160,33 +257,56 @@ def parse_tool_calls(
     """Extract tool calls from model text.
 
     ``tools`` maps tool name -> JSON schema of its parameters (``{"properties": ..., "required": [...]}``);
-    when given, unknown tools and missing required arguments are reported as errors too.
+    when given, every call is checked against it (see ``check_tool_call``).
     """
     if fmt not in FORMATS:
         raise ValueError(f"tool-call format must be one of {FORMATS}, got {fmt!r}")
     if not isinstance(text, str):
-        return ParseResult(
-            errors=[ToolCallError(f"model output must be text, got {type(text).__name__}", "")]
-        )
+        return ParseResult(errors=[ToolCallError(f"model output must be text, got {type(text).__name__}", "")])
     bodies, errors, content = _blocks(text)
     result = ParseResult(errors=list(errors), content=content)
     for body in bodies:
-        use = fmt
-        if use == "auto":
-            use = "mimo" if "<function=" in body else "hermes"
+        use = _detect(body) if fmt == "auto" else fmt
         parsed = _parse_mimo(body, tools) if use == "mimo" else _parse_hermes(body)
         if isinstance(parsed, ToolCall) and tools is not None:
-            parsed = _check_against(parsed, tools)
+            parsed = check_tool_call(parsed, tools)
         (result.calls if isinstance(parsed, ToolCall) else result.errors).append(parsed)
     return result
 
 
-def _check_against(call: ToolCall, tools: dict[str, dict[str, Any]]) -> ToolCall | ToolCallError:
+def check_tool_call(call: Any, tools: dict[str, dict[str, Any]]) -> ToolCall | ToolCallError:
+    """Check a parsed (or caller-built) call against the tool schemas; errors name what was wrong."""
+    if not isinstance(call, ToolCall):
+        return ToolCallError(f"expected a tool call, got {type(call).__name__}", show(call, 200))
+    if not isinstance(call.name, str) or not call.name.strip():
+        return ToolCallError('the tool call needs a string field "name"', show(call.name, 200))
+    shown = show(call.name)
     if call.name not in tools:
-        return ToolCallError(f"unknown tool `{call.name}`; available tools: {sorted(tools)}", call.name)
-    missing = [r for r in tools[call.name].get("required", []) if r not in call.arguments]
+        return ToolCallError(f"unknown tool `{shown}`; available tools: {sorted(tools)}", call.name[:200])
+    if not isinstance(call.arguments, dict):
+        return ToolCallError(
+            f'"arguments" of `{shown}` must be a JSON object, got {json_type(call.arguments)}', call.name
+        )
+    schema = tools[call.name]
+    props: dict[str, Any] = schema.get("properties", {})
+    unknown = [k for k in call.arguments if k not in props]
+    if unknown:
+        expected = ", ".join(f"`{p}`" for p in props) or "none"
+        return ToolCallError(
+            f"unknown argument `{show(unknown[0])}` for tool `{shown}`; its arguments are: {expected}", call.name
+        )
+    missing = [r for r in schema.get("required", []) if r not in call.arguments]
     if missing:
-        return ToolCallError(f"tool `{call.name}` is missing required argument(s) {missing}", call.name)
+        return ToolCallError(f"tool `{shown}` is missing required argument(s) {missing}", call.name)
+    for key, value in call.arguments.items():
+        kind = props[key].get("type") if isinstance(props[key], dict) else None
+        allowed = _JSON_TYPES.get(kind) if isinstance(kind, str) else None
+        if allowed is None:
+            continue
+        if isinstance(value, bool) and kind != "boolean" or not isinstance(value, allowed):
+            return ToolCallError(
+                f"tool `{shown}`: argument `{key}` must be a {kind}, got {json_type(value)}", call.name
+            )
     return call
 
 

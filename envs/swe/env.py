@@ -6,6 +6,7 @@ measured after applying the task's ``test_patch`` (the model never sees the gold
 
 from __future__ import annotations
 
+import math
 import re
 import sys
 from dataclasses import dataclass
@@ -13,9 +14,19 @@ from typing import Any, Awaitable, Callable
 
 from envs.base import StepResult
 from envs.sandbox.base import Sandbox
+from envs.sandbox.client import SandboxError
 from envs.swe.task import SWETask
-from envs.swe.tools import TOOL_SCHEMAS, ToolError, bash, quote_all, str_replace
-from toolbox.parsing import ToolCall, parse_tool_calls
+from envs.swe.tools import (
+    DEFAULT_MAX_FILE_BYTES,
+    TOOL_SCHEMAS,
+    ToolError,
+    bash,
+    model_caused,
+    quote_all,
+    refusal,
+    str_replace,
+)
+from toolbox.parsing import ToolCall, ToolCallError, check_tool_call, parse_tool_calls
 
 SandboxFactory = Callable[[], Awaitable[Sandbox]]
 _RESULT_RE = re.compile(r"^(PASSED|FAILED|ERROR|XPASS|XFAIL|SKIPPED) (\S.*?)(?: - .*)?$")
@@ -27,6 +38,7 @@ class Evaluation:
     passed: list[str]
     failed: list[str]  # required tests that did not pass
     output: str
+    error: str = ""  # why the tests could not run (the model broke the workspace), else empty
 
 
 def parse_pytest_report(output: str) -> dict[str, str]:
@@ -54,26 +66,53 @@ async def apply_patch(sb: Sandbox, patch: str, name: str, timeout: float = 60.0)
         raise ToolError(f"{name} does not apply:\n{res.output[-2000:]}")
 
 
+# The evaluator's scratch directory is the model's to break: whatever it left there (a symlink out of
+# the sandbox, a FIFO, a directory it cannot enter) is removed, without following links, before use.
+_CLEAN_SCRATCH = (
+    "rm -f .mopd 2>/dev/null; "
+    "if [ -d .mopd ] && [ ! -L .mopd ]; then chmod -R u+rwX .mopd 2>/dev/null; rm -rf .mopd; fi; "
+    "! [ -e .mopd ] && ! [ -L .mopd ]"
+)
+
+
 async def evaluate(sb: Sandbox, task: SWETask, python: str, timeout: float = 300.0) -> Evaluation:
-    """Apply the test patch, run the task's tests and compare with FAIL_TO_PASS / PASS_TO_PASS."""
+    """Apply the test patch, run the task's tests and compare with FAIL_TO_PASS / PASS_TO_PASS.
+
+    Anything the model did to the workspace that makes evaluation impossible scores 0 with the reason;
+    only infrastructure failures raise.
+    """
+    required = task.FAIL_TO_PASS + task.PASS_TO_PASS
     try:
+        res = await sb.exec(_CLEAN_SCRATCH, timeout=60.0)
+        if res.exit_code != 0:
+            raise ToolError(f"the scratch directory .mopd could not be removed:\n{res.output[-500:]}")
         await apply_patch(sb, task.test_patch, "test_patch")
     except ToolError as exc:
-        return Evaluation(0.0, [], task.FAIL_TO_PASS + task.PASS_TO_PASS, str(exc))
+        return Evaluation(0.0, [], required, str(exc), str(exc))
+    except SandboxError as exc:
+        if not model_caused(exc):
+            raise
+        why = f"the test patch could not be written: {refusal(exc)}"
+        return Evaluation(0.0, [], required, why, why)
     cmd = (
         f"PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 {python} -m pytest -rA -q -p no:cacheprovider --no-header "
         f"{quote_all(task.tests_to_run())}"
     )
     res = await sb.exec(cmd, timeout=timeout, max_output=8 << 20)
     outcomes = parse_pytest_report(res.output)
-    required = task.FAIL_TO_PASS + task.PASS_TO_PASS
     failed = [t for t in required if outcomes.get(t) != "PASSED"]
     passed = [t for t in required if outcomes.get(t) == "PASSED"]
     return Evaluation(1.0 if not failed else 0.0, passed, failed, res.output[-4000:])
 
 
 class SWEEnv:
-    """One trajectory on one task. ``sandbox_factory`` gives a fresh sandbox (local process or pod)."""
+    """One trajectory on one task. ``sandbox_factory`` gives a fresh sandbox (local process or pod).
+
+    ``step`` never raises because of what the model wrote: malformed calls, bad arguments and
+    requests the sandbox refuses (4xx) become observations that say what was wrong. Only
+    infrastructure failures (the sandbox unreachable or answering 5xx) raise ``SandboxError``, for the
+    ToolManager / Toolbox to recover.
+    """
 
     def __init__(
         self,
@@ -83,13 +122,27 @@ class SWEEnv:
         max_output: int = 16384,
         python: str | None = None,
         tool_format: str = "auto",
+        max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
     ) -> None:
-        if max_turns < 1:
-            raise ValueError(f"max_turns must be >= 1, got {max_turns}")
+        if isinstance(max_turns, bool) or not isinstance(max_turns, int) or max_turns < 1:
+            raise ValueError(f"max_turns must be an integer >= 1, got {max_turns!r}")
+        if (
+            isinstance(command_timeout, bool)
+            or not isinstance(command_timeout, (int, float))
+            or not math.isfinite(command_timeout)
+            or command_timeout <= 0
+        ):
+            raise ValueError(f"command_timeout must be a finite number of seconds > 0, got {command_timeout!r}")
+        for name, value in (("max_output", max_output), ("max_file_bytes", max_file_bytes)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if tool_format not in ("hermes", "mimo", "auto"):
+            raise ValueError(f"tool_format must be 'hermes', 'mimo' or 'auto', got {tool_format!r}")
         self.sandbox_factory = sandbox_factory
         self.max_turns = max_turns
-        self.command_timeout = command_timeout
+        self.command_timeout = float(command_timeout)
         self.max_output = max_output
+        self.max_file_bytes = max_file_bytes
         self.python = python
         self.tool_format = tool_format
         self.task: SWETask | None = None
@@ -109,9 +162,30 @@ class SWEEnv:
             )
         return (
             f"Repository {task.repo} is checked out in the current directory.\n\n"
-            f"Issue:\n{task.problem_statement}\n\nTools: bash(command), str_replace(path, old, new), "
-            f"finish(). You have {self.max_turns} turns."
+            f"Issue:\n{task.problem_statement}\n\nTools: bash(command, timeout?), "
+            f"str_replace(path, old, new), finish(). You have {self.max_turns} turns."
         )
+
+    def _usage(self) -> str:
+        if self.tool_format == "mimo":
+            return "<tool_call>\n<function=NAME>\n<parameter=ARG>\nVALUE\n</parameter>\n</function>\n</tool_call>"
+        return '<tool_call>{"name": "NAME", "arguments": {"ARG": VALUE}}</tool_call>'
+
+    def _call(self, action: Any) -> ToolCall | str:
+        """The one checked tool call in ``action``, or the error observation explaining why not."""
+        if isinstance(action, str):
+            parsed = parse_tool_calls(action, self.tool_format, TOOL_SCHEMAS)
+            if not parsed.ok:
+                return parsed.error_observation()
+            if not parsed.calls:
+                return f"Tool call error: no tool call found; call one tool per turn as {self._usage()}"
+            if len(parsed.calls) > 1:
+                return f"Tool call error: expected exactly one tool call per turn, got {len(parsed.calls)}"
+            return parsed.calls[0]
+        checked = check_tool_call(action, TOOL_SCHEMAS)
+        if isinstance(checked, ToolCallError):
+            return f"Tool call error: {checked.message}"
+        return checked
 
     async def step(self, action: ToolCall | str) -> StepResult:
         """Run one tool call (or model text holding one). Malformed calls cost a turn and explain why."""
@@ -121,39 +195,30 @@ class SWEEnv:
             return StepResult("The episode is over.", 0.0, True, {"error": "episode_over"})
         self.turns += 1
         info: dict[str, Any] = {"turn": self.turns}
-        call = action
-        if isinstance(action, str):
-            parsed = parse_tool_calls(action, self.tool_format, TOOL_SCHEMAS)
-            if not parsed.ok or len(parsed.calls) != 1:
-                obs = (
-                    parsed.error_observation()
-                    if not parsed.ok
-                    else (
-                        f"Tool call error: expected exactly one tool call per turn, got {len(parsed.calls)}"
-                    )
-                )
-                return await self._after(obs, dict(info, error="parse"))
-            call = parsed.calls[0]
+        call = self._call(action)
+        if isinstance(call, str):
+            return await self._after(call, dict(info, error="parse"))
         info["tool"] = call.name
         try:
             if call.name == "finish":
                 return await self._finish(info)
             if call.name == "bash":
                 obs = await bash(self.sandbox, call.arguments, self.command_timeout, self.max_output)
-            elif call.name == "str_replace":
-                obs = await str_replace(self.sandbox, call.arguments)
             else:
-                obs = f"Tool call error: unknown tool `{call.name}`; available: {sorted(TOOL_SCHEMAS)}"
-                info["error"] = "unknown_tool"
+                obs = await str_replace(self.sandbox, call.arguments, self.max_file_bytes)
         except ToolError as exc:
             obs, info["error"] = str(exc), "tool"
+        except SandboxError as exc:
+            if not model_caused(exc):
+                raise  # infrastructure: the worker replays the session on a fresh sandbox
+            obs, info["error"] = f"{call.name}: the sandbox refused the request: {refusal(exc)}", "refused"
         return await self._after(obs, info)
 
     async def _after(self, obs: str, info: dict[str, Any]) -> StepResult:
         if self.turns >= self.max_turns:
             result = await self._finish(dict(info, truncated=True))
-            return StepResult(obs + "\n" + result.observation, result.reward, True, result.info)
-        return StepResult(obs, 0.0, False, info)
+            return StepResult(_readable(obs + "\n" + result.observation), result.reward, True, result.info)
+        return StepResult(_readable(obs), 0.0, False, info)
 
     async def _finish(self, info: dict[str, Any]) -> StepResult:
         assert self.task is not None and self.sandbox is not None
@@ -162,11 +227,18 @@ class SWEEnv:
         info.update(
             reward=ev.reward, failed_tests=ev.failed[:20], n_failed=len(ev.failed), n_passed=len(ev.passed)
         )
-        return StepResult(
-            f"Submitted. {len(ev.passed)} required tests pass, {len(ev.failed)} fail.", ev.reward, True, info
-        )
+        obs = f"Submitted. {len(ev.passed)} required tests pass, {len(ev.failed)} fail."
+        if ev.error:
+            obs += f"\nThe tests could not run: {ev.error[-1000:]}"
+            info["error"] = "evaluation"
+        return StepResult(_readable(obs), ev.reward, True, info)
 
     async def close(self) -> None:
         if self.sandbox is not None:
             await self.sandbox.close()
             self.sandbox = None
+
+
+def _readable(text: str) -> str:
+    """Observation text any tokenizer takes: lone surrogates (from echoed model input) become U+FFFD."""
+    return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
