@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from mopd.types import ConfigError
@@ -53,10 +54,15 @@ class SandboxConfig:
                 raise ConfigError(f"{prefix}.{name}", "an integer >= 1", value)
         for name in ("wall_timeout_s", "ready_timeout_s"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf:
                 raise ConfigError(f"{prefix}.{name}", "a number of seconds > 0", getattr(self, name))
         if self.warm_pool_size < 0:
             raise ConfigError(f"{prefix}.warm_pool_size", "an integer >= 0", self.warm_pool_size)
+        if self.agent_port > 65535:
+            raise ConfigError(f"{prefix}.agent_port", "a TCP port in 1..65535", self.agent_port)
+        for name in ("namespace", "image", "cpu", "ephemeral_storage"):
+            if not getattr(self, name):
+                raise ConfigError(f"{prefix}.{name}", "a non-empty string", getattr(self, name))
 
 
 @dataclass

@@ -7,20 +7,30 @@ value fails before Ray, engines or the trainer start.
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import types
+import typing
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException, MissingConfigException, OverrideParseException
+from hydra.types import RunMode
 from omegaconf import MISSING, DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from envs.config import EnvConfig
+from envs.toy_tasks import TOY_DOMAINS
 from mopd.advantages import AdvantageConfig
 from mopd.types import ConfigError
 from rollout.config import RolloutConfig
 from trainer.config import TrainerConfig
 
 WANDB_MODES = ("offline", "online", "disabled")
+TOY_ARCHS = ("qwen3_moe", "qwen3")
 
 
 @dataclass
@@ -81,7 +91,9 @@ class ToyConfig:
 
 @dataclass
 class JobConfig:
-    run_dir: str = "${hydra:runtime.output_dir}"
+    # outputs/DATE/TIME by default (a multirun job: its own directory under multirun/); Hydra's
+    # output directory is this directory too (configs/config.yaml), so a run writes nowhere else
+    run_dir: str = "${mopd.run_dir:}"
     num_steps: int = 20
     resume: bool = False
     seed: int = 0
@@ -102,35 +114,186 @@ class JobConfig:
     toy: ToyConfig = field(default_factory=ToyConfig)
 
 
+def default_run_dir() -> str:
+    """`run_dir` when none is given: outputs/DATE/TIME, or in a multirun sweep the job's own directory.
+
+    Hydra's run directory is `${run_dir}` (configs/config.yaml), so the default cannot be
+    `${hydra:runtime.output_dir}` (a cycle); Hydra caches the value per composed config.
+    """
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return str(HydraConfig.get().runtime.output_dir)
+    return datetime.now().strftime("outputs/%Y-%m-%d/%H-%M-%S")
+
+
 def register_configs() -> None:
     """Register the job schema; it types every group's YAML merged into it (unknown keys are errors)."""
     ConfigStore.instance().store(name="mopd_schema", node=JobConfig)
+    if not OmegaConf.has_resolver("mopd.run_dir"):
+        OmegaConf.register_new_resolver("mopd.run_dir", default_run_dir, use_cache=True)
 
 
 def to_job_config(cfg: DictConfig | JobConfig) -> JobConfig:
-    """Resolve interpolations, type-check, and validate a Hydra config into a JobConfig."""
+    """Resolve interpolations, type-check, and validate a Hydra config into a JobConfig.
+
+    Every failure is a ConfigError naming the field: keys the schema lacks (`+rollout.typo=1` is
+    accepted by Hydra), values of the wrong type, missing values and broken interpolations.
+    """
     if isinstance(cfg, JobConfig):
         job = cfg
     else:
-        merged = OmegaConf.merge(OmegaConf.structured(JobConfig), cfg)
         try:
-            job = OmegaConf.to_object(merged)
+            # resolved against the composed config, whose resolver cache holds the run directory
+            # Hydra already created; "???" stays and is reported below as a missing value
+            values = OmegaConf.to_container(cfg, resolve=True)
+        except OmegaConfBaseException as e:
+            raise config_error_from(e) from None
+        check_known_keys(values, JobConfig)
+        try:
+            job = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(JobConfig), values))
         except MissingMandatoryValue as e:
             raise ConfigError(e.full_key, "a value (this field is required and has no default)") from None
+        except OmegaConfBaseException as e:
+            raise config_error_from(e) from None
     validate_static(job)
     return job
 
 
+def check_known_keys(values: Any, schema: type, prefix: str = "") -> None:
+    """Refuse keys the schema does not define (Hydra lets `+key=value` add them to any node)."""
+    if not isinstance(values, dict):
+        return
+    hints = typing.get_type_hints(schema)
+    for key, value in values.items():
+        path = f"{prefix}{key}"
+        if key not in hints:
+            raise ConfigError(path, f"a field of {schema.__name__} (one of {', '.join(hints)}); "
+                              "the schema is mopd/config.py")
+        for inner in _dataclasses_in(hints[key]):
+            if dataclasses.is_dataclass(hints[key]) or _optional_of(hints[key]) is inner:
+                check_known_keys(value, inner, f"{path}.")
+            elif isinstance(value, dict):  # dict[str, Dataclass]: check each entry
+                for name, item in value.items():
+                    check_known_keys(item, inner, f"{path}.{name}.")
+
+
+def _optional_of(tp: Any) -> Any:
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return args[0] if _is_union(tp) and len(args) == 1 else None
+
+
+def _is_union(tp: Any) -> bool:
+    return typing.get_origin(tp) in (typing.Union, types.UnionType)
+
+
+def _dataclasses_in(tp: Any) -> list[type]:
+    if dataclasses.is_dataclass(tp):
+        return [tp]
+    return [a for a in typing.get_args(tp) if isinstance(a, type) and dataclasses.is_dataclass(a)]
+
+
+def field_type(path: str, schema: type | None = None) -> Any:
+    """The declared type of a dotted field path (`rollout.top_k`, `teachers.x.coef`), or None."""
+    tp: Any = schema or JobConfig
+    for part in path.split("."):
+        if part.startswith("[") or part.isdigit():  # a list element
+            args = typing.get_args(tp)
+            tp = args[0] if args else None
+            continue
+        if typing.get_origin(tp) is dict:
+            tp = typing.get_args(tp)[1]
+            continue
+        tp = _optional_of(tp) or tp
+        if not dataclasses.is_dataclass(tp):
+            return None
+        tp = typing.get_type_hints(tp).get(part)
+        if tp is None:
+            return None
+    return tp
+
+
+def describe_type(tp: Any) -> str:
+    """A type as a user reads it: `an integer`, `a number`, `a list of strings`..."""
+    if tp is None or tp is Any:
+        return "a value"
+    if _is_union(tp):
+        return " or ".join("null" if a is type(None) else describe_type(a) for a in typing.get_args(tp))
+    origin = typing.get_origin(tp)
+    if origin is list:
+        return f"a list of {_plural(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return f"a mapping of names to {_plural(typing.get_args(tp)[1])}"
+    if dataclasses.is_dataclass(tp):
+        return f"a {tp.__name__} mapping"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, f"a {tp}")
+
+
+def _plural(tp: Any) -> str:
+    one = describe_type(tp)
+    return {"an integer": "integers", "a number": "numbers", "a string": "strings",
+            "true or false": "booleans", "a value": "values"}.get(one, one)
+
+
+def config_error_from(e: BaseException) -> ConfigError:
+    """A Hydra or OmegaConf error (wrong type, unknown key, bad override...) as a ConfigError naming the field."""
+    if isinstance(e, ConfigError):
+        return e
+    cause = e.__cause__ if isinstance(e, HydraException) and e.__cause__ is not None else e
+    if isinstance(cause, ConfigError):
+        return cause
+    first_line = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    full_key = getattr(cause, "full_key", None)
+    if isinstance(cause, OmegaConfBaseException) and full_key:
+        tp = field_type(str(full_key))
+        if tp is None:
+            return ConfigError(str(full_key), f"a field the schema defines (mopd/config.py) ({first_line})")
+        return ConfigError(str(full_key), f"{describe_type(tp)} ({first_line})")
+    if isinstance(e, MissingConfigException):
+        group = (e.missing_cfg_file or "config").split("/")[0]
+        return ConfigError(group, f"an existing config ({first_line})")
+    if isinstance(e, OverrideParseException):
+        return ConfigError(str(e.override), f"an override KEY=VALUE in Hydra's grammar ({first_line})")
+    return ConfigError("command line", first_line)
+
+
+def _finite_numbers(value: Any, schema: type, prefix: str) -> None:
+    """Every float field and every float in a mapping of numbers is finite (NaN/inf pass `x < 0`)."""
+    for f in dataclasses.fields(value):
+        item, path = getattr(value, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(item):
+            _finite_numbers(item, type(item), f"{path}.")
+        elif isinstance(item, dict):
+            for k, v in item.items():
+                if dataclasses.is_dataclass(v):
+                    _finite_numbers(v, type(v), f"{path}.{k}.")
+                elif isinstance(v, float) and not math.isfinite(v):
+                    raise ConfigError(f"{path}.{k}", "a finite number", v)
+        elif isinstance(item, float) and not math.isfinite(item):
+            raise ConfigError(path, "a finite number", item)
+
+
 def validate_static(job: JobConfig) -> None:
-    """Checks that need nothing but the config itself (no files, no data)."""
+    """Checks that need nothing but the config itself (no files, no data, no machine)."""
+    _finite_numbers(job, JobConfig, "")
+    if not job.run_dir:
+        raise ConfigError("run_dir", "a directory path", job.run_dir)
     if job.num_steps < 1:
         raise ConfigError("num_steps", "an integer >= 1", job.num_steps)
     if job.save_interval < 0:
         raise ConfigError("save_interval", "an integer >= 0", job.save_interval)
+    if job.seed < 0:
+        raise ConfigError("seed", "an integer >= 0", job.seed)
+    if job.ray_num_cpus is not None and job.ray_num_cpus < 1:
+        raise ConfigError("ray_num_cpus", "null (what the job needs) or an integer >= 1", job.ray_num_cpus)
     if job.logger.wandb_mode not in WANDB_MODES:
         raise ConfigError("logger.wandb_mode", f"one of {WANDB_MODES}", job.logger.wandb_mode)
+    if not job.logger.project:
+        raise ConfigError("logger.project", "a non-empty wandb project name", job.logger.project)
     if job.max_sampled_tokens < 0:
         raise ConfigError("max_sampled_tokens", "an integer >= 0 (0 = no budget)", job.max_sampled_tokens)
+    if not job.student.model_path:
+        raise ConfigError("student.model_path", "an HF checkpoint directory", job.student.model_path)
+    if job.student.tokenizer_path == "":
+        raise ConfigError("student.tokenizer_path", "null (= model_path) or a tokenizer directory", "")
     if job.rollout.sample_from == "teacher" and job.trainer.loss != "sft":
         raise ConfigError("rollout.sample_from", "student unless trainer.loss=sft (teacher samples are "
                           "off-policy: the importance mask of mopd/grpo would discard them)", "teacher")
@@ -139,8 +302,57 @@ def validate_static(job: JobConfig) -> None:
     job.rollout.validate("rollout")
     job.trainer.validate("trainer")
     job.algo.validate("algo")
+    _validate_algo(job)
     job.env.validate("env")
+    _validate_data(job.data)
+    _validate_toy(job)
     _validate_teachers(job)
+
+
+def _validate_algo(job: JobConfig) -> None:
+    """What `AdvantageConfig.validate` (mopd/advantages.py) does not check yet."""
+    if job.algo.grpo_normalize_std and job.algo.grpo_eps <= 0:
+        raise ConfigError("algo.grpo_eps", "a number > 0 when algo.grpo_normalize_std=true (a group of equal "
+                          "rewards has std 0)", job.algo.grpo_eps)
+    if job.algo.grpo_eps < 0:
+        raise ConfigError("algo.grpo_eps", "a number >= 0", job.algo.grpo_eps)
+
+
+def _validate_data(data: DataConfig) -> None:
+    if not data.train_files or any(not f for f in data.train_files):
+        raise ConfigError("data.train_files", "a non-empty list of JSONL file paths", data.train_files)
+    keys = {"prompt_key": data.prompt_key, "domain_key": data.domain_key, "label_key": data.label_key}
+    for name, key in keys.items():
+        if not key:
+            raise ConfigError(f"data.{name}", "a non-empty column name", key)
+    if len(set(keys.values())) < len(keys):
+        raise ConfigError("data.label_key", f"three different column names (got {keys})", data.label_key)
+    if data.seed < 0:
+        raise ConfigError("data.seed", "an integer >= 0", data.seed)
+    weights = data.domain_weights
+    if any(w < 0 for w in weights.values()) or (weights and sum(weights.values()) <= 0):
+        raise ConfigError("data.domain_weights", "non-negative weights with a positive sum", dict(weights))
+
+
+def _validate_toy(job: JobConfig) -> None:
+    toy = job.toy
+    if toy.dir == "":
+        raise ConfigError("toy.dir", "null (no toy world) or a directory", toy.dir)
+    unknown = [d for d in toy.domains if d not in TOY_DOMAINS]
+    if unknown:
+        raise ConfigError("toy.domains", f"a subset of the toy domains {sorted(TOY_DOMAINS)}", unknown)
+    if not toy.domains or len(set(toy.domains)) < len(toy.domains):
+        raise ConfigError("toy.domains", "a non-empty list of distinct toy domains", toy.domains)
+    if toy.arch not in TOY_ARCHS:
+        raise ConfigError("toy.arch", f"one of {TOY_ARCHS}", toy.arch)
+    for name, low in (("base_steps", 0), ("teacher_steps", 1), ("num_layers", 1)):
+        if getattr(toy, name) < low:
+            raise ConfigError(f"toy.{name}", f"an integer >= {low}", getattr(toy, name))
+    if toy.hidden_size < 8 or toy.hidden_size % 8:
+        raise ConfigError("toy.hidden_size", "a positive multiple of 8 (4 attention heads of even size)",
+                          toy.hidden_size)
+    if toy.teacher_lr <= 0:
+        raise ConfigError("toy.teacher_lr", "a number > 0", toy.teacher_lr)
 
 
 def _validate_teachers(job: JobConfig) -> None:
@@ -161,6 +373,10 @@ def _validate_teachers(job: JobConfig) -> None:
             raise ConfigError(f"{where}.model_path", "a model checkpoint directory", teacher.model_path)
         if teacher.replicas < 1:
             raise ConfigError(f"{where}.replicas", "an integer >= 1", teacher.replicas)
+        if teacher.cpus_per_replica <= 0:
+            raise ConfigError(f"{where}.cpus_per_replica", "a number > 0", teacher.cpus_per_replica)
+        if teacher.gpus_per_replica < 0:
+            raise ConfigError(f"{where}.gpus_per_replica", "an integer >= 0", teacher.gpus_per_replica)
         if teacher.coef < 0:
             raise ConfigError(f"{where}.coef", "a number >= 0", teacher.coef)
         if not teacher.domains and name != job.default_teacher:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,25 +34,16 @@ class PromptRow:
 
 def load_prompts(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, max_prompt_len: int) -> list[PromptRow]:
     """Read and tokenize every JSONL row; rows with prompts longer than `max_prompt_len` are dropped (logged)."""
-    if not cfg.train_files:
-        raise ConfigError("data.train_files", "a non-empty list of JSONL files", cfg.train_files)
     rows: list[PromptRow] = []
     too_long = 0
-    for file in cfg.train_files:
-        path = Path(file)
-        if not path.is_file():
-            raise ConfigError("data.train_files", "paths of existing JSONL files", file)
-        with open(path) as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                row = _parse_row(line, cfg, f"{file}:{line_no}")
-                ids = _prompt_ids(row[cfg.prompt_key], tokenizer)
-                if len(ids) > max_prompt_len:
-                    too_long += 1
-                    continue
-                meta = {k: v for k, v in row.items() if k not in (cfg.prompt_key, cfg.domain_key, cfg.label_key)}
-                rows.append(PromptRow(ids, str(row[cfg.domain_key]), row.get(cfg.label_key), meta))
+    for file in _train_files(cfg):
+        for row in iter_rows(file, cfg):
+            ids = _prompt_ids(row[cfg.prompt_key], tokenizer)
+            if len(ids) > max_prompt_len:
+                too_long += 1
+                continue
+            meta = {k: v for k, v in row.items() if k not in (cfg.prompt_key, cfg.domain_key, cfg.label_key)}
+            rows.append(PromptRow(ids, str(row[cfg.domain_key]), row.get(cfg.label_key), meta))
     if too_long:
         log.warning("data: dropped %d prompt(s) longer than %d tokens (rollout.max_context_len - "
                     "rollout.max_new_tokens)", too_long, max_prompt_len)
@@ -60,15 +52,79 @@ def load_prompts(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, max_prompt
     return rows
 
 
+def scan_domains(cfg: DataConfig, file: str) -> set[str]:
+    """Validate every row of one JSONL file without tokenizing it; return the domains it holds.
+
+    Runs at start-up, before anything is built or started, so a malformed row costs seconds.
+    """
+    domains = {str(row[cfg.domain_key]) for row in iter_rows(file, cfg)}
+    if not domains:
+        raise ConfigError("data.train_files", "JSONL files with at least one row", file)
+    return domains
+
+
+def iter_rows(file: str, cfg: DataConfig) -> Iterator[dict]:
+    """The rows of one JSONL file, each checked (object, prompt, domain); errors name `file:line`."""
+    path = Path(file)
+    if not path.is_file():
+        raise ConfigError("data.train_files", "paths of existing JSONL files", file)
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line_no, line in enumerate(f, 1):
+                if line.strip():
+                    yield _parse_row(line, cfg, f"{file}:{line_no}")
+    except UnicodeDecodeError as e:
+        raise ConfigError("data.train_files", f"UTF-8 text ({file}: {e.reason} at byte {e.start})") from None
+
+
+def check_domain_weights(weights: dict[str, float], domains: set[str]) -> None:
+    """`data.domain_weights` names exactly the data's domains (0 skips one) and can sample something."""
+    unknown = sorted(set(weights) - domains)
+    if unknown:
+        raise ConfigError("data.domain_weights", f"weights only for domains in the data {sorted(domains)}", unknown)
+    missing = sorted(domains - set(weights)) if weights else []
+    if missing:
+        raise ConfigError("data.domain_weights", f"a weight for every domain in the data (0 skips one); "
+                          f"missing {missing}", dict(weights))
+    if any(not w >= 0 for w in weights.values()) or (weights and sum(weights.values()) <= 0):
+        raise ConfigError("data.domain_weights", "non-negative weights with a positive sum", dict(weights))
+
+
+def _train_files(cfg: DataConfig) -> list[str]:
+    if not cfg.train_files:
+        raise ConfigError("data.train_files", "a non-empty list of JSONL files", cfg.train_files)
+    return list(cfg.train_files)
+
+
 def _parse_row(line: str, cfg: DataConfig, where: str) -> dict:
     try:
         row = json.loads(line)
     except json.JSONDecodeError as e:
         raise ConfigError("data.train_files", f"valid JSON on every line ({where}: {e.msg})") from None
+    if not isinstance(row, dict):
+        raise ConfigError("data.train_files", f"a JSON object on every line ({where} holds a "
+                          f"{type(row).__name__})", _short(row))
     for key, name in ((cfg.prompt_key, "prompt_key"), (cfg.domain_key, "domain_key")):
         if key not in row:
             raise ConfigError(f"data.{name}", f"a key present in every row ({where} has {sorted(row)})", key)
+    if not _is_prompt(row[cfg.prompt_key]):
+        raise ConfigError("data.train_files", f"a prompt that is a non-empty string or a list of chat "
+                          f"messages {{role, content}} ({where})", _short(row[cfg.prompt_key]))
+    if not isinstance(row[cfg.domain_key], str) or not row[cfg.domain_key]:
+        raise ConfigError("data.train_files", f"a non-empty string domain ({where})", _short(row[cfg.domain_key]))
     return row
+
+
+def _is_prompt(prompt: Any) -> bool:
+    if isinstance(prompt, str):
+        return bool(prompt)
+    return isinstance(prompt, list) and bool(prompt) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in prompt)
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _prompt_ids(prompt: str | list[dict], tokenizer: PreTrainedTokenizerBase) -> list[int]:
@@ -83,17 +139,7 @@ class DataScheduler:
     def __init__(self, rows: list[PromptRow], cfg: DataConfig) -> None:
         self.cfg = cfg
         domains = sorted({r.domain for r in rows})
-        unknown = sorted(set(cfg.domain_weights) - set(domains))
-        if unknown:
-            raise ConfigError("data.domain_weights", f"weights only for domains in the data {domains}", unknown)
-        missing = sorted(set(domains) - set(cfg.domain_weights)) if cfg.domain_weights else []
-        if missing:
-            raise ConfigError("data.domain_weights", f"a weight for every domain in the data (0 skips one); "
-                              f"missing {missing}", dict(cfg.domain_weights))
-        if any(w < 0 for w in cfg.domain_weights.values()) or (cfg.domain_weights and
-                                                                sum(cfg.domain_weights.values()) <= 0):
-            raise ConfigError("data.domain_weights", "non-negative weights with a positive sum",
-                              dict(cfg.domain_weights))
+        check_domain_weights(dict(cfg.domain_weights), set(domains))
         if cfg.domain_weights:
             self.sources = {d: [i for i, r in enumerate(rows) if r.domain == d] for d in domains
                             if cfg.domain_weights.get(d, 0) > 0}

@@ -1,7 +1,9 @@
 """Start-up and shutdown of a training job: every check that can fail early runs before Ray starts.
 
-The order is: static config checks -> toy world (if asked) -> files, vocabularies and data ->
-run directory and resume point -> Ray, engines, teachers, trainer -> logger. `Runtime` holds
+The order is: static config checks (mopd/config.py) -> `preflight`: the machine, checkpoint paths,
+every data row, domains against weights and teachers (seconds; also what `mopd-train --cfg job`
+runs) -> toy world (if asked; minutes) -> vocabularies and tokenized data -> run directory and
+resume point -> Ray, engines, teachers, trainer -> logger. `Runtime` holds
 what the step loop in `mopd/train.py` needs.
 """
 
@@ -20,10 +22,10 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from mopd.checkpoint import DriverState, latest_checkpoint
 from mopd.config import JobConfig
-from mopd.data import DataScheduler, load_prompts
+from mopd.data import DataScheduler, check_domain_weights, load_prompts, scan_domains
 from mopd.run_logger import RunLogger
 from mopd.teachers import TeacherRouter, TeacherSet, check_teacher_vocabularies
-from mopd.toy.world import ToyWorldSpec, ensure_toy_world
+from mopd.toy.world import ToyWorldSpec, ensure_toy_world, toy_world_ready
 from mopd.types import ConfigError
 
 log = logging.getLogger(__name__)
@@ -49,13 +51,78 @@ class Runtime:
         self.resources.close()
 
 
+def preflight(job: JobConfig) -> None:
+    """Every check that builds and starts nothing: the machine, checkpoint paths, each data row, domains.
+
+    Paths the toy world will create (under `toy.dir`, not built yet) are taken on trust; its data
+    holds exactly `toy.domains`. Runs first in `prepare` and in `mopd-train --cfg job`.
+    """
+    check_machine(job)
+    pending = _toy_pending(job)
+    if not pending(job.student.model_path):
+        _require_checkpoint("student.model_path", job.student.model_path)
+    for name, teacher in job.teachers.items():
+        if teacher.backend in ("local", "sglang") and not pending(teacher.model_path):
+            _require_checkpoint(f"teachers.{name}.model_path", teacher.model_path)
+    domains: set[str] = set()
+    for file in job.data.train_files:
+        domains |= set(job.toy.domains) if pending(file) else scan_domains(job.data, file)
+    check_domain_weights(dict(job.data.domain_weights), domains)
+    if job.trainer.loss == "mopd" and job.algo.teacher_coef > 0:
+        TeacherRouter.from_config(job).check_domains(domains)
+
+
+def check_machine(job: JobConfig) -> None:
+    """GPUs and CPUs an embedded Ray cluster cannot give would hang the job: refuse them here.
+
+    With `ray_address` set the cluster is elsewhere (its GPUs are not this driver's), so only the
+    device-independent checks apply.
+    """
+    if job.ray_address:
+        return
+    import torch
+
+    cuda = torch.cuda.is_available()
+    job.trainer.check_devices(cuda, "trainer")
+    if not cuda:
+        if job.rollout.gpus_per_engine > 0:
+            raise ConfigError("rollout.gpus_per_engine", "0: CUDA is not available on this machine",
+                              job.rollout.gpus_per_engine)
+        for name, teacher in job.teachers.items():
+            if teacher.backend != "remote" and teacher.gpus_per_replica > 0:
+                raise ConfigError(f"teachers.{name}.gpus_per_replica", "0: CUDA is not available on this machine",
+                                  teacher.gpus_per_replica)
+    if job.ray_num_cpus is not None and job.ray_num_cpus < cpus_requested(job):
+        raise ConfigError("ray_num_cpus", f"null or at least the {cpus_requested(job):g} CPUs the engines, teachers "
+                          "and trainer ranks request (fewer leaves actors unscheduled)", job.ray_num_cpus)
+
+
+def cpus_requested(job: JobConfig) -> float:
+    """CPUs the job's Ray actors ask for: student engines, local teachers, trainer ranks."""
+    return (job.rollout.num_engines * job.rollout.cpus_per_engine
+            + sum(t.replicas * t.cpus_per_replica for t in job.teachers.values() if t.backend != "remote")
+            + job.trainer.dp_size * job.trainer.cpus_per_rank)
+
+
+def toy_spec(job: JobConfig) -> ToyWorldSpec:
+    return ToyWorldSpec(domains=tuple(job.toy.domains), arch=job.toy.arch, hidden_size=job.toy.hidden_size,
+                        num_layers=job.toy.num_layers, base_steps=job.toy.base_steps,
+                        teacher_steps=job.toy.teacher_steps, teacher_lr=job.toy.teacher_lr, seed=job.seed)
+
+
+def _toy_pending(job: JobConfig) -> Callable[[str], bool]:
+    """Whether a path is one the toy world has yet to create (under toy.dir, world not built)."""
+    if not job.toy.dir or toy_world_ready(job.toy.dir, toy_spec(job)):
+        return lambda path: False
+    root = Path(job.toy.dir).resolve()
+    return lambda path: bool(path) and Path(path).resolve().is_relative_to(root)
+
+
 def prepare(job: JobConfig) -> tuple[PreTrainedTokenizerBase, DataScheduler]:
     """Everything that can be checked without starting a process: paths, vocabularies, data, routing."""
+    preflight(job)
     if job.toy.dir:
-        ensure_toy_world(job.toy.dir, ToyWorldSpec(
-            domains=tuple(job.toy.domains), arch=job.toy.arch, hidden_size=job.toy.hidden_size,
-            num_layers=job.toy.num_layers, base_steps=job.toy.base_steps, teacher_steps=job.toy.teacher_steps,
-            teacher_lr=job.toy.teacher_lr, seed=job.seed))
+        ensure_toy_world(job.toy.dir, toy_spec(job))
     _require_checkpoint("student.model_path", job.student.model_path)
     for name, teacher in job.teachers.items():
         if teacher.backend in ("local", "sglang"):
@@ -124,9 +191,7 @@ def _init_ray(job: JobConfig) -> Callable[[], None]:
     if job.ray_address:
         ray.init(address=job.ray_address)
         return ray.shutdown
-    needed = (job.rollout.num_engines * job.rollout.cpus_per_engine
-              + sum(t.replicas * t.cpus_per_replica for t in job.teachers.values() if t.backend != "remote")
-              + job.trainer.dp_size * job.trainer.cpus_per_rank)
+    needed = cpus_requested(job)
     num_cpus = job.ray_num_cpus or max(int(needed + 0.999), os.cpu_count() or 1)
     options = dict(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
                    runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}})

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 import time
 from collections import defaultdict
@@ -22,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mopd import job as job_lib
 from mopd.checkpoint import DriverState, step_dir, write_driver_state
-from mopd.config import JobConfig, register_configs, to_job_config
+from mopd.config import JobConfig, config_error_from, register_configs, to_job_config
 from mopd.rewards import assign_orm_advantages, score_outcomes
 from mopd.types import ConfigError, Sample
 
@@ -144,19 +145,74 @@ def run(job: JobConfig, config_dict: dict | None = None) -> None:
         rt.close()
 
 
+def check_config(cfg: DictConfig) -> JobConfig:
+    """Every start-up check that builds and starts nothing: types, keys, ranges, the machine, files, data rows.
+
+    `mopd-train` runs these first (then `job.start` builds the toy world and starts Ray);
+    `mopd-train ... --cfg job` runs only these.
+    """
+    job = to_job_config(cfg)
+    job_lib.preflight(job)
+    return job
+
+
+def compose_config(overrides: list[str], config_name: str = "config", config_dir: str | None = None) -> DictConfig:
+    """The job config composed as `mopd-train` composes it (Hydra compose API, no run directory)."""
+    from hydra import compose, initialize_config_module
+
+    if config_dir:  # what --config-dir does: search the user's directory first
+        overrides = [*overrides, f"hydra.searchpath=[file://{os.path.abspath(config_dir)}]"]
+    try:
+        with initialize_config_module(config_module="configs", version_base=None):
+            return compose(config_name=config_name, overrides=list(overrides))
+    except Exception as e:  # noqa: BLE001 - every composition failure is a config error, named
+        raise config_error_from(e) from None
+
+
+def check_command_line(overrides: list[str], config_name: str = "config", config_dir: str | None = None) -> JobConfig:
+    """Compose and check a command line's overrides in-process: the checks `mopd-train` runs first."""
+    return check_config(compose_config(overrides, config_name, config_dir))
+
+
+_task_started = False
+
+
 @hydra.main(version_base=None, config_path="pkg://configs", config_name="config")
 def _hydra_main(cfg: DictConfig) -> None:
+    global _task_started
+    _task_started = True
     try:
-        job = to_job_config(cfg)
-        run(job, OmegaConf.to_container(cfg, resolve=True))
+        job = check_config(cfg)
+        run(job)
     except ConfigError as e:  # a user error: say what is wrong, no traceback
         log.error("%s", e)
         sys.exit(2)
 
 
 def main() -> None:
+    """`mopd-train`: Hydra's CLI, with every config error (composition included) exiting 2 and naming the field.
+
+    Hydra reports its own errors (a wrong type, an unknown config group) and exits 1; it raises
+    them instead when HYDRA_FULL_ERROR=1, which lets them be reported like every other config
+    error. `--cfg` prints without running the job: the config is checked first (exit 2 if invalid).
+    """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    _hydra_main()
+    from hydra._internal.utils import get_args_parser  # the parser hydra.main itself uses
+
+    args = get_args_parser().parse_args()
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        if args.cfg and not (args.help or args.hydra_help):
+            check_command_line(args.overrides, args.config_name or "config", args.config_dir)
+        _hydra_main()
+    except ConfigError as e:
+        log.error("%s", e)
+        sys.exit(2)
+    except Exception as e:  # noqa: BLE001 - only errors before the job started are config errors
+        if _task_started:
+            raise
+        log.error("%s", config_error_from(e))
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +39,7 @@ class RolloutConfig:
     sglang_args: dict[str, Any] = field(default_factory=dict)  # extra --flags for sglang.launch_server
 
     def validate(self, prefix: str = "rollout") -> None:
+        """Range checks at start-up: a bad value fails before Ray and the engines start."""
         if self.backend not in ENGINE_BACKENDS:
             raise ConfigError(f"{prefix}.backend", f"one of {ENGINE_BACKENDS}", self.backend)
         if self.backend == "remote" and not self.urls:
@@ -48,10 +50,29 @@ class RolloutConfig:
                 raise ConfigError(f"{prefix}.{name}", "an integer >= 1", getattr(self, name))
         if self.sample_from not in ("student", "teacher"):
             raise ConfigError(f"{prefix}.sample_from", "one of student, teacher", self.sample_from)
+        for name in ("temperature", "top_p", "cpus_per_engine", "mem_fraction_static", "request_timeout_s",
+                     "startup_timeout_s"):
+            if not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"{prefix}.{name}", "a finite number", getattr(self, name))
         if self.temperature < 0:
-            raise ConfigError(f"{prefix}.temperature", "a number >= 0", self.temperature)
+            raise ConfigError(f"{prefix}.temperature", "a number >= 0 (0 = greedy)", self.temperature)
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"{prefix}.top_p", "a number in (0, 1]", self.top_p)
+        if self.top_k == 0 or self.top_k < -1:
+            raise ConfigError(f"{prefix}.top_k", "-1 (no top-k) or an integer >= 1", self.top_k)
+        if self.cpus_per_engine <= 0:
+            raise ConfigError(f"{prefix}.cpus_per_engine", "a number > 0", self.cpus_per_engine)
+        if self.gpus_per_engine < 0:
+            raise ConfigError(f"{prefix}.gpus_per_engine", "an integer >= 0", self.gpus_per_engine)
+        if not 0 < self.mem_fraction_static <= 1:
+            raise ConfigError(f"{prefix}.mem_fraction_static", "a number in (0, 1]", self.mem_fraction_static)
+        for name in ("request_timeout_s", "startup_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{prefix}.{name}", "a number of seconds > 0", getattr(self, name))
+        if self.max_retries < 0:
+            raise ConfigError(f"{prefix}.max_retries", "an integer >= 0", self.max_retries)
+        if any(not url.startswith(("http://", "https://")) for url in self.urls):
+            raise ConfigError(f"{prefix}.urls", "server URLs (http://host:port)", self.urls)
         if self.max_new_tokens >= self.max_context_len:
             raise ConfigError(f"{prefix}.max_new_tokens", f"fewer than max_context_len={self.max_context_len}",
                               self.max_new_tokens)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, fields
 
 from mopd.types import ConfigError
 
@@ -45,6 +46,11 @@ class TrainerConfig:
     seed: int = 1234
 
     def validate(self, prefix: str = "trainer") -> None:
+        """Range checks at start-up (no machine needed); `check_devices` adds what needs the machine."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{prefix}.{f.name}", "a finite number", value)
         if self.loss not in LOSSES:
             raise ConfigError(f"{prefix}.loss", f"one of {LOSSES}", self.loss)
         if self.weight_sync not in WEIGHT_SYNC:
@@ -63,16 +69,44 @@ class TrainerConfig:
             raise ConfigError(f"{prefix}.device", "one of auto, cpu, cuda", self.device)
         if self.dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"{prefix}.dtype", "one of float32, bfloat16", self.dtype)
+        if not 0 <= self.min_lr <= self.lr:
+            raise ConfigError(f"{prefix}.min_lr", f"a number in [0, lr={self.lr}]", self.min_lr)
+        for name in ("warmup_steps", "total_steps", "seed"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{prefix}.{name}", "an integer >= 0", getattr(self, name))
+        if self.weight_decay < 0:
+            raise ConfigError(f"{prefix}.weight_decay", "a number >= 0", self.weight_decay)
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"{prefix}.{name}", "a number in [0, 1)", getattr(self, name))
         for name in ("dp_size", "tp_size", "pp_size", "ep_size", "max_tokens_per_microbatch"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{prefix}.{name}", "an integer >= 1", getattr(self, name))
+        for name in ("tp_size", "pp_size", "ep_size"):  # trainer/engine.py refuses them once started
+            if getattr(self, name) != 1:
+                raise ConfigError(f"{prefix}.{name}", "1 (only data parallelism, trainer.dp_size, is "
+                                  "implemented)", getattr(self, name))
         if self.weight_sync_format not in ("auto", "sglang", "safetensors"):
             raise ConfigError(f"{prefix}.weight_sync_format", "one of auto, sglang, safetensors",
                               self.weight_sync_format)
         for name in ("weight_sync_bucket_mb", "weight_sync_engine_tp"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{prefix}.{name}", "an integer >= 1", getattr(self, name))
+        if self.weight_sync_timeout_s <= 0:
+            raise ConfigError(f"{prefix}.weight_sync_timeout_s", "a number of seconds > 0",
+                              self.weight_sync_timeout_s)
+        if self.weight_sync == "distributed" and self.device == "cpu":
+            raise ConfigError(f"{prefix}.weight_sync", "tensor or disk when trainer.device=cpu (distributed "
+                              "broadcasts over NCCL: it needs CUDA)", self.weight_sync)
         if self.cpus_per_rank <= 0:
             raise ConfigError(f"{prefix}.cpus_per_rank", "a number > 0", self.cpus_per_rank)
         if self.grad_clip < 0:
             raise ConfigError(f"{prefix}.grad_clip", "a number >= 0 (0 disables clipping)", self.grad_clip)
+
+    def check_devices(self, cuda_available: bool, prefix: str = "trainer") -> None:
+        """What needs this machine: CUDA for device=cuda and for NCCL weight sync (embedded clusters)."""
+        if self.device == "cuda" and not cuda_available:
+            raise ConfigError(f"{prefix}.device", "auto or cpu: CUDA is not available on this machine", self.device)
+        if self.weight_sync == "distributed" and not cuda_available:
+            raise ConfigError(f"{prefix}.weight_sync", "tensor or disk: distributed weight sync broadcasts over "
+                              "NCCL and needs CUDA, which is not available on this machine", self.weight_sync)

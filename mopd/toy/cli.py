@@ -6,7 +6,7 @@ import argparse
 import logging
 
 from envs.toy_tasks import TOY_DOMAINS
-from mopd.toy.world import ToyWorldSpec, ensure_toy_world
+from mopd.toy.world import ToyWorldSpec, check_toy_domains, ensure_toy_world
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -23,6 +23,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     domains = tuple(d.strip() for d in args.domains.split(",") if d.strip())
+    try:  # before anything is written
+        check_toy_domains(domains)
+    except ValueError as e:
+        parser.error(str(e))
+    if not domains:
+        parser.error("--domains: expected at least one toy domain")
     root = ensure_toy_world(args.dir, ToyWorldSpec(domains=domains, arch=args.arch, base_steps=args.base_steps,
                                                    teacher_steps=args.teacher_steps, seed=args.seed))
     print(f"toy world ready in {root}: student/, " + ", ".join(f"teacher_{d}/" for d in domains) + ", data/")

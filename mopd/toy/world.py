@@ -40,17 +40,31 @@ class ToyWorldSpec:
     seed: int = 0
 
 
+def toy_world_ready(root: str | Path, spec: ToyWorldSpec) -> bool:
+    """True when a complete toy world with this spec is under `root` (else ensure_toy_world builds it)."""
+    manifest = Path(root) / MANIFEST
+    try:
+        return manifest.is_file() and json.loads(manifest.read_text()) == _spec_dict(spec)
+    except (OSError, ValueError):
+        return False
+
+
+def check_toy_domains(domains: tuple[str, ...] | list[str]) -> None:
+    """Before anything is built: every domain is one the toy world can generate."""
+    unknown = [d for d in domains if d not in TOY_DOMAINS]
+    if unknown:
+        raise ValueError(f"toy.domains: unknown domain(s) {unknown}; expected a subset of {sorted(TOY_DOMAINS)}")
+
+
 def ensure_toy_world(root: str | Path, spec: ToyWorldSpec | None = None) -> Path:
     """Create the toy world under `root` unless a complete one with the same spec is already there."""
     spec = spec or ToyWorldSpec()
     root = Path(root)
     manifest = root / MANIFEST
     wanted = _spec_dict(spec)
-    if manifest.exists() and json.loads(manifest.read_text()) == wanted:
+    if toy_world_ready(root, spec):
         return root
-    unknown = [d for d in spec.domains if d not in TOY_DOMAINS]
-    if unknown:
-        raise ValueError(f"toy.domains: unknown domain(s) {unknown}; expected a subset of {sorted(TOY_DOMAINS)}")
+    check_toy_domains(spec.domains)
     root.mkdir(parents=True, exist_ok=True)
     tokenizer = build_char_tokenizer()
     create_tiny_model(root / "student", tokenizer, arch=spec.arch, seed=spec.seed, hidden_size=spec.hidden_size,
