@@ -1,14 +1,24 @@
-"""Least-loaded dispatch of single sequences over engines, sticky per trajectory, with failover.
+"""Least-loaded dispatch of single sequences over engines, sticky per trajectory, with bounded failover.
 
-A request that fails because its engine is unreachable or answers 5xx is sent again to another
-engine; the caller gets exactly one result per request, so nothing is lost or duplicated.
+A request that fails because its engine is unreachable, times out, answers 5xx or answers something
+malformed is sent again, preferably to another engine; the caller gets exactly one result per
+request, so nothing is lost or duplicated. Retries are bounded twice over: at most `max_retries`
+re-sends per request, and no more than `retry_window_s` of waiting since the first fault. Between
+attempts the dispatcher backs off exponentially with jitter (tenacity) and, when every engine has
+failed, waits for one to answer /health again (an engine actor restarts a dead server on the same
+URL). When the bound is hit, `EngineUnavailable` names every engine tried and the last cause.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
+
+from tenacity import (AsyncRetrying, RetryError, retry_if_exception, retry_if_result, stop_after_attempt,
+                      stop_after_delay, wait_random_exponential)
 
 from rollout.engine_client import EngineClient, EngineError, _retryable
 
@@ -16,56 +26,132 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+class EngineUnavailable(EngineError):
+    """A request failed on every attempt the retry bounds allow; names the engines and the last cause."""
+
+    def __init__(self, urls: list[str], attempts: int, elapsed_s: float, cause: BaseException | None,
+                 hint: str = "") -> None:
+        self.urls = list(urls)
+        self.attempts = attempts
+        self.cause = cause
+        message = (f"request failed after {attempts} attempt(s) over {elapsed_s:.1f}s on engine(s) "
+                   f"{', '.join(self.urls)}; last error: {type(cause).__name__}: {cause}")
+        super().__init__(", ".join(self.urls), message + (f"; {hint}" if hint else ""))
+
+
 class Dispatcher:
+    """Sends each request to one engine and fails over within the bounds of `max_retries` / `retry_window_s`."""
+
     def __init__(self, urls: list[str], *, timeout_s: float = 300.0, max_retries: int = 3,
+                 retry_window_s: float = 300.0, backoff_s: float = 0.2, max_backoff_s: float = 5.0,
                  num_layers: int | None = None, top_k: int | None = None) -> None:
         if not urls:
             raise ValueError("Dispatcher needs at least one engine URL")
-        # Retries inside a client are few: failing over to a healthy engine beats waiting on a dead one.
-        self.clients = [EngineClient(u, timeout_s=timeout_s, max_retries=1, num_layers=num_layers, top_k=top_k)
+        # The dispatcher owns retrying (it can fail over to another engine); each client sends once.
+        self.clients = [EngineClient(u, timeout_s=timeout_s, max_retries=0, num_layers=num_layers, top_k=top_k)
                         for u in urls]
-        self.max_failovers = max_retries
+        self.max_retries = max(0, int(max_retries))
+        self.retry_window_s = float(retry_window_s)
+        self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
         self.in_flight = [0] * len(urls)
         self.failed = [False] * len(urls)
         self.sticky: dict[str, int] = {}
-        self.failovers = 0
+        self.failovers = 0  # requests re-sent after a fault (cumulative over this dispatcher)
+        self.attempts = 0  # requests sent, first tries included
+
+    @property
+    def urls(self) -> list[str]:
+        return [c.url for c in self.clients]
 
     def pick(self, key: str | None = None, exclude: set[int] | None = None) -> int:
+        """The trajectory's engine if it has one, else the least-loaded healthy engine (any engine if none)."""
         exclude = exclude or set()
-        if key is not None and key in self.sticky and self.sticky[key] not in exclude:
+        if key is not None and key in self.sticky and self.sticky[key] not in exclude \
+                and not self.failed[self.sticky[key]]:
             return self.sticky[key]
         healthy = [i for i in range(len(self.clients)) if i not in exclude and not self.failed[i]]
-        candidates = healthy or [i for i in range(len(self.clients)) if i not in exclude]
-        if not candidates:
-            raise EngineError("all engines", "no engine left to try")
-        index = min(candidates, key=lambda i: (self.in_flight[i], i))
+        candidates = healthy or [i for i in range(len(self.clients)) if i not in exclude] \
+            or list(range(len(self.clients)))
+        index = min(candidates, key=lambda i: (self.failed[i], self.in_flight[i], i))
         if key is not None:
             self.sticky[key] = index
         return index
 
     async def run(self, call: Callable[[EngineClient], Awaitable[T]], *, key: str | None = None) -> T:
-        """Run `call` on the least-loaded (or the trajectory's) engine, failing over on engine faults."""
-        tried: set[int] = set()
-        while True:
-            index = self.pick(key, tried)
-            self.in_flight[index] += 1
-            try:
-                result = await call(self.clients[index])
-                self.failed[index] = False
-                return result
-            except Exception as e:  # noqa: BLE001 - classified below
-                if not _retryable(e) or len(tried) >= self.max_failovers:
-                    raise
-                tried.add(index)
-                self.failed[index] = True
-                self.failovers += 1
-                if key is not None:
-                    self.sticky.pop(key, None)
-                log.warning("engine %s failed (%s); retrying on another engine", self.clients[index].url, e)
-                if len(tried) >= len(self.clients):
-                    tried = set()  # every engine failed once: try again from the start (it may be back)
-            finally:
-                self.in_flight[index] -= 1
+        """Run `call` on the least-loaded (or the trajectory's) engine, failing over on engine faults.
+
+        Raises the engine's error at once when it is the caller's fault (HTTP 4xx), and
+        `EngineUnavailable` when the retry bounds are spent.
+        """
+        start = time.monotonic()
+        tried: list[int] = []
+        last: BaseException | None = None
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self.max_retries + 1) | stop_after_delay(self.retry_window_s),
+            wait=wait_random_exponential(multiplier=self.backoff_s, max=self.max_backoff_s),
+            retry=retry_if_exception(_retryable), reraise=False)
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    if tried:
+                        await self._wait_for_an_engine(start)
+                    index = self.pick(key, self._recently_failed(tried))
+                    tried.append(index)
+                    self.attempts += 1
+                    self.in_flight[index] += 1
+                    try:
+                        result = await call(self.clients[index])
+                    except BaseException as e:
+                        if _retryable(e):
+                            last = e
+                            self._fault(index, key, e)
+                        raise
+                    finally:
+                        self.in_flight[index] -= 1
+                    self.failed[index] = False
+                    return result
+        except RetryError:
+            pass
+        hint = ("no engine answered /health again within the window (rollout.startup_timeout_s)"
+                if all(self.failed) else "")
+        raise EngineUnavailable(sorted({self.clients[i].url for i in tried}), len(tried),
+                                time.monotonic() - start, last, hint) from last
+
+    def _recently_failed(self, tried: list[int]) -> set[int]:
+        """Avoid the engines this request already failed on while others are left to try."""
+        exclude = set(tried)
+        return exclude if len(exclude) < len(self.clients) else set()
+
+    def _fault(self, index: int, key: str | None, error: BaseException) -> None:
+        self.failed[index] = True
+        self.failovers += 1
+        if key is not None:
+            self.sticky.pop(key, None)
+        log.warning("engine %s failed (%s: %s); retrying with backoff", self.clients[index].url,
+                    type(error).__name__, error)
+
+    async def _wait_for_an_engine(self, start: float) -> None:
+        """When every engine has failed, wait (backoff + jitter) until one answers /health again."""
+        if not all(self.failed):
+            return
+        remaining = self.retry_window_s - (time.monotonic() - start)
+        if remaining <= 0:
+            return
+        probing = AsyncRetrying(stop=stop_after_delay(remaining),
+                                wait=wait_random_exponential(multiplier=self.backoff_s, max=self.max_backoff_s),
+                                retry=retry_if_result(lambda up: not up))
+        try:
+            async for attempt in probing:
+                with attempt:
+                    up = await asyncio.gather(*(c.health() for c in self.clients))
+                    for i, ok in enumerate(up):
+                        if ok:
+                            self.failed[i] = False
+                    any_up = any(up)
+                if not attempt.retry_state.outcome.failed:
+                    attempt.retry_state.set_result(any_up)
+        except RetryError:
+            pass  # nobody came back: the next attempt fails fast and ends the request with the error
 
     def release(self, key: str) -> None:
         self.sticky.pop(key, None)

@@ -7,13 +7,14 @@ exponential backoff (tenacity), 4xx answers are the caller's mistake and raise a
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import aiohttp
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
 
 from mopd.types import TokenScores
-from rollout.sglang_api import GenerateRequest, GenerateResponse
+from rollout.sglang_api import GenerateRequest, GenerateResponse, ProtocolError
 
 
 class EngineError(RuntimeError):
@@ -25,10 +26,18 @@ class EngineError(RuntimeError):
         super().__init__(f"{url}: {message}" + (f" (HTTP {status})" if status else ""))
 
 
+class MalformedResponse(EngineError):
+    """The engine answered, but not with what the protocol promises (bad JSON, missing or wrong-length fields).
+
+    Retried like an engine fault (another engine may be fine) but within the same bounds, never forever.
+    """
+
+
 def _retryable(exc: BaseException) -> bool:
+    """Engine faults (unreachable, timeout, 5xx, malformed answer) are worth another try; 4xx are not."""
     if isinstance(exc, EngineError):
         return exc.status is None or exc.status >= 500
-    return isinstance(exc, (aiohttp.ClientConnectionError, asyncio.TimeoutError, aiohttp.ServerDisconnectedError))
+    return isinstance(exc, (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError))
 
 
 class EngineClient:
@@ -58,23 +67,28 @@ class EngineClient:
                                                   connector=aiohttp.TCPConnector(limit=256))
         return self._session
 
-    async def request(self, method: str, path: str, body: Any = None, *, retries: int | None = None) -> Any:
+    async def request(self, method: str, path: str, body: Any = None, *, retries: int | None = None,
+                      timeout_s: float | None = None) -> Any:
         """One call with retries on connection errors and 5xx; returns the decoded JSON (or text)."""
         attempts = (self.max_retries if retries is None else retries) + 1
         async for attempt in AsyncRetrying(stop=stop_after_attempt(attempts), reraise=True,
                                            wait=wait_exponential(multiplier=0.2, max=5.0),
                                            retry=retry_if_exception(_retryable)):
             with attempt:
-                return await self._once(method, path, body)
+                return await self._once(method, path, body, timeout_s)
 
-    async def _once(self, method: str, path: str, body: Any) -> Any:
+    async def _once(self, method: str, path: str, body: Any, timeout_s: float | None = None) -> Any:
+        extra: dict[str, Any] = {} if timeout_s is None else {"timeout": aiohttp.ClientTimeout(total=timeout_s)}
         try:
-            async with self._http().request(method, self.url + path, json=body) as resp:
+            async with self._http().request(method, self.url + path, json=body, **extra) as resp:
                 text = await resp.text()
                 if resp.status >= 400:
                     raise EngineError(self.url + path, _error_message(text), resp.status)
                 if resp.content_type == "application/json" and text:
-                    return await resp.json(content_type=None)
+                    try:
+                        return json.loads(text)
+                    except ValueError as e:
+                        raise MalformedResponse(self.url + path, f"invalid JSON in the answer: {e}") from None
                 return text
         except aiohttp.ClientConnectorError as e:
             raise EngineError(self.url + path, f"cannot connect: {e.os_error}") from e
@@ -82,7 +96,12 @@ class EngineClient:
     # --- generation -----------------------------------------------------------------------------
     async def generate(self, request: GenerateRequest, *, retries: int | None = None) -> GenerateResponse:
         body = await self.request("POST", "/generate", request.to_json(), retries=retries)
-        return GenerateResponse.from_json(body, num_layers=self.num_layers, top_k=self.top_k)
+        if not isinstance(body, dict):
+            raise MalformedResponse(self.url + "/generate", f"expected a JSON object, got {body!r:.200}")
+        try:
+            return GenerateResponse.from_json(body, num_layers=self.num_layers, top_k=self.top_k)
+        except (ProtocolError, ValueError) as e:
+            raise MalformedResponse(self.url + "/generate", str(e)) from None
 
     async def score(self, input_ids: list[int], start: int) -> list[float]:
         """log p(token_i | tokens_<i) for i in [start, len): a prefill with prompt logprobs (teacher scoring)."""
@@ -99,13 +118,13 @@ class EngineClient:
         n = len(input_ids) - start
         values = resp.input_logprobs or []
         if len(values) != n or any(v is None for v in values):
-            raise EngineError(self.url, f"score: expected {n} prompt logprobs from position {start}, "
+            raise MalformedResponse(self.url, f"score: expected {n} prompt logprobs from position {start}, "
                               f"got {values!r:.200}")
         scores = TokenScores(logprobs=[float(v) for v in values])
         if top_k > 0:
             tops = resp.input_top_logprobs or []
             if len(tops) != n or any(not row for row in tops):
-                raise EngineError(self.url, f"score: expected top-{top_k} logprobs at {n} positions from {start}, "
+                raise MalformedResponse(self.url, f"score: expected top-{top_k} logprobs at {n} positions from {start}, "
                                   f"got {tops!r:.200}")
             scores.top_ids = [[t for _, t in row[:top_k]] for row in tops]
             scores.top_logprobs = [[lp for lp, _ in row[:top_k]] for row in tops]
@@ -133,9 +152,10 @@ class EngineClient:
                 await asyncio.sleep(0.2)
 
     # --- state --------------------------------------------------------------------------------
-    async def health(self) -> bool:
+    async def health(self, timeout_s: float = 5.0) -> bool:
+        """One quick probe (a hung engine must not hold up whoever waits for an engine to come back)."""
         try:
-            await self.request("GET", "/health", retries=0)
+            await self.request("GET", "/health", retries=0, timeout_s=min(timeout_s, self.timeout.total or timeout_s))
             return True
         except (EngineError, aiohttp.ClientError, asyncio.TimeoutError):
             return False
@@ -173,8 +193,6 @@ def _check_success(url: str, result: Any) -> None:
 
 
 def _error_message(text: str) -> str:
-    import json
-
     try:
         body = json.loads(text)
     except ValueError:

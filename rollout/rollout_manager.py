@@ -49,8 +49,10 @@ class RolloutManager:
         return params
 
     def dispatcher(self) -> Dispatcher:
+        """Bounded failover: rollout.max_retries re-sends per request, within rollout.startup_timeout_s (long
+        enough for a dead engine to be restarted by its actor) of the first fault."""
         return Dispatcher(self.urls, timeout_s=self.cfg.request_timeout_s, max_retries=self.cfg.max_retries,
-                          num_layers=self.num_layers, top_k=self.top_k)
+                          retry_window_s=self.cfg.startup_timeout_s, num_layers=self.num_layers, top_k=self.top_k)
 
     async def check_engines(self) -> None:
         """Fail at start-up, not mid-run, when R3 is on but an engine returns no routed experts."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import time
@@ -17,12 +18,13 @@ from mopd.toy.models import create_tiny_model
 from mopd.toy.tokenizer import build_char_tokenizer
 from mopd.types import Sample
 from rollout.config import RolloutConfig
-from rollout.dispatch import Dispatcher
+from rollout.dispatch import Dispatcher, EngineUnavailable
 from rollout.engine_client import EngineClient, EngineError
 from rollout.engines import launch_engines
 from rollout.rollout_manager import RolloutManager
 from rollout.sglang_api import GenerateRequest
 from rollout.teacher_scoring import score_samples
+from tests.rollout.conftest import free_port
 
 
 @pytest.fixture(scope="module")
@@ -164,3 +166,123 @@ def test_dispatch_prefers_the_least_loaded_engine_and_sticks_to_a_trajectory():
     assert d.pick("traj") == 1 and d.pick() == 0
     d.failed = [True, False, False]
     assert d.pick() == 2
+
+
+# --- bounded retries (issue 11): misbehaving engines are real HTTP servers on loopback ----------------------
+
+GOOD_ANSWER = {"text": "", "output_ids": [5], "meta_info": {"finish_reason": {"type": "length"},
+                                                            "output_token_logprobs": [[-0.5, 5, None]],
+                                                            "weight_version": "0"}}
+
+
+class FaultyEngine:
+    """An HTTP server on loopback that answers /health and, on /generate, whatever `answer` says; counts requests."""
+
+    def __init__(self, answer, port: int | None = None) -> None:
+        self.answer, self.port = answer, port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.generate_requests = 0
+        self.runner = None
+
+    async def start(self) -> "FaultyEngine":
+        from aiohttp import web
+
+        async def generate(request):
+            self.generate_requests += 1
+            status, body = self.answer(await request.json())
+            return web.Response(status=status, text=body if isinstance(body, str) else json.dumps(body),
+                                content_type="application/json")
+
+        async def health(_):
+            return web.Response(text="")
+
+        app = web.Application()
+        app.router.add_post("/generate", generate)
+        app.router.add_get("/health", health)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+        return self
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+
+
+def _probe() -> GenerateRequest:
+    return GenerateRequest(input_ids=[1, 2, 3], sampling_params={"max_new_tokens": 1}, return_logprob=True)
+
+
+def test_all_engines_dead_is_a_clear_error_within_the_retry_window_not_a_hang():
+    dead = [f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"]
+
+    async def go():
+        d = Dispatcher(dead, max_retries=50, retry_window_s=2.0, backoff_s=0.05, max_backoff_s=0.5, timeout_s=5)
+        start = time.monotonic()
+        with pytest.raises(EngineUnavailable) as info:
+            await asyncio.wait_for(d.run(lambda c: c.generate(_probe())), 20)  # before the fix: hangs forever
+        return time.monotonic() - start, d, str(info.value)
+
+    elapsed, d, message = asyncio.run(go())
+    assert elapsed < 6, elapsed
+    assert all(url in message for url in dead) and "cannot connect" in message, message
+    assert "rollout.startup_timeout_s" in message  # says which bound ended it
+    assert d.attempts <= 10  # waits for /health between rounds instead of hammering dead engines
+
+
+@pytest.mark.parametrize("answer,cause", [
+    (lambda body: (500, {"error": {"message": "CUDA error: illegal memory access"}}), "HTTP 500"),
+    (lambda body: (200, {"text": "no meta_info"}), "malformed /generate response"),
+    (lambda body: (200, "{not json"), "invalid JSON"),
+], ids=["5xx", "malformed", "not-json"])
+def test_a_broken_engine_gets_at_most_max_retries_resends_then_a_named_error(answer, cause):
+    async def go():
+        engine = await FaultyEngine(answer).start()
+        try:
+            d = Dispatcher([engine.url], max_retries=3, retry_window_s=30, backoff_s=0.01, max_backoff_s=0.05)
+            with pytest.raises(EngineUnavailable) as info:
+                await asyncio.wait_for(d.run(lambda c: c.generate(_probe())), 20)
+            await d.close()
+            return engine.generate_requests, str(info.value)
+        finally:
+            await engine.stop()
+
+    requests, message = asyncio.run(go())
+    assert requests == 4, requests  # 1 + rollout.max_retries, before the fix: thousands per second
+    assert "4 attempt(s)" in message and cause in message, message
+
+
+def test_teacher_scoring_with_wrong_length_logprobs_is_bounded():
+    def answer(body):
+        return 200, {"text": "", "output_ids": [], "meta_info": {"input_token_logprobs": [[None, 1, None]]}}
+
+    async def go():
+        engine = await FaultyEngine(answer).start()
+        try:
+            sample = Sample(prompt_index=0, group_index=0, domain="arith", prompt_ids=[1, 2], response_ids=[3, 4])
+            with pytest.raises(EngineUnavailable, match="score: expected 2 prompt logprobs"):
+                await asyncio.wait_for(score_samples([engine.url], [sample], max_retries=2, retry_window_s=10), 20)
+            return engine.generate_requests
+        finally:
+            await engine.stop()
+
+    assert asyncio.run(go()) == 3
+
+
+def test_a_request_waits_for_a_restarting_engine_and_completes():
+    port = free_port()
+
+    async def go():
+        d = Dispatcher([f"http://127.0.0.1:{port}"], max_retries=3, retry_window_s=20, backoff_s=0.05,
+                       max_backoff_s=0.3)
+        task = asyncio.create_task(d.run(lambda c: c.generate(_probe())))
+        await asyncio.sleep(1.0)  # the engine is down for a second, then comes back on the same URL
+        engine = await FaultyEngine(lambda body: (200, GOOD_ANSWER), port=port).start()
+        try:
+            response = await asyncio.wait_for(task, 20)
+        finally:
+            await engine.stop()
+            await d.close()
+        return response, d, engine.generate_requests
+
+    response, d, requests = asyncio.run(go())
+    assert response.output_ids == [5] and d.failovers >= 1 and requests == 1
