@@ -237,10 +237,15 @@ def config_error_from(e: BaseException) -> ConfigError:
     """A Hydra or OmegaConf error (wrong type, unknown key, bad override...) as a ConfigError naming the field."""
     if isinstance(e, ConfigError):
         return e
-    cause = e.__cause__ if isinstance(e, HydraException) and e.__cause__ is not None else e
+    cause: BaseException = e
+    if isinstance(e, HydraException):
+        cause = e.__cause__ or e.__context__ or e
     if isinstance(cause, ConfigError):
         return cause
     first_line = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    hydra_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    if cause is not e and hydra_line.startswith("In '"):  # the config file it came from
+        first_line += f"; {hydra_line.split(':')[0].lower()}"
     full_key = getattr(cause, "full_key", None)
     if isinstance(cause, OmegaConfBaseException) and full_key:
         tp = field_type(str(full_key))
@@ -249,7 +254,8 @@ def config_error_from(e: BaseException) -> ConfigError:
         return ConfigError(str(full_key), f"{describe_type(tp)} ({first_line})")
     if isinstance(e, MissingConfigException):
         group = (e.missing_cfg_file or "config").split("/")[0]
-        return ConfigError(group, f"an existing config ({first_line})")
+        options = " ".join(str(e).split())  # Hydra lists the available options after the first line
+        return ConfigError(group, f"an existing config ({options})")
     if isinstance(e, OverrideParseException):
         return ConfigError(str(e.override), f"an override KEY=VALUE in Hydra's grammar ({first_line})")
     return ConfigError("command line", first_line)
