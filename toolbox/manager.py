@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 import time
 from collections import defaultdict
 from typing import Any
@@ -17,6 +18,7 @@ import ray
 
 from envs.base import StepResult
 from envs.swe.task import SWETask
+from envs.swe.tools import TOOL_SCHEMAS
 from toolbox.parsing import ToolCall
 from toolbox.toolbox import get_or_create_toolbox
 
@@ -25,11 +27,31 @@ def percentile(values: list[float], q: float) -> float:
     if not values:
         return 0.0
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q / 100.0 * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(q / 100.0 * (len(ordered) - 1)))]
+
+
+def tool_label(action: Any) -> str:
+    """The metrics key of an action: a known tool's name, else "text" / "invalid" (bounded keys)."""
+    if isinstance(action, str):
+        return "text"
+    name = getattr(action, "name", None)
+    return name if isinstance(name, str) and name in TOOL_SCHEMAS else "invalid"
+
+
+def _positive_seconds(name: str, value: Any) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ValueError(f"{name} must be a finite number of seconds > 0, got {value!r}")
+    return float(value)
 
 
 class ToolManager:
     def __init__(self, toolbox: Any = None, call_timeout_s: float = 120.0) -> None:
+        call_timeout_s = _positive_seconds("call_timeout_s", call_timeout_s)
         self.toolbox = toolbox if toolbox is not None else get_or_create_toolbox()
         self.call_timeout_s = call_timeout_s
         self.latency: dict[str, list[float]] = defaultdict(list)
@@ -52,22 +74,31 @@ class ToolManager:
         return await self.toolbox.open_session.remote(kind, payload)
 
     async def step(self, session_id: str, action: ToolCall | str, timeout: float | None = None) -> StepResult:
-        """Run one tool call. Timeouts and failures come back as observations, never as exceptions."""
-        payload: Any = (
-            action if isinstance(action, str) else {"name": action.name, "arguments": action.arguments}
-        )
-        tool = "text" if isinstance(action, str) else action.name
+        """Run one tool call. Timeouts and failures come back as observations, never as exceptions.
+
+        A malformed call is answered by the environment with an error observation (``info["error"]``
+        names the kind); ``"infrastructure"`` and ``"timeout"`` are reserved for failures the model
+        did not cause.
+        """
+        limit = self.call_timeout_s if timeout is None else _positive_seconds("timeout", timeout)
+        tool = tool_label(action)
+        if isinstance(action, str):
+            payload: Any = action
+        elif isinstance(action, ToolCall):
+            payload = {"name": action.name, "arguments": action.arguments}
+        else:  # the env explains what a tool call must look like
+            payload = {"invalid": type(action).__name__}
         t0 = time.perf_counter()
         ref = self.toolbox.step.remote(session_id, payload)
         try:
-            result = await asyncio.wait_for(asyncio.wrap_future(ref.future()), timeout or self.call_timeout_s)
-        except asyncio.TimeoutError:
+            result = await asyncio.wait_for(asyncio.wrap_future(ref.future()), limit)
+        except TimeoutError:
             self.timeouts[tool] += 1
             self.failures[tool] += 1
             ray.cancel(ref)  # the Toolbox coroutine stops; recover() below replaces the sandbox
             await self.toolbox.recover.remote(session_id)  # fresh sandbox with the session's history
             return StepResult(
-                f"Tool `{tool}` timed out after {timeout or self.call_timeout_s:.0f}s; the "
+                f"Tool `{tool}` timed out after {limit:g}s; the "
                 "workspace was restored to its state before this call.",
                 0.0,
                 False,

@@ -174,15 +174,15 @@ def _parse_hermes(body: str) -> ToolCall | ToolCallError:
     if args is None:
         args = {}
     if not isinstance(args, dict):
-        return ToolCallError(f'"arguments" of `{shown}` must be a JSON object, got {json_type(args)}', raw[:200])
+        return ToolCallError(
+            f'"arguments" of `{shown}` must be a JSON object, got {json_type(args)}', raw[:200]
+        )
     return ToolCall(name.strip(), args)
 
 
 def _strip_one_newline(value: str) -> str:
-    if value.startswith("\n"):
-        value = value[1:]
-    if value.endswith("\n"):
-        value = value[:-1]
+    value = value.removeprefix("\n")
+    value = value.removesuffix("\n")
     return value
 
 
@@ -215,7 +215,8 @@ def _parse_mimo(body: str, tools: dict[str, dict[str, Any]] | None) -> ToolCall 
         )
     if outside:
         return ToolCallError(
-            f"text outside `<function={shown}>` ... `</function>` inside the tool call: {show(outside)}", raw[:200]
+            f"text outside `<function={shown}>` ... `</function>` inside the tool call: {show(outside)}",
+            raw[:200],
         )
     inner = match.group(2)
     props = ((tools or {}).get(name) or {}).get("properties", {})
@@ -225,9 +226,7 @@ def _parse_mimo(body: str, tools: dict[str, dict[str, Any]] | None) -> ToolCall 
         if not pname:
             return ToolCallError(f"a `<parameter=...>` of `{shown}` has an empty name", raw[:200])
         if pname in args:
-            return ToolCallError(
-                f"parameter `{show(pname)}` of `{shown}` is given more than once", raw[:200]
-            )
+            return ToolCallError(f"parameter `{show(pname)}` of `{shown}` is given more than once", raw[:200])
         args[pname] = _convert(_strip_one_newline(pmatch.group(2)), props.get(pname))
     leftover = _PARAM_RE.sub("", inner)
     if "<parameter=" in leftover:
@@ -244,7 +243,7 @@ def _parse_mimo(body: str, tools: dict[str, dict[str, Any]] | None) -> ToolCall 
 def _detect(body: str) -> str:
     """A body that starts like JSON is hermes (its strings may mention `<function=`), else mimo."""
     head = body.lstrip()
-    if head.startswith("{") or head.startswith("["):
+    if head.startswith(("{", "[")):
         return "hermes"
     return "mimo" if _FUNC_OPEN in body else "hermes"
 
@@ -262,7 +261,9 @@ def parse_tool_calls(
     if fmt not in FORMATS:
         raise ValueError(f"tool-call format must be one of {FORMATS}, got {fmt!r}")
     if not isinstance(text, str):
-        return ParseResult(errors=[ToolCallError(f"model output must be text, got {type(text).__name__}", "")])
+        return ParseResult(
+            errors=[ToolCallError(f"model output must be text, got {type(text).__name__}", "")]
+        )
     bodies, errors, content = _blocks(text)
     result = ParseResult(errors=list(errors), content=content)
     for body in bodies:
@@ -293,7 +294,8 @@ def check_tool_call(call: Any, tools: dict[str, dict[str, Any]]) -> ToolCall | T
     if unknown:
         expected = ", ".join(f"`{p}`" for p in props) or "none"
         return ToolCallError(
-            f"unknown argument `{show(unknown[0])}` for tool `{shown}`; its arguments are: {expected}", call.name
+            f"unknown argument `{show(unknown[0])}` for tool `{shown}`; its arguments are: {expected}",
+            call.name,
         )
     missing = [r for r in schema.get("required", []) if r not in call.arguments]
     if missing:

@@ -16,11 +16,24 @@ from typing import Any
 import ray
 from ray.exceptions import RayActorError
 
+from envs.swe.tools import TOOL_SCHEMAS
+from toolbox.parsing import parse_tool_calls
 from toolbox.ratelimit import Admission
 from toolbox.worker import ENV_KINDS, SandboxWorker
 
 TOOLBOX_NAME = "mopd-toolbox"
 NAMESPACE = "mopd"
+
+
+def admission_key(action: Any) -> str:
+    """The tool a call will run, for its quota and QPS bucket: model text is parsed here, so a
+    ``bash`` call written as text counts against the ``bash`` quota like a parsed one. Calls that
+    will fail to parse share the "text" bucket; unknown names share "invalid" (bounded keys)."""
+    if isinstance(action, str):
+        parsed = parse_tool_calls(action, "auto", TOOL_SCHEMAS)
+        return parsed.calls[0].name if parsed.ok and len(parsed.calls) == 1 else "text"
+    name = action.get("name") if isinstance(action, dict) else None
+    return name if isinstance(name, str) and name in TOOL_SCHEMAS else "invalid"
 
 
 @dataclass
@@ -128,9 +141,7 @@ class ToolboxImpl:
         s = self.sessions.get(sid)
         if s is None:
             raise KeyError(f"unknown toolbox session {sid!r}")
-        tool = action if isinstance(action, str) else action.get("name", "?")
-        tool = "text" if isinstance(action, str) else tool
-        return await self.admission(tool, lambda: self._step(sid, s, action))
+        return await self.admission(admission_key(action), lambda: self._step(sid, s, action))
 
     async def _step(self, sid: str, s: _Session, action: dict[str, Any] | str) -> dict[str, Any]:
         for attempt in range(self.max_retries + 1):

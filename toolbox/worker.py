@@ -36,6 +36,16 @@ def make_backend(config: SandboxConfig) -> Any:
     return LocalSandboxBackend(config)
 
 
+def as_action(payload: Any) -> Any:
+    """The ToolManager's wire form (text, or {"name", "arguments"}) -> what ``SWEEnv.step`` takes.
+
+    Anything else is passed on unchanged, and the env answers it with an error observation.
+    """
+    if isinstance(payload, dict) and "name" in payload:
+        return ToolCall(payload["name"], payload.get("arguments", {}))
+    return payload
+
+
 class SandboxWorker:
     """Plain class (usable in-process); ``toolbox.toolbox`` makes it a Ray actor."""
 
@@ -105,11 +115,10 @@ class SandboxWorker:
                 "done": False,
                 "info": {},
             }
-        call = action if isinstance(action, str) else ToolCall(action["name"], action.get("arguments", {}))
         try:
-            result = await env.step(call)
-        except SandboxError as exc:
-            if exc.status == 0 or not await env.sandbox.alive():
+            result = await env.step(as_action(action))
+        except SandboxError as exc:  # the env turned every model-caused failure into an observation
+            if exc.status == 0 or env.sandbox is None or not await env.sandbox.alive():
                 return {"lost": True, "observation": str(exc), "reward": 0.0, "done": False, "info": {}}
             raise
         return {

@@ -9,8 +9,9 @@ from __future__ import annotations
 import math
 import re
 import sys
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 from envs.base import StepResult
 from envs.sandbox.base import Sandbox
@@ -132,7 +133,9 @@ class SWEEnv:
             or not math.isfinite(command_timeout)
             or command_timeout <= 0
         ):
-            raise ValueError(f"command_timeout must be a finite number of seconds > 0, got {command_timeout!r}")
+            raise ValueError(
+                f"command_timeout must be a finite number of seconds > 0, got {command_timeout!r}"
+            )
         for name, value in (("max_output", max_output), ("max_file_bytes", max_file_bytes)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")

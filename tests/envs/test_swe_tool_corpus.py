@@ -58,6 +58,8 @@ BIG_FILE = "head -c 17000000 /dev/zero > big.bin"  # > the agent's 16 MiB read l
 MID_FILE = "{ echo MARK; head -c 10000000 /dev/zero | tr '\\0' a; } > mid.txt"
 OUTSIDE = "/tmp/mopd-corpus-outside"  # a host directory a planted symlink points at
 
+# one line per case
+# fmt: off
 CASES = [
     # -- numbers from the model: never disable or exceed the configured limit ----------------------
     Case("timeout-nan-hermes", raw('{"name": "bash", "arguments": {"command": "sleep 20", "timeout": NaN}}'), ("`timeout`", "timed out after 2s"), error=False, max_s=12),
@@ -147,6 +149,7 @@ CASES = [
     Case("finish-mopd-locked-dir", ToolCall("finish", {}), "Submitted", setup="mkdir -p .mopd/x && touch .mopd/x/y && chmod 000 .mopd/x .mopd", error=False, done=True),
     Case("finish-with-arguments", hermes("finish", {"summary": "done"}), "unknown argument `summary`"),
 ]
+# fmt: on
 
 TEST_PATCH = """diff --git a/test_extra.py b/test_extra.py
 new file mode 100644
@@ -245,7 +248,9 @@ async def test_malformed_tool_call(env, outside, case: Case):
 async def test_nan_timeout_kills_at_the_configured_limit(env):
     """The sleep is killed at LIMIT_S, not at the sandbox's wall limit (30 s) or never."""
     t0 = time.monotonic()
-    r = await env.step(raw('{"name": "bash", "arguments": {"command": "sleep 20; echo woke", "timeout": NaN}}'))
+    r = await env.step(
+        raw('{"name": "bash", "arguments": {"command": "sleep 20; echo woke", "timeout": NaN}}')
+    )
     elapsed = time.monotonic() - t0
     assert "woke" not in r.observation and "timed out after 2s" in r.observation, r.observation
     assert LIMIT_S <= elapsed < LIMIT_S + 8, elapsed
@@ -261,6 +266,10 @@ async def test_gold_fix_still_scores_with_a_planted_mopd_symlink(env, outside):
 
 
 def test_env_rejects_non_finite_configured_limits():
-    for kwargs in ({"command_timeout": float("nan")}, {"command_timeout": float("inf")}, {"command_timeout": 0}):
+    for kwargs in (
+        {"command_timeout": float("nan")},
+        {"command_timeout": float("inf")},
+        {"command_timeout": 0},
+    ):
         with pytest.raises(ValueError, match="command_timeout"):
             SWEEnv(lambda: None, **kwargs)  # type: ignore[arg-type]
