@@ -15,10 +15,10 @@ pytestmark = pytest.mark.slow
 SHORT = ["experiment=dry_run", "toy.teacher_steps=60", "logger.progress=false", "save_interval=10"]
 
 
-def _train(*overrides: str, timeout: int = 600) -> subprocess.CompletedProcess:
+def _train(*overrides: str, timeout: int = 600, cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HYDRA_FULL_ERROR="1")
     return subprocess.run([sys.executable, "-m", "mopd.train", *overrides], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+                          timeout=timeout, env=env, cwd=cwd)
 
 
 def _metrics(run_dir: Path) -> list[dict]:
@@ -28,13 +28,17 @@ def _metrics(run_dir: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("dry") / "run"
-    proc = _train(*SHORT, f"run_dir={run_dir}", "num_steps=20")
+    cwd = run_dir.parent / "cwd"
+    cwd.mkdir()
+    proc = _train(*SHORT, f"run_dir={run_dir}", "num_steps=20", cwd=cwd)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert list(cwd.iterdir()) == [], "the run wrote outside run_dir (Hydra's outputs/DATE/TIME?)"
     return run_dir
 
 
 def test_run_writes_config_metrics_checkpoints_and_wandb(run_dir: Path):
     assert (run_dir / "config.yaml").is_file()
+    assert (run_dir / "mopd-train.log").is_file() and not (run_dir / ".hydra").exists()
     metrics = _metrics(run_dir)
     assert [m["step"] for m in metrics] == list(range(20))
     for m in metrics:
@@ -83,12 +87,14 @@ def test_resume_continues_steps_without_skipping_or_repeating_prompts(run_dir: P
     ("teachers.arith.model_path=/nowhere", "teachers.arith.model_path"),
     ("default_teacher=chemistry", "default_teacher"),
 ])
-def test_config_errors_fail_before_start_up_and_name_the_field(run_dir: Path, override: str, field: str):
-    proc = _train(*SHORT, f"run_dir={run_dir.parent / 'bad'}", f"toy.dir={run_dir / 'toy'}", override,
-                  timeout=120)
+def test_config_errors_fail_before_start_up_and_name_the_field(run_dir: Path, override: str, field: str,
+                                                               tmp_path: Path):
+    bad = tmp_path / "bad"
+    proc = _train(*SHORT, f"run_dir={bad}", f"toy.dir={run_dir / 'toy'}", override, timeout=120, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert f"invalid config `{field}`" in proc.stderr + proc.stdout
-    assert not (run_dir.parent / "bad" / "metrics.jsonl").exists()
+    assert f"invalid config `{field}`" in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad"]  # no outputs/ in the working directory
+    assert [p.name for p in bad.iterdir()] == ["mopd-train.log"]  # nothing but the log
 
 
 def test_data_domain_without_a_teacher_is_a_start_up_error(run_dir: Path, tmp_path: Path):

@@ -1,5 +1,6 @@
 """Hydra composition of the real configs and start-up validation errors."""
 
+import time
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 
 from mopd.config import register_configs, to_job_config
+from mopd.train import check_command_line
 from mopd.types import ConfigError
 
 register_configs()
@@ -48,6 +50,14 @@ def test_register_a_teacher_on_the_command_line():
     ("max_sampled_tokens=-1", "max_sampled_tokens"),
     ("rollout.sample_from=teacher", "rollout.sample_from"),
     ("rollout.sample_from=both", "rollout.sample_from"),
+    ("rollout.top_k=0", "rollout.top_k"),
+    ("rollout.cpus_per_engine=-1", "rollout.cpus_per_engine"),
+    ("rollout.request_timeout_s=0", "rollout.request_timeout_s"),
+    ("ray_num_cpus=-4", "ray_num_cpus"),
+    ("trainer.tp_size=2", "trainer.tp_size"),
+    ("trainer.ep_size=4", "trainer.ep_size"),
+    ("trainer.weight_sync=distributed", "trainer.weight_sync"),
+    ("toy.domains=[arith,chemistry]", "toy.domains"),
 ])
 def test_invalid_values_name_the_field(override, field):
     with pytest.raises(ConfigError) as err:
@@ -72,6 +82,44 @@ def test_wrong_types_fail_at_composition():
         _compose("experiment=dry_run", "rollout.num_engines=many")
     with pytest.raises((ConfigCompositionException, ValidationError)):
         _compose("experiment=dry_run", "rollout.no_such_field=1")
+
+
+def test_composition_errors_become_config_errors_naming_the_field():
+    with pytest.raises(ConfigError) as err:
+        check_command_line(["experiment=dry_run", "rollout.num_engines=many"])
+    assert err.value.field_name == "rollout.num_engines" and "an integer" in str(err.value)
+
+
+def test_keys_added_with_plus_must_exist_in_the_schema():
+    with pytest.raises(ConfigError) as err:
+        to_job_config(_compose("experiment=dry_run", "+rollout.not_a_field=1"))
+    assert err.value.field_name == "rollout.not_a_field"
+    # a new teacher is a new key of a dict of TeacherConfig: allowed; its own fields are checked
+    assert "sort" in to_job_config(_compose("experiment=dry_run", "+teacher@teachers.sort=toy_sort")).teachers
+    with pytest.raises(ConfigError, match="teachers.sort.tempo"):
+        to_job_config(_compose("experiment=dry_run", "+teacher@teachers.sort=toy_sort", "+teachers.sort.tempo=1"))
+
+
+def test_nan_and_inf_are_refused_everywhere():
+    for override, field in (("trainer.eps_high=nan", "trainer.eps_high"), ("algo.alpha=inf", "algo.alpha"),
+                            ("data.domain_weights.arith=nan", "data.domain_weights.arith")):
+        with pytest.raises(ConfigError) as err:
+            to_job_config(_compose("experiment=dry_run", override))
+        assert err.value.field_name == field and "finite" in str(err.value)
+
+
+def test_default_run_dir_is_outputs_date_time_and_hydra_writes_there():
+    cfg = _compose_default("experiment=dry_run")
+    first = cfg.run_dir
+    time.sleep(1.1)
+    assert first.startswith("outputs/") and cfg.run_dir == first  # cached: one value per composed config
+    assert cfg.toy.dir == f"{first}/toy"
+    assert _compose("experiment=dry_run").run_dir == "/tmp/mopd-config-test"
+
+
+def _compose_default(*overrides: str):
+    with initialize_config_module(config_module="configs", version_base=None):
+        return compose(config_name="config", overrides=list(overrides))
 
 
 def test_teacher_yaml_files_are_valid_teacher_configs():

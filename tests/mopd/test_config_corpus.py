@@ -205,7 +205,7 @@ def _assert_refused_before_start(proc: subprocess.CompletedProcess, field: str, 
     assert "Traceback" not in proc.stderr
     assert not (tmp / "ray").exists(), "a Ray session was started"
     run = tmp / "run"
-    assert not run.exists() or {p.name for p in run.iterdir()} <= {"train.log"}, list(run.iterdir())
+    assert not run.exists() or {p.name for p in run.iterdir()} <= {"mopd-train.log"}, list(run.iterdir())
     assert not (tmp / "outputs").exists(), "Hydra wrote outputs/ in the working directory"
     assert elapsed < 90
 

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from mopd.config import DataConfig
-from mopd.data import DataScheduler, load_prompts
+from mopd.data import DataScheduler, load_prompts, scan_domains
 from mopd.toy.tokenizer import build_char_tokenizer
 from mopd.types import ConfigError
 from envs.toy_tasks import make_examples
@@ -76,3 +76,30 @@ def test_overlong_prompts_are_dropped_not_truncated(tmp_path, tokenizer):
     cfg = DataConfig(train_files=[_write(tmp_path / "d.jsonl", rows)])
     loaded = load_prompts(cfg, tokenizer, max_prompt_len=64)
     assert len(loaded) == 1 and loaded[0].label == "2"
+
+
+@pytest.mark.parametrize("line, field, says", [
+    ("[1, 2]", "data.train_files", "a JSON object on every line"),
+    ("5", "data.train_files", "holds a int"),
+    ("null", "data.train_files", "holds a NoneType"),
+    ('{"domain": "arith"}', "data.prompt_key", "a key present in every row"),
+    ('{"prompt": ["x"], "domain": "arith"}', "data.train_files", "chat messages"),
+    ('{"prompt": "x", "domain": 3}', "data.train_files", "non-empty string domain"),
+])
+def test_rows_that_are_not_prompt_objects_name_the_file_and_line(tmp_path, tokenizer, line, field, says):
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps({"prompt": "1+1=", "domain": "arith"}) + "\n\n" + line + "\n")
+    for check in (lambda: load_prompts(DataConfig(train_files=[str(path)]), tokenizer, 100),
+                  lambda: scan_domains(DataConfig(train_files=[str(path)]), str(path))):
+        with pytest.raises(ConfigError) as err:
+            check()
+        assert err.value.field_name == field and says in str(err.value) and "rows.jsonl:3" in str(err.value)
+
+
+def test_scan_domains_reads_every_row_without_a_tokenizer(tmp_path):
+    path = _write(tmp_path / "d.jsonl", make_examples("arith", 3, 0) + make_examples("reverse", 2, 0))
+    assert scan_domains(DataConfig(train_files=[path]), path) == {"arith", "reverse"}
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(ConfigError, match="at least one row"):
+        scan_domains(DataConfig(train_files=[str(empty)]), str(empty))
