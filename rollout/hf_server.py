@@ -12,31 +12,63 @@ Deviations from SGLang, on purpose:
 - Prompts are token ids only (`text` is refused by the protocol layer); `stream` is refused.
 - Sampling keys that change the distribution and are not implemented (penalties, min_p, regex,
   json_schema, stop strings, n > 1, logit_bias...) are refused with HTTP 400 naming the key.
+
+Bad input is an HTTP 400 whose message names the field (`hf_server_validation` checks every
+request before it reaches the scheduler), a body over --max-request-bytes is a 413, and a
+rejected weight update changes no weight. A failure inside one generation step fails only the
+requests it belongs to; if the scheduler loop itself ever stops, /health and /health_generate
+answer 503 so that whoever supervises the server restarts it.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
+import logging
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import numpy as np
 import torch
 from aiohttp import web
-from safetensors.torch import load as safetensors_load
 
+from rollout import hf_server_validation as check
 from rollout.hf_server_engine import ModelRunner
-from rollout.hf_server_scheduler import Request, RequestError, Scheduler, parse_sampling
-from rollout.sglang_api import (GenerateRequest, ProtocolError, encode_routed_experts, logprob_entries,
-                                 top_logprob_entries)
+from rollout.hf_server_scheduler import EngineDead, Request, RequestError, Scheduler, parse_sampling
+from rollout.sglang_api import GenerateRequest, encode_routed_experts, logprob_entries, top_logprob_entries
 
 NCCL_MESSAGE = "not supported by the local server (NCCL, GPU clusters only)"
+DEFAULT_MAX_REQUEST_BYTES = 256 << 20  # a weight update by tensor of a small model, or a long prompt
+log = logging.getLogger(__name__)
+
+
+class BodyTooLarge(Exception):
+    """A request body over --max-request-bytes (HTTP 413)."""
 
 
 def _error(message: str, status: int = 400) -> web.Response:
-    return web.json_response({"error": {"message": message}}, status=status)
+    """SGLang's error shapes at once: `error.message` (generate) and `success`/`message` (weights)."""
+    return web.json_response({"success": False, "message": message, "error": {"message": message}}, status=status)
+
+
+@web.middleware
+async def _error_middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                            ) -> web.StreamResponse:
+    """Map refusals to 400/413/503 with a JSON message; anything else is a logged 500, never a dead handler."""
+    try:
+        return await handler(request)
+    except web.HTTPException:
+        raise
+    except BodyTooLarge as e:
+        return _error(str(e), status=413)
+    except RequestError as e:
+        return _error(str(e))
+    except EngineDead as e:
+        return _error(str(e), status=503)
+    except Exception as e:
+        log.exception("%s %s failed", request.method, request.path)
+        return _error(f"internal error: {type(e).__name__}: {e}", status=500)
 
 
 class HFServer:
@@ -50,6 +82,7 @@ class HFServer:
         self.weight_version = args.weight_version
         self.tokenizer = _load_tokenizer(args.model_path)
         self.eos_ids = _eos_ids(self.runner.model)
+        self.vocab_size = self.runner.vocab_size
         self.scheduler: Scheduler | None = None
 
     @property
@@ -58,7 +91,7 @@ class HFServer:
         return self.scheduler
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=1 << 31)
+        app = web.Application(client_max_size=self.args.max_request_bytes, middlewares=[_error_middleware])
         r = app.router
         r.add_post("/generate", self.generate)
         r.add_get("/health", self.health)
@@ -92,33 +125,36 @@ class HFServer:
             self.scheduler.abort(all_requests=True)
             await self.scheduler.stop()
 
+    async def _body(self, request: web.Request) -> Any:
+        """The parsed JSON body (None when empty); 413 past --max-request-bytes, 400 when not JSON."""
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise BodyTooLarge(f"request body exceeds the server's --max-request-bytes "
+                               f"{self.args.max_request_bytes}") from None
+        return check.parse_json(raw)
+
+    async def _object(self, request: web.Request) -> dict[str, Any]:
+        return check.body_object(await self._body(request))
+
     # ---- generation
     async def generate(self, request: web.Request) -> web.Response:
-        try:
-            body = await request.json()
-        except ValueError:
-            return _error("request body is not JSON")
-        try:
-            if not isinstance(body, dict):
-                raise ProtocolError("request body must be a JSON object")
-            parsed = GenerateRequest.from_json(body)
-            if parsed.stream:
-                raise RequestError("stream=true is not supported by the local HF server")
-            req = self._request(parsed)
-            session = body.get("session_params")
-            if session is None and not parsed.input_ids:
-                raise RequestError("input_ids: expected a non-empty prompt")
-            future = self.sched.submit(req, session, list(parsed.input_ids))
-        except (ProtocolError, RequestError, ValueError, TypeError) as e:
-            return _error(str(e))
+        body = await self._body(request)
+        if body is None:
+            raise check.BodyError("request body: expected a JSON object, got an empty body")
+        parsed, _ = check.generate_request(body, vocab_size=self.vocab_size, max_context_len=self.args.max_context_len)
+        req = self._request(parsed)
+        future = self.sched.submit(req, parsed.session_params, list(parsed.input_ids))
         try:
             done: Request = await future
-        except Exception as e:  # noqa: BLE001 - the forward failed; report it like SGLang's 500
+        except EngineDead:
+            raise
+        except Exception as e:  # noqa: BLE001 - the forward failed for this request only; like SGLang's 500
             return _error(f"generation failed: {type(e).__name__}: {e}", status=500)
         return web.json_response(self._response(done))
 
     def _request(self, parsed: GenerateRequest) -> Request:
-        sampling = parse_sampling(parsed.sampling_params, self.eos_ids)
+        sampling = parse_sampling(parsed.sampling_params, self.eos_ids, self.vocab_size, self.args.max_context_len)
         # Like SGLang, return_routed_experts without --enable-return-routed-experts leaves the field absent.
         return Request(rid=parsed.rid or uuid.uuid4().hex, tokens=list(parsed.input_ids),
                        prompt_len=len(parsed.input_ids), sampling=sampling, return_logprob=parsed.return_logprob,
@@ -161,16 +197,21 @@ class HFServer:
         return {"text": text, "output_ids": req.output_ids, "meta_info": meta}
 
     async def health(self, _request: web.Request) -> web.Response:
+        if not self.sched.alive:
+            return _error(f"unhealthy: the scheduler loop has stopped ({self.sched.failure})", status=503)
         return web.Response(text="")
 
     async def health_generate(self, _request: web.Request) -> web.Response:
+        if not self.sched.alive:
+            return _error(f"unhealthy: the scheduler loop has stopped ({self.sched.failure})", status=503)
         req = Request(rid=f"health-{uuid.uuid4().hex}", tokens=[0], prompt_len=1,
-                      sampling=parse_sampling({"max_new_tokens": 1, "temperature": 0}, set()), return_logprob=False,
-                      logprob_start_len=-1, return_routed_experts=False, routed_experts_start_len=0, session_id=None)
+                      sampling=parse_sampling({"max_new_tokens": 1, "temperature": 0}, set(), self.vocab_size, 1),
+                      return_logprob=False, logprob_start_len=-1, return_routed_experts=False,
+                      routed_experts_start_len=0, session_id=None)
         try:
             done = await asyncio.wait_for(self.sched.submit(req, None, [0]), timeout=60)
         except Exception as e:  # noqa: BLE001
-            return _error(f"health generation failed: {e}", status=503)
+            return _error(f"health generation failed: {type(e).__name__}: {e}", status=503)
         if done.finish and done.finish["type"] == "abort":
             return _error("health generation was aborted", status=503)
         return web.Response(text="")
@@ -196,15 +237,16 @@ class HFServer:
 
     # ---- control
     async def abort_request(self, request: web.Request) -> web.Response:
-        body = await _json(request)
-        n = self.sched.abort(rid=body.get("rid"), all_requests=bool(body.get("abort_all")))
+        body = await self._object(request)
+        rid = check.string(body.get("rid"), "rid", default=None, max_len=check.MAX_ID_LEN)
+        n = self.sched.abort(rid=rid, all_requests=check.boolean(body.get("abort_all"), "abort_all", False))
         return web.json_response({"success": True, "num_aborted": n})
 
     async def pause_generation(self, request: web.Request) -> web.Response:
-        body = await _json(request)
+        body = await self._object(request)
         mode = body.get("mode", "abort")
-        if mode not in ("abort", "in_place", "retract"):
-            return _error(f"mode must be abort, in_place or retract, not {mode!r}")
+        if mode not in ("abort", "in_place", "retract") or not isinstance(mode, str):
+            raise check.FieldError("mode", '"abort", "in_place" or "retract"', mode)
         self.sched.pause()
         if mode == "abort":
             self.sched.abort(all_requests=True)
@@ -221,70 +263,54 @@ class HFServer:
         return web.json_response({"success": True, "message": "cache flushed"})
 
     async def open_session(self, request: web.Request) -> web.Response:
-        body = await _json(request)
-        try:
-            sid = self.sched.open_session(int(body.get("capacity_of_str_len", 0)), body.get("session_id"))
-        except (RequestError, ValueError, TypeError) as e:
-            return _error(str(e))
-        return web.json_response(sid)
+        body = await self._object(request)
+        capacity = check.integer(body.get("capacity_of_str_len"), "capacity_of_str_len", 0, None, default=0)
+        sid = check.string(body.get("session_id"), "session_id", default=None, non_empty=True,
+                           max_len=check.MAX_ID_LEN)
+        return web.json_response(self.sched.open_session(capacity, sid))
 
     async def close_session(self, request: web.Request) -> web.Response:
-        body = await _json(request)
-        try:
-            self.sched.close_session(str(body.get("session_id")))
-        except RequestError as e:
-            return _error(str(e))
+        body = await self._object(request)
+        sid = check.string(body.get("session_id"), "session_id", max_len=check.MAX_ID_LEN)
+        self.sched.close_session(sid)
         return web.json_response({"success": True})
 
     # ---- weights
     async def update_weights_from_disk(self, request: web.Request) -> web.Response:
-        body = await _json(request)
+        body = await self._object(request)
+        version = check.weight_version(body.get("weight_version"))
+        check.boolean(body.get("flush_cache"), "flush_cache", True)
         path = body.get("model_path")
-        if not path:
-            return web.json_response({"success": False, "message": "model_path is required"}, status=400)
-        try:
-            n = await self.sched.run_on_model(lambda: self.runner.load_from_disk(path))
-        except (ValueError, OSError, RuntimeError) as e:
-            return web.json_response({"success": False, "message": str(e)}, status=400)
+        # Read and parse every file off the model thread; only the checked copy runs between steps.
+        named = await asyncio.to_thread(check.read_checkpoint, path)
+        n = await self._load(named, require_all=True)
         self.model_path = path
-        return self._weights_updated(body, f"loaded {n} tensors from {path}")
+        return self._weights_updated(version, f"loaded {n} tensors from {path}")
 
     async def update_weights_from_tensor(self, request: web.Request) -> web.Response:
-        body = await _json(request)
-        fmt = body.get("load_format")
-        if fmt != "safetensors":
-            return web.json_response({"success": False, "message": (
-                f"load_format {fmt!r}: only \"safetensors\" is supported on this server (SGLang's default "
-                "CUDA-IPC serializer cannot cross processes on CPU)")}, status=400)
-        entries = body.get("serialized_named_tensors")
-        if not isinstance(entries, list) or not entries:
-            return web.json_response({"success": False, "message": "serialized_named_tensors: expected a "
-                                      "non-empty list (one entry per TP rank)"}, status=400)
-        try:
-            # Single process = TP 1: every rank's entry carries the same tensors; rank 0 is loaded.
-            named = safetensors_load(base64.b64decode(entries[0]))
-            n = await self.sched.run_on_model(lambda: self.runner.load_named_tensors(named))
-        except (ValueError, OSError, RuntimeError) as e:
-            return web.json_response({"success": False, "message": str(e)}, status=400)
-        return self._weights_updated(body, f"updated {n} tensors")
+        body = await self._object(request)
+        version = check.weight_version(body.get("weight_version"))
+        check.boolean(body.get("flush_cache"), "flush_cache", True)
+        # Single process = TP 1: every rank's entry carries the same tensors; rank 0 is loaded.
+        named = await asyncio.to_thread(check.serialized_tensors, body)
+        n = await self._load(named, require_all=False)
+        return self._weights_updated(version, f"updated {n} tensors")
 
-    def _weights_updated(self, body: dict[str, Any], message: str) -> web.Response:
-        if body.get("weight_version") is not None:
-            self.weight_version = str(body["weight_version"])
+    async def _load(self, named: dict[str, torch.Tensor], *, require_all: bool) -> int:
+        """Check and copy on the model thread (between two steps); a refusal leaves every weight as it was."""
+        try:
+            return await self.sched.run_on_model(lambda: self.runner.load_named_tensors(named, require_all=require_all))
+        except ValueError as e:
+            raise RequestError(str(e)) from None
+
+    def _weights_updated(self, version: str | None, message: str) -> web.Response:
+        if version is not None:
+            self.weight_version = version
         self.sched.drop_kv()  # cached KV was computed with the old weights
         return web.json_response({"success": True, "message": message})
 
     async def nccl_unsupported(self, _request: web.Request) -> web.Response:
-        return web.json_response({"success": False, "message": NCCL_MESSAGE, "error": {"message": NCCL_MESSAGE}},
-                                 status=400)
-
-
-async def _json(request: web.Request) -> dict[str, Any]:
-    try:
-        body = await request.json()
-    except ValueError:
-        return {}
-    return body if isinstance(body, dict) else {}
+        return _error(NCCL_MESSAGE)
 
 
 def _load_tokenizer(path: str) -> Any:
@@ -318,11 +344,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--weight-version", default="default")
+    p.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
+                   help="largest request body accepted (HTTP 413 beyond); weight updates by tensor count")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.max_request_bytes <= 0:
+        raise SystemExit("--max-request-bytes must be > 0")
     torch.set_num_threads(args.num_threads)
     server = HFServer(args)
     # aiohttp's run_app turns SIGINT/SIGTERM into a clean shutdown (on_cleanup aborts requests).

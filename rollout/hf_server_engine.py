@@ -12,16 +12,15 @@ serialises weight updates against forwards.
 
 from __future__ import annotations
 
-import glob
-import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, DynamicCache
+
+from rollout.hf_server_validation import read_checkpoint
 
 _EXPERT_NAME = re.compile(r"^(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 _LAYER_NAME = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -157,11 +156,13 @@ class ModelRunner:
 
     @torch.inference_mode()
     def load_named_tensors(self, named: dict[str, torch.Tensor], *, require_all: bool = False) -> int:
-        """Copy HF-named tensors into the live parameters in place.
+        """Copy HF-named tensors into the live parameters in place, all or nothing.
 
         Accepts the model's own parameter names and the checkpoint layout transformers 5 converts
         from on load (per-expert `experts.<e>.{gate,up,down}_proj.weight` into the fused 3-D expert
-        tensors). Unknown names, shape mismatches and (for a full checkpoint) missing names raise.
+        tensors). The whole payload is checked before the first copy (known names, expert indices
+        in range, shapes, a floating dtype for a floating parameter, finite values, and for a full
+        checkpoint no missing names), so a rejected update leaves every weight as it was.
         """
         params = dict(self.model.named_parameters())
         params.update(dict(self.model.named_buffers()))
@@ -176,6 +177,12 @@ class ModelRunner:
             pname, view = target
             if tuple(view.shape) != tuple(tensor.shape):
                 raise ValueError(f"{name}: shape {tuple(tensor.shape)} does not match the model's {tuple(view.shape)}")
+            if view.dtype.is_floating_point and not tensor.dtype.is_floating_point:
+                raise ValueError(f"{name}: dtype {tensor.dtype} cannot be loaded into the model's {view.dtype} "
+                                 "(expected a floating-point tensor)")
+            if tensor.dtype.is_floating_point and not bool(torch.isfinite(tensor).all()):
+                raise ValueError(f"{name}: expected finite values, got NaN or infinity "
+                                 "(refused: a diverged trainer must not be served)")
             plan.append((view, tensor))
             covered.add(pname)
         if unknown:
@@ -196,23 +203,25 @@ class ModelRunner:
         if m is None:
             return None
         prefix, e, proj = m.group(1), int(m.group(2)), m.group(3)
-        if proj == "down_proj" and f"{prefix}.down_proj" in params:
-            return f"{prefix}.down_proj", params[f"{prefix}.down_proj"][e]
-        fused = params.get(f"{prefix}.gate_up_proj")
-        if fused is None or e >= fused.shape[0]:
+        fused = params.get(f"{prefix}.down_proj" if proj == "down_proj" else f"{prefix}.gate_up_proj")
+        if fused is None:
             return None
+        if e >= fused.shape[0]:
+            raise ValueError(f"{name}: expert index {e} is beyond the model's {fused.shape[0]} experts "
+                             f"(expected 0..{fused.shape[0] - 1})")
+        if proj == "down_proj":
+            return f"{prefix}.down_proj", fused[e]
         half = fused.shape[1] // 2
         return f"{prefix}.gate_up_proj", (fused[e, :half] if proj == "gate_proj" else fused[e, half:])
 
     def load_from_disk(self, path: str) -> int:
         """Load every *.safetensors file of an HF checkpoint directory (same architecture)."""
-        files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
-        if not files:
-            raise ValueError(f"no *.safetensors files in {path!r}")
-        named: dict[str, torch.Tensor] = {}
-        for f in files:
-            named.update(load_file(f))
-        return self.load_named_tensors(named, require_all=True)
+        return self.load_named_tensors(read_checkpoint(path), require_all=True)
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the input embedding: the bound every token id must respect."""
+        return int(self.model.get_input_embeddings().num_embeddings)
 
 
 def _log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -226,6 +235,7 @@ def sample_token(logits: torch.Tensor, *, temperature: float, top_p: float, top_
                  generator: torch.Generator | None, banned: list[int]) -> int:
     """Greedy at T=0, else top-k/top-p truncated sampling; `banned` enforces min_new_tokens."""
     logits = logits.clone()
+    banned = [t for t in banned if 0 <= t < logits.numel()]  # eos ids of a config may lie past the logits
     if banned:
         logits[banned] = float("-inf")
     if temperature <= 0:

@@ -9,20 +9,28 @@ worker thread, and finishes requests on stop/length/abort. The event loop stays 
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
-from rollout.hf_server_engine import ModelRunner, StepInput, sample_token
+from rollout.hf_server_engine import ModelRunner, StepInput, StepOutput, sample_token
+from rollout.hf_server_validation import RequestError, sampling_params
+from rollout.sglang_api import SessionParams
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Context", "EngineDead", "Request", "RequestError", "Sampling", "Scheduler", "Session", "parse_sampling"]
 
 
-class RequestError(ValueError):
-    """A request the server refuses (HTTP 400); the message says why."""
+class EngineDead(RuntimeError):
+    """The scheduler loop has stopped: the server cannot generate (HTTP 503)."""
 
 
 @dataclass
@@ -90,35 +98,19 @@ class Request:
     future: asyncio.Future | None = None
 
 
-def parse_sampling(params: dict[str, Any], eos_ids: set[int]) -> Sampling:
-    """Implement SGLang's sampling keys we support; a key asking for anything else is refused."""
-    neutral = {"min_p": 0.0, "frequency_penalty": 0.0, "presence_penalty": 0.0, "repetition_penalty": 1.0,
-               "n": 1, "stop": None, "stop_regex": None, "json_schema": None, "regex": None, "ebnf": None,
-               "structural_tag": None, "custom_params": None, "logit_bias": None, "stream_interval": None}
-    for key, value in params.items():
-        if key in neutral and value not in (neutral[key], [], {}, "") and key != "stream_interval":
-            raise RequestError(f"sampling_params.{key}={value!r} is not supported by the local HF server")
-    temperature = float(params.get("temperature", 1.0))
-    top_p = float(params.get("top_p", 1.0))
-    top_k = int(params.get("top_k", -1))
-    if temperature < 0 or not 0 < top_p <= 1 or top_k == 0 or top_k < -1:
-        raise RequestError("sampling_params: need temperature >= 0, 0 < top_p <= 1, top_k == -1 or >= 1")
-    max_new = int(params.get("max_new_tokens", 128) if params.get("max_new_tokens") is not None else 128)
-    if max_new < 0:
-        raise RequestError("sampling_params.max_new_tokens must be >= 0")
-    seed = params.get("sampling_seed")
-    gen = None
-    if seed is not None:
-        gen = torch.Generator().manual_seed(int(seed))
-    stop_ids = set(int(t) for t in (params.get("stop_token_ids") or []))
-    ignore_eos = bool(params.get("ignore_eos", False))
-    if not ignore_eos:
+def parse_sampling(params: dict[str, Any], eos_ids: set[int], vocab_size: int, max_new_limit: int) -> Sampling:
+    """Check SGLang's sampling keys (see `hf_server_validation`) and build the request's Sampling."""
+    p = sampling_params(params, vocab_size=vocab_size, max_new_limit=max_new_limit)
+    seed = p["sampling_seed"]
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    stop_ids = set(p["stop_token_ids"])
+    if not p["ignore_eos"]:
         stop_ids |= eos_ids
-    return Sampling(max_new_tokens=max_new, min_new_tokens=int(params.get("min_new_tokens", 0) or 0),
-                    temperature=temperature, top_p=top_p, top_k=top_k, stop_ids=stop_ids, ignore_eos=ignore_eos,
-                    skip_special_tokens=bool(params.get("skip_special_tokens", True)),
-                    spaces_between_special_tokens=bool(params.get("spaces_between_special_tokens", True)),
-                    no_stop_trim=bool(params.get("no_stop_trim", False)), generator=gen)
+    return Sampling(max_new_tokens=p["max_new_tokens"], min_new_tokens=p["min_new_tokens"],
+                    temperature=p["temperature"], top_p=p["top_p"], top_k=p["top_k"], stop_ids=stop_ids,
+                    ignore_eos=p["ignore_eos"], skip_special_tokens=p["skip_special_tokens"],
+                    spaces_between_special_tokens=p["spaces_between_special_tokens"],
+                    no_stop_trim=p["no_stop_trim"], generator=gen)
 
 
 class Scheduler:
@@ -139,11 +131,19 @@ class Scheduler:
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self.batched_requests_max = 0
+        self.failure: str | None = None  # why the loop stopped, once it has
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop())
+        self._task.add_done_callback(self._loop_done)
+
+    @property
+    def alive(self) -> bool:
+        """False once the loop task has ended for any reason: the server cannot generate any more."""
+        return self._task is not None and not self._task.done() and self.failure is None
 
     async def stop(self) -> None:
+        self.failure = self.failure or "stopped"
         if self._task is not None:
             self._task.cancel()
             try:
@@ -182,21 +182,28 @@ class Scheduler:
                 ctx.routing = None
 
     # ---- requests
-    def submit(self, req: Request, session: dict[str, Any] | None, new_ids: list[int]) -> asyncio.Future:
-        """Resolve the session context, check lengths, queue the request; the future gets the Request."""
+    def submit(self, req: Request, session: SessionParams | None, new_ids: list[int]) -> asyncio.Future:
+        """Resolve the session context, check lengths, queue the request; the future gets the Request.
+
+        Everything that can be wrong with a request is found here or earlier (`hf_server_validation`),
+        so nothing a client sends can raise inside the scheduler loop.
+        """
+        if self.failure is not None:
+            raise EngineDead(f"the scheduler loop has stopped ({self.failure}); restart the server")
         if session is not None:
-            sid = session["id"]
+            sid = session.id
             sess = self.sessions.get(sid)
             if sess is None:
-                raise RequestError(f"unknown session {sid!r} (open it with /open_session)")
-            if session.get("replace"):
-                raise RequestError("session_params.replace is not supported by the local HF server")
-            parent_rid = session.get("rid")
+                raise RequestError(f"field `session_params.id`: unknown session {sid!r} (open it with /open_session)")
+            if session.replace:
+                raise RequestError("field `session_params.replace`: not supported by the local HF server")
+            parent_rid = session.rid
             if parent_rid is not None:
                 parent = sess.contexts.get(parent_rid)
                 if parent is None:
-                    raise RequestError(f"session {sid!r} has no request {parent_rid!r} (unknown or evicted)")
-                base = parent.tokens[:parent.prompt_len] if session.get("drop_previous_output") else parent.tokens
+                    raise RequestError(f"field `session_params.rid`: session {sid!r} has no request {parent_rid!r} "
+                                       "(unknown or evicted)")
+                base = parent.tokens[:parent.prompt_len] if session.drop_previous_output else parent.tokens
                 req.tokens = list(base) + new_ids
                 reuse = min(parent.kv_len, len(base), len(req.tokens) - 1) if parent.kv is not None else 0
                 if req.return_logprob and req.logprob_start_len >= 0:
@@ -209,14 +216,17 @@ class Scheduler:
                 req.cached_tokens = reuse
             req.prompt_len = len(req.tokens)
             if not req.tokens:
-                raise RequestError("input_ids: expected a non-empty prompt")
+                raise RequestError("field `input_ids`: expected a non-empty prompt")
         if req.prompt_len + req.sampling.max_new_tokens > self.max_context_len:
-            raise RequestError(f"prompt of {req.prompt_len} tokens + max_new_tokens {req.sampling.max_new_tokens} "
-                               f"exceeds the server's --max-context-len {self.max_context_len}")
+            raise RequestError(f"fields `input_ids` + `sampling_params.max_new_tokens`: prompt of {req.prompt_len} "
+                               f"tokens + max_new_tokens {req.sampling.max_new_tokens} exceeds the server's "
+                               f"--max-context-len {self.max_context_len}")
         if req.return_logprob and req.logprob_start_len >= req.prompt_len:
-            raise RequestError(f"logprob_start_len {req.logprob_start_len} must be < prompt length {req.prompt_len}")
+            raise RequestError(f"field `logprob_start_len`: expected -1 or an integer < the prompt length "
+                               f"{req.prompt_len}, got {req.logprob_start_len}")
         if req.return_routed_experts and not 0 <= req.routed_experts_start_len < max(req.prompt_len, 1):
-            raise RequestError("routed_experts_start_len must be in [0, prompt length)")
+            raise RequestError(f"field `routed_experts_start_len`: expected an integer in [0, {req.prompt_len}) "
+                               f"(the prompt length), got {req.routed_experts_start_len}")
         req.future = asyncio.get_running_loop().create_future()
         self.pending.append(req)
         self._wake.set()
@@ -244,68 +254,116 @@ class Scheduler:
 
     def _finish(self, req: Request, reason: dict[str, Any]) -> None:
         req.finish = reason
-        if req.session_id is not None and req.session_id in self.sessions:
-            routing = np.concatenate(req.routing) if req.routing else None
-            self.sessions[req.session_id].remember(req.rid, Context(
-                tokens=list(req.tokens), prompt_len=req.prompt_len, kv=req.kv, kv_len=req.kv_len,
-                routing=routing), self.max_session_contexts)
+        try:
+            if req.session_id is not None and req.session_id in self.sessions:
+                routing = np.concatenate(req.routing) if req.routing else None
+                self.sessions[req.session_id].remember(req.rid, Context(
+                    tokens=list(req.tokens), prompt_len=req.prompt_len, kv=req.kv, kv_len=req.kv_len,
+                    routing=routing), self.max_session_contexts)
+        except Exception:
+            log.exception("could not remember request %r in session %r", req.rid, req.session_id)
         if req.future is not None and not req.future.done():
             req.future.set_result(req)
 
+    def _fail(self, req: Request, error: BaseException) -> None:
+        """Take one request out of the queues and give its caller the error; the others go on."""
+        req.aborted = True
+        if req in self.running:
+            self.running.remove(req)
+        if req in self.pending:
+            self.pending.remove(req)
+        if req.future is not None and not req.future.done():
+            req.future.set_exception(error)
+
+    def _loop_done(self, task: asyncio.Task) -> None:
+        """Record why the loop ended (health then answers 503) and fail whoever still waits."""
+        if task.cancelled():
+            self.failure = self.failure or "stopped"
+            return
+        err = task.exception()
+        self.failure = f"{type(err).__name__}: {err}" if err is not None else "returned"
+        log.error("scheduler loop ended: %s", self.failure)
+        for req in list(self.pending) + list(self.running):
+            self._fail(req, EngineDead(f"the scheduler loop has stopped ({self.failure})"))
+
     async def _loop(self) -> None:
         while True:
-            for req in [r for r in self.running if r.aborted]:  # also while paused (pause mode abort)
-                self.running.remove(req)
-                self._finish(req, {"type": "abort"})
-            if self.paused or not (self.pending or self.running):
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            while self.pending and len(self.running) < self.max_batch_size:
-                self.running.append(self.pending.popleft())
-            if not self.running:
-                continue
-            batch = list(self.running)
-            self.batched_requests_max = max(self.batched_requests_max, len(batch))
             try:
-                await self.run_on_model(lambda: self._step(batch))
-            except Exception as e:  # a failing forward fails its requests, not the server
-                for req in batch:
-                    if req in self.running:
-                        self.running.remove(req)
-                    if req.future is not None and not req.future.done():
-                        req.future.set_exception(e)
-                continue
-            for req in batch:
-                if req.finish is None and req in self.running and self._check_done(req):
-                    self.running.remove(req)
-                    self._finish(req, req.finish)  # type: ignore[arg-type]
-            await asyncio.sleep(0)  # let HTTP handlers (abort, new requests) in between steps
+                await self._iteration()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.exception("scheduler step failed; failing the running requests")
+                for req in list(self.running):
+                    self._fail(req, e)
 
-    def _step(self, batch: list[Request]) -> None:
-        """Model thread: one forward for the batch, then sample one token per request."""
+    async def _iteration(self) -> None:
+        for req in [r for r in self.running if r.aborted]:  # also while paused (pause mode abort)
+            self.running.remove(req)
+            self._finish(req, {"type": "abort"})
+        if self.paused or not (self.pending or self.running):
+            self._wake.clear()
+            await self._wake.wait()
+            return
+        while self.pending and len(self.running) < self.max_batch_size:
+            self.running.append(self.pending.popleft())
+        if not self.running:
+            return
+        batch = list(self.running)
+        self.batched_requests_max = max(self.batched_requests_max, len(batch))
+        failed = await self.run_on_model(lambda: self._step(batch))
+        for req, err in failed:
+            self._fail(req, err)
+        for req in batch:
+            if req.finish is None and req in self.running and self._check_done(req):
+                self.running.remove(req)
+                self._finish(req, req.finish)  # type: ignore[arg-type]
+        await asyncio.sleep(0)  # let HTTP handlers (abort, new requests) in between steps
+
+    def _step(self, batch: list[Request]) -> list[tuple[Request, Exception]]:
+        """Model thread: one forward for the batch, then sample one token per request.
+
+        Returns the requests that failed. A failing batched forward is retried one request at a
+        time, so only the offending request fails and the others advance by their token.
+        """
         inputs = [StepInput(kv=r.kv, kv_len=r.kv_len, new_ids=r.tokens[r.kv_len:],
                             want_prompt_logits=r.return_logprob and r.logprob_start_len >= 0 and r.kv_len < r.prompt_len,
                             temperature=r.sampling.temperature) for r in batch]
-        outs = self.runner.step(inputs)
+        try:
+            outs = self.runner.step(inputs)
+        except Exception as e:
+            if len(batch) == 1:
+                log.exception("forward failed for request %r", batch[0].rid)
+                return [(batch[0], e)]
+            return [f for req in batch for f in self._step([req])]
+        failed: list[tuple[Request, Exception]] = []
         for req, x, out in zip(batch, inputs, outs):
-            start = req.kv_len
-            req.kv, req.kv_len = out.kv, start + len(x.new_ids)
-            if out.routing is not None:
-                req.routing.append(out.routing)
-            if out.fed_logprobs is not None:
-                self._prompt_logprobs(req, start, x.new_ids, out.fed_logprobs)
-            if req.sampling.max_new_tokens == 0:
-                continue
-            s = req.sampling
-            banned = sorted(s.stop_ids) if len(req.output_ids) < s.min_new_tokens else []
-            tok = sample_token(out.last_logits, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-                               generator=s.generator, banned=banned)
-            req.output_ids.append(tok)
-            req.output_logprobs.append(float(out.last_logprobs[tok]))
-            if req.top_logprobs_num > 0:
-                req.output_top_logprobs.append(_top_k(out.last_logprobs, req.top_logprobs_num))
-            req.tokens.append(tok)
+            try:
+                self._advance(req, x, out)
+            except Exception as e:
+                log.exception("sampling failed for request %r", req.rid)
+                failed.append((req, e))
+        return failed
+
+    def _advance(self, req: Request, x: StepInput, out: StepOutput) -> None:
+        """Take one request's step output: its cache, routing, prompt logprobs and next token."""
+        start = req.kv_len
+        req.kv, req.kv_len = out.kv, start + len(x.new_ids)
+        if out.routing is not None:
+            req.routing.append(out.routing)
+        if out.fed_logprobs is not None:
+            self._prompt_logprobs(req, start, x.new_ids, out.fed_logprobs)
+        if req.sampling.max_new_tokens == 0:
+            return
+        s = req.sampling
+        banned = sorted(s.stop_ids) if len(req.output_ids) < s.min_new_tokens else []
+        tok = sample_token(out.last_logits, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+                           generator=s.generator, banned=banned)
+        req.output_ids.append(tok)
+        req.output_logprobs.append(float(out.last_logprobs[tok]))
+        if req.top_logprobs_num > 0:
+            req.output_top_logprobs.append(_top_k(out.last_logprobs, req.top_logprobs_num))
+        req.tokens.append(tok)
 
     def _prompt_logprobs(self, req: Request, start: int, new_ids: list[int], fed: torch.Tensor) -> None:
         """Logprob of prompt token p comes from the row of position p-1 (position 0 has none)."""
