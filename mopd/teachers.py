@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Callable, Protocol, cast
+from typing import Any, Callable, Protocol, cast
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
@@ -58,13 +58,20 @@ def known_backends() -> set[str]:
 
 
 class EngineTeacher:
-    """A teacher served by SGLang-protocol engines; scoring is a prefill with prompt logprobs."""
+    """A teacher served by SGLang-protocol engines; scoring is a prefill with prompt logprobs.
+
+    Scoring honours rollout.request_timeout_s (per prefill), rollout.max_retries and, while a dead replica
+    is restarted by its engine actor, rollout.startup_timeout_s; then it fails with the replica URLs.
+    """
 
     def __init__(self, name: str, urls: list[str], shutdown: Callable[[], None] | None = None,
-                 model_path: str | None = None) -> None:
+                 model_path: str | None = None, rollout: RolloutConfig | None = None,
+                 engines: Any = None) -> None:
         self.name = name
         self.urls = urls
         self.model_path = model_path
+        self.rollout = rollout or RolloutConfig()
+        self.engines = engines  # rollout.engines.EngineGroup (None for remote servers)
         self._shutdown = shutdown
 
     async def generate(self, samples: list[Sample], rollout: RolloutConfig,
@@ -85,7 +92,11 @@ class EngineTeacher:
     def score_top_k(self, samples: list[Sample], top_k: int) -> list[TokenScores]:
         from rollout.teacher_scoring import score_samples
 
-        return asyncio.run(score_samples(self.urls, samples, top_k=top_k))
+        if self.engines is not None:
+            self.urls = self.engines.ensure_alive()  # a replica that died between steps is back first
+        cfg = self.rollout
+        return asyncio.run(score_samples(self.urls, samples, top_k=top_k, timeout_s=cfg.request_timeout_s,
+                                         max_retries=cfg.max_retries, retry_window_s=cfg.startup_timeout_s))
 
     def close(self) -> None:
         if self._shutdown is not None:
@@ -101,7 +112,8 @@ def _engine_teacher(name: str, cfg: TeacherConfig, rollout: RolloutConfig) -> Te
                          cpus_per_engine=cfg.cpus_per_replica, gpus_per_engine=cfg.gpus_per_replica,
                          sglang_args=dict(cfg.sglang_args))
     group = launch_engines(cfg.model_path, engine_cfg, name=f"teacher-{name}", routing_replay=False)
-    return EngineTeacher(name, list(group.urls), group.shutdown, model_path=cfg.model_path or None)
+    return EngineTeacher(name, list(group.urls), group.shutdown, model_path=cfg.model_path or None,
+                         rollout=engine_cfg, engines=group if group.actors else None)
 
 
 for _kind in ("local", "sglang", "remote"):

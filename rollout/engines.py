@@ -1,7 +1,12 @@
 """Engines as Ray actors: each actor owns one server subprocess (SGLang or the local HF server).
 
-The actor starts the server with the flags an RL job needs, waits until it answers, restarts it
-when it has died, and kills it (its whole process group) on shutdown or when the actor dies.
+The actor starts the server with the flags an RL job needs, waits until it answers, and kills it
+(its whole process group) on shutdown or when the actor dies. A watchdog thread restarts a server
+that died, on the same URL, so a step in flight fails over and then comes back to it. A restarted
+server loads the latest weights pushed to it, not the original checkpoint: after every push the
+trainer records `(model path, weight version)` for each engine URL in Ray's key-value store
+(`WEIGHTS_KEY_PREFIX`, the same string in trainer/weight_sync.py), and the restart starts the server
+from that path with that `--weight-version`. Teachers (never pushed to) restart from their checkpoint.
 """
 
 from __future__ import annotations
@@ -11,9 +16,11 @@ import logging
 import os
 import signal
 import socket
+import json
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -27,10 +34,42 @@ from rollout.config import RolloutConfig
 
 log = logging.getLogger(__name__)
 
+# Ray KV key (plus the engine URL) under which the trainer records the latest weights pushed to an engine;
+# trainer/weight_sync.py writes it with the same prefix (rollout and trainer do not import each other).
+WEIGHTS_KEY_PREFIX = "mopd/pushed-weights/"
+
+
+def latest_pushed_weights(url: str) -> tuple[str, str] | None:
+    """(model path, weight version) last pushed to the engine at `url`, if the trainer recorded one."""
+    from ray.experimental import internal_kv
+
+    if not internal_kv._internal_kv_initialized():
+        return None
+    raw = internal_kv._internal_kv_get((WEIGHTS_KEY_PREFIX + url.rstrip("/")).encode())
+    if not raw:
+        return None
+    record = json.loads(raw)
+    return str(record["path"]), str(record["version"])
+
+
+def _forget_pushed_weights(url: str) -> None:
+    from ray.experimental import internal_kv
+
+    if internal_kv._internal_kv_initialized():
+        internal_kv._internal_kv_del((WEIGHTS_KEY_PREFIX + url.rstrip("/")).encode())
+
 
 def server_command(backend: str, model_path: str, port: int, host: str, cfg: RolloutConfig,
-                   routing_replay: bool) -> list[str]:
-    """The command line of one engine server."""
+                   routing_replay: bool, weight_version: str | None = None) -> list[str]:
+    """The command line of one engine server (`weight_version`: what it reports, after a restart)."""
+    cmd = _server_command(backend, model_path, port, host, cfg, routing_replay)
+    if weight_version is not None:
+        cmd += ["--weight-version", str(weight_version)]
+    return cmd
+
+
+def _server_command(backend: str, model_path: str, port: int, host: str, cfg: RolloutConfig,
+                    routing_replay: bool) -> list[str]:
     if backend == "local":
         cmd = [sys.executable, "-m", "rollout.hf_server", "--model-path", model_path, "--host", host,
                "--port", str(port), "--max-batch-size", str(cfg.max_batch_size),
@@ -83,7 +122,9 @@ def _free_port(host: str) -> int:
 
 @ray.remote(max_concurrency=4)
 class EngineActor:
-    """Owns one server process; `start` returns its URL."""
+    """Owns one server process; `start` returns its URL; a watchdog restarts the server when it dies."""
+
+    watch_interval_s = 0.5
 
     def __init__(self, name: str, backend: str, model_path: str, cfg: RolloutConfig, routing_replay: bool) -> None:
         self.name, self.backend, self.model_path = name, backend, model_path
@@ -93,19 +134,53 @@ class EngineActor:
         self.proc: subprocess.Popen | None = None
         self.log_path = os.path.join(tempfile.gettempdir(), f"mopd-engine-{name}-{os.getpid()}.log")
         self.restarts = 0
+        _forget_pushed_weights(self.url)  # a record left by an earlier engine on this port is not ours
+        self.served: tuple[str, str | None] = (model_path, None)  # (weights path, weight version) now served
+        self._lock = threading.RLock()
+        self._stopping = threading.Event()
+        self._watchdog: threading.Thread | None = None
+        self.ready = False  # healthy and serving `served` (False while a restart is in progress)
 
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
     def start(self) -> str:
-        cmd = server_command(self.backend, self.model_path, self.port, self.host, self.cfg, self.routing_replay)
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        with open(self.log_path, "ab") as logf:
-            self.proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env,
-                                         preexec_fn=_die_with_parent)
-        self._wait_healthy()
+        """Start the server from the latest weights pushed to this URL (the checkpoint if none) and wait for it."""
+        with self._lock:
+            self._stopping.clear()
+            self.ready = False
+            path, version = latest_pushed_weights(self.url) or (self.model_path, None)
+            if not os.path.exists(path):  # a snapshot that is gone (cleaned up): say so, serve the checkpoint
+                log.error("engine %s: latest pushed weights %s are missing; starting from %s",
+                          self.name, path, self.model_path)
+                path, version = self.model_path, None
+            cmd = server_command(self.backend, path, self.port, self.host, self.cfg, self.routing_replay, version)
+            env = dict(os.environ, PYTHONUNBUFFERED="1")
+            with open(self.log_path, "ab") as logf:
+                self.proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env,
+                                             preexec_fn=_die_with_parent)
+            self._wait_healthy()
+            self.served = (path, version)
+            self.ready = True
+            if self._watchdog is None or not self._watchdog.is_alive():
+                self._watchdog = threading.Thread(target=self._watch, name=f"watchdog-{self.name}", daemon=True)
+                self._watchdog.start()
         return self.url
+
+    def _watch(self) -> None:
+        """Restart the server whenever its process exits (unless we stopped it)."""
+        failures = 0
+        while not self._stopping.wait(self.watch_interval_s):
+            if self.proc is None or self.proc.poll() is None:
+                continue
+            try:
+                self.ensure_alive()
+                failures = 0
+            except Exception:  # noqa: BLE001 - keep watching; callers time out with a clear error meanwhile
+                failures += 1
+                log.exception("engine %s: restart %d failed", self.name, failures)
+                self._stopping.wait(min(2.0 ** failures, 30.0))
 
     def _wait_healthy(self) -> None:
         deadline = time.monotonic() + self.cfg.startup_timeout_s
@@ -116,7 +191,7 @@ class EngineActor:
             if self.healthy():
                 return
             time.sleep(0.25)
-        self.stop()
+        self._kill()
         raise TimeoutError(f"engine {self.name} did not become healthy within {self.cfg.startup_timeout_s}s "
                            f"(rollout.startup_timeout_s); last log lines:\n{self.log_tail()}")
 
@@ -128,15 +203,25 @@ class EngineActor:
             return False
 
     def ensure_alive(self) -> str:
-        """Restart the server (same URL) if its process has exited; returns the URL."""
-        if self.proc is None or self.proc.poll() is not None:
-            log.warning("engine %s died (code %s); restarting", self.name, self.proc and self.proc.returncode)
-            self.restarts += 1
-            self.start()
+        """Restart the server (same URL, latest pushed weights) if its process has exited; returns the URL."""
+        with self._lock:
+            if self._stopping.is_set():
+                return self.url
+            if self.proc is None or self.proc.poll() is not None:
+                log.warning("engine %s died (code %s); restarting", self.name, self.proc and self.proc.returncode)
+                self.restarts += 1
+                self.start()
         return self.url
 
     def pid(self) -> int | None:
         return None if self.proc is None else self.proc.pid
+
+    def status(self) -> dict[str, Any]:
+        """What the actor knows: URL, server pid, restarts, and the weights it (re)started from."""
+        return {"url": self.url, "pid": self.pid(), "restarts": self.restarts, "served_path": self.served[0],
+                "served_version": self.served[1],
+                "alive": self.ready and self.proc is not None and self.proc.poll() is None,
+                "latest_pushed": latest_pushed_weights(self.url)}
 
     def log_tail(self, lines: int = 30) -> str:
         try:
@@ -146,6 +231,12 @@ class EngineActor:
             return ""
 
     def stop(self) -> None:
+        """Stop watching and kill the server's process group (waits for a restart in progress)."""
+        self._stopping.set()
+        with self._lock:
+            self._kill()
+
+    def _kill(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return
         try:

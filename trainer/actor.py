@@ -23,6 +23,7 @@ class TrainerActor:
         self.rank, self.world_size = rank, world_size
         self.engine: Any = None
         self.pusher: Any = None
+        self.snapshots: weight_sync.WeightSnapshots | None = None
         torch.set_num_threads(1)  # CPU is shared; on GPU the host threads do little
 
     def master_address(self) -> tuple[str, int]:
@@ -52,17 +53,22 @@ class TrainerActor:
         return self.engine.train_step(samples, num_global_samples)
 
     def push_weights(self, urls: list[str], version: int) -> None:
+        """Push to every engine; the weights are on disk and recorded first, so an engine that restarts
+        (even mid-push) loads them, and one that came back with older weights is pushed to again."""
         if self.rank != 0:
             return
         named = self.engine.hf_state()
-        if self.cfg.weight_sync == "tensor":
-            weight_sync.push_tensor(named, urls, version, self.cfg)
-        elif self.cfg.weight_sync == "disk":
-            weight_sync.push_disk(named, urls, version, self.cfg, self.model_path)
-        else:
+        if self.cfg.weight_sync == "distributed":
+            if self.snapshots is None:
+                self.snapshots = weight_sync.WeightSnapshots(self.cfg)
+            weight_sync.record_pushed_weights(urls, self.snapshots.write(named, version, self.model_path), version)
             if self.pusher is None or self.pusher.urls != urls:
                 self.pusher = weight_sync.DistributedPusher(urls, self.cfg)
             self.pusher.push(named, version)
+            return
+        if self.snapshots is None and self.cfg.weight_sync == "tensor":
+            self.snapshots = weight_sync.WeightSnapshots(self.cfg)
+        weight_sync.push_recoverable(named, urls, version, self.cfg, self.model_path, self.snapshots)
 
     def save_checkpoint(self, path: str) -> None:
         state = self.engine.state_dict() if self.rank == 0 else None
@@ -81,6 +87,8 @@ class TrainerActor:
     def shutdown(self) -> None:
         from trainer.dist import shutdown_distributed
 
+        if self.snapshots is not None:
+            self.snapshots.close()
         shutdown_distributed()
 
     def pid(self) -> int:

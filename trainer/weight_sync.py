@@ -12,14 +12,24 @@ Modes (TrainerConfig.weight_sync):
   /update_weights_from_distributed {names, dtypes, shapes, group_name, weight_version} while
   broadcasting the tensors from trainer rank 0 over NCCL. GPU only, not exercised in CI.
 This module talks plain HTTP (urllib) and imports nothing from rollout/.
+
+Restarted engines: before every push the new weights are on disk (disk mode: the pushed directory;
+tensor/distributed: a snapshot the trainer keeps, the last two versions) and recorded per engine URL
+in Ray's key-value store under `WEIGHTS_KEY_PREFIX` (the same string as rollout/engines.py). An
+engine actor that restarts a dead server starts it from that record, so it serves the latest
+weights with the right weight_version. An engine that dies during a push is waited for and checked
+(its /model_info weight_version), and pushed to again if it came back with older weights.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import logging
+import shutil
 import tempfile
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -32,6 +42,79 @@ from safetensors.torch import save as safetensors_save
 
 from trainer.config import TrainerConfig
 from trainer.hf_io import save_hf
+
+log = logging.getLogger(__name__)
+
+# Ray KV key (plus engine URL) of the latest weights pushed to that engine: {"path", "version"}.
+# rollout/engines.py reads it with the same prefix when it restarts a dead server.
+WEIGHTS_KEY_PREFIX = "mopd/pushed-weights/"
+
+
+def record_pushed_weights(urls: list[str], path: str | Path, version: int) -> None:
+    """Tell the engines' actors (through Ray's KV store) which weights a restarted server must load."""
+    try:
+        from ray.experimental import internal_kv
+    except ImportError:  # pragma: no cover - Ray is a dependency
+        return
+    if not internal_kv._internal_kv_initialized():
+        return  # not under Ray (unit tests pushing to bare servers): nobody restarts engines
+    value = json.dumps({"path": str(path), "version": str(version)}).encode()
+    for url in urls:
+        internal_kv._internal_kv_put((WEIGHTS_KEY_PREFIX + url.rstrip("/")).encode(), value, overwrite=True)
+
+
+class WeightSnapshots:
+    """The last pushed weights on disk, for engines that restart (tensor / distributed modes); keeps two."""
+
+    def __init__(self, cfg: TrainerConfig) -> None:
+        root = Path(cfg.weight_sync_dir) if cfg.weight_sync_dir else Path(tempfile.gettempdir()) / "mopd_weight_sync"
+        root.mkdir(parents=True, exist_ok=True)
+        self.dir = Path(tempfile.mkdtemp(prefix="snapshots-", dir=root))
+        self.kept: list[Path] = []
+
+    def write(self, named: dict[str, torch.Tensor], version: int, source_dir: str) -> Path:
+        path = save_hf(self.dir / f"v{version}", named, source_dir)
+        self.kept.append(path)
+        while len(self.kept) > 2:  # an engine restarting right now may still be reading the previous one
+            shutil.rmtree(self.kept.pop(0), ignore_errors=True)
+        return path
+
+    def close(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def engine_weight_version(url: str, timeout: float) -> str | None:
+    """The weight_version an engine reports, or None if it does not answer (yet)."""
+    try:
+        req = urllib.request.Request(url.rstrip("/") + "/model_info")
+        with urllib.request.urlopen(req, timeout=min(timeout, 10.0)) as resp:
+            return str(json.loads(resp.read()).get("weight_version", ""))
+    except (OSError, ValueError):
+        return None
+
+
+def lagging_engines(urls: list[str], version: int, timeout: float) -> list[str]:
+    """Engines that do not report `version` once they answer; waits up to `timeout` for dead ones to return."""
+    deadline = time.monotonic() + timeout
+    pending = list(urls)
+    lagging: list[str] = []
+    delay = 0.2
+    while pending:
+        still = []
+        for url in pending:
+            got = engine_weight_version(url, timeout)
+            if got is None:
+                still.append(url)
+            elif got != str(version):
+                lagging.append(url)
+        pending = still
+        if pending and time.monotonic() > deadline:
+            raise RuntimeError(f"weight push v{version}: engine(s) {pending} did not answer again within "
+                               f"{timeout}s (trainer.weight_sync_timeout_s)")
+        if pending:
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+    return lagging
 
 
 def post_json(url: str, path: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
@@ -104,9 +187,34 @@ def push_disk(named: dict[str, torch.Tensor], urls: list[str], version: int, cfg
               source_dir: str) -> Path:
     root = Path(cfg.weight_sync_dir) if cfg.weight_sync_dir else Path(tempfile.gettempdir()) / "mopd_weight_sync"
     target = save_hf(root / f"v{version}", named, source_dir)
+    record_pushed_weights(urls, target, version)
     _to_all(urls, "/update_weights_from_disk", {"model_path": str(target), "weight_version": str(version)},
             cfg.weight_sync_timeout_s)
     return target
+
+
+def push_recoverable(named: dict[str, torch.Tensor], urls: list[str], version: int, cfg: TrainerConfig,
+                     source_dir: str, snapshots: WeightSnapshots | None = None) -> None:
+    """Tensor or disk push that survives an engine dying: the weights are on disk and recorded first (a
+    restarted server loads them), and an engine that came back with older weights is pushed to again."""
+    if cfg.weight_sync == "tensor":
+        if snapshots is None:
+            raise ValueError("push_recoverable: tensor mode needs a WeightSnapshots for restarted engines")
+        record_pushed_weights(urls, snapshots.write(named, version, source_dir), version)
+
+    def push(targets: list[str]) -> None:
+        if cfg.weight_sync == "tensor":
+            push_tensor(named, targets, version, cfg)
+        else:
+            push_disk(named, targets, version, cfg, source_dir)
+
+    try:
+        push(urls)
+    except (OSError, RuntimeError) as e:
+        log.warning("weight push v%d failed (%s); waiting for the engines to answer again", version, e)
+        lagging = lagging_engines(urls, version, cfg.weight_sync_timeout_s)
+        if lagging:
+            push(lagging)
 
 
 class DistributedPusher:

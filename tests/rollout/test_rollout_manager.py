@@ -286,3 +286,44 @@ def test_a_request_waits_for_a_restarting_engine_and_completes():
 
     response, d, requests = asyncio.run(go())
     assert response.output_ids == [5] and d.failovers >= 1 and requests == 1
+
+
+def _wait_restarted(actor, restarts: int, timeout: float = 180) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = ray.get(actor.status.remote())
+        if status["restarts"] >= restarts and status["alive"]:
+            return status
+        time.sleep(0.25)
+    raise AssertionError(f"engine not restarted within {timeout}s: {status}")
+
+
+def test_a_killed_engine_restarts_by_itself_with_the_latest_pushed_weights(engines, model_dir, tmp_path):
+    """Runs last in this module: it changes the engines' weights."""
+    from trainer.config import TrainerConfig
+    from trainer.hf_io import load_hf_state
+    from trainer.weight_sync import WeightSnapshots, push_recoverable
+
+    tokenizer = build_char_tokenizer()
+    new_weights = load_hf_state(create_tiny_model(tmp_path / "pushed", tokenizer, arch="qwen3_moe", seed=7))
+    cfg = TrainerConfig(weight_sync="tensor", weight_sync_dir=str(tmp_path / "sync"))
+    snapshots = WeightSnapshots(cfg)
+    ids = _samples(tokenizer, 1)[0].prompt_ids + tokenizer("12", add_special_tokens=False)["input_ids"]
+
+    async def scores(url: str) -> tuple[list[float], str]:
+        async with EngineClient(url) as client:
+            return await client.score(ids, len(ids) - 2), await client.weight_version()
+
+    before = asyncio.run(scores(engines.urls[0]))[0]
+    push_recoverable(new_weights, engines.urls, 1, cfg, model_dir, snapshots)
+    live = asyncio.run(scores(engines.urls[1]))
+    assert live[1] == "1" and not np.allclose(live[0], before, atol=1e-4)
+
+    restarts = ray.get(engines.actors[0].status.remote())["restarts"]
+    os.kill(ray.get(engines.actors[0].pid.remote()), signal.SIGKILL)
+    status = _wait_restarted(engines.actors[0], restarts + 1)  # the watchdog, nobody called ensure_alive
+    assert status["served_version"] == "1"
+    restarted = asyncio.run(scores(engines.urls[0]))
+    assert restarted[1] == "1"  # reports the version it serves
+    np.testing.assert_allclose(restarted[0], live[0], atol=1e-5)  # equal to a live engine that got the push
+    snapshots.close()
