@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -168,12 +169,12 @@ def check_known_keys(values: Any, schema: type, prefix: str = "") -> None:
         if key not in hints:
             raise ConfigError(path, f"a field of {schema.__name__} (one of {', '.join(hints)}); "
                               "the schema is mopd/config.py")
-        for inner in _dataclasses_in(hints[key]):
-            if dataclasses.is_dataclass(hints[key]) or _optional_of(hints[key]) is inner:
-                check_known_keys(value, inner, f"{path}.")
-            elif isinstance(value, dict):  # dict[str, Dataclass]: check each entry
-                for name, item in value.items():
-                    check_known_keys(item, inner, f"{path}.{name}.")
+        tp = _optional_of(hints[key]) or hints[key]
+        if dataclasses.is_dataclass(tp):
+            check_known_keys(value, tp, f"{path}.")
+        elif typing.get_origin(tp) is dict and dataclasses.is_dataclass(typing.get_args(tp)[1]):
+            for name, item in (value or {}).items():  # dict[str, TeacherConfig]: any name, known fields
+                check_known_keys(item, typing.get_args(tp)[1], f"{path}.{name}.")
 
 
 def _optional_of(tp: Any) -> Any:
@@ -185,17 +186,11 @@ def _is_union(tp: Any) -> bool:
     return typing.get_origin(tp) in (typing.Union, types.UnionType)
 
 
-def _dataclasses_in(tp: Any) -> list[type]:
-    if dataclasses.is_dataclass(tp):
-        return [tp]
-    return [a for a in typing.get_args(tp) if isinstance(a, type) and dataclasses.is_dataclass(a)]
-
-
 def field_type(path: str, schema: type | None = None) -> Any:
     """The declared type of a dotted field path (`rollout.top_k`, `teachers.x.coef`), or None."""
     tp: Any = schema or JobConfig
-    for part in path.split("."):
-        if part.startswith("[") or part.isdigit():  # a list element
+    for part in re.sub(r"\[(\d+)\]", r".\1", path).split("."):
+        if part.isdigit():  # a list element
             args = typing.get_args(tp)
             tp = args[0] if args else None
             continue
@@ -261,16 +256,16 @@ def config_error_from(e: BaseException) -> ConfigError:
     return ConfigError("command line", first_line)
 
 
-def _finite_numbers(value: Any, schema: type, prefix: str) -> None:
+def _finite_numbers(value: Any, prefix: str) -> None:
     """Every float field and every float in a mapping of numbers is finite (NaN/inf pass `x < 0`)."""
     for f in dataclasses.fields(value):
         item, path = getattr(value, f.name), f"{prefix}{f.name}"
         if dataclasses.is_dataclass(item):
-            _finite_numbers(item, type(item), f"{path}.")
+            _finite_numbers(item, f"{path}.")
         elif isinstance(item, dict):
             for k, v in item.items():
                 if dataclasses.is_dataclass(v):
-                    _finite_numbers(v, type(v), f"{path}.{k}.")
+                    _finite_numbers(v, f"{path}.{k}.")
                 elif isinstance(v, float) and not math.isfinite(v):
                     raise ConfigError(f"{path}.{k}", "a finite number", v)
         elif isinstance(item, float) and not math.isfinite(item):
@@ -279,7 +274,7 @@ def _finite_numbers(value: Any, schema: type, prefix: str) -> None:
 
 def validate_static(job: JobConfig) -> None:
     """Checks that need nothing but the config itself (no files, no data, no machine)."""
-    _finite_numbers(job, JobConfig, "")
+    _finite_numbers(job, "")
     if not job.run_dir:
         raise ConfigError("run_dir", "a directory path", job.run_dir)
     if job.num_steps < 1:

@@ -148,8 +148,8 @@ def run(job: JobConfig, config_dict: dict | None = None) -> None:
 def check_config(cfg: DictConfig) -> JobConfig:
     """Every start-up check that builds and starts nothing: types, keys, ranges, the machine, files, data rows.
 
-    `mopd-train` runs these first (then `job.start` builds the toy world and starts Ray);
-    `mopd-train ... --cfg job` runs only these.
+    `mopd-train` runs these first (`to_job_config`, then `job.start` -> `prepare` -> `preflight`,
+    before the toy world is built or Ray starts); `mopd-train ... --cfg job` runs only these.
     """
     job = to_job_config(cfg)
     job_lib.preflight(job)
@@ -182,8 +182,7 @@ def _hydra_main(cfg: DictConfig) -> None:
     global _task_started
     _task_started = True
     try:
-        job = check_config(cfg)
-        run(job)
+        run(to_job_config(cfg))  # job.start runs job_lib.preflight before building or starting anything
     except ConfigError as e:  # a user error: say what is wrong, no traceback
         log.error("%s", e)
         sys.exit(2)
@@ -194,7 +193,7 @@ def main() -> None:
 
     Hydra reports its own errors (a wrong type, an unknown config group) and exits 1; it raises
     them instead when HYDRA_FULL_ERROR=1, which lets them be reported like every other config
-    error. `--cfg` prints without running the job: the config is checked first (exit 2 if invalid).
+    error. `--cfg` prints the config without running the job, then checks it (exit 2 if invalid).
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from hydra._internal.utils import get_args_parser  # the parser hydra.main itself uses
@@ -202,9 +201,9 @@ def main() -> None:
     args = get_args_parser().parse_args()
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
-        if args.cfg and not (args.help or args.hydra_help):
-            check_command_line(args.overrides, args.config_name or "config", args.config_dir)
         _hydra_main()
+        if args.cfg and not (args.help or args.hydra_help):  # printed; now the verdict: exit 0 or 2
+            check_command_line(args.overrides, args.config_name or "config", args.config_dir)
     except ConfigError as e:
         log.error("%s", e)
         sys.exit(2)
