@@ -2,10 +2,11 @@
 
 Per response token t of a sample whose prompt belongs to teacher T:
 
-    A_t = sg[ log pi_T(y_t) - log pi_theta(y_t) ] * teacher_coef + alpha * A_ORM
+    A_t = sg[ log pi_T(y_t) - log pi_theta(y_t) ] * teacher_coef * coef_T + alpha * A_ORM
     w_t = sg[ pi_theta(y_t) / mu(y_t) ]   if eps_low <= pi_theta/mu <= eps_high, else 0
 
-A_ORM is the GRPO outcome advantage of the sample within its prompt group. Tokens with
+A_ORM is the GRPO outcome advantage of the sample within its prompt group; teacher_coef is
+algo.teacher_coef and coef_T the scoring teacher's own teachers.T.coef (1 unless set). Tokens with
 loss_mask == 0 (tool output, padding) get A_t = 0 and w_t = 0. These are pure tensor functions:
 the trainer calls them inside its loss with the freshly computed log pi_theta, and the tests
 check them against values computed by hand.
@@ -77,8 +78,11 @@ def grpo_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, *, normalize
 
 def token_advantages(teacher_logprobs: torch.Tensor, student_logprobs: torch.Tensor,
                      orm_advantage: torch.Tensor | float, loss_mask: torch.Tensor, *, alpha: float,
-                     teacher_coef: float = 1.0, reward_clip: float = 0.0) -> torch.Tensor:
-    """A_t for one or more sequences (any matching shape); no gradient flows through it."""
+                     teacher_coef: float | torch.Tensor = 1.0, reward_clip: float = 0.0) -> torch.Tensor:
+    """A_t for one or more sequences (any matching shape); no gradient flows through it.
+
+    `teacher_coef` may be a tensor broadcasting against the tokens (e.g. [B, 1]: one coefficient per
+    sequence, the product of algo.teacher_coef and the scoring teacher's teachers.NAME.coef)."""
     reverse_kl_reward = (teacher_logprobs - student_logprobs).detach()
     if reward_clip > 0:
         reverse_kl_reward = reverse_kl_reward.clamp(-reward_clip, reward_clip)

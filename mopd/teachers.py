@@ -179,9 +179,10 @@ class TeacherSet:
     """All teachers of a job; scores a batch by sending each sample to its domain's teacher."""
 
     def __init__(self, teachers: dict[str, Teacher], router: TeacherRouter, rollout: RolloutConfig | None = None,
-                 tokenizer: PreTrainedTokenizerBase | None = None) -> None:
+                 tokenizer: PreTrainedTokenizerBase | None = None, coefs: dict[str, float] | None = None) -> None:
         self.teachers = teachers
         self.router = router
+        self.coefs = dict(coefs or {})  # teachers.NAME.coef: scales that teacher's dense term in the loss
         self.rollout = rollout or RolloutConfig()
         self.tokenizer = tokenizer
 
@@ -199,11 +200,13 @@ class TeacherSet:
             for teacher in teachers.values():
                 teacher.close()
             raise
-        return cls(teachers, TeacherRouter.from_config(job), job.rollout, tokenizer)
+        return cls(teachers, TeacherRouter.from_config(job), job.rollout, tokenizer,
+                   coefs={name: cfg.coef for name, cfg in job.teachers.items()})
 
     def score(self, samples: list[Sample], top_k: int = 0) -> None:
         """Fill `sample.teacher` and `sample.teacher_logprobs` (and, with top_k > 0, the teacher's top-k tokens
-        and their logprobs at each response position) for every sample."""
+        and their logprobs at each response position) for every sample; `sample.metadata["teacher_coef"]` is
+        that teacher's teachers.NAME.coef, the trainer's multiplier of its dense term."""
         by_teacher: dict[str, list[Sample]] = defaultdict(list)
         for sample in samples:
             sample.teacher = self.router.teacher_for(sample.domain)
@@ -219,6 +222,7 @@ class TeacherSet:
                     raise RuntimeError(f"teacher {name!r} returned {len(got.logprobs)} logprobs for a response of "
                                        f"{len(sample.response_ids)} tokens")
                 sample.teacher_logprobs = list(got.logprobs)
+                sample.metadata["teacher_coef"] = float(self.coefs.get(name, 1.0))
                 sample.teacher_top_ids, sample.teacher_top_logprobs = got.top_ids, got.top_logprobs
 
     async def generate(self, samples: list[Sample]) -> list[Sample]:

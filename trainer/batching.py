@@ -92,13 +92,15 @@ def collate(samples: list[Sample], indices: list[int]) -> MicroBatch:
         _per_token(s.rollout_logprobs, B, b, start, mu)
         _per_token(s.teacher_logprobs, B, b, start, teacher)
     orm = torch.as_tensor([float(s.orm_advantage) for s in chosen], dtype=torch.float32)
+    # teachers.NAME.coef of each sample's teacher (mopd.teachers.TeacherSet.score records it; default 1)
+    coef = torch.as_tensor([float(s.metadata.get("teacher_coef", 1.0)) for s in chosen], dtype=torch.float32)
     top_ids, top_lps = _collate_top_k(chosen, indices, S)
     return MicroBatch(
         indices=list(indices), tokens=tokens,
         position_ids=torch.arange(S, dtype=torch.long).unsqueeze(0).expand(B, S).contiguous(),
         targets=tokens[:, 1:].contiguous(), response_mask=response_mask,
         inputs=LossInputs(loss_mask=loss_mask, rollout_logprobs=mu, teacher_logprobs=teacher, orm_advantage=orm,
-                          teacher_top_ids=top_ids, teacher_top_logprobs=top_lps),
+                          teacher_top_ids=top_ids, teacher_top_logprobs=top_lps, teacher_coef=coef),
         lengths=lengths, prompt_lengths=[len(s.prompt_ids) for s in chosen],
     )
 

@@ -26,6 +26,8 @@ class LossInputs:
     orm_advantage: torch.Tensor | None = None  # [B]
     teacher_top_ids: torch.Tensor | None = None  # [B, N, k] algo.teacher_top_k: the teacher's top-k token ids
     teacher_top_logprobs: torch.Tensor | None = None  # [B, N, k] their log pi_teacher
+    # [B] per-sequence multiplier of the teacher term: teachers.NAME.coef of the teacher that scored it
+    teacher_coef: torch.Tensor | None = None
 
 
 @dataclass
@@ -52,7 +54,10 @@ def _rollout_stats(logprobs: torch.Tensor, inputs: LossInputs) -> tuple[float, f
 
 def pg_loss(logprobs: torch.Tensor, inputs: LossInputs, adv: AdvantageConfig, *, eps_low: float,
             eps_high: float, teacher_coef: float, student_top_logprobs: torch.Tensor | None = None) -> LossOutput:
-    """-sum_seq (1/|y|) sum_t w_t (A_t log pi_theta(y_t) - teacher_coef * D_t); w_t the IS mask.
+    """-sum_seq (1/|y|) sum_t w_t (A_t log pi_theta(y_t) - teacher_coef * c_seq * D_t); w_t the IS mask.
+
+    `teacher_coef` is algo.teacher_coef; c_seq (inputs.teacher_coef, default 1) is the per-teacher
+    teachers.NAME.coef of the teacher that scored the sequence, so each teacher's term is scaled on its own.
 
     With sampled-token teacher rewards (algo.teacher_top_k = 0) the teacher term is inside A_t and D_t = 0;
     with top-k teacher distributions A_t is the outcome term alone and D_t the top-k divergence, whose
@@ -66,9 +71,11 @@ def pg_loss(logprobs: torch.Tensor, inputs: LossInputs, adv: AdvantageConfig, *,
         teacher = _require(inputs.teacher_logprobs, "teacher_logprobs", "mopd")
     else:
         teacher = torch.zeros_like(logprobs)
+    per_seq_coef = (inputs.teacher_coef.to(logprobs.dtype).unsqueeze(-1) if inputs.teacher_coef is not None
+                    else torch.ones_like(orm).unsqueeze(-1))
     sampled_coef = 0.0 if top_k else teacher_coef
     advantages = token_advantages(teacher, logprobs.detach(), orm.unsqueeze(-1), mask, alpha=adv.alpha,
-                                  teacher_coef=sampled_coef, reward_clip=adv.teacher_reward_clip)
+                                  teacher_coef=sampled_coef * per_seq_coef, reward_clip=adv.teacher_reward_clip)
     weights = importance_weights(logprobs, mu, mask, eps_low=eps_low, eps_high=eps_high)
     objective = weights * advantages * logprobs
     if top_k:
@@ -78,7 +85,7 @@ def pg_loss(logprobs: torch.Tensor, inputs: LossInputs, adv: AdvantageConfig, *,
                              "top-k tokens")
         divergence = top_k_divergence(student_top_logprobs, teacher_top.to(logprobs.dtype),
                                       kind=adv.top_k_divergence)
-        objective = objective - teacher_coef * weights * divergence * mask
+        objective = objective - teacher_coef * per_seq_coef * weights * divergence * mask
     per_seq = per_sequence_token_mean(objective, mask)
     kl, _ = _rollout_stats(logprobs, inputs)
     return LossOutput(loss_sum=-per_seq.sum(), is_masked_tokens=float(((weights == 0) & (mask > 0)).sum().item()),

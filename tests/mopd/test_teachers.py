@@ -57,12 +57,15 @@ def test_custom_teacher_kind_registered_from_python_scores_its_domain():
 
     assert "constant" in known_backends()
     job = JobConfig(teachers={"a": TeacherConfig(model_path="/m", domains=["x"], backend="constant"),
-                              "b": TeacherConfig(model_path="/m", domains=["y", "z"], backend="constant")})
+                              "b": TeacherConfig(model_path="/m", domains=["y", "z"], backend="constant",
+                                                 coef=0.5)})
     teachers = TeacherSet.launch(job)
     samples = [Sample(prompt_index=i, group_index=i, domain=d, prompt_ids=[1], response_ids=[2, 3])
                for i, d in enumerate(["x", "z", "y"])]
     teachers.score(samples)
     assert [s.teacher for s in samples] == ["a", "b", "b"]
     assert samples[0].teacher_logprobs == [-1.0, -1.0] and samples[1].teacher_logprobs == [-2.0, -2.0]
+    # teachers.NAME.coef travels with each sample to the loss (trainer.batching -> LossInputs.teacher_coef)
+    assert [s.metadata["teacher_coef"] for s in samples] == [1.0, 0.5, 0.5]
     teachers.close()
     assert made["a"].closed and made["b"].closed

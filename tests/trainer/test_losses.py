@@ -44,6 +44,55 @@ def test_mopd_hand_computed():
     assert torch.allclose(grad, expected, atol=1e-6)
 
 
+def test_per_teacher_coef_scales_only_that_teachers_term_hand_computed():
+    """teachers.NAME.coef: seq 1 scored by a teacher with coef 2, seq 2 by one with coef 0.5."""
+    inputs = _inputs()
+    inputs.teacher_coef = torch.tensor([2.0, 0.5])
+    lp = torch.tensor(LP, requires_grad=True)
+    out = compute_loss("mopd", lp, inputs, ADV, eps_low=0.5, eps_high=2.0)
+    out.loss_sum.backward()
+    w2 = math.exp(0.1)
+    # seq 1: w [1, 0]; A_1 = 2 * (-0.5 + 1.0) + 0.5 * 1 = 1.5 -> mean over 2 tokens of w A lp = -1.5 / 2
+    # seq 2: w2; A = 0.5 * (-0.2 + 0.5) + 0.5 * -1 = -0.35 -> w2 * -0.35 * -0.5
+    assert out.loss_sum.item() == pytest.approx(0.75 - 0.175 * w2, abs=1e-6)
+    assert torch.allclose(lp.grad, torch.tensor([[-0.75, 0.0, 0.0], [0.35 * w2, 0.0, 0.0]]), atol=1e-6)
+    # coef 1 everywhere is the plain MOPD loss; grpo ignores the coefficient (no teacher term)
+    inputs.teacher_coef = torch.ones(2)
+    plain = compute_loss("mopd", torch.tensor(LP), inputs, ADV, eps_low=0.5, eps_high=2.0).loss_sum.item()
+    assert plain == pytest.approx(0.5 - 0.1 * w2, abs=1e-6)
+    inputs.teacher_coef = torch.tensor([2.0, 0.5])
+    assert compute_loss("grpo", torch.tensor(LP), inputs, ADV, eps_low=0.5, eps_high=2.0).loss_sum.item() == \
+        pytest.approx(0.25 - w2 * 0.25, abs=1e-6)
+
+
+def test_per_teacher_coef_scales_the_top_k_divergence_and_reaches_the_batch():
+    from trainer.batching import collate
+    from tests.trainer.conftest import make_samples
+
+    adv = AdvantageConfig(alpha=0.0, teacher_coef=1.0, teacher_top_k=2)
+    inputs = _inputs()
+    inputs.teacher_top_logprobs = torch.log(torch.tensor([[[0.7, 0.2]] * 3, [[0.6, 0.3]] * 3]))
+    student_top = torch.log(torch.tensor([[[0.4, 0.4]] * 3, [[0.5, 0.1]] * 3]))
+    losses = []
+    for coef in ([1.0, 1.0], [3.0, 0.0]):
+        inputs.teacher_coef = torch.tensor(coef)
+        losses.append(compute_loss("mopd", torch.tensor(LP), inputs, adv, eps_low=0.5, eps_high=2.0,
+                                   student_top_logprobs=student_top))
+    one = [compute_loss("mopd", torch.tensor(LP)[i:i + 1], _slice(inputs, i, [1.0]), adv, eps_low=0.5,
+                        eps_high=2.0, student_top_logprobs=student_top[i:i + 1]).loss_sum.item() for i in (0, 1)]
+    assert losses[0].loss_sum.item() == pytest.approx(one[0] + one[1], abs=1e-6)
+    assert losses[1].loss_sum.item() == pytest.approx(3 * one[0], abs=1e-6)  # alpha = 0: linear in the coef
+    samples = make_samples(3)
+    samples[1].metadata["teacher_coef"] = 0.25  # set by TeacherSet.score from teachers.NAME.coef
+    assert collate(samples, [0, 1, 2]).inputs.teacher_coef.tolist() == [1.0, 0.25, 1.0]
+
+
+def _slice(inputs: LossInputs, i: int, coef: list[float]) -> LossInputs:
+    return LossInputs(loss_mask=inputs.loss_mask[i:i + 1], rollout_logprobs=inputs.rollout_logprobs[i:i + 1],
+                      teacher_logprobs=inputs.teacher_logprobs[i:i + 1], orm_advantage=inputs.orm_advantage[i:i + 1],
+                      teacher_top_logprobs=inputs.teacher_top_logprobs[i:i + 1], teacher_coef=torch.tensor(coef))
+
+
 def test_grpo_ignores_teacher():
     out, grad = _run("grpo")
     w2 = math.exp(0.1)
