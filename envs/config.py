@@ -21,6 +21,9 @@ class SandboxConfig:
     max_output_bytes: int = 65536
     max_procs: int = 64  # pids cgroup + RLIMIT_NPROC (per-sandbox uid)
     file_size_mb: int = 256  # RLIMIT_FSIZE
+    # local: the work dir is a tmpfs of this size (all files together; also caps the file count);
+    # what the sandbox writes there counts against its memory cgroup too
+    disk_mb: int = 1024
     no_network: bool = True
     # local: auto = enforce every mechanism this host supports; strict = refuse to start without
     # uid switch, network cut, read-only filesystem and a pids cgroup; none = rlimits only
@@ -47,6 +50,7 @@ class SandboxConfig:
             "max_output_bytes",
             "max_procs",
             "file_size_mb",
+            "disk_mb",
             "agent_port",
         ):
             value = getattr(self, name)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import ctypes
 import hmac
 import importlib.util
 import io
@@ -48,6 +49,8 @@ def _sibling(name: str):
 
 
 safe_fs = _sibling("safe_fs")
+jail = _sibling("jail")
+PR_SET_DUMPABLE = 4
 
 
 class AgentError(Exception):
@@ -65,8 +68,15 @@ class Agent:
         self.args = args
         self.jail = dict(json.loads(args.jail) if args.jail else {}, root=self.root)
         self.jail["rlimits"] = dict(args.rlimits or {}, **self.jail.get("rlimits", {}))
+        if getattr(args, "command_uid", None) is not None and os.geteuid() == 0 and "uid" not in self.jail:
+            # pod mode as root: commands run as another uid, so they cannot read or signal the agent
+            self.jail.update(uid=args.command_uid, gid=args.command_uid)
+            os.chown(self.root, args.command_uid, args.command_uid)
+            os.chmod(self.root, 0o700)
         self.uid = self.jail.get("uid")
         self.gid = self.jail.get("gid")
+        self.active: set[int] = set()  # pids of jails of commands in flight
+        self.lock = threading.Lock()
         self.shell = next((s for s in ("/bin/bash", "/usr/bin/bash", "/bin/sh") if os.path.exists(s)), "sh")
 
     # -- paths: every file operation goes through safe_fs (no link, FIFO or device is followed) ----
@@ -129,10 +139,22 @@ class Agent:
             "LANG": "C.UTF-8",
             "PYTHONDONTWRITEBYTECODE": "1",
         }
+        env.update(self.jail.get("base_env") or {})
         safe_fs.make_dirs(self.root, ".tmp", self.owner)
         env.update({str(k): str(v) for k, v in (body.get("env") or {}).items()})
         start = time.monotonic()
-        proc = subprocess.Popen(
+        with self.lock:
+            proc = self._popen(command, cwd, env)
+            self.active.add(proc.pid)
+        try:
+            return self._run(proc, cap, timeout, start)
+        finally:
+            with self.lock:
+                self.active.discard(proc.pid)
+            self.kill_orphans()
+
+    def _popen(self, command: str, cwd: str, env: dict) -> subprocess.Popen:
+        return subprocess.Popen(
             self._command(command, cwd, env),
             cwd=cwd,
             # the jail starts privileged: it gets a clean environment (no LD_PRELOAD & co. from the
@@ -143,6 +165,8 @@ class Agent:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+
+    def _run(self, proc: subprocess.Popen, cap: int, timeout: float, start: float) -> dict:
         chunks: list[bytes] = []
         state = {"size": 0, "flood": False}
 
@@ -183,7 +207,8 @@ class Agent:
         }
 
     def kill_group(self, pgid: int) -> None:
-        """Kill a command's process group, its cgroups, and (jailed) every process of the sandbox uid."""
+        """Kill a command's process tree and group, its cgroups, and (jailed) every process of the sandbox uid."""
+        jail.kill_descendants(pgid, reap=False)  # daemons that left the group still hang below the jail
         try:
             os.killpg(pgid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
@@ -192,6 +217,27 @@ class Agent:
             _kill_cgroup(cg)
         if self.uid is not None and self.uid != os.getuid():
             kill_uid(self.uid)
+
+
+    def kill_orphans(self) -> None:
+        """Kill what reparented to the agent (a subreaper) from a command whose jail died first."""
+        me = os.getpid()
+        for _ in range(200):
+            with self.lock:
+                strays = [p for p in jail._children().get(me, []) if p not in self.active]
+                for pid in strays:
+                    jail.kill_descendants(pid, reap=False)
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except (ProcessLookupError, PermissionError):
+                        pass
+                for pid in strays:
+                    try:
+                        os.waitpid(pid, 0)
+                    except ChildProcessError:
+                        pass
+            if not strays:
+                return
 
 
 def _kill_cgroup(path: str) -> None:
@@ -323,6 +369,25 @@ class Handler(BaseHTTPRequestHandler):
             self._reply(500, {"error": f"{type(exc).__name__}: {exc}"})
 
 
+def _read_token(args: argparse.Namespace) -> str:
+    """The token from a file (deleted once read, so commands never find it) or the environment."""
+    token = os.environ.pop(args.token_env, "")
+    if args.token_file == "-":
+        token = sys.stdin.readline().strip()
+    elif args.token_file:
+        try:
+            with open(args.token_file) as f:
+                token = f.read().strip()
+        except OSError as exc:
+            sys.stderr.write(f"agent: cannot read --token-file: {exc}\n")
+            sys.exit(2)
+        try:
+            os.unlink(args.token_file)
+        except OSError:
+            pass
+    return token
+
+
 def _watch_parent(parent: int, server: ThreadingHTTPServer) -> None:
     """Exit when the process that started us is gone (local mode): no orphaned sandboxes."""
     while True:
@@ -338,6 +403,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--root", default=os.getcwd())
     p.add_argument("--token-env", default="MOPD_SANDBOX_TOKEN", help="env var holding the token")
+    p.add_argument(
+        "--token-file", default="", help="file holding the token, removed once read ('-': stdin)"
+    )
+    p.add_argument("--command-uid", type=int, default=None, help="run commands as this uid (agent as root)")
     p.add_argument("--max-output", type=int, default=65536)
     p.add_argument("--default-timeout", type=float, default=120.0)
     p.add_argument("--max-timeout", type=float, default=3600.0, help="largest per-call timeout accepted")
@@ -345,7 +414,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--jail", default="", help="JSON spec for jail.py (local backend)")
     p.add_argument("--parent-pid", type=int, default=0)
     args = p.parse_args(argv)
-    token = os.environ.pop(args.token_env, "")
+    token = _read_token(args)
+    libc = ctypes.CDLL(None, use_errno=True)
+    # not dumpable: commands of the same uid cannot read /proc/<agent>/{environ,mem} or ptrace it
+    libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+    libc.prctl(jail.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # orphans of commands come back to us
     if len(token) < 16:
         sys.stderr.write(f"agent: ${args.token_env} must hold a token of >= 16 characters\n")
         sys.exit(2)

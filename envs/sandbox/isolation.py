@@ -26,6 +26,9 @@ class Isolation:
     pids_cgroup: str | None  # parent cgroup dir for pids.max, or None
     memory_cgroup: str | None  # parent cgroup dir for memory.limit_in_bytes / memory.max, or None
     cgroup_v2: bool
+    pid_ns: bool = False  # PID namespace with a fresh /proc: siblings and the host are invisible
+    ipc_ns: bool = False  # IPC namespace per command: SysV/POSIX IPC objects die with the command
+    disk_quota: bool = False  # size-limited tmpfs as the sandbox's work dir (a real disk quota)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -48,6 +51,22 @@ def _try_jail(spec: dict) -> bool:
     except (OSError, subprocess.TimeoutExpired):
         return False
     return out.returncode == 0
+
+
+def _try_tmpfs() -> bool:
+    """Can we mount a size-limited tmpfs (the per-sandbox disk quota)? Mounted and removed for real."""
+    import ctypes
+    import tempfile
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    path = tempfile.mkdtemp(prefix="mopd-quota-probe-")
+    try:
+        if libc.mount(b"tmpfs", path.encode(), b"tmpfs", ctypes.c_ulong(6), b"size=1m,mode=0700") != 0:
+            return False
+        libc.umount2(path.encode(), 2)
+        return True
+    finally:
+        os.rmdir(path)
 
 
 def _own_cgroup(controller: str) -> str:
@@ -98,6 +117,9 @@ def detect() -> Isolation:
         if root
         else None,
         cgroup_v2=v2,
+        pid_ns=root and _try_jail({"fs_readonly": True, "root": "/tmp", "pid_ns": True}),
+        ipc_ns=_try_jail({"ipc_ns": True}),
+        disk_quota=root and _try_tmpfs(),
     )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import base64
 import hashlib
 import os
 import secrets
@@ -28,6 +29,10 @@ from envs.sandbox.client import AgentClient, SandboxError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 AGENT_CONFIGMAP = "mopd-sandbox-agent"
+TOKEN_DIR, SECRET_DIR = "/run/mopd", "/var/run/mopd-secret"
+# the init container copies the token from the Secret into a memory emptyDir; the agent reads it and
+# deletes the copy, so no file or environment variable a command can read ever holds it
+COPY_TOKEN = f"import shutil; shutil.copyfile('{SECRET_DIR}/token', '{TOKEN_DIR}/token')"
 LABEL_APP, LABEL_RUN, LABEL_IMAGE = "app.kubernetes.io/name", "mopd.io/run-id", "mopd.io/image"
 Endpoint = Callable[[k8s.V1Pod], str]
 
@@ -56,21 +61,45 @@ def agent_configmap(namespace: str) -> k8s.V1ConfigMap:
     )
 
 
+def token_secret_name(pod_name: str) -> str:
+    return f"{pod_name}-token"
+
+
+def secret_manifest(cfg: SandboxConfig, pod: k8s.V1Pod, run_id: str, token: str) -> k8s.V1Secret:
+    """The pod's token as a Secret owned by the pod (garbage-collected with it)."""
+    meta = pod.metadata
+    owner = (
+        [k8s.V1OwnerReference(api_version="v1", kind="Pod", name=meta.name, uid=meta.uid)] if meta.uid else None
+    )
+    return k8s.V1Secret(
+        api_version="v1",
+        kind="Secret",
+        metadata=k8s.V1ObjectMeta(
+            name=token_secret_name(meta.name),
+            namespace=cfg.namespace,
+            owner_references=owner,
+            labels={LABEL_APP: "mopd-sandbox", LABEL_RUN: run_id},
+        ),
+        type="Opaque",
+        data={"token": base64.b64encode(token.encode()).decode()},
+    )
+
+
 def pod_manifest(
     cfg: SandboxConfig,
     name: str,
     run_id: str,
-    token: str,
     image: str | None = None,
     owner: k8s.V1OwnerReference | None = None,
 ) -> k8s.V1Pod:
-    """The sandbox pod (also rendered to k8s/sandbox-pod-template.yaml)."""
+    """The sandbox pod (also rendered to k8s/sandbox-pod-template.yaml); its token is a Secret."""
     image = image or cfg.image
     resources = {"cpu": cfg.cpu, "memory": f"{cfg.memory_mb}Mi", "ephemeral-storage": cfg.ephemeral_storage}
     rlimits = '{"RLIMIT_CPU": %d, "RLIMIT_FSIZE": %d, "RLIMIT_CORE": 0}' % (
         cfg.cpu_time_s,
         cfg.file_size_mb << 20,
     )
+    small = {"cpu": "100m", "memory": "64Mi", "ephemeral-storage": "16Mi"}
     container = k8s.V1Container(
         name="agent",
         image=image,
@@ -84,6 +113,8 @@ def pod_manifest(
             str(cfg.agent_port),
             "--root",
             "/workspace",
+            "--token-file",
+            f"{TOKEN_DIR}/token",
             "--max-output",
             str(cfg.max_output_bytes),
             "--default-timeout",
@@ -91,7 +122,6 @@ def pod_manifest(
             "--rlimits",
             rlimits,
         ],
-        env=[k8s.V1EnvVar(name="MOPD_SANDBOX_TOKEN", value=token)],
         ports=[k8s.V1ContainerPort(container_port=cfg.agent_port, name="agent")],
         resources=k8s.V1ResourceRequirements(requests=dict(resources), limits=dict(resources)),
         readiness_probe=k8s.V1Probe(
@@ -99,15 +129,10 @@ def pod_manifest(
             period_seconds=1,
             failure_threshold=120,
         ),
-        security_context=k8s.V1SecurityContext(
-            allow_privilege_escalation=False,
-            privileged=False,
-            read_only_root_filesystem=True,
-            run_as_non_root=True,
-            capabilities=k8s.V1Capabilities(drop=["ALL"]),
-        ),
+        security_context=_container_security(),
         volume_mounts=[
             k8s.V1VolumeMount(name="agent", mount_path="/opt/mopd", read_only=True),
+            k8s.V1VolumeMount(name="run", mount_path=TOKEN_DIR),
             k8s.V1VolumeMount(name="workspace", mount_path="/workspace"),
             k8s.V1VolumeMount(name="tmp", mount_path="/tmp"),
         ],
@@ -134,8 +159,27 @@ def pod_manifest(
                 fs_group=65532,
                 seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault"),
             ),
+            init_containers=[
+                k8s.V1Container(
+                    name="token",
+                    image=image,
+                    image_pull_policy="IfNotPresent",
+                    command=["python3", "-c", COPY_TOKEN],
+                    resources=k8s.V1ResourceRequirements(requests=dict(small), limits=dict(small)),
+                    security_context=_container_security(),
+                    volume_mounts=[
+                        k8s.V1VolumeMount(name="token", mount_path=SECRET_DIR, read_only=True),
+                        k8s.V1VolumeMount(name="run", mount_path=TOKEN_DIR),
+                    ],
+                )
+            ],
             containers=[container],
             volumes=[
+                k8s.V1Volume(
+                    name="token",
+                    secret=k8s.V1SecretVolumeSource(secret_name=token_secret_name(name), default_mode=0o400),
+                ),
+                k8s.V1Volume(name="run", empty_dir=k8s.V1EmptyDirVolumeSource(medium="Memory", size_limit="1Mi")),
                 k8s.V1Volume(name="agent", config_map=k8s.V1ConfigMapVolumeSource(name=AGENT_CONFIGMAP)),
                 k8s.V1Volume(
                     name="workspace", empty_dir=k8s.V1EmptyDirVolumeSource(size_limit=cfg.ephemeral_storage)
@@ -143,6 +187,16 @@ def pod_manifest(
                 k8s.V1Volume(name="tmp", empty_dir=k8s.V1EmptyDirVolumeSource(size_limit="256Mi")),
             ],
         ),
+    )
+
+
+def _container_security() -> k8s.V1SecurityContext:
+    return k8s.V1SecurityContext(
+        allow_privilege_escalation=False,
+        privileged=False,
+        read_only_root_filesystem=True,
+        run_as_non_root=True,
+        capabilities=k8s.V1Capabilities(drop=["ALL"]),
     )
 
 
@@ -197,9 +251,9 @@ class KubernetesSandboxBackend:
                 raise
         self._configmap_ready = True
 
-    async def _create_pod(self, pod: k8s.V1Pod) -> None:
+    async def _create_pod(self, pod: k8s.V1Pod) -> k8s.V1Pod:
         try:
-            await self._call(self.api.create_namespaced_pod, self.config.namespace, pod)
+            return await self._call(self.api.create_namespaced_pod, self.config.namespace, pod)
         except ApiException as exc:
             if exc.status != 409:
                 raise
@@ -210,6 +264,26 @@ class KubernetesSandboxBackend:
                 raise SandboxError(
                     f"pod {pod.metadata.name} already exists and belongs to another run", 409
                 ) from exc
+            return existing
+
+    async def _create_secret(self, pod: k8s.V1Pod, token: str) -> str:
+        """Create the pod's token Secret; on 409 (a retried create that landed) use the stored token."""
+        try:
+            await self._call(
+                self.api.create_namespaced_secret,
+                self.config.namespace,
+                secret_manifest(self.config, pod, self.run_id, token),
+            )
+            return token
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+            existing = await self._call(
+                self.api.read_namespaced_secret, token_secret_name(pod.metadata.name), self.config.namespace
+            )
+            if (existing.metadata.labels or {}).get(LABEL_RUN) != self.run_id:
+                raise SandboxError(f"secret for {pod.metadata.name} belongs to another run", 409) from exc
+            return base64.b64decode(existing.data["token"]).decode()
 
     async def _wait_ready(self, name: str) -> k8s.V1Pod:
         loop = asyncio.get_running_loop()
@@ -233,20 +307,23 @@ class KubernetesSandboxBackend:
             delay = min(delay * 2, 1.0)
 
     async def delete_pod(self, name: str) -> None:
-        try:
-            await self._call(
-                self.api.delete_namespaced_pod, name, self.config.namespace, grace_period_seconds=0
-            )
-        except ApiException as exc:
-            if exc.status != 404:
-                raise
+        """Delete the pod and its token Secret (ownerReferences would also collect the Secret)."""
+        for delete, obj in (
+            (self.api.delete_namespaced_pod, name),
+            (self.api.delete_namespaced_secret, token_secret_name(name)),
+        ):
+            try:
+                await self._call(delete, obj, self.config.namespace, grace_period_seconds=0)
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
 
     async def _start(self, image: str) -> Sandbox:
         await self._ensure_configmap()
         name = f"mopd-sb-{self.run_id}-{secrets.token_hex(4)}"
-        token = secrets.token_urlsafe(32)
-        await self._create_pod(pod_manifest(self.config, name, self.run_id, token, image, self.owner))
+        created = await self._create_pod(pod_manifest(self.config, name, self.run_id, image, self.owner))
         try:
+            token = await self._create_secret(created, secrets.token_urlsafe(32))
             pod = await self._wait_ready(name)
             agent = AgentClient(self.endpoint(pod), token)
             await agent.wait_ready(timeout=self.config.ready_timeout_s)
@@ -286,6 +363,16 @@ class KubernetesSandboxBackend:
         )
         mine = [p for p in pods.items if (p.metadata.labels or {}).get(LABEL_RUN) == self.run_id]
         await asyncio.gather(*(self.delete_pod(p.metadata.name) for p in mine))
+        tokens = await self._call(
+            self.api.list_namespaced_secret, self.config.namespace, label_selector=f"{LABEL_RUN}={self.run_id}"
+        )
+        for sec in tokens.items:  # Secrets of pods that are already gone
+            if (sec.metadata.labels or {}).get(LABEL_RUN) == self.run_id:
+                try:
+                    await self._call(self.api.delete_namespaced_secret, sec.metadata.name, self.config.namespace)
+                except ApiException as exc:
+                    if exc.status != 404:
+                        raise
         self.warm.clear()
         return len(mine)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import ctypes
 import json
 import os
 import random
@@ -20,6 +21,7 @@ import secrets
 import shutil
 import signal
 import sys
+import sysconfig
 import tempfile
 import time
 import uuid
@@ -30,9 +32,12 @@ from envs.sandbox.agent import kill_uid
 from envs.sandbox.base import Sandbox
 from envs.sandbox.client import AgentClient, SandboxError
 from envs.sandbox.isolation import Isolation, detect
+from envs.sandbox.jail import RUN
 
 AGENT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "agent.py")
 UID_RANGE = (200000, 260000)
+HIDE = ["/root", "/home", "/tmp", "/var/tmp"]  # covered by empty tmpfs in the jail (sandbox dir kept)
+_libc = ctypes.CDLL(None, use_errno=True)
 _LIVE: dict[str, dict[str, Any]] = {}  # sandbox dir -> meta, for atexit
 
 
@@ -75,6 +80,37 @@ def _kill_cgroup_dir(path: str) -> None:
             time.sleep(0.02)
 
 
+def python_spec() -> dict[str, Any]:
+    """This interpreter, for the jail to expose at fixed paths (a 0700 checkout stays executable)."""
+    prefix = os.path.realpath(sys.base_prefix)
+    real = os.path.realpath(sys.executable)
+    exe = os.path.basename(real) if os.path.dirname(real) == os.path.join(prefix, "bin") else "python3"
+    spec: dict[str, Any] = {"prefix": prefix, "exe": exe, "version": f"python{sys.version_info[0]}.{sys.version_info[1]}"}
+    if os.path.realpath(sys.prefix) != prefix:  # a venv: expose its site-packages as /run/mopd/venv
+        spec["site"] = os.path.realpath(sysconfig.get_paths()["purelib"])
+        try:
+            with open(os.path.join(sys.prefix, "pyvenv.cfg")) as f:
+                cfg = dict(line.split("=", 1) for line in f if "=" in line)
+            spec["system"] = cfg.get("include-system-site-packages ", "false").strip()
+        except OSError:
+            pass
+    return spec
+
+
+def _mount_quota(work: str, size_mb: int, uid: int | None) -> None:
+    """The work dir as a tmpfs of `size_mb` (bytes and inodes capped): a real per-sandbox disk quota."""
+    owner = f",uid={uid},gid={uid}" if uid is not None else ""
+    opts = f"size={size_mb}m,nr_inodes={max(4096, size_mb * 128)},mode=0700{owner}"
+    if _libc.mount(b"tmpfs", work.encode(), b"tmpfs", ctypes.c_ulong(2 | 4), opts.encode()) != 0:
+        raise SandboxError(f"cannot mount the sandbox's disk quota on {work}: {os.strerror(ctypes.get_errno())}")
+
+
+def _unmount(path: str) -> None:
+    for _ in range(3):
+        if _libc.umount2(path.encode(), 2) != 0:  # MNT_DETACH: live jails drop their copy on exit
+            return
+
+
 def destroy(meta: dict[str, Any]) -> None:
     """Kill everything a sandbox started and remove its files and cgroups (sync; safe to repeat)."""
     agent_pid = meta.get("agent_pid")
@@ -87,6 +123,8 @@ def destroy(meta: dict[str, Any]) -> None:
         kill_uid(meta["uid"])
     for cg in meta.get("cgroups", []):
         _kill_cgroup_dir(cg)
+    for mount in meta.get("mounts", []):
+        _unmount(mount)
     shutil.rmtree(meta["dir"], ignore_errors=True)
     _LIVE.pop(meta["dir"], None)
 
@@ -162,6 +200,7 @@ class LocalSandboxBackend:
                 )
         if self.isolation.setuid:
             _check_traversable(self.base_dir)
+        self.python = python_spec()
         sweep_stale(self.base_dir)
 
     def _claim_dir(self) -> tuple[str, int]:
@@ -212,17 +251,34 @@ class LocalSandboxBackend:
             spec.update(uid=uid, gid=uid)
         if iso.no_network and cfg.no_network:
             spec["no_network"] = True
+        if iso.ipc_ns:
+            spec["ipc_ns"] = True
         if iso.fs_readonly:
             spec.update(
-                fs_readonly=True, hide=["/root", "/home"], expose=[py_home, os.path.realpath(sys.prefix)]
+                fs_readonly=True,
+                hide=HIDE,
+                expose=[py_home],  # its lib/ is libpython's RUNPATH (pyenv builds under /root)
+                python=self.python,
+                shm_mb=min(64, cfg.disk_mb),
+                pid_ns=iso.pid_ns,
             )
+            lib = os.path.join(self.python["prefix"], "lib")
+            if os.path.isdir(lib) and any(n.startswith("libpython") for n in os.listdir(lib)):
+                spec["base_env"] = {"LD_LIBRARY_PATH": f"{RUN}/python/lib"}
         return spec
+
+    def _path(self, spec: dict[str, Any]) -> str:
+        """Commands' PATH: the exposed interpreter first (the host's venv may be unreachable)."""
+        host = os.environ.get("PATH", "/usr/bin:/bin")
+        if not spec.get("python"):
+            return host
+        return f"{RUN}/venv/bin:{RUN}/python/bin:{host}"
 
     async def create(self, snapshot: str | None = None) -> Sandbox:
         """Start a sandbox; ``snapshot`` is a local directory copied into its workspace."""
         path, uid = self._claim_dir()
         work = os.path.join(path, "work")
-        os.mkdir(work, 0o755)
+        os.mkdir(work, 0o700)  # other sandbox uids never enter another sandbox's files
         name = f"mopd-{self.run_id}-{uid}"
         meta: dict[str, Any] = {
             "dir": path,
@@ -232,10 +288,14 @@ class LocalSandboxBackend:
             "created": time.time(),
             "setuid": self.isolation.setuid,
             "cgroups": [],
+            "mounts": [],
         }
         _LIVE[path] = meta
         try:
             meta["cgroups"] = self._cgroups(name)
+            if self.isolation.disk_quota:
+                _mount_quota(work, self.config.disk_mb, uid if self.isolation.setuid else None)
+                meta["mounts"].append(work)
             if self.isolation.setuid:
                 os.chown(work, uid, uid)
             if snapshot is not None:
@@ -271,13 +331,18 @@ class LocalSandboxBackend:
                 json.dumps(spec),
                 "--parent-pid",
                 str(os.getpid()),
-                env={"MOPD_SANDBOX_TOKEN": token, "PATH": os.environ.get("PATH", "/usr/bin:/bin")},
-                stdin=asyncio.subprocess.DEVNULL,
+                "--token-file",
+                "-",  # the token comes on stdin: never in the agent's environment
+                env={"PATH": self._path(spec)},
+                stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.DEVNULL,
                 start_new_session=True,
             )
             meta["agent_pid"] = proc.pid
+            proc.stdin.write(token.encode() + b"\n")
+            await proc.stdin.drain()
+            proc.stdin.close()
             with open(os.path.join(path, "meta.json"), "w") as f:
                 json.dump(meta, f)
             try:
@@ -307,5 +372,8 @@ class LocalSandboxBackend:
             "agent_pid": proc.pid,
             "isolation": self.isolation.as_dict(),
             "jail": spec,
+            "disk_mb": self.config.disk_mb if self.isolation.disk_quota else None,
         }
+        if spec.get("python"):
+            info["python"] = f"{RUN}/venv/bin/python3" if self.python.get("site") else f"{RUN}/python/bin/python3"
         return Sandbox(name, client, closer, info)

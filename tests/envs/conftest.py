@@ -59,7 +59,75 @@ from kmock._internal import apps as kmock_apps  # noqa: E402
 from kmock._internal.k8s import KubernetesError  # noqa: E402
 from kubernetes import client as k8s  # noqa: E402
 
-from envs.sandbox.local import AGENT  # noqa: E402
+import base64  # noqa: E402
+import itertools  # noqa: E402
+import json  # noqa: E402
+
+from envs.sandbox.isolation import detect  # noqa: E402
+from envs.sandbox.jail import RUN  # noqa: E402
+from envs.sandbox.local import HIDE, python_spec  # noqa: E402
+
+HERE = os.path.join(os.path.dirname(__file__), "..", "..", "envs", "sandbox")
+JAIL = os.path.join(HERE, "jail.py")
+_POD_UIDS = itertools.count(270000 + os.getpid() % 1000 * 50)
+
+
+def start_pod_agent(pod_dir: str, token: str, args: list[str], sources: dict[str, str] | None = None):
+    """Emulate a sandbox pod: the real agent in pod mode (no command jail) inside a "container": its
+    own PID, mount and IPC namespaces, a read-only filesystem except the pod dir, a non-root uid (like
+    runAsUser), the agent sources copied in (the ConfigMap) and the token in a file (the Secret copy).
+    Returns (process, port, uid). Without root/namespaces the agent simply runs as this user."""
+    uid = next(_POD_UIDS)
+    iso = detect()
+    contained = iso.setuid and iso.fs_readonly and iso.pid_ns
+    for sub in ("opt", "workspace", "run"):
+        os.makedirs(os.path.join(pod_dir, sub), exist_ok=True)
+    os.chmod(pod_dir, 0o711)
+    for name in ("agent.py", "jail.py", "safe_fs.py"):
+        dst = os.path.join(pod_dir, "opt", name)
+        if sources and name in sources:
+            with open(dst, "w") as f:
+                f.write(sources[name])
+        else:
+            shutil.copy(os.path.join(HERE, name), dst)
+    token_file = os.path.join(pod_dir, "run", "token")
+    with open(token_file, "w") as f:
+        f.write(token)
+    os.chmod(token_file, 0o400)
+    agent = [os.path.join(pod_dir, "opt", "agent.py"), "--host", "127.0.0.1", "--port", "0"]
+    agent += ["--root", os.path.join(pod_dir, "workspace"), "--token-file", token_file, *args]
+    if contained:
+        for sub in ("workspace", "run", "run/token"):
+            os.chown(os.path.join(pod_dir, sub), uid, uid)
+        os.chmod(os.path.join(pod_dir, "workspace"), 0o700)
+        py = python_spec()
+        spec = {
+            "root": pod_dir,
+            "fs_readonly": True,
+            "hide": HIDE,
+            "expose": [py["prefix"]],
+            "python": py,
+            "pid_ns": True,
+            "ipc_ns": True,
+            "uid": uid,
+            "gid": uid,
+            "env": {
+                "PATH": f"{RUN}/venv/bin:{RUN}/python/bin:/usr/local/bin:/usr/bin:/bin",
+                "LD_LIBRARY_PATH": f"{RUN}/python/lib",
+            },
+        }
+        python = f"{RUN}/venv/bin/python3" if py.get("site") else f"{RUN}/python/bin/python3"
+        cmd = [sys.executable, "-I", "-S", JAIL, json.dumps(spec), "--", python, *agent]
+        env = None
+    else:
+        cmd = [sys.executable, *agent]
+        env = {"PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
+    line = proc.stdout.readline()
+    if not line.startswith(b"READY "):
+        proc.kill()
+        raise RuntimeError(f"pod agent did not start: {line!r}")
+    return proc, int(line.split()[1]), uid
 
 
 class FaultyEmulator(kmock.KubernetesEmulator):
@@ -95,6 +163,7 @@ class Emulator:
             handler.faults = []
             handler.resources["v1/pods"] = kmock.ResourceInfo(kind="Pod", namespaced=True)
             handler.resources["v1/configmaps"] = kmock.ResourceInfo(kind="ConfigMap", namespaced=True)
+            handler.resources["v1/secrets"] = kmock.ResourceInfo(kind="Secret", namespaced=True)
             self.handler, self.url = handler, str(server.url).rstrip("/")
             self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
             self._ready.set()
@@ -117,6 +186,7 @@ class FakeKubelet:
     def __init__(self, emulator: Emulator, namespace: str, root: str) -> None:
         self.api, self.namespace, self.root = emulator.api(), namespace, root
         self.agents: dict[str, tuple[subprocess.Popen, int]] = {}
+        self.uids: dict[str, int] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()
@@ -143,28 +213,22 @@ class FakeKubelet:
 
     def _start(self, pod) -> None:
         c = pod.spec.containers[0]
-        token = next(e.value for e in c.env if e.name == "MOPD_SANDBOX_TOKEN")
+        secret = next(v.secret.secret_name for v in pod.spec.volumes if v.secret)
+        for _ in range(100):  # like a kubelet: the pod waits until its Secret exists
+            try:
+                data = self.api.read_namespaced_secret(secret, self.namespace).data
+                break
+            except Exception:  # noqa: BLE001 - 404 until the backend has created it
+                time.sleep(0.05)
+        else:
+            return
+        token = base64.b64decode(data["token"]).decode()
+        cm = self.api.read_namespaced_config_map("mopd-sandbox-agent", self.namespace).data
         args = c.command[c.command.index("--max-output") :]  # the pod's own agent flags
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                AGENT,
-                "--host",
-                "127.0.0.1",
-                "--port",
-                "0",
-                "--root",
-                os.path.join(self.root, pod.metadata.name),
-                *args,
-            ],
-            # the "image": python3 on PATH is this interpreter (it has pytest, like a SWE image)
-            env={"MOPD_SANDBOX_TOKEN": token, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        port = int(proc.stdout.readline().split()[1])
+        # the "image": python3 on PATH is this interpreter (it has pytest, like a SWE image)
+        proc, port, uid = start_pod_agent(os.path.join(self.root, pod.metadata.name), token, args, cm)
         self.agents[pod.metadata.name] = (proc, port)
+        self.uids[pod.metadata.name] = uid
         status = {
             "status": {
                 "phase": "Running",
@@ -194,3 +258,25 @@ def k8s_env(sandbox_base):
     yield emulator, kubelet
     kubelet.stop()
     emulator.stop()
+
+
+@pytest_asyncio.fixture
+async def pod_sandbox(sandbox_base):
+    """A pod-mode agent (see start_pod_agent) as a Sandbox; info has the agent's pid, uid and dir."""
+    import secrets
+
+    from envs.sandbox.base import Sandbox
+    from envs.sandbox.client import AgentClient
+
+    token = secrets.token_urlsafe(32)
+    pod_dir = os.path.join(sandbox_base, "pod-" + secrets.token_hex(3))
+    proc, port, uid = start_pod_agent(pod_dir, token, ["--max-output", "65536", "--default-timeout", "30"])
+
+    async def closer() -> None:
+        proc.kill()
+        proc.wait()
+
+    sb = Sandbox("pod", AgentClient(f"http://127.0.0.1:{port}", token), closer, {"uid": uid, "dir": pod_dir})
+    sb.info["token"] = token
+    yield sb
+    await sb.close()

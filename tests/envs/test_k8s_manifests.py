@@ -16,7 +16,7 @@ import yaml
 from kubernetes import client
 
 from envs.config import SandboxConfig
-from envs.sandbox.kubernetes import pod_manifest
+from envs.sandbox.kubernetes import pod_manifest, secret_manifest
 
 K8S = os.path.join(os.path.dirname(__file__), "..", "..", "k8s")
 VERSION = "1.30.0"
@@ -48,9 +48,7 @@ def test_every_manifest_file_is_covered():
 
 
 def test_sandbox_template_is_what_the_backend_creates():
-    pod = pod_manifest(
-        SandboxConfig(backend="kubernetes"), "mopd-sandbox-template", "RUN_ID", "REPLACED_PER_POD"
-    )
+    pod = pod_manifest(SandboxConfig(backend="kubernetes"), "mopd-sandbox-template", "RUN_ID")
     assert client.ApiClient().sanitize_for_serialization(pod) == _docs("sandbox-pod-template.yaml")[0]
     spec = pod.spec
     assert spec.automount_service_account_token is False and spec.restart_policy == "Never"
@@ -66,8 +64,41 @@ def test_rbac_grants_exactly_pod_lifecycle():
     role = next(d for d in _docs("rbac.yaml") if d["kind"] == "Role")
     pods = next(r for r in role["rules"] if r["resources"] == ["pods"])
     assert sorted(pods["verbs"]) == ["create", "delete", "get", "list", "watch"]
+    secrets = next(r for r in role["rules"] if r["resources"] == ["secrets"])
+    assert sorted(secrets["verbs"]) == ["create", "delete", "get", "list"]
     policy = _docs("networkpolicy.yaml")[0]
     assert policy["spec"]["egress"] == [] and "Egress" in policy["spec"]["policyTypes"]
+
+
+def test_token_is_a_secret_never_in_the_pod_spec():
+    """The token is not an env value (anyone who can `get pods` would see it): it is a Secret owned by
+    the pod, mounted only into the init container that copies it for the agent to read and delete."""
+    pod = pod_manifest(SandboxConfig(backend="kubernetes"), "p", "RUN_ID")
+    agent, init = pod.spec.containers[0], pod.spec.init_containers[0]
+    assert not agent.env and not init.env and not agent.env_from and not init.env_from
+    assert "--token-file" in agent.command
+    mounted = {m.name for m in agent.volume_mounts}
+    assert "token" not in mounted and "token" in {m.name for m in init.volume_mounts}
+    secret_vol = next(v for v in pod.spec.volumes if v.name == "token")
+    assert secret_vol.secret.secret_name == "p-token" and secret_vol.secret.default_mode == 0o400
+    pod.metadata.uid = "0a1b"
+    sec = secret_manifest(SandboxConfig(backend="kubernetes"), pod, "RUN_ID", "s3cret-token-value")
+    assert sec.metadata.owner_references[0].uid == "0a1b" and sec.metadata.owner_references[0].kind == "Pod"
+    kubernetes_validate.validate(client.ApiClient().sanitize_for_serialization(sec), VERSION, strict=True)
+
+
+def test_network_policy_admits_only_labelled_clients():
+    """Ingress to the agent from labelled sandbox clients of the mopd namespace only (one `from` entry
+    with both selectors = AND), and every Ray pod that may host a Toolbox actor carries the label."""
+    policy = _docs("networkpolicy.yaml")[0]
+    (rule,) = policy["spec"]["ingress"]
+    (peer,) = rule["from"]
+    assert peer["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "mopd"}
+    assert peer["podSelector"]["matchLabels"] == {"mopd.io/sandbox-client": "true"}
+    cluster = _docs("rayjob.yaml")[0]["spec"]["rayClusterSpec"]
+    templates = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+    for tpl in templates:
+        assert tpl["metadata"]["labels"]["mopd.io/sandbox-client"] == "true"
 
 
 _POD_TEMPLATE = {"type": "object", "required": ["spec"], "properties": {"spec": {"type": "object"}}}

@@ -46,10 +46,10 @@ async def test_retries_on_429_and_500_and_adopts_on_409(k8s_env):
     assert backend.api_retries >= 4
     assert (await sb.exec("echo ok")).output.strip() == "ok"
     # a create that landed but whose reply was lost: the retry sees 409 and adopts our own pod
-    pod = pod_manifest(backend.config, "mopd-sb-run42-adopt", "run42", "t" * 32)
+    pod = pod_manifest(backend.config, "mopd-sb-run42-adopt", "run42")
     emulator.api().create_namespaced_pod(NS, pod)
     await backend._create_pod(pod)  # no exception: same run label
-    foreign = pod_manifest(backend.config, "mopd-sb-other", "other-run", "t" * 32)
+    foreign = pod_manifest(backend.config, "mopd-sb-other", "other-run")
     emulator.api().create_namespaced_pod(NS, foreign)
     with pytest.raises(Exception, match="another run"):
         await backend._create_pod(foreign)

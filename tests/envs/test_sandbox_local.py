@@ -5,10 +5,12 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 import textwrap
 import time
 
@@ -67,7 +69,7 @@ async def test_tar_upload_cannot_escape(sandbox, tmp_path):
         tar.addfile(info, io.BytesIO(data))
     with pytest.raises(SandboxError) as exc:
         await sandbox.client.upload(buf.getvalue())
-    assert exc.value.status == 400
+    assert exc.value.status in (400, 403)
     assert not os.path.exists(os.path.join(os.path.dirname(sandbox.info["dir"]), "..", "escaped.txt"))
 
 
@@ -154,3 +156,58 @@ async def test_request_env_reaches_the_command_not_the_privileged_jail(sandbox):
     # ld.so complains once, for the command's bash; the jail (still root at that point) never loaded it
     assert r["output"].count("evil.so") == 1, r["output"]
 
+
+
+def test_checkout_under_a_0700_directory_still_scores(sandbox_base):
+    """A fresh clone in `mktemp -d` (0700) with its own venv there: the sandbox uid cannot traverse
+    that directory, yet the SWE gold patch must still score 1 (the jail exposes the interpreter at
+    fixed paths). The venv borrows this venv's packages through a .pth file, so no install is needed."""
+    import sysconfig
+
+    private = tempfile.mkdtemp(prefix="mopd-0700-")  # mode 0700, like `mktemp -d`
+    try:
+        repo = os.path.join(private, "mopd")
+        subprocess.run(["git", "clone", "-q", "--depth", "1", f"file://{os.getcwd()}", repo], check=True)
+        for rel in ("envs/sandbox", "envs/config.py"):  # the code under test (maybe uncommitted)
+            src = os.path.join(os.getcwd(), rel)
+            dst = os.path.join(repo, rel)
+            if os.path.isdir(src):
+                shutil.copytree(src, dst, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
+            else:
+                shutil.copy(src, dst)
+        venv = os.path.join(repo, ".venv")
+        subprocess.run([sys.base_prefix + "/bin/python3", "-m", "venv", "--without-pip", venv], check=True)
+        site = subprocess.run(
+            [f"{venv}/bin/python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()
+        with open(os.path.join(site, "borrowed.pth"), "w") as f:
+            f.write(sysconfig.get_paths()["purelib"] + "\n")
+        script = textwrap.dedent(f"""
+            import asyncio, sys
+            assert sys.prefix == {venv!r}, sys.prefix
+            from envs.config import SandboxConfig
+            from envs.sandbox.local import LocalSandboxBackend
+            from envs.swe.env import SWEEnv, apply_patch
+            from envs.swe.task import builtin_tasks
+            from toolbox.parsing import ToolCall
+            async def main():
+                backend = LocalSandboxBackend(SandboxConfig(base_dir={sandbox_base!r}))
+                task = builtin_tasks()[0]
+                env = SWEEnv(backend.create, max_turns=3)
+                await env.reset(task)
+                r = await env.sandbox.exec(env.python + " -c 'import pytest; print(7 * 6)'")
+                print("PY", r.output.strip())
+                await apply_patch(env.sandbox, task.patch, "gold")
+                res = await env.step(ToolCall("finish", {{}}))
+                await env.close()
+                print("REWARD", res.reward)
+            asyncio.run(main())
+        """)
+        out = subprocess.run(
+            [f"{venv}/bin/python", "-c", script], cwd=repo, capture_output=True, text=True, timeout=240
+        )
+        assert "REWARD 1.0" in out.stdout, (out.stdout[-2000:], out.stderr[-2000:])
+        assert "PY 42" in out.stdout
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
