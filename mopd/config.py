@@ -370,6 +370,10 @@ def _validate_teachers(job: JobConfig) -> None:
             raise ConfigError(f"{where}.backend", f"one of {sorted(known_backends())}", teacher.backend)
         if teacher.backend == "remote" and not teacher.urls:
             raise ConfigError(f"{where}.urls", "at least one server URL when backend=remote", teacher.urls)
+        if any(not url.startswith(("http://", "https://")) for url in teacher.urls):
+            raise ConfigError(f"{where}.urls", "server URLs (http://host:port)", teacher.urls)
+        if any(not domain for domain in teacher.domains):
+            raise ConfigError(f"{where}.domains", "non-empty domain names", teacher.domains)
         if teacher.backend != "remote" and not teacher.model_path:
             raise ConfigError(f"{where}.model_path", "a model checkpoint directory", teacher.model_path)
         if teacher.replicas < 1:

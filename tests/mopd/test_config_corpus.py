@@ -127,6 +127,9 @@ CASES: list[tuple[str, str | None, str]] = [
     ("teachers.arith.domains=[]", None, "teachers.arith.domains"),
     ("teachers.reverse.domains=[arith]", None, "teachers.reverse.domains"),
     ("student.model_path=/nowhere", None, "student.model_path"),
+    ("teachers.arith.backend=remote teachers.arith.urls=[arith-teacher:30000]", None, "teachers.arith.urls"),
+    ("teachers.arith.backend=remote", None, "teachers.arith.urls"),
+    ("teachers.arith.domains=[arith,'']", None, "teachers.arith.domains"),
     ("rollout=not_a_rollout_config", None, "rollout"),
 ]
 if not CUDA:
