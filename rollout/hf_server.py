@@ -283,7 +283,7 @@ class HFServer:
         path = body.get("model_path")
         # Read and parse every file off the model thread; only the checked copy runs between steps.
         named = await asyncio.to_thread(check.read_checkpoint, path)
-        n = await self._load(named, require_all=True)
+        n = await self._load(named, require_all=True, field="model_path")
         self.model_path = path
         return self._weights_updated(version, f"loaded {n} tensors from {path}")
 
@@ -293,15 +293,15 @@ class HFServer:
         check.boolean(body.get("flush_cache"), "flush_cache", True)
         # Single process = TP 1: every rank's entry carries the same tensors; rank 0 is loaded.
         named = await asyncio.to_thread(check.serialized_tensors, body)
-        n = await self._load(named, require_all=False)
+        n = await self._load(named, require_all=False, field="serialized_named_tensors[0]")
         return self._weights_updated(version, f"updated {n} tensors")
 
-    async def _load(self, named: dict[str, torch.Tensor], *, require_all: bool) -> int:
+    async def _load(self, named: dict[str, torch.Tensor], *, require_all: bool, field: str) -> int:
         """Check and copy on the model thread (between two steps); a refusal leaves every weight as it was."""
         try:
             return await self.sched.run_on_model(lambda: self.runner.load_named_tensors(named, require_all=require_all))
         except ValueError as e:
-            raise RequestError(str(e)) from None
+            raise RequestError(f"field `{field}`: {e}") from None
 
     def _weights_updated(self, version: str | None, message: str) -> web.Response:
         if version is not None:

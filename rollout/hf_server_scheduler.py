@@ -164,7 +164,7 @@ class Scheduler:
     def open_session(self, capacity: int, session_id: str | None) -> str:
         sid = session_id or uuid.uuid4().hex
         if sid in self.sessions:
-            raise RequestError(f"session {sid!r} already exists")
+            raise RequestError(f"field `session_id`: session {sid!r} already exists")
         self.sessions[sid] = Session(capacity=max(int(capacity), self.max_context_len))
         while len(self.sessions) > self.max_sessions:
             self.sessions.popitem(last=False)
@@ -172,7 +172,7 @@ class Scheduler:
 
     def close_session(self, sid: str) -> None:
         if self.sessions.pop(sid, None) is None:
-            raise RequestError(f"unknown session {sid!r}")
+            raise RequestError(f"field `session_id`: unknown session {sid!r}")
 
     def drop_kv(self) -> None:
         """Forget cached KV (after a weight update or flush); tokens and routing stay for replay."""

@@ -179,8 +179,9 @@ def sampling_params(params: dict[str, Any], *, vocab_size: int, max_new_limit: i
         raise FieldError(f + "temperature", "a finite number >= 0", p.get("temperature"))
     out["temperature"] = 0.0 if t < SAMPLING_EPS else t  # SGLang: below 1e-6 is greedy
     out["top_p"] = number(p.get("top_p"), f + "top_p", 0.0, 1.0, lo_open=True, default=1.0)
-    top_k = integer(p.get("top_k"), f + "top_k", -1, None, default=-1)
-    if top_k == 0:
+    top_k = p.get("top_k")
+    top_k = -1 if top_k is None else top_k
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k == 0 or top_k < -1:
         raise FieldError(f + "top_k", "-1 (whole vocabulary) or an integer >= 1", top_k)
     out["top_k"] = top_k
     neutral = [("min_p", 0.0, 1.0, False, 0.0), ("frequency_penalty", -2.0, 2.0, False, 0.0),

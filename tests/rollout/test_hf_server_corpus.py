@@ -54,8 +54,9 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-def tensors(ctx: dict[str, Any], named: dict[str, torch.Tensor], fmt: str = "safetensors") -> dict[str, Any]:
-    return {"serialized_named_tensors": [b64(save(named))], "load_format": fmt}
+def tensors(ctx: dict[str, Any], named: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """An /update_weights_from_tensor body carrying `named` (ctx: the fixture context, unused)."""
+    return {"serialized_named_tensors": [b64(save(named))], "load_format": "safetensors"}
 
 
 @dataclass
@@ -198,6 +199,26 @@ CASES: list[Case] = [
     C("stream-string", "/generate", g(stream="no"), 400, "stream"),
     C("stream-true", "/generate", g(stream=True), 400, "stream"),
     C("top-level-unknown", "/generate", g(bogus_field=1), 400, "bogus_field"),
+    C("rid-too-long", "/generate", g(rid="r" * 5000), 400, "rid"),
+    C("ids-empty-no-session", "/generate", g(input_ids=[]), 400, "input_ids"),
+    C("ids-empty-session-no-parent", "/generate", lambda c: g(input_ids=[], session_params={"id": c["sid"]}), 400,
+      "input_ids"),
+    C("session-rid-unknown", "/generate", lambda c: g(session_params={"id": c["sid"], "rid": "nope"}), 400,
+      "session_params.rid"),
+    C("session-offset-unsupported", "/generate", lambda c: g(session_params={"id": c["sid"], "offset": 3}), 400,
+      "session_params.offset"),
+    C("lp-start-equals-prompt", "/generate", g(return_logprob=True, logprob_start_len=len(PROMPT)), 400,
+      "logprob_start_len"),
+    # ---- extreme but valid: defined behaviour as in SGLang (200, and nothing else changes)
+    C("ok-temp-tiny-is-greedy", "/generate", sp(temperature=1e-300), 200, "output_ids"),
+    C("ok-temp-huge", "/generate", sp(temperature=1e308, sampling_seed=1), 200, "output_ids"),
+    C("ok-top-p-tiny", "/generate", sp(temperature=1.0, top_p=1e-300), 200, "output_ids"),
+    C("ok-top-k-all", "/generate", sp(temperature=1.0, top_k=-1), 200, "output_ids"),
+    C("ok-top-k-beyond-vocab", "/generate", sp(temperature=1.0, top_k=10 ** 9), 200, "output_ids"),
+    C("ok-seed-negative", "/generate", sp(temperature=1.0, sampling_seed=-(2 ** 63)), 200, "output_ids"),
+    C("ok-nulls-mean-defaults", "/generate", sp(temperature=None, top_p=None, top_k=None, stop=None, n=None), 200,
+      "output_ids"),
+    C("ok-zero-new-tokens", "/generate", sp(max_new_tokens=0), 200, "output_ids"),
     # ---- abort / pause / sessions
     C("abort-rid-int", "/abort_request", {"rid": 5}, 400, "rid"),
     C("abort-rid-list", "/abort_request", {"rid": ["a"]}, 400, "rid"),
@@ -266,6 +287,16 @@ CASES: list[Case] = [
       lambda c: {**tensors(c, {"model.norm.weight": torch.full((64,), 3.0)}), "weight_version": [1]}, 400,
       "weight_version"),
     C("tensor-not-json", "/update_weights_from_tensor", b"{", 400, "JSON"),
+    C("tensor-inf", "/update_weights_from_tensor",
+      lambda c: tensors(c, {"model.norm.weight": torch.full((64,), INF)}), 400, "finite"),
+    C("tensor-empty-file", "/update_weights_from_tensor", lambda c: tensors(c, {}), 400, "at least one tensor"),
+    C("tensor-flush-cache-string", "/update_weights_from_tensor",
+      lambda c: {**tensors(c, {"model.norm.weight": torch.full((64,), 3.0)}), "flush_cache": "x"}, 400,
+      "flush_cache"),
+    C("disk-path-is-file", "/update_weights_from_disk", lambda c: {"model_path": c["model"] + "/config.json"}, 400,
+      "model_path"),
+    C("nccl-group", "/init_weights_update_group", {}, 400, "NCCL"),
+    C("nccl-update", "/update_weights_from_distributed", {"names": ["x"]}, 400, "NCCL"),
     # ---- routing
     C("unknown-endpoint", "/no_such_endpoint", {}, 404, "Not Found"),
     C("generate-get", "/generate", None, 405, "Method Not Allowed", method="GET"),
