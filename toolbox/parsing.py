@@ -32,6 +32,7 @@ _JSON_TYPES: dict[str, tuple[type, ...]] = {
     "null": (type(None),),
 }
 _SHOWN = 80  # longest name quoted back to the model
+MAX_REPORTED_ERRORS = 5  # an observation lists this many parse errors, then a count
 
 
 @dataclass(frozen=True)
@@ -56,9 +57,12 @@ class ParseResult:
     def ok(self) -> bool:
         return not self.errors
 
-    def error_observation(self) -> str:
-        """One message that tells the model what was wrong and what the expected format is."""
-        return "\n".join(f"Tool call error: {e.message}" for e in self.errors)
+    def error_observation(self, limit: int = MAX_REPORTED_ERRORS) -> str:
+        """One message that tells the model what was wrong (the first ``limit`` errors, then a count)."""
+        lines = [f"Tool call error: {e.message}" for e in self.errors[:limit]]
+        if len(self.errors) > limit:
+            lines.append(f"Tool call error: ... and {len(self.errors) - limit} more malformed tool calls")
+        return "\n".join(lines)
 
 
 def show(value: Any, limit: int = _SHOWN) -> str:
@@ -66,8 +70,9 @@ def show(value: Any, limit: int = _SHOWN) -> str:
     if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
         return f"<an integer of {len(str(abs(value))) if value.bit_length() < 14000 else 'over 4000'} digits>"
     text = value if isinstance(value, str) else repr(value)
-    text = text.encode("unicode_escape").decode("ascii") if not text.isprintable() else text
-    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} chars)"
+    head = text[:limit]
+    head = head.encode("unicode_escape").decode("ascii")[:limit] if not head.isprintable() else head
+    return head if len(text) <= limit else head + f"... ({len(text)} chars)"
 
 
 def json_type(value: Any) -> str:
@@ -81,19 +86,22 @@ def json_type(value: Any) -> str:
 
 
 def _blocks(text: str) -> tuple[list[str], list[ToolCallError], str]:
-    """Split text into tool-call bodies; an unclosed block is an error, not a crash."""
+    """Split text into tool-call bodies; an unclosed block is an error, not a crash. Linear time:
+    the next `</tool_call>` is searched once, not again for every nested `<tool_call>`."""
     bodies: list[str] = []
     errors: list[ToolCallError] = []
     content_parts: list[str] = []
     pos = 0
+    end = -1
     while True:
         start = text.find(OPEN, pos)
         if start < 0:
             content_parts.append(text[pos:])
             break
         content_parts.append(text[pos:start])
-        end = text.find(CLOSE, start + len(OPEN))
-        nested = text.find(OPEN, start + len(OPEN))
+        if end < start + len(OPEN):
+            end = text.find(CLOSE, start + len(OPEN))
+        nested = text.find(OPEN, start + len(OPEN), end if end >= 0 else len(text))
         if end < 0:
             errors.append(
                 ToolCallError(f"`{OPEN}` is never closed with `{CLOSE}`", text[start : start + 200])
@@ -108,7 +116,7 @@ def _blocks(text: str) -> tuple[list[str], list[ToolCallError], str]:
     stray = "".join(content_parts)
     if CLOSE in stray:
         errors.append(ToolCallError(f"`{CLOSE}` without a matching `{OPEN}`", stray[:200]))
-    if _FUNC_OPEN in stray or "<parameter=" in stray:
+    if not bodies and not errors and (_FUNC_OPEN in stray or "<parameter=" in stray):
         errors.append(
             ToolCallError(
                 f"`<function=...>` / `<parameter=...>` found outside `{OPEN}` ... `{CLOSE}`; "
@@ -199,7 +207,10 @@ def _convert(value: str, schema: dict[str, Any] | None) -> Any:
 
 def _parse_mimo(body: str, tools: dict[str, dict[str, Any]] | None) -> ToolCall | ToolCallError:
     raw = body.strip()
-    match = _FUNC_RE.search(body)
+    first, last_close = body.find(_FUNC_OPEN), body.rfind("</function>")
+    # without a `</function>` after the first `<function=`, the regex would rescan the rest of the
+    # body from every later `<function=` (quadratic on hostile text): answer before searching
+    match = _FUNC_RE.search(body, first, last_close + len("</function>")) if 0 <= first < last_close else None
     if match is None:
         return ToolCallError("expected `<function=NAME>` ... `</function>` inside the tool call", raw[:200])
     name = match.group(1).strip()
@@ -219,6 +230,9 @@ def _parse_mimo(body: str, tools: dict[str, dict[str, Any]] | None) -> ToolCall 
             raw[:200],
         )
     inner = match.group(2)
+    closed = inner.rfind("</parameter>") + len("</parameter>")
+    if "<parameter=" in inner[max(closed, 0) :]:  # checked before the regex runs (see above)
+        return ToolCallError(f"a `<parameter=...>` of `{shown}` is not closed with `</parameter>`", raw[:200])
     props = ((tools or {}).get(name) or {}).get("properties", {})
     args: dict[str, Any] = {}
     for pmatch in _PARAM_RE.finditer(inner):

@@ -156,3 +156,53 @@ def test_unknown_format_is_a_config_error():
     else:
         raise AssertionError("expected ValueError")
     assert json.loads(json.dumps({"ok": 1}))
+
+
+# -- hostile text: every row must parse in linear time into a short, readable error ---------------
+# one line per case: (id, text, substring of the error observation or "" when calls are expected)
+# fmt: off
+HOSTILE = [
+    ("nested-opens", "<tool_call>" * 200_000 + "</tool_call>", "opened again"),
+    ("function-never-closed", "<tool_call>" + "<function=a>" * 200_000 + "</tool_call>", "</function>"),
+    ("bad-names-then-close", "<tool_call>" + "<function=\n" * 100_000 + "<function=a>" * 100_000 + "</function></tool_call>", "more than one"),
+    ("parameters-never-closed", "<tool_call><function=bash>" + "<parameter=x>" * 200_000 + "</function></tool_call>", "not closed"),
+    ("parameters-after-last-close", "<tool_call><function=bash><parameter=command>a</parameter>" + "<parameter=x>" * 200_000 + "</function></tool_call>", "not closed"),
+    ("many-broken-calls", "<tool_call>{</tool_call>" * 100_000, "99995 more"),
+    ("stray-closes", "</tool_call>" * 200_000, "without a matching"),
+    ("function-outside-block", "<function=bash>" * 200_000, "outside `<tool_call>`"),
+    ("deep-json", "<tool_call>" + "[" * 1_000_000 + "</tool_call>", "not valid JSON"),
+    ("huge-integer", '<tool_call>{"name": "bash", "arguments": {"command": 1' + "0" * 100_000 + "}}</tool_call>", "not valid JSON"),
+    ("duplicate-keys", '<tool_call>{"name": "bash", "arguments": {"command": "a"}, "name": "finish"}</tool_call>', "duplicate key"),
+    ("mimo-duplicate-parameter", "<tool_call><function=bash><parameter=command>a</parameter><parameter=command>b</parameter></function></tool_call>", "more than once"),
+    ("json-mentions-function", '<tool_call>{"name": "bash", "arguments": {"command": "grep \'<function=\' x"}}</tool_call>', ""),
+    ("json-then-function", '<tool_call>{"name": "bash", "arguments": {}}<function=bash><parameter=command>ls</parameter></function></tool_call>', "not valid JSON"),
+    ("function-with-json-body", '<tool_call><function=bash>{"command": "ls"}</function></tool_call>', "outside `<parameter="),
+    ("nul-in-name", '<tool_call>{"name": "ba\\u0000sh", "arguments": {}}</tool_call>', "unknown tool `ba\\x00sh`"),
+    ("1mb-name", '<tool_call>{"name": "' + "n" * (1 << 20) + '", "arguments": {}}</tool_call>', "chars)"),
+    ("wrong-type", '<tool_call>{"name": "bash", "arguments": {"command": ["ls"]}}</tool_call>', "argument `command` must be a string, got array"),
+    ("unknown-argument", '<tool_call>{"name": "bash", "arguments": {"command": "ls", "sudo": true}}</tool_call>', "unknown argument `sudo`"),
+]
+# fmt: on
+
+
+def test_hostile_text_is_parsed_in_linear_time_into_short_errors():
+    import time
+
+    for case_id, text, needle in HOSTILE:
+        t0 = time.monotonic()
+        r = parse_tool_calls(text, "auto", TOOLS)
+        elapsed = time.monotonic() - t0
+        obs = r.error_observation()
+        assert elapsed < 10, (case_id, elapsed)  # quadratic parsing took minutes on these
+        assert len(obs) < 4000, (case_id, len(obs))
+        if needle:
+            assert not r.ok and needle in obs, (case_id, obs[:300])
+        else:
+            assert r.ok and len(r.calls) == 1, (case_id, obs[:300])
+
+
+def test_function_outside_a_block_is_reported_only_without_a_call():
+    text = "I will use <function=bash> now.\n" + format_tool_call(ToolCall("bash", {"command": "ls"}), "mimo")
+    assert parse_tool_calls(text, "auto", TOOLS).ok
+    r = parse_tool_calls("<function=bash><parameter=command>ls</parameter></function>", "auto", TOOLS)
+    assert "outside `<tool_call>`" in r.error_observation()
