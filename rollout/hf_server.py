@@ -10,6 +10,8 @@ Deviations from SGLang, on purpose:
   cannot cross processes on CPU, so it is refused with HTTP 400.
 - `/init_weights_update_group` and `/update_weights_from_distributed` (NCCL) answer HTTP 400.
 - Prompts are token ids only (`text` is refused by the protocol layer); `stream` is refused.
+- Stricter input checks than SGLang (see `hf_server_validation`): exact JSON types, token ids in
+  [0, vocab), one string `rid`, and pushed weights must be finite (SGLang loads NaN silently).
 - Sampling keys that change the distribution and are not implemented (penalties, min_p, regex,
   json_schema, stop strings, n > 1, logit_bias...) are refused with HTTP 400 naming the key.
 

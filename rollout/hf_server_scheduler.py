@@ -278,7 +278,9 @@ class Scheduler:
     def _loop_done(self, task: asyncio.Task) -> None:
         """Record why the loop ended (health then answers 503) and fail whoever still waits."""
         if task.cancelled():
-            self.failure = self.failure or "stopped"
+            self.failure = self.failure or "cancelled"
+            for req in list(self.pending) + list(self.running):
+                self._fail(req, EngineDead(f"the scheduler loop has stopped ({self.failure})"))
             return
         err = task.exception()
         self.failure = f"{type(err).__name__}: {err}" if err is not None else "returned"

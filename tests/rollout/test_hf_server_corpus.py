@@ -437,3 +437,52 @@ def test_rid_list_with_session_never_wedges_the_scheduler(corpus_server, baselin
         assert status == 200, text[:300]
     assert greedy(corpus_server) == baseline
     assert send(corpus_server.url + "/health_generate", None, method="GET", timeout=10)[0] == 200
+
+
+# ---------------------------------------------------------------- faults inside the scheduler (in-process)
+def test_a_failing_request_inside_the_batch_fails_alone_and_a_dead_loop_is_unhealthy(tiny_models):
+    """Real model, scheduler and HTTP app in this process. A request that fails inside the batched
+    forward (an out-of-vocab id slipped past validation: only reachable in-process now) fails alone
+    while a concurrent 300-token request completes equal to its solo run; once the scheduler loop
+    is stopped, /health, /health_generate and /generate answer 503 instead of 200 or a hang."""
+    import asyncio
+
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from rollout.hf_server import HFServer, parse_args
+    from rollout.hf_server_scheduler import Request, parse_sampling
+
+    long_body = {"input_ids": PROMPT, "return_logprob": True,
+                 "sampling_params": {"max_new_tokens": 300, "temperature": 0.0, "ignore_eos": True}}
+
+    async def scenario() -> None:
+        server = HFServer(parse_args(["--model-path", str(tiny_models["moe"]), "--max-context-len", "1024"]))
+        async with TestClient(TestServer(server.app())) as client:
+            solo = await (await client.post("/generate", json=long_body)).json()
+            good = asyncio.create_task(client.post("/generate", json=long_body))
+            while not server.sched.running:
+                await asyncio.sleep(0.01)
+            bad = Request(rid="bad", tokens=[1, VOCAB + 5], prompt_len=2,
+                          sampling=parse_sampling({"max_new_tokens": 5}, set(), VOCAB, 1024), return_logprob=False,
+                          logprob_start_len=-1, return_routed_experts=False, routed_experts_start_len=0,
+                          session_id=None)
+            with pytest.raises(IndexError):
+                await asyncio.wait_for(server.sched.submit(bad, None, bad.tokens), timeout=60)
+            resp = await asyncio.wait_for(good, timeout=120)
+            assert resp.status == 200
+            together = await resp.json()
+            assert together["output_ids"] == solo["output_ids"]
+            assert [e[0] for e in together["meta_info"]["output_token_logprobs"]] == \
+                [e[0] for e in solo["meta_info"]["output_token_logprobs"]]
+            assert (await client.get("/health")).status == 200
+            assert (await client.get("/health_generate")).status == 200
+            # The loop dies (here: cancelled from outside): health must say so, requests must not hang.
+            server.sched._task.cancel()
+            await asyncio.sleep(0.05)
+            for path in ("/health", "/health_generate"):
+                resp = await client.get(path)
+                assert resp.status == 503 and "scheduler loop has stopped" in (await resp.json())["error"]["message"]
+            resp = await asyncio.wait_for(client.post("/generate", json=GOOD), timeout=10)
+            assert resp.status == 503
+
+    asyncio.run(scenario())
