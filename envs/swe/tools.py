@@ -92,24 +92,51 @@ def text_argument(
     return value
 
 
-def timeout_argument(tool: str, args: dict[str, Any], limit: float) -> tuple[float, str]:
-    """The timeout to run with, and a note for the model when its value was not used.
+def number_argument(
+    tool: str,
+    args: dict[str, Any],
+    name: str,
+    default: float,
+    low: float,
+    high: float,
+    *,
+    integer: bool = False,
+    low_inclusive: bool = True,
+    clamp_to: float | None = None,
+) -> tuple[float, str]:
+    """A number from the model checked to be finite and within [low, high] (or (low, high]).
 
-    Never returns anything but a finite number in (0, limit]: NaN, infinities, <= 0 and values above
-    the limit (including integers too large for a float) are replaced by the limit.
+    Wrong types (strings, booleans, lists) are a ToolError naming the argument. A value out of range,
+    NaN or infinite (including integers too large for a float) is replaced by ``clamp_to`` with a
+    note for the model when ``clamp_to`` is given, else it is a ToolError naming the range. So the
+    value returned is always finite and in range: nothing the model writes can switch a limit off.
+    Returns (value, note); the note is "" when the model's value was used.
     """
-    value = args.get("timeout")
+    value = args.get(name)
     if value is None:
-        return limit, ""
+        return default, ""
+    kind = "an integer" if integer else "a number"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ToolError(f"{tool}: argument `timeout` must be a number of seconds, got {json_type(value)}")
-    in_range = 0 < value <= limit if isinstance(value, int) else math.isfinite(value) and 0 < value <= limit
-    if in_range:
-        return float(value), ""
-    return limit, (
-        f"[argument `timeout`={show(value)} is not a number of seconds in (0, {limit:g}]; "
-        f"the limit of {limit:g}s was used]\n"
+        raise ToolError(f"{tool}: argument `{name}` must be {kind}, got {json_type(value)}")
+    if integer and isinstance(value, float) and math.isfinite(value) and not value.is_integer():
+        raise ToolError(f"{tool}: argument `{name}` must be {kind}, got {show(value)}")
+    finite = isinstance(value, int) or math.isfinite(value)
+    above = value >= low if low_inclusive else value > low
+    if finite and above and value <= high:
+        return (int(value) if integer else float(value)), ""
+    bounds = f"{'[' if low_inclusive else '('}{low:g}, {high:g}]"
+    if clamp_to is None:
+        raise ToolError(f"{tool}: argument `{name}` must be {kind} in {bounds}, got {show(value)}")
+    used = int(clamp_to) if integer else float(clamp_to)
+    return (
+        used,
+        f"[argument `{name}`={show(value)} is not {kind} in {bounds}; {clamp_to:g} was used instead]\n",
     )
+
+
+def timeout_argument(tool: str, args: dict[str, Any], limit: float) -> tuple[float, str]:
+    """The timeout to run with: the model's value when it is in (0, limit], else the limit (noted)."""
+    return number_argument(tool, args, "timeout", limit, 0.0, limit, low_inclusive=False, clamp_to=limit)
 
 
 def path_argument(tool: str, args: dict[str, Any]) -> str:

@@ -273,3 +273,48 @@ def test_env_rejects_non_finite_configured_limits():
     ):
         with pytest.raises(ValueError, match="command_timeout"):
             SWEEnv(lambda: None, **kwargs)  # type: ignore[arg-type]
+
+
+# number_argument: every numeric argument from the model, one row per case:
+# (value, keyword arguments, expected value or the substring of the ToolError)
+# fmt: off
+NUMBERS = [
+    (float("nan"), {"clamp_to": 5.0}, 5.0),
+    (float("inf"), {"clamp_to": 5.0}, 5.0),
+    (float("-inf"), {"clamp_to": 5.0}, 5.0),
+    (10**400, {"clamp_to": 5.0}, 5.0),
+    (-(10**400), {"clamp_to": 5.0}, 5.0),
+    (-1, {"clamp_to": 5.0}, 5.0),
+    (0, {"clamp_to": 5.0, "low_inclusive": False}, 5.0),
+    (2.5, {"clamp_to": 5.0}, 2.5),
+    (float("nan"), {}, "must be a number in [0, 10]"),
+    (1e400, {}, "must be a number in [0, 10]"),
+    (11, {}, "must be a number in [0, 10]"),
+    (3, {"integer": True}, 3),
+    (3.0, {"integer": True}, 3),
+    (3.5, {"integer": True}, "must be an integer"),
+    (float("nan"), {"integer": True}, "must be an integer in [0, 10]"),
+    (10**400, {"integer": True}, "<an integer of 401 digits>"),
+    (True, {}, "got boolean"),
+    ("7", {}, "got string"),
+    ([7], {}, "got array"),
+    ({"$gt": 1}, {}, "got object"),
+    (None, {}, 1.0),
+]
+# fmt: on
+
+
+@pytest.mark.parametrize(
+    "value,kwargs,expected", NUMBERS, ids=[f"{i}-{v!r:.20}" for i, (v, _, _) in enumerate(NUMBERS)]
+)
+def test_number_arguments_are_finite_and_in_range(value, kwargs, expected):
+    from envs.swe.tools import ToolError, number_argument
+
+    if isinstance(expected, str):
+        with pytest.raises(ToolError, match="argument `n`") as err:
+            number_argument("tool", {"n": value}, "n", 1.0, 0.0, 10.0, **kwargs)
+        assert expected in str(err.value)
+    else:
+        got, note = number_argument("tool", {"n": value}, "n", 1.0, 0.0, 10.0, **kwargs)
+        assert got == expected and type(got) is type(expected)
+        assert ("`n`" in note) == (value is not None and got != value)
