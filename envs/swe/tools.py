@@ -40,9 +40,11 @@ MAX_PATH_BYTES = 4096  # PATH_MAX
 MAX_NAME_BYTES = 255  # NAME_MAX, per path component
 DEFAULT_MAX_FILE_BYTES = 16 << 20  # what str_replace reads or writes; the agent's default read limit
 _SURROGATE = re.compile("[\ud800-\udfff]")
-# 4xx answers the agent gives because of what the model asked for or left in its files; the rest
-# (401 wrong token, 407/408 timeouts, 429 overload) and 5xx / no answer are infrastructure failures
+# 4xx answers the agent gives because of what the model asked for or left in its files, and 507
+# (the sandbox's disk quota is full: the model's files filled it); the rest (401 wrong token, 407/408
+# timeouts, 429 overload, other 5xx, no answer) are infrastructure failures
 _NOT_MODEL_CAUSED = {401, 407, 408, 429}
+_MODEL_CAUSED_5XX = {507}
 _AGENT_PREFIX = re.compile(r"^agent /\w+: HTTP \d+: ")
 
 
@@ -51,8 +53,10 @@ class ToolError(Exception):
 
 
 def model_caused(exc: SandboxError) -> bool:
-    """True when the agent refused the request because of the model's input or files (a 4xx)."""
-    return 400 <= exc.status < 500 and exc.status not in _NOT_MODEL_CAUSED
+    """True when the agent refused the request because of the model's input or files (4xx, 507)."""
+    return (
+        400 <= exc.status < 500 and exc.status not in _NOT_MODEL_CAUSED
+    ) or exc.status in _MODEL_CAUSED_5XX
 
 
 def refusal(exc: SandboxError) -> str:
