@@ -1,8 +1,9 @@
-"""Held-out accuracy of a checkpoint per domain, greedy and sampled, scored by the domains' verifiers."""
+"""Held-out accuracy of a checkpoint per domain, greedy, sampled and pass@k, scored by the domains' verifiers."""
 
 from __future__ import annotations
 
 import json
+import math
 from collections import defaultdict
 from pathlib import Path
 
@@ -26,7 +27,10 @@ def load_eval_rows(path: str | Path, per_domain: int) -> dict[str, list[dict]]:
 @torch.no_grad()
 def evaluate(model_path: str | Path, rows: dict[str, list[dict]], *, max_new_tokens: int = 12,
              samples: int = 4, temperature: float = 1.0, batch_size: int = 64, seed: int = 0) -> dict[str, dict]:
-    """{domain: {"greedy": accuracy, "sampled": mean accuracy over `samples` draws}}."""
+    """{domain: {"greedy": accuracy, "sampled": mean accuracy over `samples` draws, "pass@k": ...}}.
+
+    pass@k uses the unbiased estimator over the `samples` draws of each prompt (k = 1 and `samples`).
+    """
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     tokenizer.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
@@ -34,16 +38,32 @@ def evaluate(model_path: str | Path, rows: dict[str, list[dict]], *, max_new_tok
     results = {}
     for domain, domain_rows in rows.items():
         verifier = verifier_for(domain)
-        greedy = _accuracy(model, tokenizer, domain_rows, verifier, max_new_tokens, batch_size, None)
-        sampled = sum(_accuracy(model, tokenizer, domain_rows, verifier, max_new_tokens, batch_size, temperature)
-                      for _ in range(samples)) / max(samples, 1)
-        results[domain] = {"greedy": greedy, "sampled": sampled}
+        greedy = _correct(model, tokenizer, domain_rows, verifier, max_new_tokens, batch_size, None)
+        draws = [_correct(model, tokenizer, domain_rows, verifier, max_new_tokens, batch_size, temperature)
+                 for _ in range(samples)]
+        result = {"greedy": _mean(greedy), "sampled": _mean([sum(d) / samples for d in zip(*draws)])}
+        for k in sorted({1, samples} if samples else set()):
+            result[f"pass@{k}"] = _mean([pass_at_k(samples, int(sum(d)), k) for d in zip(*draws)])
+        result["prompts"] = len(domain_rows)
+        results[domain] = result
     return results
 
 
-def _accuracy(model, tokenizer, rows: list[dict], verifier, max_new_tokens: int, batch_size: int,
-              temperature: float | None) -> float:
-    correct = 0.0
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n draws with c correct (Chen et al. 2021): 1 - C(n-c, k) / C(n, k)."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+def _correct(model, tokenizer, rows: list[dict], verifier, max_new_tokens: int, batch_size: int,
+             temperature: float | None) -> list[float]:
+    """The verifier's score of one generation per row (greedy when `temperature` is None)."""
+    scores: list[float] = []
     for start in range(0, len(rows), batch_size):
         batch = rows[start:start + batch_size]
         texts = [tokenizer.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True)
@@ -55,5 +75,5 @@ def _accuracy(model, tokenizer, rows: list[dict], verifier, max_new_tokens: int,
                              pad_token_id=tokenizer.pad_token_id, **sampling)
         for row, ids in zip(batch, out[:, enc["input_ids"].shape[1]:]):
             text = tokenizer.decode(ids, skip_special_tokens=False)
-            correct += verifier(text, row["label"])
-    return correct / max(len(rows), 1)
+            scores.append(float(verifier(text, row["label"])))
+    return scores

@@ -44,4 +44,4 @@ def test_evaluate_reports_greedy_and_sampled_accuracy_per_domain(ckpts, tmp_path
     result = evaluate(ckpts[0], loaded, max_new_tokens=4, samples=2)
     assert set(result) == {"arith", "reverse"}
     for scores in result.values():  # an untrained model gets nothing right
-        assert scores == {"greedy": 0.0, "sampled": 0.0}
+        assert scores == {"greedy": 0.0, "sampled": 0.0, "pass@1": 0.0, "pass@2": 0.0, "prompts": 3}
