@@ -37,11 +37,20 @@ from aiohttp import web
 
 from rollout import hf_server_validation as check
 from rollout.hf_server_engine import ModelRunner
-from rollout.hf_server_scheduler import EngineDead, Request, RequestError, Scheduler, parse_sampling
+from rollout.hf_server_scheduler import (
+    EngineDead,
+    Request,
+    RequestError,
+    Sampling,
+    Scheduler,
+    build_sampling,
+    parse_sampling,
+)
 from rollout.sglang_api import GenerateRequest, encode_routed_experts, logprob_entries, top_logprob_entries
 
 NCCL_MESSAGE = "not supported by the local server (NCCL, GPU clusters only)"
 DEFAULT_MAX_REQUEST_BYTES = 256 << 20  # a weight update by tensor of a small model, or a long prompt
+PARSE_IN_THREAD_BYTES = 1 << 20
 log = logging.getLogger(__name__)
 
 
@@ -134,6 +143,8 @@ class HFServer:
         except web.HTTPRequestEntityTooLarge:
             raise BodyTooLarge(f"request body exceeds the server's --max-request-bytes "
                                f"{self.args.max_request_bytes}") from None
+        if len(raw) > PARSE_IN_THREAD_BYTES:  # a weight bucket: keep the event loop (health, abort) free
+            return await asyncio.to_thread(check.parse_json, raw)
         return check.parse_json(raw)
 
     async def _object(self, request: web.Request) -> dict[str, Any]:
@@ -144,8 +155,9 @@ class HFServer:
         body = await self._body(request)
         if body is None:
             raise check.BodyError("request body: expected a JSON object, got an empty body")
-        parsed, _ = check.generate_request(body, vocab_size=self.vocab_size, max_context_len=self.args.max_context_len)
-        req = self._request(parsed)
+        parsed, sampling = check.generate_request(body, vocab_size=self.vocab_size,
+                                                  max_context_len=self.args.max_context_len)
+        req = self._request(parsed, build_sampling(sampling, self.eos_ids))
         future = self.sched.submit(req, parsed.session_params, list(parsed.input_ids))
         try:
             done: Request = await future
@@ -155,8 +167,7 @@ class HFServer:
             return _error(f"generation failed: {type(e).__name__}: {e}", status=500)
         return web.json_response(self._response(done))
 
-    def _request(self, parsed: GenerateRequest) -> Request:
-        sampling = parse_sampling(parsed.sampling_params, self.eos_ids, self.vocab_size, self.args.max_context_len)
+    def _request(self, parsed: GenerateRequest, sampling: Sampling) -> Request:
         # Like SGLang, return_routed_experts without --enable-return-routed-experts leaves the field absent.
         return Request(rid=parsed.rid or uuid.uuid4().hex, tokens=list(parsed.input_ids),
                        prompt_len=len(parsed.input_ids), sampling=sampling, return_logprob=parsed.return_logprob,

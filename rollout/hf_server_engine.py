@@ -180,9 +180,10 @@ class ModelRunner:
             if view.dtype.is_floating_point and not tensor.dtype.is_floating_point:
                 raise ValueError(f"{name}: dtype {tensor.dtype} cannot be loaded into the model's {view.dtype} "
                                  "(expected a floating-point tensor)")
+            tensor = tensor.to(dtype=view.dtype, device=view.device)  # checked as it will be stored
             if tensor.dtype.is_floating_point and not bool(torch.isfinite(tensor).all()):
-                raise ValueError(f"{name}: expected finite values, got NaN or infinity "
-                                 "(refused: a diverged trainer must not be served)")
+                raise ValueError(f"{name}: expected finite values (in the model's {view.dtype}), got NaN or "
+                                 "infinity (refused: a diverged trainer must not be served)")
             plan.append((view, tensor))
             covered.add(pname)
         if unknown:
@@ -193,7 +194,7 @@ class ModelRunner:
             if missing:
                 raise ValueError(f"checkpoint is missing tensor(s): {missing[:8]}")
         for view, tensor in plan:
-            view.copy_(tensor.to(dtype=view.dtype, device=view.device))
+            view.copy_(tensor)
         return len(plan)
 
     def _target(self, params: dict[str, torch.Tensor], name: str) -> tuple[str, torch.Tensor] | None:

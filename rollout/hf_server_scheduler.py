@@ -26,7 +26,8 @@ from rollout.sglang_api import SessionParams
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Context", "EngineDead", "Request", "RequestError", "Sampling", "Scheduler", "Session", "parse_sampling"]
+__all__ = ["Context", "EngineDead", "Request", "RequestError", "Sampling", "Scheduler", "Session", "build_sampling",
+           "parse_sampling"]
 
 
 class EngineDead(RuntimeError):
@@ -100,7 +101,11 @@ class Request:
 
 def parse_sampling(params: dict[str, Any], eos_ids: set[int], vocab_size: int, max_new_limit: int) -> Sampling:
     """Check SGLang's sampling keys (see `hf_server_validation`) and build the request's Sampling."""
-    p = sampling_params(params, vocab_size=vocab_size, max_new_limit=max_new_limit)
+    return build_sampling(sampling_params(params, vocab_size=vocab_size, max_new_limit=max_new_limit), eos_ids)
+
+
+def build_sampling(p: dict[str, Any], eos_ids: set[int]) -> Sampling:
+    """A request's Sampling from parameters `hf_server_validation.sampling_params` has checked."""
     seed = p["sampling_seed"]
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     stop_ids = set(p["stop_token_ids"])
@@ -298,6 +303,7 @@ class Scheduler:
                 log.exception("scheduler step failed; failing the running requests")
                 for req in list(self.running):
                     self._fail(req, e)
+                await asyncio.sleep(0.01)  # never spin without yielding to the HTTP handlers
 
     async def _iteration(self) -> None:
         for req in [r for r in self.running if r.aborted]:  # also while paused (pause mode abort)

@@ -221,7 +221,7 @@ def sampling_params(params: dict[str, Any], *, vocab_size: int, max_new_limit: i
 
 
 def generate_request(body: Any, *, vocab_size: int, max_context_len: int) -> tuple[GenerateRequest, dict[str, Any]]:
-    """The whole /generate body checked: (the protocol request, the checked sampling parameters)."""
+    """The whole /generate body checked: (the protocol request, its checked sampling parameters)."""
     if not isinstance(body, dict):
         raise BodyError(f"request body: expected a JSON object, got {type(body).__name__}")
     unknown = set(body) - GENERATE_KEYS
@@ -232,6 +232,9 @@ def generate_request(body: Any, *, vocab_size: int, max_context_len: int) -> tup
     if "input_ids" not in body:
         raise FieldError("input_ids", "a list of token ids (this server takes token ids; `text` is not supported)")
     session = _session_params(body.get("session_params"))
+    if isinstance(body["input_ids"], list) and len(body["input_ids"]) > max_context_len:
+        raise FieldError("input_ids", f"at most {max_context_len} tokens (the server's --max-context-len)",
+                         f"{len(body['input_ids'])} tokens")
     ids = token_ids(body["input_ids"], "input_ids", vocab_size)
     if not ids and session is None:
         raise FieldError("input_ids", "a non-empty prompt (empty only to continue a session)", ids)

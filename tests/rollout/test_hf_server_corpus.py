@@ -289,6 +289,8 @@ CASES: list[Case] = [
     C("tensor-not-json", "/update_weights_from_tensor", b"{", 400, "JSON"),
     C("tensor-inf", "/update_weights_from_tensor",
       lambda c: tensors(c, {"model.norm.weight": torch.full((64,), INF)}), 400, "finite"),
+    C("tensor-float64-overflows-float32", "/update_weights_from_tensor",
+      lambda c: tensors(c, {"model.norm.weight": torch.full((64,), 1e300, dtype=torch.float64)}), 400, "finite"),
     C("tensor-empty-file", "/update_weights_from_tensor", lambda c: tensors(c, {}), 400, "at least one tensor"),
     C("tensor-flush-cache-string", "/update_weights_from_tensor",
       lambda c: {**tensors(c, {"model.norm.weight": torch.full((64,), 3.0)}), "flush_cache": "x"}, 400,
