@@ -10,6 +10,7 @@ what the step loop in `mopd/train.py` needs.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 from contextlib import ExitStack
@@ -61,6 +62,7 @@ def preflight(job: JobConfig) -> None:
     pending = _toy_pending(job)
     if not pending(job.student.model_path):
         _require_checkpoint("student.model_path", job.student.model_path)
+        _check_context_len(job)
     for name, teacher in job.teachers.items():
         if teacher.backend in ("local", "sglang") and not pending(teacher.model_path):
             _require_checkpoint(f"teachers.{name}.model_path", teacher.model_path)
@@ -202,6 +204,18 @@ def _init_ray(job: JobConfig) -> Callable[[], None]:
         ray.shutdown()
         ray.init(**options)
     return ray.shutdown
+
+
+def _check_context_len(job: JobConfig) -> None:
+    """A context longer than the student's position table fails mid-rollout; say so at start-up."""
+    try:
+        limit = json.loads((Path(job.student.model_path) / "config.json").read_text()).get("max_position_embeddings")
+    except (OSError, ValueError):
+        raise ConfigError("student.model_path", "an HF checkpoint whose config.json is valid JSON",
+                          job.student.model_path) from None
+    if isinstance(limit, int) and job.rollout.max_context_len > limit:
+        raise ConfigError("rollout.max_context_len", f"at most the student's max_position_embeddings ({limit})",
+                          job.rollout.max_context_len)
 
 
 def _require_checkpoint(field_name: str, path: str) -> None:

@@ -86,6 +86,8 @@ def test_resume_continues_steps_without_skipping_or_repeating_prompts(run_dir: P
     ("trainer.eps_low=3.0", "trainer.eps_low"),
     ("teachers.arith.model_path=/nowhere", "teachers.arith.model_path"),
     ("default_teacher=chemistry", "default_teacher"),
+    ("rollout.max_context_len=2048", "rollout.max_context_len"),  # the toy student has 1024 positions
+    ("toy.domains=[arith]", "data.domain_weights"),  # refused before the world is rebuilt for one domain
 ])
 def test_config_errors_fail_before_start_up_and_name_the_field(run_dir: Path, override: str, field: str,
                                                                tmp_path: Path):

@@ -127,6 +127,8 @@ CASES: list[tuple[str, str | None, str]] = [
     ("teachers.arith.domains=[]", None, "teachers.arith.domains"),
     ("teachers.reverse.domains=[arith]", None, "teachers.reverse.domains"),
     ("student.model_path=/nowhere", None, "student.model_path"),
+    ("student.model_path={student} rollout.max_context_len=2048", None, "rollout.max_context_len"),
+    ("student.model_path={tmp}", None, "student.model_path"),
     ("teachers.arith.backend=remote teachers.arith.urls=[arith-teacher:30000]", None, "teachers.arith.urls"),
     ("teachers.arith.backend=remote", None, "teachers.arith.urls"),
     ("teachers.arith.domains=[arith,'']", None, "teachers.arith.domains"),
@@ -146,12 +148,22 @@ SUBPROCESS = ["rollout.num_engines=many", "+rollout.not_a_field=1", "trainer.eps
 SUBPROCESS_DATA = ("data.train_files=[{data}]", "[1, 2]\n")
 
 
-def _overrides(case: str, tmp: Path, data: str | None) -> list[str]:
+def _overrides(case: str, tmp: Path, data: str | None, student: Path | None = None) -> list[str]:
     data_file = tmp / "data.jsonl"
     if data is not None:
         data_file.write_text(data)
     return ["experiment=dry_run", f"run_dir={tmp / 'run'}",
-            *(o.format(data=data_file, tmp=tmp) for o in case.split())]
+            *(o.format(data=data_file, tmp=tmp, student=student) for o in case.split())]
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory) -> Path:
+    """A real (tiny) HF checkpoint outside the toy world, so checks of an existing student run."""
+    from mopd.toy.models import create_tiny_model
+    from mopd.toy.tokenizer import build_char_tokenizer
+
+    return create_tiny_model(tmp_path_factory.mktemp("student") / "hf", build_char_tokenizer(), arch="qwen3",
+                             hidden_size=16, num_layers=1)
 
 
 @pytest.fixture(scope="module")
@@ -171,17 +183,17 @@ def test_corpus_is_large_and_distinct():
 
 @pytest.mark.parametrize("overrides, data, field", CASES, ids=[c[0] if c[1] is None else f"{c[0]}|{c[1][-30:]!r}"
                                                              for c in CASES])
-def test_bad_config_is_refused_naming_the_field(overrides, data, field, tmp_path, config_dir, monkeypatch):
+def test_bad_config_is_refused_naming_the_field(overrides, data, field, tmp_path, config_dir, student, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ConfigError) as err:
-        check_command_line(_overrides(overrides, tmp_path, data), config_dir=str(config_dir))
+        check_command_line(_overrides(overrides, tmp_path, data, student), config_dir=str(config_dir))
     assert err.value.field_name == field, str(err.value)
     assert f"invalid config `{field}`: expected" in str(err.value)
     assert not (tmp_path / "run").exists() and not (tmp_path / "outputs").exists()
     assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
 
 
-def test_a_valid_config_passes_the_same_checks(tmp_path, monkeypatch):
+def test_a_valid_config_passes_the_same_checks(tmp_path, student, monkeypatch):
     monkeypatch.chdir(tmp_path)
     job = check_command_line(_overrides("+teacher@teachers.sort=toy_sort toy.domains=[arith,reverse,sort] "
                                         "+data.domain_weights.sort=1", tmp_path, None))
@@ -189,6 +201,8 @@ def test_a_valid_config_passes_the_same_checks(tmp_path, monkeypatch):
     data = tmp_path / "data.jsonl"
     job = check_command_line(_overrides("data.train_files=[{data}]", tmp_path, ROWS))
     assert job.data.train_files == [str(data)]
+    job = check_command_line(_overrides("student.model_path={student}", tmp_path, None, student))
+    assert job.student.model_path == str(student)
     assert not (tmp_path / "run").exists() and not (tmp_path / "outputs").exists()
 
 
@@ -236,3 +250,12 @@ def test_cli_cfg_job_validates(tmp_path):
     assert good.returncode == 0, good.stderr[-3000:]
     assert f"run_dir: {tmp_path / 'run'}" in good.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_mopd_toy_refuses_unknown_domains_before_writing(tmp_path, capsys):
+    from mopd.toy.cli import main as toy_main
+
+    with pytest.raises(SystemExit) as exit_:
+        toy_main(["init", str(tmp_path / "world"), "--domains", "arith,chemistry"])
+    assert exit_.value.code == 2 and "chemistry" in capsys.readouterr().err
+    assert not (tmp_path / "world").exists()
