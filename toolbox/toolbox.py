@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -43,6 +44,22 @@ class PoolSpec:
     sandbox: dict[str, Any] = field(default_factory=dict)  # SandboxConfig fields
     max_turns: int = 30
     command_timeout: float = 60.0
+
+    def __post_init__(self) -> None:
+        """Fail when the Toolbox is built, not at the first session: a NaN limit would switch it off."""
+        for name, low in (("workers", 1), ("warm_per_worker", 0), ("max_turns", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"toolbox pool `{name}` must be an integer >= {low}, got {value!r}")
+        t = self.command_timeout
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
+            raise ValueError(
+                f"toolbox pool `command_timeout` must be a finite number of seconds > 0, got {t!r}"
+            )
+        if not isinstance(self.sandbox, dict):
+            raise ValueError(  # noqa: TRY004 - a config error, like the checks above
+                f"toolbox pool `sandbox` must be a mapping of SandboxConfig fields, got {self.sandbox!r}"
+            )
 
 
 @dataclass

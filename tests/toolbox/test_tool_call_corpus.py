@@ -143,3 +143,21 @@ def test_metric_and_admission_keys_are_bounded():
     mimo_bash = "<tool_call><function=bash><parameter=command>ls</parameter></function></tool_call>"
     assert admission_key(mimo_bash) == "bash"
     assert admission_key({"name": "\ud800", "arguments": {}}) == "invalid"
+
+
+@pytest.mark.parametrize(
+    "spec,field",
+    [
+        ({"command_timeout": float("nan")}, "command_timeout"),
+        ({"command_timeout": float("inf")}, "command_timeout"),
+        ({"command_timeout": -1}, "command_timeout"),
+        ({"workers": 0}, "workers"),
+        ({"max_turns": 1.5}, "max_turns"),
+        ({"warm_per_worker": -1}, "warm_per_worker"),
+    ],
+)
+def test_pool_limits_are_checked_when_the_toolbox_is_built(spec, field):
+    from toolbox.toolbox import PoolSpec
+
+    with pytest.raises(ValueError, match=f"`{field}`"):
+        PoolSpec(**spec)
