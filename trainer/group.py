@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import ray
 
 from mopd.advantages import AdvantageConfig
 from mopd.types import Sample
 from trainer.config import TrainerConfig
+
+log = logging.getLogger(__name__)
 
 
 def split_by_tokens(samples: list[Sample], parts: int) -> list[list[int]]:
@@ -85,8 +89,13 @@ class TrainerGroup:
         ray.get([a.export_hf.remote(str(path)) for a in self.actors])
 
     def shutdown(self) -> None:
+        """Release every rank; a rank that already died (the reason the run is stopping) is not an error here."""
         try:
-            ray.get([a.shutdown.remote() for a in self.actors])
+            for a in self.actors:
+                try:
+                    ray.get(a.shutdown.remote(), timeout=60)
+                except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
+                    log.warning("trainer rank already gone at shutdown: %s", str(e).splitlines()[0])
         finally:
             for a in self.actors:
                 ray.kill(a)
