@@ -13,8 +13,8 @@ import asyncio
 import json
 import logging
 import os
-from contextlib import ExitStack
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -107,6 +107,7 @@ def cpus_requested(job: JobConfig) -> float:
 
 
 def toy_spec(job: JobConfig) -> ToyWorldSpec:
+    """The toy world this job asks for (its manifest tells whether the one on disk matches)."""
     return ToyWorldSpec(domains=tuple(job.toy.domains), arch=job.toy.arch, hidden_size=job.toy.hidden_size,
                         num_layers=job.toy.num_layers, base_steps=job.toy.base_steps,
                         teacher_steps=job.toy.teacher_steps, teacher_lr=job.toy.teacher_lr, seed=job.seed)
@@ -195,11 +196,11 @@ def _init_ray(job: JobConfig) -> Callable[[], None]:
         return ray.shutdown
     needed = cpus_requested(job)
     num_cpus = job.ray_num_cpus or max(int(needed + 0.999), os.cpu_count() or 1)
-    options = dict(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
-                   runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}})
+    options = {"num_cpus": num_cpus, "include_dashboard": False, "log_to_driver": False,
+               "runtime_env": {"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}}}
     try:
         ray.init(**options)
-    except Exception:  # noqa: BLE001 - a loaded machine can miss Ray's start-up deadline once
+    except Exception:  # a loaded machine can miss Ray's start-up deadline once
         log.warning("Ray did not start; retrying once", exc_info=True)
         ray.shutdown()
         ray.init(**options)
@@ -209,7 +210,8 @@ def _init_ray(job: JobConfig) -> Callable[[], None]:
 def _check_context_len(job: JobConfig) -> None:
     """A context longer than the student's position table fails mid-rollout; say so at start-up."""
     try:
-        limit = json.loads((Path(job.student.model_path) / "config.json").read_text()).get("max_position_embeddings")
+        hf_config = json.loads((Path(job.student.model_path) / "config.json").read_text())
+        limit = hf_config.get("max_position_embeddings") if isinstance(hf_config, dict) else None
     except (OSError, ValueError):
         raise ConfigError("student.model_path", "an HF checkpoint whose config.json is valid JSON",
                           job.student.model_path) from None

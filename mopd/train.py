@@ -207,7 +207,7 @@ def main() -> None:
     except ConfigError as e:
         log.error("%s", e)
         sys.exit(2)
-    except Exception as e:  # noqa: BLE001 - only errors before the job started are config errors
+    except Exception as e:  # only errors before the job started are config errors
         if _task_started:
             raise
         log.error("%s", config_error_from(e))

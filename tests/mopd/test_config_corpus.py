@@ -213,7 +213,7 @@ def _cli(args: list[str], cwd: Path, config_dir: Path | None = None) -> subproce
         cmd += ["--config-dir", str(config_dir)]
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", RAY_TMPDIR=str(cwd / "ray"))
     env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.run(cmd + args, cwd=cwd, capture_output=True, text=True, timeout=120, env=env)
+    return subprocess.run(cmd + args, cwd=cwd, capture_output=True, text=True, timeout=120, env=env, check=False)
 
 
 def _assert_refused_before_start(proc: subprocess.CompletedProcess, field: str, tmp: Path, elapsed: float) -> None:

@@ -4,11 +4,11 @@ import json
 
 import pytest
 
+from envs.toy_tasks import make_examples
 from mopd.config import DataConfig
 from mopd.data import DataScheduler, load_prompts, scan_domains
 from mopd.toy.tokenizer import build_char_tokenizer
 from mopd.types import ConfigError
-from envs.toy_tasks import make_examples
 
 
 @pytest.fixture(scope="module")
