@@ -96,7 +96,15 @@ class ToolManager:
             self.timeouts[tool] += 1
             self.failures[tool] += 1
             ray.cancel(ref)  # the Toolbox coroutine stops; recover() below replaces the sandbox
-            await self.toolbox.recover.remote(session_id)  # fresh sandbox with the session's history
+            try:
+                await self.toolbox.recover.remote(session_id)  # fresh sandbox with the session's history
+            except Exception as exc:  # noqa: BLE001 - still an observation, never an exception
+                return StepResult(
+                    f"Tool `{tool}` timed out after {limit:g}s and the workspace could not be restored.",
+                    0.0,
+                    False,
+                    {"error": "infrastructure", "tool": tool, "detail": f"recover: {exc!s:.500}"},
+                )
             return StepResult(
                 f"Tool `{tool}` timed out after {limit:g}s; the "
                 "workspace was restored to its state before this call.",

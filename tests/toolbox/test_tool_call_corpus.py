@@ -161,3 +161,17 @@ def test_pool_limits_are_checked_when_the_toolbox_is_built(spec, field):
 
     with pytest.raises(ValueError, match=f"`{field}`"):
         PoolSpec(**spec)
+
+
+async def test_timeout_whose_recovery_fails_is_still_an_observation(toolbox, task, tmp_path):
+    """The task's snapshot is gone when a timed-out call is recovered: step() still answers."""
+    import shutil
+
+    snapshot = tmp_path / "snapshot"
+    shutil.copytree(task["snapshot"], snapshot)
+    tm = ToolManager(toolbox, call_timeout_s=60)
+    sid, _ = await tm.start("swe", dict(task, snapshot=str(snapshot)))
+    shutil.rmtree(snapshot)
+    r = await tm.step(sid, ToolCall("bash", {"command": "sleep 2.5"}), timeout=1.0)
+    assert r.info["error"] == "infrastructure" and "could not be restored" in r.observation, r
+    await tm.close(sid)
