@@ -24,6 +24,7 @@ from envs.swe.tools import (
     bash,
     model_caused,
     quote_all,
+    read_bytes,
     refusal,
     str_replace,
 )
@@ -67,6 +68,8 @@ async def apply_patch(sb: Sandbox, patch: str, name: str, timeout: float = 60.0)
         raise ToolError(f"{name} does not apply:\n{res.output[-2000:]}")
 
 
+REPORT_BYTES = 8 << 20  # the end of the pytest report that is parsed
+_RAW_REPORT, _REPORT = ".mopd/pytest-full.txt", ".mopd/pytest-report.txt"
 # The evaluator's scratch directory is the model's to break: whatever it left there (a symlink out of
 # the sandbox, a FIFO, a directory it cannot enter) is removed, without following links, before use.
 _CLEAN_SCRATCH = (
@@ -95,15 +98,24 @@ async def evaluate(sb: Sandbox, task: SWETask, python: str, timeout: float = 300
             raise
         why = f"the test patch could not be written: {refusal(exc)}"
         return Evaluation(0.0, [], required, why, why)
+    # the report goes to a file and is read back whole: a test suite that prints more than the
+    # sandbox's output cap would otherwise lose the summary at the end and score 0
     cmd = (
-        f"PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 {python} -m pytest -rA -q -p no:cacheprovider --no-header "
-        f"{quote_all(task.tests_to_run())}"
+        f"mkdir -p .mopd && PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 {python} -m pytest -rA -q -p no:cacheprovider "
+        f"--no-header {quote_all(task.tests_to_run())} > {_RAW_REPORT} 2>&1; "
+        f"tail -c {REPORT_BYTES} {_RAW_REPORT} > {_REPORT}; rm -f {_RAW_REPORT}; tail -c 4000 {_REPORT}"
     )
-    res = await sb.exec(cmd, timeout=timeout, max_output=8 << 20)
-    outcomes = parse_pytest_report(res.output)
+    res = await sb.exec(cmd, timeout=timeout, max_output=65536)
+    try:
+        output = (await read_bytes(sb, _REPORT, REPORT_BYTES)).decode("utf-8", "replace")
+    except SandboxError as exc:
+        if not model_caused(exc):
+            raise
+        output = res.output  # the tests replaced the report (e.g. by a link): what the command printed
+    outcomes = parse_pytest_report(output)
     failed = [t for t in required if outcomes.get(t) != "PASSED"]
     passed = [t for t in required if outcomes.get(t) == "PASSED"]
-    return Evaluation(1.0 if not failed else 0.0, passed, failed, res.output[-4000:])
+    return Evaluation(1.0 if not failed else 0.0, passed, failed, output[-4000:])
 
 
 class SWEEnv:

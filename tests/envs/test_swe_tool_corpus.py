@@ -329,3 +329,26 @@ def test_number_arguments_are_finite_and_in_range(value, kwargs, expected):
         got, note = number_argument("tool", {"n": value}, "n", 1.0, 0.0, 10.0, **kwargs)
         assert got == expected and type(got) is type(expected)
         assert ("`n`" in note) == (value is not None and got != value)
+
+
+async def test_evaluation_reads_the_whole_report_past_the_output_cap(corpus_backend, tmp_path):
+    """Tests that print more than the sandbox's output cap (64 KiB here) still get their outcomes."""
+    repo = tmp_path / "noisy"
+    repo.mkdir()
+    (repo / "calc.py").write_text("def add(a, b):\n    return a - b\n")
+    (repo / "test_calc.py").write_text(
+        "from calc import add\n\ndef test_add():\n    assert add(1, 2) == 3\n\n"
+        "def test_noisy():\n    print('x' * 300_000)\n"
+    )
+    task = SWETask(
+        "corpus__noisy", "corpus/noisy", "0" * 40, "add() subtracts.", "", "",
+        ["test_calc.py::test_add"], ["test_calc.py::test_noisy"], snapshot_dir=str(repo),
+    )  # fmt: skip
+    env = SWEEnv(corpus_backend.create, max_turns=3, command_timeout=LIMIT_S)
+    await env.reset(task)
+    try:
+        await env.step(ToolCall("str_replace", {"path": "calc.py", "old": "a - b", "new": "a + b"}))
+        r = await env.step(ToolCall("finish", {}))
+    finally:
+        await env.close()
+    assert r.reward == 1.0, (r.observation, r.info)
