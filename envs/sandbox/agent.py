@@ -213,6 +213,10 @@ class Agent:
             os.killpg(pgid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+        with self.lock:
+            others = self.active - {pgid}
+        if others:  # sweeping the cgroups or the uid would kill a concurrent command of this sandbox
+            return
         for cg in self.jail.get("cgroups", []):
             _kill_cgroup(cg)
         if self.uid is not None and self.uid != os.getuid():

@@ -243,6 +243,7 @@ class LocalSandboxBackend:
                 "RLIMIT_AS": cfg.memory_mb << 20,
                 "RLIMIT_FSIZE": cfg.file_size_mb << 20,
                 "RLIMIT_NPROC": cfg.max_procs,
+                "RLIMIT_NOFILE": 4096,
                 "RLIMIT_CORE": 0,
             },
             "cgroups": cgroups,

@@ -260,23 +260,34 @@ def k8s_env(sandbox_base):
     emulator.stop()
 
 
-@pytest_asyncio.fixture
-async def pod_sandbox(sandbox_base):
-    """A pod-mode agent (see start_pod_agent) as a Sandbox; info has the agent's pid, uid and dir."""
+async def new_pod_sandbox(base_dir: str):
+    """A pod-mode agent (see start_pod_agent) as a Sandbox; info has the uid, pod dir and token."""
     import secrets
 
     from envs.sandbox.base import Sandbox
     from envs.sandbox.client import AgentClient
 
     token = secrets.token_urlsafe(32)
-    pod_dir = os.path.join(sandbox_base, "pod-" + secrets.token_hex(3))
-    proc, port, uid = start_pod_agent(pod_dir, token, ["--max-output", "65536", "--default-timeout", "30"])
+    pod_dir = os.path.join(base_dir, "pod-" + secrets.token_hex(3))
+    proc, port, uid = await asyncio.to_thread(
+        start_pod_agent, pod_dir, token, ["--max-output", "65536", "--default-timeout", "30"]
+    )
 
     async def closer() -> None:
         proc.kill()
         proc.wait()
 
-    sb = Sandbox("pod", AgentClient(f"http://127.0.0.1:{port}", token), closer, {"uid": uid, "dir": pod_dir})
-    sb.info["token"] = token
+    info = {"uid": uid, "dir": pod_dir, "token": token, "agent_pid": proc.pid, "port": port}
+    return Sandbox("pod", AgentClient(f"http://127.0.0.1:{port}", token), closer, info)
+
+
+@pytest.fixture(scope="session")
+def pod_sandbox_maker():
+    return new_pod_sandbox
+
+
+@pytest_asyncio.fixture
+async def pod_sandbox(sandbox_base):
+    sb = await new_pod_sandbox(sandbox_base)
     yield sb
     await sb.close()

@@ -218,7 +218,7 @@ async def test_pod_mode_token_is_unreadable_to_commands(pod_sandbox):
         "for p in [d for d in os.listdir('/proc') if d.isdigit()]:\n"
         "    try: cmd = open(f'/proc/{p}/cmdline','rb').read()\n"
         "    except OSError: continue\n"
-        "    if b'agent.py' in cmd and int(p) != os.getpid():\n"
+        "    if b'agent.py' in cmd and b'jail.py' not in cmd and int(p) != os.getpid():\n"
         "        try: open(f'/proc/{p}/mem','rb'); print('MEMOPEN')\n"
         "        except OSError as e: print('mem refused', e.errno)\n"
         "        libc = ctypes.CDLL(None, use_errno=True)\n"
