@@ -3,19 +3,23 @@
 Kept in one module so the GPU path never sees it: `needs_cpu_compat()` decides, the model builder
 applies `patch_layer_specs`, `transformer_config_overrides` and `patch_routers` only when it is true.
 The pieces (see shared/FACTS.md): the stock DotProductAttention allocates on the current CUDA
-device, the alltoall dispatcher creates a CUDA stream, Router.gating moves its weight to CUDA,
-and RotaryEmbedding.get_emb moves inv_freq to CUDA on first use.
+device (replaced by trainer.core_attention.TorchCoreAttention), TopKRouter's expert-bias buffers
+are allocated there too (`cuda_device_is_cpu` while building), the alltoall dispatcher creates a
+CUDA stream, Router.gating moves its weight to CUDA, and RotaryEmbedding.get_emb moves inv_freq
+to CUDA on first use.
 """
 
 from __future__ import annotations
 
+import contextlib
 import types
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from megatron.core.transformer.module import MegatronModule
-from megatron.core.transformer.transformer_config import TransformerConfig
+
+from trainer.core_attention import TorchCoreAttention
 
 
 def needs_cpu_compat(device: str) -> bool:
@@ -23,36 +27,24 @@ def needs_cpu_compat(device: str) -> bool:
     return device == "cpu" or (device == "auto" and not torch.cuda.is_available())
 
 
-class SDPACoreAttention(MegatronModule):
-    """Causal core attention via torch SDPA; accepts Megatron's [s, b, heads, dim] layout and GQA."""
+# Core attention without the CUDA buffer (also sliding window, sink logits, own value head dim).
+SDPACoreAttention = TorchCoreAttention
 
-    def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type: Any,
-                 attention_type: str, attention_dropout: float | None = None,
-                 softmax_scale: float | None = None, cp_comm_type: str | None = None,
-                 pg_collection: Any = None) -> None:
-        super().__init__(config=config)
-        self.softmax_scale = softmax_scale
-        self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                attention_mask: torch.Tensor | None, attn_mask_type: Any = None,
-                attention_bias: torch.Tensor | None = None, packed_seq_params: Any = None) -> torch.Tensor:
-        if packed_seq_params is not None:
-            raise NotImplementedError("SDPACoreAttention does not support packed sequences (THD)")
-        sq, b, nq, hd = query.shape
-        nkv = key.shape[2]
-        if nq != nkv:  # GQA: repeat each key/value group for its query heads
-            key = key.repeat_interleave(nq // nkv, dim=2)
-            value = value.repeat_interleave(nq // nkv, dim=2)
-        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, h, s, d]
-        mask = None
-        if attention_mask is not None:  # Megatron convention: True = masked out
-            causal = torch.ones(sq, k.shape[2], dtype=torch.bool, device=q.device).tril()
-            mask = causal & ~attention_mask.bool()
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None,
-            dropout_p=self.dropout_p if self.training else 0.0, scale=self.softmax_scale)
-        return out.permute(2, 0, 1, 3).reshape(sq, b, nq * hd)
+@contextlib.contextmanager
+def cuda_device_is_cpu() -> Iterator[None]:
+    """While a model is built on CPU, `torch.cuda.current_device()` answers "cpu".
+
+    Some Megatron modules allocate buffers there even with `use_cpu_initialization` (TopKRouter's
+    `expert_bias` / `local_tokens_per_expert` with `moe_router_enable_expert_bias`, which
+    MiMo-V2-Flash's score-correction bias needs). Scoped to construction, never on a GPU machine.
+    """
+    original = torch.cuda.current_device
+    torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        torch.cuda.current_device = original  # type: ignore[assignment]
 
 
 def patch_layer_specs(layer_specs: list) -> None:

@@ -77,9 +77,9 @@ class TrainEngine:
         h = self.hf_config
         for i, s in enumerate(samples):
             routing_replay.check_routed_experts(s, i, num_layers=h.num_hidden_layers, top_k=h.num_experts_per_tok,
-                                                num_experts=h.num_experts)
+                                                num_experts=self.arch.num_experts(h))
         tensors = routing_replay.replay_tensors(samples, seq_len, self.moe_layers, num_layers=h.num_hidden_layers,
-                                                top_k=h.num_experts_per_tok, num_experts=h.num_experts)
+                                                top_k=h.num_experts_per_tok, num_experts=self.arch.num_experts(h))
         return [t.to(self.device) for t in tensors]
 
     def _forward(self, mb: batching.MicroBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:

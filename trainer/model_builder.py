@@ -7,6 +7,7 @@ when TE is installed, else Megatron's local specs.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -36,9 +37,12 @@ def load_hf_config(model_path: str) -> Any:
 
 
 def build_model(hf_config: Any, *, device: str = "auto", dtype: str = "float32",
-                routing_replay: bool = False, activation_recompute: bool = False) -> tuple[GPTModel, Architecture]:
+                routing_replay: bool = False, activation_recompute: bool = False,
+                mtp_num_layers: int | None = None) -> tuple[GPTModel, Architecture]:
     """A GPTModel with randomly initialised weights; call `load_megatron_state` to fill it.
 
+    `mtp_num_layers` applies to architectures with MTP layers (MiMo-V2-Flash): None takes the
+    HF config's `num_nextn_predict_layers` (0 if absent), 0 builds none.
     Requires `megatron.core.parallel_state` to be initialised (see trainer.dist).
     """
     arch = get_architecture(hf_config.model_type)
@@ -55,15 +59,19 @@ def build_model(hf_config: Any, *, device: str = "auto", dtype: str = "float32",
     kwargs.update(params_dtype=torch_dtype, bf16=torch_dtype == torch.bfloat16)
     if activation_recompute:
         kwargs.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
-    config = TransformerConfig(**kwargs)
+    config = arch.config_class(**kwargs)
     use_te = not on_cpu and _have_te()
-    block_spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te, normalization="RMSNorm")
-    if on_cpu:
-        cpu_compat.patch_layer_specs(block_spec.layer_specs)
-    from trainer.models.common import gpt_model_kwargs
+    with cpu_compat.cuda_device_is_cpu() if on_cpu else contextlib.nullcontext():
+        if arch.build is not None:
+            model = arch.build(config, hf_config, use_te=use_te, mtp_num_layers=mtp_num_layers)
+        else:
+            block_spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te, normalization="RMSNorm")
+            if on_cpu:
+                cpu_compat.patch_layer_specs(block_spec.layer_specs)
+            from trainer.models.common import gpt_model_kwargs
 
-    model = GPTModel(config=config, transformer_layer_spec=block_spec, pre_process=True, post_process=True,
-                     **gpt_model_kwargs(hf_config))
+            model = GPTModel(config=config, transformer_layer_spec=block_spec, pre_process=True, post_process=True,
+                             **gpt_model_kwargs(hf_config))
     if on_cpu:
         cpu_compat.patch_model(model)
     else:
@@ -124,6 +132,10 @@ def hf_to_model(model: torch.nn.Module, arch: Architecture, hf_config: Any,
     except KeyError as err:
         raise ValueError(f"HF checkpoint has no tensor {err.args[0]!r}, which a {arch.model_type} model with "
                          "this config needs") from None
+    mtp = getattr(model, "mtp", None)  # checkpoint MTP layers beyond the model's are unused (transformers: all)
+    built = len(mtp.layers) if mtp is not None else 0
+    converted = {k: v for k, v in converted.items()
+                 if not k.startswith("mtp.layers.") or int(k.split(".")[2]) < built}
     load_megatron_state(model, converted)
 
 

@@ -1,0 +1,161 @@
+"""MiMo-V2-Flash in the Megatron trainer: exact conversion (main model and MTP), R3 on its MoE
+layers, a CPU training step, and the MTP loss."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from megatron.core.transformer.moe.router import TopKRouter
+from transformers import AutoModelForCausalLM
+
+from mopd.advantages import AdvantageConfig
+from tests.trainer.conftest import MIMO_MTP_LAYERS, make_samples
+from trainer import hf_io, routing_replay
+from trainer import model_builder as mb
+from trainer.config import TrainerConfig
+from trainer.engine import TrainEngine
+
+SEQ = 23  # longer than the sliding window (5)
+
+
+def _load(path: str, **kwargs):
+    cfg = mb.load_hf_config(path)
+    model, arch = mb.build_model(cfg, device="cpu", **kwargs)
+    mb.hf_to_model(model, arch, cfg, hf_io.load_hf_state(path))
+    return model.eval(), arch, cfg
+
+
+def _ids(cfg, batch: int = 3, seq: int = SEQ, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(seed))
+    return ids, torch.arange(seq).expand(batch, seq)
+
+
+def test_logits_match_hf(mimo_path, dist_env):
+    model, _, cfg = _load(mimo_path)
+    assert cfg.sliding_window < SEQ and "sliding_attention" in cfg.layer_types and "full_attention" in cfg.layer_types
+    hf = AutoModelForCausalLM.from_pretrained(mimo_path, dtype=torch.float32).eval()
+    sinks = [layer.self_attn.sinks for layer in hf.model.layers if layer.self_attn.sinks is not None]
+    assert sinks and all(s.abs().min() > 0 for s in sinks)
+    ids, pos = _ids(cfg)
+    with torch.no_grad():
+        ours, ref = model(ids, pos, None), hf(ids).logits
+    diff = (ours - ref).abs().max().item()
+    print(f"mimo_v2_flash: max |logits diff| = {diff:.3e} (logits up to {ref.abs().max().item():.2f})")
+    assert ours.shape == ref.shape and diff < 1e-4
+    # the sinks, the window and the score-correction bias all matter at this size
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("softmax_offset"):
+                param.zero_()
+        assert (model(ids, pos, None) - ref).abs().max() > 1e-3
+    model, _, _ = _load(mimo_path)
+    with torch.no_grad():
+        for module in model.modules():
+            if getattr(module, "window", None) is not None:
+                module.window = None
+        assert (model(ids, pos, None) - ref).abs().max() > 1e-3
+
+
+def test_round_trip_exact_with_mtp(mimo_path, dist_env):
+    state = hf_io.load_hf_state(mimo_path)
+    model, arch, cfg = _load(mimo_path)
+    assert len(model.mtp.layers) == MIMO_MTP_LAYERS  # from config.json's num_nextn_predict_layers
+    back = mb.model_to_hf(model, arch, cfg)
+    assert set(back) == set(state)
+    for key, value in state.items():
+        assert back[key].dtype == value.dtype and torch.equal(back[key], value), key
+    for key in ("model.mtp.layers.1.eh_proj.weight", "model.mtp.layers.0.self_attn.attention_sink_bias",
+                "model.layers.2.mlp.gate.e_score_correction_bias", "model.layers.1.self_attn.attention_sink_bias",
+                "model.layers.3.mlp.experts.3.down_proj.weight", "model.layers.0.mlp.gate_proj.weight"):
+        assert key in back
+
+
+def test_mtp_num_layers_setting(mimo_path, dist_env):
+    model, arch, cfg = _load(mimo_path, mtp_num_layers=0)  # checkpoint's MTP weights unused, as in transformers
+    assert getattr(model, "mtp", None) is None
+    assert not any(k.startswith("model.mtp.") for k in mb.model_to_hf(model, arch, cfg))
+    model, _, _ = _load(mimo_path, mtp_num_layers=1)
+    assert len(model.mtp.layers) == 1
+    with pytest.raises(ValueError, match="mtp.layers.2"):
+        _load(mimo_path, mtp_num_layers=3)
+
+
+def test_router_scoring_matches_hf(mimo_path, dist_env):
+    """Sigmoid + correction bias + top-k renormalisation + routed scaling: same experts, same weights."""
+    model, _, cfg = _load(mimo_path)
+    hf = AutoModelForCausalLM.from_pretrained(mimo_path, dtype=torch.float32).eval()
+    x = torch.randn(50, cfg.hidden_size, generator=torch.Generator().manual_seed(3))
+    router = next(m for m in model.modules() if isinstance(m, TopKRouter))
+    with torch.no_grad():
+        probs, routing_map = router(x.unsqueeze(1))
+        _, ref_w, ref_idx = hf.model.layers[1].mlp.gate(x)
+    ours_idx = torch.nonzero(routing_map)[:, 1].view(-1, cfg.num_experts_per_tok)
+    assert torch.equal(ours_idx, ref_idx.sort(dim=-1).values)
+    ours_w = probs.gather(1, ours_idx)
+    assert torch.allclose(ours_w, ref_w.gather(1, ref_idx.argsort(dim=-1)), atol=1e-6)
+    assert ours_w.sum(-1).allclose(torch.full((50,), cfg.routed_scaling_factor))
+
+
+def _engine(path: str, **kwargs) -> TrainEngine:
+    cfg = TrainerConfig(routing_replay=True, lr=1e-3, grad_clip=0.0, **kwargs)
+    return TrainEngine(path, cfg, AdvantageConfig(), num_steps=4)
+
+
+def test_routing_replay_on_moe_layers(mimo_path, dist_env):
+    """Record the natural routing, perturb every router, replay: the recorded routing comes back exactly."""
+    engine = _engine(mimo_path)
+    cfg, model = engine.hf_config, engine.model
+    moe = engine.moe_layers
+    assert moe == [1, 2, 3]
+    samples = make_samples(3, seed=5, vocab=cfg.vocab_size)
+    ids = torch.zeros(len(samples), max(len(s.tokens) for s in samples), dtype=torch.long)
+    for b, s in enumerate(samples):
+        ids[b, :len(s.tokens)] = torch.tensor(s.tokens)
+    S, B = ids.shape[1], ids.shape[0]
+    pos = torch.arange(S).expand(B, S)
+    with torch.no_grad(), routing_replay.recording(model) as recorded:
+        model(ids, pos, None)
+    assert len(recorded) == len(moe)
+    for s in samples:  # SGLang layout [T-1, num_hidden_layers, top_k]; the dense layer 0 holds garbage
+        arr = np.full((len(s.tokens) - 1, cfg.num_hidden_layers, cfg.num_experts_per_tok), 3, dtype=np.int32)
+        b = samples.index(s)
+        for j, layer in enumerate(moe):
+            arr[:, layer] = recorded[j].view(S, B, -1)[: len(s.tokens) - 1, b].numpy()
+        s.routed_experts = arr
+    with torch.no_grad():
+        for router in (m for m in model.modules() if isinstance(m, TopKRouter)):
+            router.weight.add_(torch.randn(router.weight.shape, generator=torch.Generator().manual_seed(1)))
+            router.expert_bias.add_(torch.randn(router.expert_bias.shape, generator=torch.Generator().manual_seed(2)))
+        with routing_replay.recording(model) as natural:
+            model(ids, pos, None)
+    changed = sum(int((a.sort(-1).values != b.sort(-1).values).any(-1).sum()) for a, b in zip(natural, recorded))
+    assert changed > 0  # the perturbation moves natural routing
+    replay = engine._replay_data(samples, S)
+    with torch.no_grad(), routing_replay.replaying(model, replay):
+        seen = []
+        handles = [m.register_forward_hook(lambda mod, inp, out: seen.append(out[1].clone()))
+                   for m in model.modules() if isinstance(m, TopKRouter)]
+        model(ids, pos, None)
+        for h in handles:
+            h.remove()
+    for j, routing_map in enumerate(seen):
+        for b, s in enumerate(samples):
+            n = len(s.tokens) - 1
+            got = torch.nonzero(routing_map.view(S, B, -1)[:n, b])[:, 1].view(n, -1)
+            assert torch.equal(got, recorded[j].view(S, B, -1)[:n, b].sort(-1).values), (j, b)
+
+
+def test_training_step_on_cpu(mimo_path, dist_env):
+    engine = _engine(mimo_path)
+    samples = make_samples(4, seed=9, vocab=engine.hf_config.vocab_size)
+    before = {k: v.clone() for k, v in engine.hf_state().items()}
+    lps = engine.compute_logprobs(samples)
+    assert all(np.isfinite(lp).all() for lp in lps)
+    metrics = engine.train_step(samples, num_global_samples=len(samples))
+    assert np.isfinite(metrics["train/loss"]) and metrics["train/grad_norm"] > 0
+    after = engine.hf_state()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert "model.layers.1.self_attn.attention_sink_bias" in changed
+    assert "model.layers.0.self_attn.q_proj.weight" in changed
+    assert not any(k.startswith("model.mtp.") for k in changed)  # mtp_loss_coef = 0: MTP untouched
