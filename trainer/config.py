@@ -42,6 +42,9 @@ class TrainerConfig:
     weight_sync_timeout_s: float = 300.0
     routing_replay: bool = True  # replay rollout routing (R3) in training forward/backward
     activation_recompute: bool = False
+    # MTP loss weight (models with MTP layers, e.g. MiMo-V2-Flash): trains the draft heads on the
+    # policy's tokens so MTP speculative decoding keeps up; 0 = off (main loss path unchanged)
+    mtp_loss_coef: float = 0.0
     cpus_per_rank: float = 1.0
     seed: int = 1234
 
@@ -102,6 +105,9 @@ class TrainerConfig:
             raise ConfigError(f"{prefix}.cpus_per_rank", "a number > 0", self.cpus_per_rank)
         if self.grad_clip < 0:
             raise ConfigError(f"{prefix}.grad_clip", "a number >= 0 (0 disables clipping)", self.grad_clip)
+        if self.mtp_loss_coef < 0:
+            raise ConfigError(f"{prefix}.mtp_loss_coef", "a number >= 0 (0 turns the MTP loss off)",
+                              self.mtp_loss_coef)
 
     def check_devices(self, cuda_available: bool, prefix: str = "trainer") -> None:
         """What needs this machine: CUDA for device=cuda and for NCCL weight sync (embedded clusters)."""
