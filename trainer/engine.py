@@ -21,6 +21,7 @@ from trainer.config import TrainerConfig
 from trainer.hf_io import load_hf_state
 from trainer.losses import compute_loss, token_logprobs_and_entropy
 from trainer.model_builder import build_model, hf_to_model, load_hf_config, model_to_hf
+from trainer.mtp_loss import MTPLoss
 from trainer.optim import Optimizer
 
 _NEEDS = {"mopd": ("rollout_logprobs", "teacher_logprobs"), "grpo": ("rollout_logprobs",), "sft": ()}
@@ -61,6 +62,7 @@ class TrainEngine:
         hf_to_model(self.model, self.arch, self.hf_config, load_hf_state(model_path))
         self.device = next(self.model.parameters()).device
         self.moe_layers = self.arch.moe_layers(self.hf_config)
+        self.mtp = MTPLoss(self.model, cfg.mtp_loss_coef)  # inactive when the coefficient is 0
         self.optim = Optimizer(self.model, cfg, cfg.total_steps or num_steps)
         self.step = 0
 
@@ -119,19 +121,25 @@ class TrainEngine:
         batching.validate_samples(samples, vocab_size=self.hf_config.vocab_size, need=needed_fields(self.cfg.loss, self.adv))
         self.model.train()
         self.optim.zero_grad()
-        stats = torch.zeros(5, dtype=torch.float64)  # loss, masked, kl, mask tokens, entropy sum
+        stats = torch.zeros(6, dtype=torch.float64)  # loss, masked, kl, mask tokens, entropy sum, mtp loss
         for mb in self._microbatches(samples):
             chosen = [samples[i] for i in mb.indices]
             with routing_replay.replaying(self.model, self._replay_data(chosen, mb.tokens.shape[1])):
-                lp, ent, top_lp = self._forward(mb)
+                with self.mtp.capture():
+                    lp, ent, top_lp = self._forward(mb)
                 if self.cfg.activation_recompute and self.cfg.routing_replay and self.moe_layers:
                     routing_replay.switch_to_backward(self.model)
                 out = compute_loss(self.cfg.loss, lp, mb.inputs, self.adv, eps_low=self.cfg.eps_low,
                                    eps_high=self.cfg.eps_high, student_top_logprobs=top_lp)
-                (out.loss_sum / num_global_samples).backward()
+                total = out.loss_sum
+                mtp_sum = torch.zeros(())
+                if self.mtp.active:  # trains the MTP layers only; the policy's gradient is unchanged
+                    mtp_sum = self.mtp.loss_sum(mb.tokens.to(self.device), mb.inputs.loss_mask.to(self.device))
+                    total = total + self.cfg.mtp_loss_coef * mtp_sum
+                (total / num_global_samples).backward()
             mask = mb.inputs.loss_mask
             stats += torch.tensor([out.loss_sum.item(), out.is_masked_tokens, out.kl_rollout_sum, out.mask_tokens,
-                                   (ent * mask).sum().item()], dtype=torch.float64)
+                                   (ent * mask).sum().item(), mtp_sum.item()], dtype=torch.float64)
         self._allreduce_grads()
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(stats)
@@ -139,7 +147,7 @@ class TrainEngine:
         self.step += 1
         tokens = max(stats[3].item(), 1.0)
         has_mu = self.cfg.loss != "sft" or all(s.rollout_logprobs for s in samples)
-        return {
+        metrics = {
             "train/loss": stats[0].item() / num_global_samples,
             "train/grad_norm": grad_norm,
             "train/entropy": stats[4].item() / tokens,
@@ -148,6 +156,9 @@ class TrainEngine:
             "train/lr": lr,
             "train/step": float(self.step),
         }
+        if self.mtp.active:
+            metrics["train/mtp_loss"] = stats[5].item() / num_global_samples
+        return metrics
 
     def _allreduce_grads(self) -> None:
         for p in self.model.parameters():

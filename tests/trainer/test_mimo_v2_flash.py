@@ -159,3 +159,98 @@ def test_training_step_on_cpu(mimo_path, dist_env):
     assert "model.layers.1.self_attn.attention_sink_bias" in changed
     assert "model.layers.0.self_attn.q_proj.weight" in changed
     assert not any(k.startswith("model.mtp.") for k in changed)  # mtp_loss_coef = 0: MTP untouched
+
+
+# ---------------------------------------------------------------------------- MTP
+def _hf_mtp_loss(path: str, ids: torch.Tensor) -> float:
+    """The MTP loss written against the HF modules: each `model.mtp.layers.<k>` block run as a dense,
+    sliding-window MiMoV2FlashDecoderLayer (names as SGLang maps them), fed [enorm(E[t_{i+k}]); hnorm(h)]."""
+    import copy
+
+    from transformers.models.mimo_v2_flash.modeling_mimo_v2_flash import MiMoV2FlashDecoderLayer, MiMoV2FlashRMSNorm
+
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    state = hf_io.load_hf_state(path)
+    cfg = copy.deepcopy(hf.config)
+    cfg.mlp_layer_types = ["dense"] * cfg.num_hidden_layers
+    slide = cfg.layer_types.index("sliding_attention")
+    B, S = ids.shape
+    kept = {}
+    hf.model.norm.register_forward_pre_hook(lambda mod, args: kept.update(h=args[0]))
+    pos = torch.arange(S).expand(B, S)
+    q, kv = torch.arange(S)[:, None], torch.arange(S)[None, :]
+    allowed = (kv <= q) & (q - kv < cfg.sliding_window)
+    mask = torch.zeros(S, S).masked_fill(~allowed, float("-inf")).expand(B, 1, S, S)
+    total = 0.0
+    with torch.no_grad():
+        hf(ids)
+        h, emb = kept["h"], hf.model.embed_tokens(ids)
+        rope = hf.model.rotary_emb(h, pos, "sliding_attention")
+        for k in range(MIMO_MTP_LAYERS):
+            p = f"model.mtp.layers.{k}."
+            block = MiMoV2FlashDecoderLayer(cfg, slide).eval()
+            own = {n[len(p):].replace("pre_mlp_layernorm", "post_attention_layernorm")
+                   .replace("attention_sink_bias", "sinks"): t for n, t in state.items() if n.startswith(p)}
+            norms = {}
+            for name in ("enorm", "hnorm", "final_layernorm"):
+                norms[name] = MiMoV2FlashRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+                norms[name].weight.copy_(own.pop(name + ".weight"))
+            eh_proj = own.pop("eh_proj.weight")
+            block.load_state_dict(own)
+            nxt = torch.roll(emb, -(k + 1), dims=1)
+            x = torch.cat([norms["enorm"](nxt), norms["hnorm"](h)], dim=-1) @ eh_proj.T
+            h = block(x, attention_mask=mask, position_embeddings=rope, position_ids=pos)
+            logp = torch.log_softmax(hf.lm_head(norms["final_layernorm"](h)), dim=-1)
+            n = S - 2 - k
+            nll = -logp[:, :n].gather(-1, ids[:, k + 2:k + 2 + n].unsqueeze(-1)).squeeze(-1)
+            total += nll.mean(-1).sum().item()
+    return total / MIMO_MTP_LAYERS
+
+
+def test_mtp_layers_match_the_hf_reference(mimo_path, dist_env):
+    """Our Megatron MTP block computes what SGLang's MiMo MTP computes from the same checkpoint tensors."""
+    from trainer.mtp_loss import MTPLoss
+
+    model, _, cfg = _load(mimo_path)
+    ids, pos = _ids(cfg, batch=2, seq=SEQ, seed=4)
+    mtp = MTPLoss(model, coef=1.0)
+    with torch.no_grad():
+        with mtp.capture():
+            model(ids, pos, None)
+        ours = mtp.loss_sum(ids, torch.ones(ids.shape[0], ids.shape[1] - 1)).item()
+    ref = _hf_mtp_loss(mimo_path, ids)
+    print(f"mtp loss: ours {ours:.6f}, HF-module reference {ref:.6f}")
+    assert abs(ours - ref) < 1e-4 * max(1.0, abs(ref))
+
+
+def _mtp_engine(path: str, coef: float) -> TrainEngine:
+    cfg = TrainerConfig(routing_replay=True, lr=1e-2, grad_clip=0.0, mtp_loss_coef=coef)
+    return TrainEngine(path, cfg, AdvantageConfig(), num_steps=8)
+
+
+def test_mtp_loss_falls_and_leaves_the_policy_alone(mimo_path, dist_env, tmp_path, tokenizer):
+    from tests.trainer.conftest import create_tiny_mimo
+
+    samples = make_samples(4, seed=21, vocab=100, min_len=6, max_len=14)
+    with_mtp = _mtp_engine(mimo_path, 0.5)
+    first = [with_mtp.train_step(samples, len(samples)) for _ in range(6)]
+    mtp = [m["train/mtp_loss"] for m in first]
+    print("mtp loss over 6 steps on a fixed batch:", [round(x, 4) for x in mtp])
+    assert all(b < a for a, b in zip(mtp, mtp[1:])) and mtp[-1] < 0.8 * mtp[0]
+    # coef = 0, and a checkpoint without MTP weights: the same main loss, metrics and policy weights
+    off = _mtp_engine(mimo_path, 0.0)
+    plain = _mtp_engine(str(create_tiny_mimo(tmp_path / "plain", tokenizer, mtp_layers=0)), 0.0)
+    assert not off.mtp.active and getattr(plain.model, "mtp", None) is None
+    for step in range(6):
+        a, b = off.train_step(samples, len(samples)), plain.train_step(samples, len(samples))
+        assert "train/mtp_loss" not in a and a == b
+        assert a["train/loss"] == first[step]["train/loss"]  # the MTP loss never reaches the policy
+    policy = plain.hf_state()
+    for engine in (off, with_mtp):
+        state = engine.hf_state()
+        for key, value in policy.items():
+            assert torch.equal(state[key], value), key
+    original = hf_io.load_hf_state(mimo_path)
+    assert all(torch.equal(off.hf_state()[k], original[k]) for k in original if k.startswith("model.mtp."))
+    assert not torch.equal(with_mtp.hf_state()["model.mtp.layers.1.eh_proj.weight"],
+                           original["model.mtp.layers.1.eh_proj.weight"])
