@@ -26,7 +26,8 @@ class SandboxConfig:
     disk_mb: int = 1024
     no_network: bool = True
     # local: auto = enforce every mechanism this host supports; strict = refuse to start without
-    # uid switch, network cut, read-only filesystem and a pids cgroup; none = rlimits only
+    # uid switch, network cut, read-only filesystem, pids cgroup, PID and IPC namespaces and the
+    # disk quota (envs.sandbox.local.STRICT); none = rlimits only
     isolation: str = "auto"
     base_dir: str = ""  # default: $TMPDIR/mopd-sandboxes
     # kubernetes

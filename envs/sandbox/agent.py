@@ -50,6 +50,7 @@ def _sibling(name: str):
 
 safe_fs = _sibling("safe_fs")
 jail = _sibling("jail")
+uid_pids, kill_uid = jail.uid_pids, jail.kill_uid  # used by the local backend and tests
 PR_SET_DUMPABLE = 4
 
 
@@ -218,7 +219,7 @@ class Agent:
         if others:  # sweeping the cgroups or the uid would kill a concurrent command of this sandbox
             return
         for cg in self.jail.get("cgroups", []):
-            _kill_cgroup(cg)
+            jail.kill_cgroup(cg)
         if self.uid is not None and self.uid != os.getuid():
             kill_uid(self.uid)
 
@@ -242,51 +243,6 @@ class Agent:
                         pass
             if not strays:
                 return
-
-
-def _kill_cgroup(path: str) -> None:
-    for _ in range(50):
-        try:
-            with open(os.path.join(path, "cgroup.procs")) as f:
-                pids = [int(p) for p in f.read().split()]
-        except OSError:
-            return
-        if not pids:
-            return
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.01)
-
-
-def uid_pids(uid: int) -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if os.stat(f"/proc/{entry}").st_uid == uid:
-                    with open(f"/proc/{entry}/stat") as f:
-                        if f.read().rsplit(")", 1)[1].split()[0] != "Z":  # zombies are already dead
-                            pids.append(int(entry))
-            except (OSError, IndexError):
-                pass
-    return pids
-
-
-def kill_uid(uid: int) -> None:
-    """SIGKILL every process of `uid` (unique per sandbox); loops to win races against forkers."""
-    for _ in range(50):
-        pids = uid_pids(uid)
-        if not pids:
-            return
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.01)
 
 
 def _int_field(body: dict, name: str, default: int, low: int, high: int) -> int:

@@ -29,6 +29,7 @@ import os
 import resource
 import signal
 import sys
+import time
 
 CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
 CLONE_NEWPID, CLONE_NEWNET = 0x20000000, 0x40000000
@@ -214,6 +215,53 @@ def kill_descendants(pid: int, reap: bool) -> None:
         if not found:
             return
         os.sched_yield()
+
+
+def kill_cgroup(path: str) -> None:
+    """SIGKILL every process in a cgroup until it is empty (loops to win races against forkers)."""
+    for _ in range(50):
+        try:
+            with open(os.path.join(path, "cgroup.procs")) as f:
+                pids = [int(p) for p in f.read().split()]
+        except OSError:
+            return
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.01)
+
+
+def uid_pids(uid: int) -> list[int]:
+    """Live (non-zombie) processes owned by `uid`."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.stat(f"/proc/{entry}").st_uid == uid:
+                    with open(f"/proc/{entry}/stat") as f:
+                        if f.read().rsplit(")", 1)[1].split()[0] != "Z":  # zombies are already dead
+                            pids.append(int(entry))
+            except (OSError, IndexError):
+                pass
+    return pids
+
+
+def kill_uid(uid: int) -> None:
+    """SIGKILL every process of `uid` (unique per sandbox); loops to win races against forkers."""
+    for _ in range(50):
+        pids = uid_pids(uid)
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.01)
 
 
 def _wait_for(pid: int) -> int:

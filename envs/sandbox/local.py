@@ -36,6 +36,7 @@ from envs.sandbox.jail import RUN
 
 AGENT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "agent.py")
 UID_RANGE = (200000, 260000)
+STRICT = ("setuid", "no_network", "fs_readonly", "pids_cgroup", "pid_ns", "ipc_ns", "disk_quota")
 HIDE = ["/root", "/home", "/tmp", "/var/tmp"]  # covered by empty tmpfs in the jail (sandbox dir kept)
 _libc = ctypes.CDLL(None, use_errno=True)
 _LIVE: dict[str, dict[str, Any]] = {}  # sandbox dir -> meta, for atexit
@@ -149,6 +150,7 @@ def sweep_stale(base_dir: str | None = None) -> int:
                 meta = json.load(f)
         except (OSError, ValueError):
             if name.startswith("sb-") and time.time() - os.path.getmtime(path) > 300:
+                _unmount(os.path.join(path, "work"))
                 shutil.rmtree(path, ignore_errors=True)  # half-created and abandoned
                 removed += 1
             continue
@@ -190,7 +192,7 @@ class LocalSandboxBackend:
         if self.config.isolation == "strict":
             missing = [
                 k
-                for k in ("setuid", "no_network", "fs_readonly", "pids_cgroup")
+                for k in STRICT
                 if not getattr(self.isolation, k)
             ]
             if missing:
@@ -295,8 +297,10 @@ class LocalSandboxBackend:
         try:
             meta["cgroups"] = self._cgroups(name)
             if self.isolation.disk_quota:
-                _mount_quota(work, self.config.disk_mb, uid if self.isolation.setuid else None)
                 meta["mounts"].append(work)
+                _mount_quota(work, self.config.disk_mb, uid if self.isolation.setuid else None)
+            with open(os.path.join(path, "meta.json"), "w") as f:
+                json.dump(meta, f)  # from here on, sweep_stale can undo everything (mounts included)
             if self.isolation.setuid:
                 os.chown(work, uid, uid)
             if snapshot is not None:

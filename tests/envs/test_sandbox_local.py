@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import os
@@ -211,3 +212,16 @@ def test_checkout_under_a_0700_directory_still_scores(sandbox_base):
         assert "PY 42" in out.stdout
     finally:
         shutil.rmtree(private, ignore_errors=True)
+
+
+async def test_concurrent_commands_of_one_sandbox_do_not_kill_each_other(sandbox):
+    """A command ending (and its leftovers being killed) must not take down another command of the
+    same sandbox that is still running; once both are done nothing is left."""
+    long = asyncio.ensure_future(sandbox.exec("sleep 2; echo long-done", timeout=20))
+    await asyncio.sleep(0.5)
+    short = await sandbox.exec("sleep 600 & echo short-done", timeout=10)
+    assert short.output.strip() == "short-done"
+    r = await long
+    assert r.output.strip() == "long-done" and r.exit_code == 0, r
+    if sandbox.info["jail"].get("uid"):
+        assert uid_pids(sandbox.info["uid"]) == []
