@@ -314,6 +314,10 @@ def _relay(status: int) -> None:
 
 def run(spec: dict, argv: list[str]) -> None:
     """Confine and run `argv` as described in the module docstring; never returns."""
+    parent = os.getppid()
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # the agent dies: so do we, and the command
+    if os.getppid() != parent:
+        os._exit(126)
     try:
         os.setsid()
     except OSError:

@@ -225,3 +225,24 @@ async def test_concurrent_commands_of_one_sandbox_do_not_kill_each_other(sandbox
     assert r.output.strip() == "long-done" and r.exit_code == 0, r
     if sandbox.info["jail"].get("uid"):
         assert uid_pids(sandbox.info["uid"]) == []
+
+
+async def test_agent_death_mid_command_leaves_nothing(backend):
+    """SIGKILL the agent while a command runs (a crashed sandbox): the command and what it started
+    die with it (parent-death signals down the jail, the PID namespace), not only at close()."""
+    sb = await backend.create()
+    try:
+        running = asyncio.ensure_future(sb.exec("setsid sleep 300 & sleep 300", timeout=60))
+        await asyncio.sleep(1.0)
+        if sb.info["jail"].get("uid"):
+            assert uid_pids(sb.info["uid"]), "the command did not start"
+        os.kill(sb.info["agent_pid"], signal.SIGKILL)
+        with pytest.raises(SandboxError):
+            await running
+        if sb.info["jail"].get("uid"):
+            deadline = time.monotonic() + 5
+            while uid_pids(sb.info["uid"]) and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            assert uid_pids(sb.info["uid"]) == []
+    finally:
+        await sb.close()
