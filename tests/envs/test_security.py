@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
+import sys
 import time
 
 import pytest
@@ -232,3 +233,37 @@ async def test_pod_mode_token_is_unreadable_to_commands(pod_sandbox):
     )
     assert token not in r.output and "MEMOPEN" not in r.output and "PTRACED" not in r.output, r.output
     assert "mem refused" in r.output, r.output  # the probe found the agent
+
+
+@pytest.mark.skipif(not ISO.setuid, reason="not root: no pod running as root to emulate")
+async def test_pod_mode_as_root_runs_commands_as_another_uid(sandbox_base):
+    """An agent running as root without a jail (a pod that runs as root) gives commands
+    `--command-uid`: they cannot read the agent's /proc entries or signal it."""
+    import secrets as _secrets
+
+    from envs.sandbox.client import AgentClient
+    from envs.sandbox.local import AGENT
+
+    token, uid = _secrets.token_urlsafe(32), 265432
+    root = os.path.join(sandbox_base, "rootpod")
+    proc = subprocess.Popen(
+        [sys.executable, "-I", "-S", AGENT, "--host", "127.0.0.1", "--port", "0", "--root", root,
+         "--token-file", "-", "--command-uid", str(uid)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, env={"PATH": "/usr/bin:/bin"}, start_new_session=True,
+    )
+    proc.stdin.write(token.encode() + b"\n")
+    proc.stdin.close()
+    port = int(proc.stdout.readline().split()[1])
+    client = AgentClient(f"http://127.0.0.1:{port}", token)
+    try:
+        r = await client.call(
+            "/exec",
+            {"command": f"id -u; cat /proc/{proc.pid}/environ /proc/{proc.pid}/mem; kill -9 {proc.pid}; echo x > f"},
+        )
+        assert r["output"].splitlines()[0] == str(uid) and token not in r["output"], r
+        assert proc.poll() is None and os.stat(os.path.join(root, "f")).st_uid == uid
+        assert uid_pids(uid) == []
+    finally:
+        await client.close()
+        proc.kill()
+        proc.wait()
