@@ -9,6 +9,7 @@ Adding a case is adding one ``Case(...)`` line below.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import time
@@ -17,6 +18,8 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from envs.config import SandboxConfig
 from envs.sandbox.local import LocalSandboxBackend
@@ -362,3 +365,70 @@ async def test_evaluation_reads_the_whole_report_past_the_output_cap(corpus_back
     finally:
         await env.close()
     assert r.reward == 1.0, (r.observation, r.info)
+
+
+# -- fuzzing: arbitrary JSON values as arguments, through a real sandbox --------------------------
+_NASTY = st.sampled_from(
+    ["\x00", "\ud800", "\udcff", "\U0010ffff", "</tool_call>", "<function=x>", "\n", "'", '"']
+)
+_TEXT = st.lists(st.characters() | _NASTY, max_size=16).map("".join)
+_JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.floats()
+    | st.integers(-(10**400), 10**400)
+    | st.sampled_from([0, -1, 10**400, 1e-320, float("nan"), float("inf")])
+    | _TEXT,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_TEXT, inner, max_size=3),
+    max_leaves=6,
+)
+_NUMBER = (
+    st.floats()
+    | st.integers(-(10**400), 10**400)
+    | st.sampled_from([0, -1, 10**400, 1e-320, 1e400, float("nan"), float("inf"), 0.5, 1, 2])
+)
+_COMMENT = _TEXT.map(lambda t: "echo fuzz #" + t.replace("\n", " "))  # the text never runs
+_CALLS = st.one_of(
+    st.builds(lambda c, t: ToolCall("bash", {"command": c, "timeout": t}), _COMMENT, _NUMBER),
+    st.builds(lambda c, t: ToolCall("bash", {"command": c, "timeout": t}), _COMMENT | _JSON, _JSON),
+    st.builds(
+        lambda p, o, n: ToolCall("str_replace", {"path": p, "old": o, "new": n}),
+        st.sampled_from(["calc.py", "test_calc.py"]) | _TEXT.map(lambda t: "fz/" + t),
+        _TEXT,
+        _TEXT,
+    ),
+    st.builds(lambda p, o, n: ToolCall("str_replace", {"path": p, "old": o, "new": n}), _JSON, _JSON, _JSON),
+    st.builds(lambda n, a: ToolCall(n, a), _JSON | st.sampled_from(["bash", "str_replace"]), _JSON),
+    st.builds(lambda c, t: hermes("bash", {"command": c, "timeout": t}), _COMMENT, _NUMBER),
+    st.builds(
+        lambda a: hermes("bash", a), st.dictionaries(st.sampled_from(["command", "timeout", "x"]), _JSON)
+    ),
+)
+
+
+def test_fuzzed_arguments_are_observations_and_keep_the_limit(corpus_backend, task):
+    """Whatever JSON the model puts in a call: an observation, never an exception or a lifted limit."""
+    loop = asyncio.new_event_loop()
+    env = SWEEnv(corpus_backend.create, max_turns=10**6, command_timeout=LIMIT_S)
+    loop.run_until_complete(env.reset(task))
+
+    @given(_CALLS)
+    @settings(
+        max_examples=int(os.environ.get("MOPD_FUZZ_EXAMPLES", "60")),
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+    )
+    def one(action):
+        t0 = time.monotonic()
+        r = loop.run_until_complete(env.step(action))
+        assert isinstance(r.observation, str) and not r.done, r
+        r.observation.encode("utf-8")
+        assert time.monotonic() - t0 < LIMIT_S + 10
+
+    try:
+        one()
+        r = loop.run_until_complete(env.step(ToolCall("bash", {"command": "echo still-usable"})))
+        assert "still-usable" in r.observation
+    finally:
+        loop.run_until_complete(env.close())
+        loop.close()
