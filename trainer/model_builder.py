@@ -13,7 +13,6 @@ from typing import Any
 import torch
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
-from megatron.core.transformer.transformer_config import TransformerConfig
 from transformers import AutoConfig
 
 from trainer import cpu_compat

@@ -3,6 +3,8 @@ layers, a CPU training step, and the MTP loss."""
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -167,7 +169,10 @@ def _hf_mtp_loss(path: str, ids: torch.Tensor) -> float:
     sliding-window MiMoV2FlashDecoderLayer (names as SGLang maps them), fed [enorm(E[t_{i+k}]); hnorm(h)]."""
     import copy
 
-    from transformers.models.mimo_v2_flash.modeling_mimo_v2_flash import MiMoV2FlashDecoderLayer, MiMoV2FlashRMSNorm
+    from transformers.models.mimo_v2_flash.modeling_mimo_v2_flash import (
+        MiMoV2FlashDecoderLayer,
+        MiMoV2FlashRMSNorm,
+    )
 
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     state = hf_io.load_hf_state(path)
@@ -236,7 +241,7 @@ def test_mtp_loss_falls_and_leaves_the_policy_alone(mimo_path, dist_env, tmp_pat
     first = [with_mtp.train_step(samples, len(samples)) for _ in range(6)]
     mtp = [m["train/mtp_loss"] for m in first]
     print("mtp loss over 6 steps on a fixed batch:", [round(x, 4) for x in mtp])
-    assert all(b < a for a, b in zip(mtp, mtp[1:])) and mtp[-1] < 0.8 * mtp[0]
+    assert all(b < a for a, b in itertools.pairwise(mtp)) and mtp[-1] < 0.8 * mtp[0]
     # coef = 0, and a checkpoint without MTP weights: the same main loss, metrics and policy weights
     off = _mtp_engine(mimo_path, 0.0)
     plain = _mtp_engine(str(create_tiny_mimo(tmp_path / "plain", tokenizer, mtp_layers=0)), 0.0)
