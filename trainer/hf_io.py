@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 # files copied verbatim from the source model dir so the export loads with AutoTokenizer as well
@@ -15,14 +16,27 @@ _COPY_FILES = ("config.json", "generation_config.json", "tokenizer.json", "token
                "added_tokens.json", "tokenizer.model")
 
 
+def _weight_files(path: Path) -> list[str]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    return [p.name for p in sorted(path.glob("*.safetensors"))]
+
+
+def tensor_names(model_path: str | Path) -> list[str]:
+    """Names of the tensors of an HF checkpoint, read from the safetensors headers only."""
+    path = Path(model_path)
+    names: list[str] = []
+    for name in _weight_files(path):
+        with safe_open(str(path / name), framework="pt") as f:
+            names.extend(f.keys())
+    return names
+
+
 def load_hf_state(model_path: str | Path) -> dict[str, torch.Tensor]:
     """All tensors of an HF checkpoint (single file or sharded with an index)."""
     path = Path(model_path)
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    else:
-        files = [p.name for p in sorted(path.glob("*.safetensors"))]
+    files = _weight_files(path)
     if not files:
         raise FileNotFoundError(f"no *.safetensors weights under {path} (expected an HF checkpoint dir)")
     state: dict[str, torch.Tensor] = {}

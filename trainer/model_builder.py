@@ -32,7 +32,17 @@ def _have_te() -> bool:
 
 
 def load_hf_config(model_path: str) -> Any:
-    return AutoConfig.from_pretrained(model_path)
+    """The HF config; MTP blocks present in the checkpoint but not counted in config.json
+    (`num_nextn_predict_layers`, which transformers does not define) are counted from the weights,
+    so the trainer keeps them through training and export."""
+    config = AutoConfig.from_pretrained(model_path)
+    if getattr(config, "model_type", None) == "mimo_v2_flash" and getattr(config, "num_nextn_predict_layers",
+                                                                          None) is None:
+        from trainer.hf_io import tensor_names
+
+        found = {int(n.split(".")[3]) for n in tensor_names(model_path) if n.startswith("model.mtp.layers.")}
+        config.num_nextn_predict_layers = max(found) + 1 if found else 0
+    return config
 
 
 def build_model(hf_config: Any, *, device: str = "auto", dtype: str = "float32",

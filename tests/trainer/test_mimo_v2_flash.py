@@ -259,3 +259,29 @@ def test_mtp_loss_falls_and_leaves_the_policy_alone(mimo_path, dist_env, tmp_pat
     assert all(torch.equal(off.hf_state()[k], original[k]) for k in original if k.startswith("model.mtp."))
     assert not torch.equal(with_mtp.hf_state()["model.mtp.layers.1.eh_proj.weight"],
                            original["model.mtp.layers.1.eh_proj.weight"])
+
+
+def test_export_after_mtp_training_loads_back(mimo_path, dist_env, tmp_path):
+    """Trainer export (checkpoint.export_hf) keeps the trained MTP blocks: the trainer reloads it bit for
+    bit, transformers loads it (ignoring model.mtp.*) with the trainer's logits, and a config.json
+    without num_nextn_predict_layers still gets its MTP blocks counted from the weights."""
+    import json
+
+    from trainer.checkpoint import export_hf
+
+    engine = _mtp_engine(mimo_path, 0.5)
+    samples = make_samples(3, seed=4, vocab=100)
+    engine.train_step(samples, len(samples))
+    trained = engine.hf_state()
+    out = export_hf(tmp_path / "hf", trained, mimo_path)
+    config = json.loads((out / "config.json").read_text())
+    del config["num_nextn_predict_layers"]
+    (out / "config.json").write_text(json.dumps(config))
+    model, arch, cfg = _load(str(out))
+    assert len(model.mtp.layers) == MIMO_MTP_LAYERS
+    back = mb.model_to_hf(model, arch, cfg)
+    assert set(back) == set(trained) and all(torch.equal(back[k], trained[k]) for k in trained)
+    hf = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    ids, pos = _ids(cfg, batch=2, seed=6)
+    with torch.no_grad():
+        assert (model(ids, pos, None) - hf(ids).logits).abs().max() < 1e-4
