@@ -29,3 +29,36 @@ class Env(Protocol):
     async def step(self, action: Any) -> StepResult: ...
 
     async def close(self) -> None: ...
+
+
+# -- quoting what the model wrote back to it (used by every tool layer) ----------------------------
+JSON_TYPES: dict[str, tuple[type, ...]] = {
+    "string": (str,),
+    "number": (int, float),
+    "integer": (int,),
+    "boolean": (bool,),
+    "object": (dict,),
+    "array": (list,),
+    "null": (type(None),),
+}
+_SHOWN = 80  # longest name quoted back to the model
+
+
+def show(value: Any, limit: int = _SHOWN) -> str:
+    """A model-chosen value quoted back safely: escaped (NUL, surrogates), and cut to ``limit``."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return f"<an integer of {len(str(abs(value))) if value.bit_length() < 14000 else 'over 4000'} digits>"
+    text = value if isinstance(value, str) else repr(value)
+    head = text[:limit]
+    head = head.encode("unicode_escape").decode("ascii")[:limit] if not head.isprintable() else head
+    return head if len(text) <= limit else head + f"... ({len(text)} chars)"
+
+
+def json_type(value: Any) -> str:
+    """The JSON name of a Python value's type, for messages the model reads."""
+    if isinstance(value, bool):
+        return "boolean"
+    for name in ("string", "integer", "number", "object", "array", "null"):
+        if isinstance(value, JSON_TYPES[name]):
+            return name
+    return type(value).__name__

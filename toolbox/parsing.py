@@ -17,21 +17,13 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from envs.base import JSON_TYPES, json_type, show
+
 FORMATS = ("hermes", "mimo", "auto")
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 _FUNC_OPEN = "<function="
 _FUNC_RE = re.compile(r"<function=([^>\n]*)>(.*?)</function>", re.DOTALL)
 _PARAM_RE = re.compile(r"<parameter=([^>\n]*)>(.*?)</parameter>", re.DOTALL)
-_JSON_TYPES: dict[str, tuple[type, ...]] = {
-    "string": (str,),
-    "number": (int, float),
-    "integer": (int,),
-    "boolean": (bool,),
-    "object": (dict,),
-    "array": (list,),
-    "null": (type(None),),
-}
-_SHOWN = 80  # longest name quoted back to the model
 MAX_REPORTED_ERRORS = 5  # an observation lists this many parse errors, then a count
 
 
@@ -63,26 +55,6 @@ class ParseResult:
         if len(self.errors) > limit:
             lines.append(f"Tool call error: ... and {len(self.errors) - limit} more malformed tool calls")
         return "\n".join(lines)
-
-
-def show(value: Any, limit: int = _SHOWN) -> str:
-    """A model-chosen value quoted back safely: escaped (NUL, surrogates), and cut to ``limit``."""
-    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
-        return f"<an integer of {len(str(abs(value))) if value.bit_length() < 14000 else 'over 4000'} digits>"
-    text = value if isinstance(value, str) else repr(value)
-    head = text[:limit]
-    head = head.encode("unicode_escape").decode("ascii")[:limit] if not head.isprintable() else head
-    return head if len(text) <= limit else head + f"... ({len(text)} chars)"
-
-
-def json_type(value: Any) -> str:
-    """The JSON name of a Python value's type, for messages the model reads."""
-    if isinstance(value, bool):
-        return "boolean"
-    for name in ("string", "integer", "number", "object", "array", "null"):
-        if isinstance(value, _JSON_TYPES[name]):
-            return name
-    return type(value).__name__
 
 
 def _blocks(text: str) -> tuple[list[str], list[ToolCallError], str]:
@@ -316,7 +288,7 @@ def check_tool_call(call: Any, tools: dict[str, dict[str, Any]]) -> ToolCall | T
         return ToolCallError(f"tool `{shown}` is missing required argument(s) {missing}", call.name)
     for key, value in call.arguments.items():
         kind = props[key].get("type") if isinstance(props[key], dict) else None
-        allowed = _JSON_TYPES.get(kind) if isinstance(kind, str) else None
+        allowed = JSON_TYPES.get(kind) if isinstance(kind, str) else None
         if allowed is None:
             continue
         if isinstance(value, bool) and kind != "boolean" or not isinstance(value, allowed):

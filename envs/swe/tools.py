@@ -15,9 +15,9 @@ import re
 import shlex
 from typing import Any
 
+from envs.base import json_type, show
 from envs.sandbox.base import Sandbox
 from envs.sandbox.client import SandboxError
-from toolbox.parsing import json_type, show
 
 TOOL_SCHEMAS: dict[str, dict[str, Any]] = {
     "bash": {
