@@ -193,8 +193,6 @@ class Checker:
             if rebuilt != [None if r is None else [list(e) for e in r] for r in rows]:
                 out["errors"].append(f"{key}: SGLang's rows differ from the server's")
             out["checked"].append(f"TokenizerManager.detokenize_top_logprobs_tokens({key})")
-        if request.get("return_logprob"):
-            self._check_logprob_alignment(request, response, out)
         experts = meta.get("routed_experts")
         if experts is not None and num_layers and top_k:
             import numpy as np
@@ -210,21 +208,82 @@ class Checker:
             out["checked"].append("DetokenizerManager._b64_encode_per_request(routed_experts)")
         return out
 
-    @staticmethod
-    def _check_logprob_alignment(request: dict[str, Any], response: dict[str, Any], out: dict[str, Any]) -> None:
-        """SGLang's scheduler (SchedulerLogprobResultProcessor._process_input_token_logprobs) puts None first
-        and has len(input_ids) - logprob_start_len input entries. Reported, not an error: the local server's
-        emulation of that is issue 14 item 1, owned elsewhere."""
-        meta = response.get("meta_info") or {}
-        start = request.get("logprob_start_len", -1)
-        n_in = len(request.get("input_ids") or [])
-        entries = meta.get("input_token_logprobs")
-        if start is None or start < 0 or entries is None or request.get("session_params"):
-            return
-        out["input_logprob_alignment"] = {
-            "logprob_start_len": start, "input_len": n_in, "entries": len(entries),
-            "sglang_entries": n_in - start, "first_is_none": entries[0][0] is None if entries else None,
-            "sglang_first_is_none": True}
+
+def scheduler_input_logprobs(input_ids: list[int], start: int, reference: dict[str, Any], top_k: int,
+                             vocab_size: int) -> dict[str, Any]:
+    """What SGLang returns as input logprobs for (input_ids, logprob_start_len=start), built by SGLang's own code.
+
+    The model-side numbers come from `reference`, the local server's answer for the same ids with
+    logprob_start_len=0, whose entry i is log p(x_i | x_<i). SGLang's ScheduleBatch.prepare_for_extend asks the
+    logits processor, at each position i >= start, for the logprob of the NEXT input token x_{i+1} (the last
+    position padded with token 0); SchedulerLogprobResultProcessor._process_input_token_logprobs /
+    _process_input_top_logprobs then put None first and drop the last. Both steps are replayed here, the second
+    by calling SGLang's functions.
+    """
+    from sglang.srt.managers.scheduler_components.logprob_result_processor import (
+        SchedulerLogprobResultProcessor,
+    )
+
+    n = len(input_ids)
+    ref = reference["meta_info"]["input_token_logprobs"]
+    raw = [ref[i + 1][0] for i in range(start, n - 1)] + [0.0]  # logits processor output at positions start..n-1
+    req = types.SimpleNamespace(
+        logprob=types.SimpleNamespace(top_logprobs_num=top_k), origin_input_ids=list(input_ids),
+        logprob_start_len=start, is_prefill_only=False, token_indices_to_pool=None,
+        multi_item_delimiter_indices=None, temp_input_top_logprobs_val=None, temp_input_top_logprobs_idx=None)
+    if top_k > 0:
+        tops = reference["meta_info"]["input_top_logprobs"]
+        req.temp_input_top_logprobs_val = [[[e[0] for e in tops[i + 1][:top_k]] for i in range(start, n - 1)]
+                                           + [[0.0] * top_k]]
+        req.temp_input_top_logprobs_idx = [[[e[1] for e in tops[i + 1][:top_k]] for i in range(start, n - 1)]
+                                           + [[0] * top_k]]
+    processor = SchedulerLogprobResultProcessor(model_config=types.SimpleNamespace(vocab_size=vocab_size))
+    processor._process_input_token_logprobs(req, raw)
+    processor._process_input_top_logprobs(req)
+    out = {"input_token_logprobs": req.logprob.input_token_logprobs_val,
+           "input_token_ids": req.logprob.input_token_logprobs_idx}
+    if top_k > 0:
+        out["input_top_logprobs"] = [None if v is None else [[a, b] for a, b in zip(v, i)]
+                                     for v, i in zip(req.logprob.input_top_logprobs_val,
+                                                     req.logprob.input_top_logprobs_idx)]
+    return out
+
+
+def _close(a: Any, b: Any, tol: float = 1e-4) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return abs(float(a) - float(b)) <= tol
+
+
+def alignment_report(responses: list[dict[str, Any]], vocab_size: int) -> list[dict[str, Any]]:
+    """For every answered request with logprob_start_len > 0 whose ids also have a start-0 reference: SGLang's
+    input logprobs (scheduler_input_logprobs) against the local server's, entry by entry."""
+    refs = {tuple(r["request"]["input_ids"]): r["response"] for r in responses
+            if r["request"].get("logprob_start_len") == 0 and not r["request"].get("session_params")}
+    rows = []
+    for r in responses:
+        req, resp = r["request"], r["response"]
+        start = req.get("logprob_start_len", -1)
+        ref = refs.get(tuple(req.get("input_ids") or ()))
+        if not req.get("return_logprob") or start is None or start <= 0 or ref is None or req.get("session_params"):
+            continue
+        k = int(req.get("top_logprobs_num") or 0)
+        sglang = scheduler_input_logprobs(req["input_ids"], start, ref, k, vocab_size)
+        server = [e[0] for e in resp["meta_info"]["input_token_logprobs"]]
+        row: dict[str, Any] = {
+            "mode": r.get("mode"), "id": r.get("id"), "logprob_start_len": start, "input_len": len(req["input_ids"]),
+            "sglang": sglang["input_token_logprobs"], "server": server,
+            "equal": len(server) == len(sglang["input_token_logprobs"])
+            and all(_close(a, b) for a, b in zip(server, sglang["input_token_logprobs"]))}
+        if k > 0:
+            server_top = resp["meta_info"].get("input_top_logprobs") or []
+            sglang_top = sglang["input_top_logprobs"]
+            row["top_equal"] = len(server_top) == len(sglang_top) and all(
+                (a is None) == (b is None) and (a is None or (
+                    [e[1] for e in a[:k]] == [e[1] for e in b] and all(_close(x[0], y[0]) for x, y in zip(a, b))))
+                for a, b in zip(server_top, sglang_top))
+        rows.append(row)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -263,11 +322,15 @@ def main(argv: list[str] | None = None) -> int:
         result["mode"] = rec.get("mode")
         result["id"] = rec.get("id")
         responses.append(result)
+    try:
+        alignment = alignment_report(data.get("responses", []), vocab)
+    except Exception:  # noqa: BLE001 - reported; the test asserts on it
+        alignment = [{"error": traceback.format_exc(limit=3), "equal": False}]
     unknown = sorted({f"{r['path']}: {k}" for r in requests for k in r["unknown_keys"]})
     report = {
         "sglang_version": checker.version, "import_s": round(import_s, 1), "tokenizer": tokenizer_note,
         "check_s": round(time.monotonic() - start - import_s, 1), "routes": checker.routes,
-        "requests": requests, "responses": responses,
+        "requests": requests, "responses": responses, "input_logprob_alignment": alignment,
         "summary": {"requests": len(requests), "responses": len(responses), "unknown_keys": unknown,
                     "request_errors": sum(len(r["errors"]) for r in requests),
                     "response_errors": sum(len(r["errors"]) for r in responses)},
