@@ -208,7 +208,7 @@ class Agent:
         }
 
     def kill_group(self, pgid: int) -> None:
-        """Kill a command's process tree and group, its cgroups, and (jailed) every process of the sandbox uid."""
+        """Kill a command's process tree and group, its cgroups and (jailed) the sandbox uid's processes."""
         jail.kill_descendants(pgid, reap=False)  # daemons that left the group still hang below the jail
         try:
             os.killpg(pgid, signal.SIGKILL)
@@ -222,7 +222,6 @@ class Agent:
             jail.kill_cgroup(cg)
         if self.uid is not None and self.uid != os.getuid():
             kill_uid(self.uid)
-
 
     def kill_orphans(self) -> None:
         """Kill what reparented to the agent (a subreaper) from a command whose jail died first."""
@@ -363,9 +362,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--root", default=os.getcwd())
     p.add_argument("--token-env", default="MOPD_SANDBOX_TOKEN", help="env var holding the token")
-    p.add_argument(
-        "--token-file", default="", help="file holding the token, removed once read ('-': stdin)"
-    )
+    p.add_argument("--token-file", default="", help="file holding the token, removed once read ('-': stdin)")
     p.add_argument("--command-uid", type=int, default=None, help="run commands as this uid (agent as root)")
     p.add_argument("--max-output", type=int, default=65536)
     p.add_argument("--default-timeout", type=float, default=120.0)

@@ -69,7 +69,9 @@ def secret_manifest(cfg: SandboxConfig, pod: k8s.V1Pod, run_id: str, token: str)
     """The pod's token as a Secret owned by the pod (garbage-collected with it)."""
     meta = pod.metadata
     owner = (
-        [k8s.V1OwnerReference(api_version="v1", kind="Pod", name=meta.name, uid=meta.uid)] if meta.uid else None
+        [k8s.V1OwnerReference(api_version="v1", kind="Pod", name=meta.name, uid=meta.uid)]
+        if meta.uid
+        else None
     )
     return k8s.V1Secret(
         api_version="v1",
@@ -179,7 +181,9 @@ def pod_manifest(
                     name="token",
                     secret=k8s.V1SecretVolumeSource(secret_name=token_secret_name(name), default_mode=0o400),
                 ),
-                k8s.V1Volume(name="run", empty_dir=k8s.V1EmptyDirVolumeSource(medium="Memory", size_limit="1Mi")),
+                k8s.V1Volume(
+                    name="run", empty_dir=k8s.V1EmptyDirVolumeSource(medium="Memory", size_limit="1Mi")
+                ),
                 k8s.V1Volume(name="agent", config_map=k8s.V1ConfigMapVolumeSource(name=AGENT_CONFIGMAP)),
                 k8s.V1Volume(
                     name="workspace", empty_dir=k8s.V1EmptyDirVolumeSource(size_limit=cfg.ephemeral_storage)
@@ -364,12 +368,16 @@ class KubernetesSandboxBackend:
         mine = [p for p in pods.items if (p.metadata.labels or {}).get(LABEL_RUN) == self.run_id]
         await asyncio.gather(*(self.delete_pod(p.metadata.name) for p in mine))
         tokens = await self._call(
-            self.api.list_namespaced_secret, self.config.namespace, label_selector=f"{LABEL_RUN}={self.run_id}"
+            self.api.list_namespaced_secret,
+            self.config.namespace,
+            label_selector=f"{LABEL_RUN}={self.run_id}",
         )
         for sec in tokens.items:  # Secrets of pods that are already gone
             if (sec.metadata.labels or {}).get(LABEL_RUN) == self.run_id:
                 try:
-                    await self._call(self.api.delete_namespaced_secret, sec.metadata.name, self.config.namespace)
+                    await self._call(
+                        self.api.delete_namespaced_secret, sec.metadata.name, self.config.namespace
+                    )
                 except ApiException as exc:
                     if exc.status != 404:
                         raise

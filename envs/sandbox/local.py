@@ -86,7 +86,11 @@ def python_spec() -> dict[str, Any]:
     prefix = os.path.realpath(sys.base_prefix)
     real = os.path.realpath(sys.executable)
     exe = os.path.basename(real) if os.path.dirname(real) == os.path.join(prefix, "bin") else "python3"
-    spec: dict[str, Any] = {"prefix": prefix, "exe": exe, "version": f"python{sys.version_info[0]}.{sys.version_info[1]}"}
+    spec: dict[str, Any] = {
+        "prefix": prefix,
+        "exe": exe,
+        "version": f"python{sys.version_info[0]}.{sys.version_info[1]}",
+    }
     if os.path.realpath(sys.prefix) != prefix:  # a venv: expose its site-packages as /run/mopd/venv
         spec["site"] = os.path.realpath(sysconfig.get_paths()["purelib"])
         try:
@@ -103,7 +107,9 @@ def _mount_quota(work: str, size_mb: int, uid: int | None) -> None:
     owner = f",uid={uid},gid={uid}" if uid is not None else ""
     opts = f"size={size_mb}m,nr_inodes={max(4096, size_mb * 128)},mode=0700{owner}"
     if _libc.mount(b"tmpfs", work.encode(), b"tmpfs", ctypes.c_ulong(2 | 4), opts.encode()) != 0:
-        raise SandboxError(f"cannot mount the sandbox's disk quota on {work}: {os.strerror(ctypes.get_errno())}")
+        raise SandboxError(
+            f"cannot mount the sandbox's disk quota on {work}: {os.strerror(ctypes.get_errno())}"
+        )
 
 
 def _unmount(path: str) -> None:
@@ -190,11 +196,7 @@ class LocalSandboxBackend:
             else Isolation(os.geteuid() == 0, False, False, False, None, None, False)
         )
         if self.config.isolation == "strict":
-            missing = [
-                k
-                for k in STRICT
-                if not getattr(self.isolation, k)
-            ]
+            missing = [k for k in STRICT if not getattr(self.isolation, k)]
             if missing:
                 raise SandboxError(
                     f"sandbox.isolation=strict but {missing} cannot be enforced on this host "
@@ -380,5 +382,7 @@ class LocalSandboxBackend:
             "disk_mb": self.config.disk_mb if self.isolation.disk_quota else None,
         }
         if spec.get("python"):
-            info["python"] = f"{RUN}/venv/bin/python3" if self.python.get("site") else f"{RUN}/python/bin/python3"
+            info["python"] = (
+                f"{RUN}/venv/bin/python3" if self.python.get("site") else f"{RUN}/python/bin/python3"
+            )
         return Sandbox(name, client, closer, info)

@@ -49,6 +49,9 @@ async def sandbox(backend):
 
 # -- Kubernetes API emulator (kmock) on 127.0.0.1, with fault injection and a test "kubelet" --------
 import asyncio  # noqa: E402
+import base64  # noqa: E402
+import itertools  # noqa: E402
+import json  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
@@ -58,10 +61,6 @@ import kmock  # noqa: E402
 from kmock._internal import apps as kmock_apps  # noqa: E402
 from kmock._internal.k8s import KubernetesError  # noqa: E402
 from kubernetes import client as k8s  # noqa: E402
-
-import base64  # noqa: E402
-import itertools  # noqa: E402
-import json  # noqa: E402
 
 from envs.sandbox.isolation import detect  # noqa: E402
 from envs.sandbox.jail import RUN  # noqa: E402
@@ -122,7 +121,9 @@ def start_pod_agent(pod_dir: str, token: str, args: list[str], sources: dict[str
     else:
         cmd = [sys.executable, *agent]
         env = {"PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     line = proc.stdout.readline()
     if not line.startswith(b"READY "):
         proc.kill()

@@ -19,6 +19,7 @@ of B or of any token in the output, no process of the case's tag alive anywhere)
 Cases whose mechanism this host lacks are skipped with the reason (isolation.detect()).
 """
 
+# ruff: noqa: E501  (the corpus is a table: one attempt per line, by design)
 from __future__ import annotations
 
 import asyncio
@@ -80,10 +81,20 @@ CASES = [
     ("fs-read-host-tmp-file", "A", "cat {VICTIM_TMP} {VICTIM_BASE}", "no-leak"),
     ("fs-write-tmp", "A", "echo x > /tmp/mopd-escape-{TAG}", "blocked"),
     ("fs-write-var-tmp", "A", "echo x > /var/tmp/mopd-escape-{TAG}", "blocked"),
-    ("fs-dev-shm-private", "A", "echo x > /dev/shm/mopd-escape-{TAG}", "host-absent:/dev/shm/mopd-escape-{TAG}"),
+    (
+        "fs-dev-shm-private",
+        "A",
+        "echo x > /dev/shm/mopd-escape-{TAG}",
+        "host-absent:/dev/shm/mopd-escape-{TAG}",
+    ),
     ("fs-symlink-then-shell-write", "A", "ln -sf {VICTIM_BASE} v && echo PWNED > v", "blocked"),
     ("fs-symlink-then-agent-write", "A", "ln -sf {VICTIM_BASE} notes.py", "then-write:notes.py"),
-    ("fs-symlink-tmp-name-agent-write", "A", "echo a > n.py; ln -sf {VICTIM_BASE} n.py.mopd-tmp", "then-write:n.py"),
+    (
+        "fs-symlink-tmp-name-agent-write",
+        "A",
+        "echo a > n.py; ln -sf {VICTIM_BASE} n.py.mopd-tmp",
+        "then-write:n.py",
+    ),
     ("fs-symlink-agent-read", "A", "ln -sf {VICTIM_TMP} leak.txt", "then-read:leak.txt"),
     ("fs-fifo-agent-read", "A", "mkfifo pipe", "then-read:pipe"),
     ("fs-hardlink-host-file", "A", "ln {VICTIM_BASE} hl && echo PWNED > hl", "blocked"),
@@ -103,14 +114,24 @@ CASES = [
     ("fs-chown-host", "A", "chown $(id -u) {VICTIM_BASE}", "blocked"),
     ("fs-read-shadow", "A", "cat /etc/shadow", "blocked"),
     ("fs-root-home", "A", "cat /root/.bashrc /root/.bash_history", "blocked"),
-    ("fs-setuid-copy", "A", "cp /bin/bash sh2 && chmod u+s sh2 && ./sh2 -p -c 'test $(id -u) = 0'", "blocked"),
+    (
+        "fs-setuid-copy",
+        "A",
+        "cp /bin/bash sh2 && chmod u+s sh2 && ./sh2 -p -c 'test $(id -u) = 0'",
+        "blocked",
+    ),
     # -- /proc --------------------------------------------------------------------------------------
     ("proc-environ-all", "A", "cat /proc/*/environ | tr '\\0' '\\n'", "no-leak"),
     ("proc-cmdline-all", "A", "cat /proc/*/cmdline | tr '\\0' ' '; ps -eo args", "no-leak"),
     ("proc-few-pids", "A", "test $(ls -d /proc/[0-9]* | wc -l) -gt 12", "blocked"),
     ("proc-agent-pid", "A", "kill -0 {AGENT_PID}", "blocked"),
     ("proc-kcore", "A", "head -c 16 /proc/kcore", "blocked"),
-    ("proc-ptrace-init", "A", "python3 -c 'import ctypes,sys; sys.exit(ctypes.CDLL(None).ptrace(16,1,0,0) != 0)'", "blocked"),
+    (
+        "proc-ptrace-init",
+        "A",
+        "python3 -c 'import ctypes,sys; sys.exit(ctypes.CDLL(None).ptrace(16,1,0,0) != 0)'",
+        "blocked",
+    ),
     ("proc-oom-immortal", "A", "echo -1000 > /proc/self/oom_score_adj", "blocked"),
     ("proc-host-mounts", "A", "cat /proc/1/mountinfo | grep -c ray", "no-leak"),
     # -- IPC ----------------------------------------------------------------------------------------
@@ -124,8 +145,18 @@ CASES = [
     ("net-unix-run", "A", "python3 c.py unix {UNIX_RUN}; ls /run", "no-leak"),
     ("net-abstract-unix", "A", "python3 c.py abstract {ABSTRACT}", "no-leak"),
     ("net-ray-sockets", "A", "ls /tmp/ray/session_latest/sockets", "blocked"),
-    ("net-outbound", "A", "python3 -c 'import socket; socket.create_connection((\"1.1.1.1\", 53), 2)'", "blocked"),
-    ("net-raw-socket", "A", "python3 -c 'import socket; socket.socket(socket.AF_PACKET, socket.SOCK_RAW)'", "blocked"),
+    (
+        "net-outbound",
+        "A",
+        "python3 -c 'import socket; socket.create_connection((\"1.1.1.1\", 53), 2)'",
+        "blocked",
+    ),
+    (
+        "net-raw-socket",
+        "A",
+        "python3 -c 'import socket; socket.socket(socket.AF_PACKET, socket.SOCK_RAW)'",
+        "blocked",
+    ),
     ("net-link-up", "A", "ip link set lo up", "blocked"),
     # -- processes that outlive a call --------------------------------------------------------------
     ("live-nohup", "A", "nohup sleep {TAG}1 >/dev/null 2>&1 &", "no-survivor"),
@@ -138,25 +169,50 @@ CASES = [
     # -- resource exhaustion ------------------------------------------------------------------------
     ("res-fork-bomb", "A", ":(){{ :|:& }};:; sleep 2", "limited"),
     ("res-memory", "A", "python3 -c 'b=[]\nwhile 1: b.append(bytearray(32<<20))'", "limited"),
-    ("res-disk-fill", "A", "mkdir -p fill; for i in 1 2 3 4 5 6; do dd if=/dev/zero of=fill/$i bs=1M count=7 2>&1 || exit 1; done", "limited:No space left"),
-    ("res-file-count", "A", "mkdir -p many && cd many && for i in $(seq 8000); do : > f$i || exit 1; done", "limited:No space left"),
+    (
+        "res-disk-fill",
+        "A",
+        "mkdir -p fill; for i in 1 2 3 4 5 6; do dd if=/dev/zero of=fill/$i bs=1M count=7 2>&1 || exit 1; done",
+        "limited:No space left",
+    ),
+    (
+        "res-file-count",
+        "A",
+        "mkdir -p many && cd many && for i in $(seq 8000); do : > f$i || exit 1; done",
+        "limited:No space left",
+    ),
     ("res-huge-output", "A", "yes", "limited"),
     ("res-huge-line", "A", "head -c 300000000 /dev/zero", "limited"),
     ("res-open-files", "A", "python3 -c 'f=[open(\"/dev/null\") for _ in range(100000)]'", "limited"),
     ("res-cpu-spin", "A", "python3 -c 'while 1: pass'", "limited"),
     ("res-sleep-forever", "A", "sleep infinity", "limited"),
-    ("res-threads", "A", "python3 -c 'import threading,time\nfor _ in range(5000): threading.Thread(target=time.sleep, args=(9,)).start()'", "limited"),
+    (
+        "res-threads",
+        "A",
+        "python3 -c 'import threading,time\nfor _ in range(5000): threading.Thread(target=time.sleep, args=(9,)).start()'",
+        "limited",
+    ),
     # -- privilege ----------------------------------------------------------------------------------
     ("priv-sudo", "A", "sudo -n true", "blocked"),
     ("priv-su", "A", "su -c true root < /dev/null", "blocked"),
     ("priv-setuid-syscall", "A", "python3 -c 'import os; os.setuid(0)'", "blocked"),
-    ("priv-capabilities", "A", "grep -E 'Cap(Eff|Prm|Bnd)' /proc/self/status | grep -qv '0000000000000000$'", "blocked"),
+    (
+        "priv-capabilities",
+        "A",
+        "grep -E 'Cap(Eff|Prm|Bnd)' /proc/self/status | grep -qv '0000000000000000$'",
+        "blocked",
+    ),
     ("priv-chroot", "A", "chroot / true", "blocked"),
     ("priv-nsenter", "A", "nsenter -t 1 -m -p true", "blocked"),
     ("priv-kernel-module", "A", "modprobe dummy || insmod /nonexistent.ko", "blocked"),
     # -- cross-sandbox ------------------------------------------------------------------------------
     ("cross-read-files", "A", "cat {B_DIR}/secret.txt; ls {B_DIR} $(dirname {B_DIR})", "no-leak"),
-    ("cross-find", "A", "find /tmp /dev/shm /var/tmp /run -path /run/mopd -prune -o -name 'secret*' -exec cat {{}} + 2>/dev/null", "no-leak"),
+    (
+        "cross-find",
+        "A",
+        "find /tmp /dev/shm /var/tmp /run -path /run/mopd -prune -o -name 'secret*' -exec cat {{}} + 2>/dev/null",
+        "no-leak",
+    ),
     ("cross-signal-all", "A", "kill -9 -1; echo sent", "no-leak"),
     ("cross-signal-b", "A", "pkill -0 -f 'B-CM[D]'", "blocked"),
     # -- pod mode -----------------------------------------------------------------------------------
@@ -206,7 +262,10 @@ class World:
         os.chmod(self.base, 0o711)
         self.marker = f"HOSTMARK-{secrets.token_hex(6)}"
         self.victims = {}
-        for key, path in (("VICTIM_TMP", f"/tmp/mopd-corpus-victim-{R}"), ("VICTIM_BASE", f"{self.base}/victim-{R}")):
+        for key, path in (
+            ("VICTIM_TMP", f"/tmp/mopd-corpus-victim-{R}"),
+            ("VICTIM_BASE", f"{self.base}/victim-{R}"),
+        ):
             with open(path, "w") as f:
                 f.write(self.marker + "\n")
             os.chmod(path, 0o666)  # world-writable: only the confinement may stop a write
@@ -233,8 +292,14 @@ class World:
         shm_key = subprocess.run(["ipcs", "-m", "-i", self.host_shm], capture_output=True, text=True).stdout
         self.host_shm_key = next((w for w in shm_key.split() if w.startswith("key=")), "key=none")[4:]
         cfg = SandboxConfig(
-            cpu_time_s=10, memory_mb=384, wall_timeout_s=20, max_output_bytes=65536, max_procs=40,
-            file_size_mb=8, disk_mb=32, base_dir=self.base,
+            cpu_time_s=10,
+            memory_mb=384,
+            wall_timeout_s=20,
+            max_output_bytes=65536,
+            max_procs=40,
+            file_size_mb=8,
+            disk_mb=32,
+            base_dir=self.base,
         )
         self.backend = LocalSandboxBackend(cfg)
         self.a, self.b = await self.backend.create(), await self.backend.create()
@@ -251,9 +316,16 @@ class World:
         if self.host_shm_key not in ("", "none", "0x00000000"):
             self.secrets.append(self.host_shm_key)
         self.values = {
-            "TAG": TAG, **self.victims, "B_DIR": self.b.info["dir"], "HOST_PORT": self.host_port,
-            "AGENT_PORT": self.a.info["port"], "UNIX_TMP": self.unix_tmp, "UNIX_RUN": self.unix_run,
-            "ABSTRACT": self.abstract, "AGENT_PID": self.a.info["agent_pid"], "POD_DIR": self.pod.info["dir"],
+            "TAG": TAG,
+            **self.victims,
+            "B_DIR": self.b.info["dir"],
+            "HOST_PORT": self.host_port,
+            "AGENT_PORT": self.a.info["port"],
+            "UNIX_TMP": self.unix_tmp,
+            "UNIX_RUN": self.unix_run,
+            "ABSTRACT": self.abstract,
+            "AGENT_PID": self.a.info["agent_pid"],
+            "POD_DIR": self.pod.info["dir"],
         }
 
     async def stop(self) -> None:

@@ -158,7 +158,6 @@ async def test_request_env_reaches_the_command_not_the_privileged_jail(sandbox):
     assert r["output"].count("evil.so") == 1, r["output"]
 
 
-
 def test_checkout_under_a_0700_directory_still_scores(sandbox_base):
     """A fresh clone in `mktemp -d` (0700) with its own venv there: the sandbox uid cannot traverse
     that directory, yet the SWE gold patch must still score 1 (the jail exposes the interpreter at
@@ -180,7 +179,9 @@ def test_checkout_under_a_0700_directory_still_scores(sandbox_base):
         subprocess.run([sys.base_prefix + "/bin/python3", "-m", "venv", "--without-pip", venv], check=True)
         site = subprocess.run(
             [f"{venv}/bin/python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-            capture_output=True, text=True, check=True,
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout.strip()
         with open(os.path.join(site, "borrowed.pth"), "w") as f:
             f.write(sysconfig.get_paths()["purelib"] + "\n")

@@ -151,7 +151,8 @@ async def test_sandbox_cannot_see_or_read_another(backend):
         await asyncio.sleep(0.5)
         r = await b.exec(
             f"cat /proc/*/cmdline 2>/dev/null | tr '\\0' ' '; ps -eo args; cat {a.info['dir']}/secret.txt;"
-            f" ls {a.info['dir']} {os.path.dirname(a.info['dir'])}; find / -name 'secr*' -exec cat {{}} + 2>/dev/null",
+            f" ls {a.info['dir']} {os.path.dirname(a.info['dir'])};"
+            " find / -name 'secr*' -exec cat {} + 2>/dev/null",
             timeout=15,
         )
         assert "MARKER-A-CMDLINE" not in r.output and "MOPD-SECRET-A" not in r.output, r.output
@@ -175,7 +176,9 @@ async def test_disk_quota_for_the_whole_work_dir(sandbox_base):
         )
         assert "No space left" in r.output, r.output
         assert int(r.output.split()[-1]) <= 24
-        r = await sb.exec("rm -f f*; for i in $(seq 6000); do : > n$i || break; done 2>&1 | tail -1", timeout=30)
+        r = await sb.exec(
+            "rm -f f*; for i in $(seq 6000); do : > n$i || break; done 2>&1 | tail -1", timeout=30
+        )
         assert "No space left" in r.output, r.output  # the inode cap too
     finally:
         await sb.close()
@@ -247,9 +250,26 @@ async def test_pod_mode_as_root_runs_commands_as_another_uid(sandbox_base):
     token, uid = _secrets.token_urlsafe(32), 265432
     root = os.path.join(sandbox_base, "rootpod")
     proc = subprocess.Popen(
-        [sys.executable, "-I", "-S", AGENT, "--host", "127.0.0.1", "--port", "0", "--root", root,
-         "--token-file", "-", "--command-uid", str(uid)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, env={"PATH": "/usr/bin:/bin"}, start_new_session=True,
+        [
+            sys.executable,
+            "-I",
+            "-S",
+            AGENT,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--root",
+            root,
+            "--token-file",
+            "-",
+            "--command-uid",
+            str(uid),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env={"PATH": "/usr/bin:/bin"},
+        start_new_session=True,
     )
     proc.stdin.write(token.encode() + b"\n")
     proc.stdin.close()
@@ -258,7 +278,10 @@ async def test_pod_mode_as_root_runs_commands_as_another_uid(sandbox_base):
     try:
         r = await client.call(
             "/exec",
-            {"command": f"id -u; cat /proc/{proc.pid}/environ /proc/{proc.pid}/mem; kill -9 {proc.pid}; echo x > f"},
+            {
+                "command": f"id -u; cat /proc/{proc.pid}/environ /proc/{proc.pid}/mem;"
+                f" kill -9 {proc.pid}; echo x > f"
+            },
         )
         assert r["output"].splitlines()[0] == str(uid) and token not in r["output"], r
         assert proc.poll() is None and os.stat(os.path.join(root, "f")).st_uid == uid
