@@ -237,8 +237,9 @@ class SWEEnv:
 
     async def _finish(self, info: dict[str, Any]) -> StepResult:
         assert self.task is not None and self.sandbox is not None
-        self.done = True
+        # done only once evaluated: after an infrastructure failure (raised) the caller may retry
         ev = await evaluate(self.sandbox, self.task, self.python or "python3")
+        self.done = True
         info.update(
             reward=ev.reward, failed_tests=ev.failed[:20], n_failed=len(ev.failed), n_passed=len(ev.passed)
         )

@@ -432,3 +432,18 @@ def test_fuzzed_arguments_are_observations_and_keep_the_limit(corpus_backend, ta
     finally:
         loop.run_until_complete(env.close())
         loop.close()
+
+
+async def test_infrastructure_failures_raise_and_do_not_end_the_episode(env):
+    """A dead sandbox is not the model's fault: step raises SandboxError (status 0) for the Toolbox
+    to replay the session elsewhere, and the episode is not marked done."""
+    import signal
+
+    from envs.sandbox.client import SandboxError
+
+    os.kill(env.sandbox.info["agent_pid"], signal.SIGKILL)
+    for action in (ToolCall("bash", {"command": "echo hi"}), ToolCall("finish", {})):
+        with pytest.raises(SandboxError) as err:
+            await env.step(action)
+        assert err.value.status == 0
+    assert not env.done
