@@ -225,6 +225,7 @@ class SWEEnv:
             obs, info["error"] = str(exc), "tool"
         except SandboxError as exc:
             if not model_caused(exc):
+                self.turns -= 1  # not the model's turn to lose: a retry of this call is free
                 raise  # infrastructure: the worker replays the session on a fresh sandbox
             obs, info["error"] = f"{call.name}: the sandbox refused the request: {refusal(exc)}", "refused"
         return await self._after(obs, info)

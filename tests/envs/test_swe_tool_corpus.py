@@ -446,4 +446,4 @@ async def test_infrastructure_failures_raise_and_do_not_end_the_episode(env):
         with pytest.raises(SandboxError) as err:
             await env.step(action)
         assert err.value.status == 0
-    assert not env.done
+    assert not env.done and env.turns == 0
