@@ -52,6 +52,39 @@ def latest_pushed_weights(url: str) -> tuple[str, str] | None:
     return str(record["path"]), str(record["version"])
 
 
+ENGINE_PORT_KEY_PREFIX = "mopd/engine-port/"
+
+
+def _kv_get(key: str) -> str | None:
+    from ray.experimental import internal_kv
+
+    if not internal_kv._internal_kv_initialized():
+        return None
+    raw = internal_kv._internal_kv_get(key.encode())
+    return raw.decode() if raw else None
+
+
+def _kv_put(key: str, value: str) -> None:
+    from ray.experimental import internal_kv
+
+    if internal_kv._internal_kv_initialized():
+        internal_kv._internal_kv_put(key.encode(), value.encode(), overwrite=True)
+
+
+def _wait_port_free(host: str, port: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((host, port))
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+        time.sleep(0.2)
+
+
 def _forget_pushed_weights(url: str) -> None:
     from ray.experimental import internal_kv
 
@@ -120,6 +153,9 @@ def _free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
+ENGINE_ACTOR_RESTARTS = 5  # times Ray brings back a dead engine actor (its server dies with it)
+
+
 @ray.remote(max_concurrency=4)
 class EngineActor:
     """Owns one server process; `start` returns its URL; a watchdog restarts the server when it dies."""
@@ -130,16 +166,28 @@ class EngineActor:
         self.name, self.backend, self.model_path = name, backend, model_path
         self.cfg, self.routing_replay = cfg, routing_replay
         self.host = ray.util.get_node_ip_address()
-        self.port = _free_port(self.host)
+        context = ray.get_runtime_context()
+        # Ray restarts a dead engine actor (max_restarts): the new one serves on the same URL again
+        port_key = f"{ENGINE_PORT_KEY_PREFIX}{context.get_job_id()}/{name}"
+        reconstructed = context.was_current_actor_reconstructed
+        saved = _kv_get(port_key) if reconstructed else None
+        self.port = int(saved) if saved else _free_port(self.host)
+        _kv_put(port_key, str(self.port))
         self.proc: subprocess.Popen | None = None
         self.log_path = os.path.join(tempfile.gettempdir(), f"mopd-engine-{name}-{os.getpid()}.log")
         self.restarts = 0
-        _forget_pushed_weights(self.url)  # a record left by an earlier engine on this port is not ours
+        if not reconstructed:
+            _forget_pushed_weights(self.url)  # a record left by an earlier engine on this port is not ours
         self.served: tuple[str, str | None] = (model_path, None)  # (weights path, weight version) now served
         self._lock = threading.RLock()
         self._stopping = threading.Event()
         self._watchdog: threading.Thread | None = None
         self.ready = False  # healthy and serving `served` (False while a restart is in progress)
+        if reconstructed:
+            log.warning("engine actor %s was restarted by Ray; starting its server again on %s", name, self.url)
+            self.restarts = 1
+            _wait_port_free(self.host, self.port, timeout=30.0)  # the old server is still exiting
+            self.start()
 
     @property
     def url(self) -> str:
@@ -215,6 +263,10 @@ class EngineActor:
 
     def pid(self) -> int | None:
         return None if self.proc is None else self.proc.pid
+
+    def actor_pid(self) -> int:
+        """The actor's own process (to test what happens when it dies)."""
+        return os.getpid()
 
     def status(self) -> dict[str, Any]:
         """What the actor knows: URL, server pid, restarts, and the weights it (re)started from."""
@@ -293,6 +345,8 @@ def launch_engines(model_path: str, cfg: RolloutConfig, *, name: str, num_engine
                     "scheduling_strategy": PlacementGroupSchedulingStrategy(placement, i)} for i in range(n)]
     else:
         options = [{"num_cpus": cfg.cpus_per_engine}] * n
+    # Ray restarts an engine actor whose process died; calls made meanwhile wait for it (all are idempotent)
+    options = [dict(opt, max_restarts=ENGINE_ACTOR_RESTARTS, max_task_retries=-1) for opt in options]
     actors = [EngineActor.options(**opt).remote(f"{name}-{i}", cfg.backend, model_path, cfg, r3)
               for i, opt in enumerate(options)]
     group = EngineGroup(urls=[], actors=actors, placement=placement)

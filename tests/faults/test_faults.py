@@ -38,7 +38,7 @@ register_configs()
 PROMPTS, PER_PROMPT = 4, 2
 FAST = ["experiment=dry_run", "toy.teacher_steps=5", "logger.progress=false", "logger.wandb_mode=disabled",
         f"rollout.prompts_per_step={PROMPTS}", f"rollout.n_samples_per_prompt={PER_PROMPT}",
-        "rollout.max_new_tokens=24", "rollout.max_retries=3"]
+        "rollout.max_new_tokens=24", "rollout.max_retries=3", "rollout.startup_timeout_s=120"]
 
 
 @pytest.fixture(scope="module")
@@ -149,14 +149,31 @@ def test_student_engine_and_teacher_replica_killed_mid_step(toy_dir, tmp_path, f
         again = teacher.score(arith)  # the restarted teacher gives the same scores
         np.testing.assert_allclose(np.concatenate(again), np.concatenate([s.teacher_logprobs for s in arith]),
                                    atol=1e-5)
-        # every student engine, restarted or not, reports the latest pushed version
         assert _engine_versions(rt.student_engines.urls) == [str(rt.weight_version)] == ["3"]
+
+        # step 3: the engine's Ray actor process dies mid-rollout (its server goes with it); Ray restarts
+        # the actor, which starts the server again on the same URL from the latest pushed weights (v3)
+        actor_victim = ray.get(student.actor_pid.remote())
+        killed.clear()
+        killer = threading.Thread(target=_kill_when_busy, args=(rt, actor_victim, killed), daemon=True)
+        samples, actor_s = _step(rt, before_generate=killer.start, before_score=check_rollout)
+        assert killed.is_set(), "the engine actor was not killed mid-step"
+        _check_exactly_once(samples, 3)
+        assert ray.get(student.actor_pid.remote()) != actor_victim
+        assert checked["versions"] == {3} and checked["max_logprob_gap"] < 1e-3, checked
+        assert ray.get(student.status.remote())["served_version"] == "3"
+        # every student engine, restarted or not, reports the latest pushed version
+        assert _engine_versions(rt.student_engines.urls) == [str(rt.weight_version)] == ["4"]
     finally:
         rt.close()
     fault_report.append({"case": "student engine (only one) SIGKILLed mid-rollout",
                          "outcome": f"step finished; engine restarted from weights v1; {rt.rollout.failovers} "
                                     f"requests re-sent; 0 lost/duplicated",
                          "baseline_s": baseline_s, "fault_s": student_s, "seconds_lost": student_s - baseline_s})
+    fault_report.append({"case": "student engine's Ray actor process SIGKILLed mid-rollout",
+                         "outcome": "Ray restarted the actor; server back on the same URL with weights v3; "
+                                    "step finished; 0 lost/duplicated",
+                         "baseline_s": baseline_s, "fault_s": actor_s, "seconds_lost": actor_s - baseline_s})
     fault_report.append({"case": "teacher replica (only one) SIGKILLed before scoring",
                          "outcome": "step finished; replica restarted; same scores; 0 lost/duplicated",
                          "baseline_s": baseline_s, "fault_s": teacher_s, "seconds_lost": teacher_s - baseline_s})
