@@ -181,6 +181,22 @@ def _check_traversable(path: str) -> None:
         path = os.path.dirname(path)
 
 
+def _check_interpreter() -> None:
+    """Without a mount namespace the sandbox runs the host's interpreter by its path: refuse to start
+    (saying what to do) when the sandbox uid could not execute it, instead of scoring every task 0."""
+    for path in {os.path.realpath(sys.executable), os.path.realpath(sys.prefix)}:
+        parent = os.path.dirname(path)
+        while parent != "/":
+            if not os.stat(parent).st_mode & 0o001:
+                raise SandboxError(
+                    f"sandbox: the interpreter {path!r} is under {parent!r} (mode "
+                    f"{oct(os.stat(parent).st_mode & 0o777)}), which sandbox uids cannot enter, and this "
+                    "host has no mount namespace to expose it; use a Python installed under "
+                    "world-searchable directories (e.g. /usr/bin/python3, or a venv under /opt)"
+                )
+            parent = os.path.dirname(parent)
+
+
 class LocalSandboxBackend:
     """Creates confined local sandboxes. ``isolation`` is the detected (and enforced) mechanism set."""
 
@@ -204,6 +220,8 @@ class LocalSandboxBackend:
                 )
         if self.isolation.setuid:
             _check_traversable(self.base_dir)
+            if not self.isolation.fs_readonly:  # no mount namespace: no /run/mopd/python either
+                _check_interpreter()
         self.python = python_spec()
         sweep_stale(self.base_dir)
 

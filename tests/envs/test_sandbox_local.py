@@ -247,3 +247,22 @@ async def test_agent_death_mid_command_leaves_nothing(backend):
             assert uid_pids(sb.info["uid"]) == []
     finally:
         await sb.close()
+
+
+def test_without_mount_namespace_an_unreachable_interpreter_is_refused(sandbox_base, monkeypatch):
+    """On a host with a uid switch but no mount namespace (simulated by the detection result), a
+    venv the sandbox uid cannot reach is refused at start-up with what to do, not scored 0 later."""
+    import dataclasses
+
+    import envs.sandbox.local as local
+
+    iso = dataclasses.replace(local.detect(), fs_readonly=False, setuid=True)
+    monkeypatch.setattr(local, "detect", lambda: iso)
+    private = tempfile.mkdtemp(prefix="mopd-0700-")
+    os.makedirs(os.path.join(private, "bin"))
+    monkeypatch.setattr(sys, "executable", os.path.join(private, "bin", "python3"))
+    try:
+        with pytest.raises(SandboxError, match="cannot enter"):
+            local.LocalSandboxBackend(SandboxConfig(base_dir=sandbox_base))
+    finally:
+        shutil.rmtree(private)
