@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -95,7 +96,9 @@ def outside():
     os.makedirs(OUTSIDE, exist_ok=True)
     before = sorted(os.listdir(OUTSIDE))
     yield
-    assert sorted(os.listdir(OUTSIDE)) == before, "the evaluation wrote through a planted symlink"
+    after = sorted(os.listdir(OUTSIDE))
+    shutil.rmtree(OUTSIDE, ignore_errors=True)
+    assert after == before, "the evaluation wrote through a planted symlink"
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
@@ -165,8 +168,6 @@ def test_pool_limits_are_checked_when_the_toolbox_is_built(spec, field):
 
 async def test_timeout_whose_recovery_fails_is_still_an_observation(toolbox, task, tmp_path):
     """The task's snapshot is gone when a timed-out call is recovered: step() still answers."""
-    import shutil
-
     snapshot = tmp_path / "snapshot"
     shutil.copytree(task["snapshot"], snapshot)
     tm = ToolManager(toolbox, call_timeout_s=60)
