@@ -192,6 +192,7 @@ class Checker:
             rebuilt = [None if r is None else [list(t) for t in r] for r in rebuilt]
             if rebuilt != [None if r is None else [list(e) for e in r] for r in rows]:
                 out["errors"].append(f"{key}: SGLang's rows differ from the server's")
+            values[key] = [None if r is None else [[float(t[0]), int(t[1])] for t in r] for r in rebuilt]
             out["checked"].append(f"TokenizerManager.detokenize_top_logprobs_tokens({key})")
         experts = meta.get("routed_experts")
         if experts is not None and num_layers and top_k:

@@ -306,6 +306,10 @@ def test_responses_through_sglang_post_processing(report: dict[str, Any]) -> Non
             assert mopd.output_logprobs == view["output_token_logprobs"]
         if "input_token_logprobs" in view:
             assert mopd.input_logprobs == view["input_token_logprobs"]
+        for key, parsed in (("input_top_logprobs", mopd.input_top_logprobs),
+                            ("output_top_logprobs", mopd.output_top_logprobs)):
+            if key in view:
+                assert parsed == [None if row is None else [(lp, tid) for lp, tid in row] for row in view[key]], key
         if "routed_experts" in view:
             assert mopd.routed_experts is not None
             assert np.array_equal(mopd.routed_experts, np.asarray(view["routed_experts"], dtype=np.int32))
