@@ -31,7 +31,7 @@ def server(moe_model: Path) -> Iterator[Any]:
 
 @pytest.fixture(scope="module")
 def proxy(server: Any) -> Iterator[RecordingProxy]:
-    rec = RecordingProxy(server.url)
+    rec = RecordingProxy(server.url, model_path=server.model_path)
     rec.start()
     try:
         yield rec

@@ -51,6 +51,7 @@ class RecordingProxy:
     """An aiohttp reverse proxy on 127.0.0.1 in its own thread (blocking urllib callers must not stall it)."""
 
     target: str
+    model_path: Path | None = None  # the served checkpoint (its config gives the routed-experts shape)
     mode: str = "unset"
     records: list[Record] = field(default_factory=list)
     url: str = ""

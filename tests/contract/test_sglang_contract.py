@@ -13,6 +13,7 @@ of its time (20-60 s on a 2-core machine). Skipped without .venv-sglang, except 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import os
@@ -332,3 +333,29 @@ def test_local_server_input_logprobs_match_sglang(report: dict[str, Any]) -> Non
     bad = [{k: r[k] for k in ("mode", "logprob_start_len", "sglang", "server")} for r in rows
            if not r["equal"] or r.get("top_equal") is False]
     assert rows and not bad, json.dumps(bad[:2])
+
+
+def test_routed_experts_rows_follow_sglang(recorded: tuple[RecordingProxy, dict[str, Any]]) -> None:
+    """Rows per answer as SGLang 0.5.23 counts them (BatchResultProcessor._maybe_collect_routed_experts:
+    seqlen - 1 - routed_experts_start_len, seqlen = the request's whole sequence, a session's earlier context
+    included (SessionController concatenates it into origin_input_ids) plus the output)."""
+    proxy, _ = recorded
+    config = AutoConfig.from_pretrained(str(proxy.model_path))
+    context: dict[str, int] = {}
+    checked = 0
+    for r in proxy.records:
+        if r.path != "/generate" or r.status != 200 or not isinstance(r.response, dict):
+            continue
+        body, meta = r.body, r.response["meta_info"]
+        sid = (body.get("session_params") or {}).get("id")
+        seqlen = context.get(sid, 0) + len(body["input_ids"]) + len(r.response["output_ids"])
+        if sid:
+            context[sid] = seqlen
+        if not body.get("return_routed_experts"):
+            continue
+        rows = len(base64.b64decode(meta["routed_experts"])) // 4 // (
+            config.num_hidden_layers * config.num_experts_per_tok)
+        expected = max(0, seqlen - 1 - body.get("routed_experts_start_len", 0))
+        assert rows == expected, f"{r.mode}: {rows} rows, SGLang sends {expected} for {body!r:.300}"
+        checked += 1
+    assert checked >= 5
