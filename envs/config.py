@@ -12,6 +12,8 @@ SANDBOX_BACKENDS = ("local", "kubernetes")
 ISOLATION_MODES = ("auto", "strict", "none")
 
 
+MAX_CALL_TIMEOUT_S = 3600.0  # the sandbox agent's ceiling for one call (backends pass it as --max-timeout)
+
 @dataclass
 class SandboxConfig:
     backend: str = "local"  # local process | kubernetes pod
@@ -59,8 +61,8 @@ class SandboxConfig:
                 raise ConfigError(f"{prefix}.{name}", "an integer >= 1", value)
         for name in ("wall_timeout_s", "ready_timeout_s"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf:
-                raise ConfigError(f"{prefix}.{name}", "a number of seconds > 0", getattr(self, name))
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value <= MAX_CALL_TIMEOUT_S:
+                raise ConfigError(f"{prefix}.{name}", f"a number of seconds in (0, {MAX_CALL_TIMEOUT_S:g}]", value)
         if self.warm_pool_size < 0:
             raise ConfigError(f"{prefix}.warm_pool_size", "an integer >= 0", self.warm_pool_size)
         if self.agent_port > 65535:

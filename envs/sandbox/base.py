@@ -12,6 +12,7 @@ import tarfile
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
+from envs.config import MAX_CALL_TIMEOUT_S
 from envs.sandbox.client import AgentClient
 
 
@@ -75,6 +76,10 @@ class Sandbox:
     ) -> ExecResult:
         body: dict[str, Any] = {"command": command}
         if timeout is not None:
+            if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not (
+                0 < timeout <= MAX_CALL_TIMEOUT_S
+            ):  # also refuses NaN, which would switch the HTTP timeout below off
+                raise ValueError(f"timeout must be a number of seconds in (0, {MAX_CALL_TIMEOUT_S:g}], got {timeout!r}")
             body["timeout"] = timeout
         if max_output is not None:
             body["max_output"] = max_output

@@ -24,7 +24,7 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait
 from urllib3.exceptions import HTTPError as Urllib3Error
 
 from envs.config import SandboxConfig
-from envs.sandbox.base import Sandbox
+from envs.sandbox.base import MAX_CALL_TIMEOUT_S, Sandbox
 from envs.sandbox.client import AgentClient, SandboxError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -121,6 +121,8 @@ def pod_manifest(
             str(cfg.max_output_bytes),
             "--default-timeout",
             str(cfg.wall_timeout_s),
+            "--max-timeout",
+            str(MAX_CALL_TIMEOUT_S),
             "--rlimits",
             rlimits,
         ],

@@ -29,7 +29,7 @@ from typing import Any
 
 from envs.config import SandboxConfig
 from envs.sandbox.agent import kill_uid
-from envs.sandbox.base import Sandbox
+from envs.sandbox.base import MAX_CALL_TIMEOUT_S, Sandbox
 from envs.sandbox.client import AgentClient, SandboxError
 from envs.sandbox.isolation import Isolation, detect
 from envs.sandbox.jail import RUN
@@ -352,6 +352,8 @@ class LocalSandboxBackend:
                 str(self.config.max_output_bytes),
                 "--default-timeout",
                 str(self.config.wall_timeout_s),
+                "--max-timeout",
+                str(MAX_CALL_TIMEOUT_S),
                 "--jail",
                 json.dumps(spec),
                 "--parent-pid",

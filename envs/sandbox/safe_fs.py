@@ -117,6 +117,8 @@ def read_file(root: str, path: object, limit: int) -> bytes:
         except OSError as exc:
             if exc.errno == errno.ELOOP:
                 raise Refused(403, f"{path!r} is a symlink (links are not followed)") from None
+            if exc.errno == errno.ENXIO:  # a unix socket (or a FIFO without a writer on some kernels)
+                raise Refused(400, f"{path!r} is not a regular file (FIFOs, sockets and devices are refused)") from None
             raise
         try:
             st = os.fstat(fd)
@@ -153,7 +155,11 @@ def write_file(root: str, path: object, data: bytes, mode: int, owner: tuple[int
         if old is not None and stat.S_ISDIR(old.st_mode):
             raise Refused(400, f"{path!r} is a directory")
         tmp = TMP_PREFIX + secrets.token_hex(8)
-        fd = os.open(tmp, _TMP_FLAGS, 0o600, dir_fd=dfd)
+        try:
+            fd = os.open(tmp, _TMP_FLAGS, 0o600, dir_fd=dfd)
+        except OSError as exc:
+            _refuse_if_full(exc, path)
+            raise
         try:
             try:
                 view = memoryview(data)
@@ -165,10 +171,18 @@ def write_file(root: str, path: object, data: bytes, mode: int, owner: tuple[int
             finally:
                 os.close(fd)
             os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
-        except BaseException:
+        except BaseException as exc:
             with contextlib.suppress(OSError):
                 os.unlink(tmp, dir_fd=dfd)
+            if isinstance(exc, OSError):
+                _refuse_if_full(exc, path)
             raise
+
+
+def _refuse_if_full(exc: OSError, path: object) -> None:
+    """A full disk quota is the sandbox's own doing: 507, as WebDAV's Insufficient Storage."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        raise Refused(507, f"cannot write {path!r}: the sandbox's disk quota is full (no space left on device)") from None
 
 
 def make_dirs(root: str, path: object, owner: tuple[int, int] | None) -> str:

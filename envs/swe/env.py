@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from envs.base import StepResult
+from envs.config import MAX_CALL_TIMEOUT_S
 from envs.sandbox.base import Sandbox
 from envs.sandbox.client import SandboxError
 from envs.swe.task import SWETask
@@ -143,10 +144,10 @@ class SWEEnv:
             isinstance(command_timeout, bool)
             or not isinstance(command_timeout, (int, float))
             or not math.isfinite(command_timeout)
-            or command_timeout <= 0
+            or not 0 < command_timeout <= MAX_CALL_TIMEOUT_S
         ):
             raise ValueError(
-                f"command_timeout must be a finite number of seconds > 0, got {command_timeout!r}"
+                f"command_timeout must be a number of seconds in (0, {MAX_CALL_TIMEOUT_S:g}], got {command_timeout!r}"
             )
         for name, value in (("max_output", max_output), ("max_file_bytes", max_file_bytes)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

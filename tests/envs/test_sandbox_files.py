@@ -129,3 +129,17 @@ async def test_exec_limits_cannot_be_switched_off(sandbox, body, field):
     with pytest.raises(SandboxError) as err:
         await sandbox.client.call("/exec", body)
     assert err.value.status == 400 and field in str(err.value)
+
+
+@pytest.mark.parametrize("timeout", [float("nan"), float("inf"), 0, -1, 3601, True])
+async def test_client_side_exec_refuses_timeouts_that_would_switch_a_limit_off(sandbox, timeout):
+    with pytest.raises(ValueError, match="timeout"):
+        await sandbox.exec("true", timeout=timeout)
+
+
+def test_swe_env_command_timeout_within_the_agent_ceiling():
+    from envs.config import MAX_CALL_TIMEOUT_S
+    from envs.swe.env import SWEEnv
+
+    with pytest.raises(ValueError, match="command_timeout"):
+        SWEEnv(lambda: None, command_timeout=MAX_CALL_TIMEOUT_S + 1)
