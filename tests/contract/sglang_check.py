@@ -84,14 +84,13 @@ class Checker:
         assert spec is not None and spec.origin, "sglang.srt.entrypoints.http_server not found"
         self.routes = route_classes(Path(spec.origin).read_text())
         self._adapters: dict[type, Any] = {}
+        self.tokenizer: Any = None  # the served model's tokenizer, as the TokenizerManager holds it (None: skip init)
 
     def adapter(self, cls: type) -> Any:
         """FastAPI parses a body into the handler's class with pydantic; the same adapter is used here."""
         if cls not in self._adapters:
             self._adapters[cls] = self.pydantic.TypeAdapter(cls)
         return self._adapters[cls]
-
-    tokenizer: Any = None  # the served model's tokenizer, as SGLang's TokenizerManager holds it (None: skip_tokenizer_init)
 
     def check_request(self, method: str, path: str, body: Any, vocab_size: int) -> dict[str, Any]:
         """One body: unknown keys, construction by SGLang's own parser, /generate normalisation + sampling checks."""
@@ -141,9 +140,16 @@ class Checker:
             out["errors"].append(f"SamplingParams: {e!r}")
         session = body.get("session_params")
         if session is not None:
-            known = set(class_fields(self.io.SessionParams)) if hasattr(self.io, "SessionParams") else set()
-            if known and set(session) - known:
-                out["unknown_keys"] += [f"session_params.{k}" for k in sorted(set(session) - known)]
+            cls = getattr(self.io, "SessionParams", None)
+            if cls is None:
+                out["errors"].append(f"SGLang {self.version} has no io_struct.SessionParams for session_params")
+                return
+            known = set(class_fields(cls))
+            out["unknown_keys"] += [f"session_params.{k}" for k in sorted(set(session) - known)]
+            try:
+                cls(**{k: v for k, v in session.items() if k in known})  # as the tokenizer manager builds it
+            except Exception as e:  # noqa: BLE001
+                out["errors"].append(f"SessionParams: {e!r}")
 
     # --- responses ------------------------------------------------------------------------------
     def check_response(self, request: dict[str, Any], response: dict[str, Any], num_layers: int | None,
