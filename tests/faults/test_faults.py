@@ -161,7 +161,9 @@ def test_student_engine_and_teacher_replica_killed_mid_step(toy_dir, tmp_path, f
         _check_exactly_once(samples, 3)
         assert ray.get(student.actor_pid.remote()) != actor_victim
         assert checked["versions"] == {3} and checked["max_logprob_gap"] < 1e-3, checked
-        assert ray.get(student.status.remote())["served_version"] == "3"
+        # v3, or v4 when the old server (SIGTERMed with its actor) finished the requests and the new one
+        # started only after the step's push: either way the latest weights at its start
+        assert ray.get(student.status.remote())["served_version"] in ("3", "4")
         # every student engine, restarted or not, reports the latest pushed version
         assert _engine_versions(rt.student_engines.urls) == [str(rt.weight_version)] == ["4"]
     finally:
@@ -186,21 +188,24 @@ def _metrics(run_dir: Path) -> list[dict]:
 def test_trainer_rank_killed_mid_step_stops_clearly_and_resume_continues_exactly(toy_dir, tmp_path,
                                                                                   fault_report):
     run_dir = tmp_path / "run"
-    job, cfg = _job(run_dir, toy_dir, "num_steps=3", "save_interval=1")
+    steps = 4
+    job, cfg = _job(run_dir, toy_dir, f"num_steps={steps}", "save_interval=1")
     killed: dict[str, Any] = {}
 
-    def kill_trainer_in_step_1() -> None:
-        marker = run_dir / "checkpoints" / "step_1" / "driver.json"  # step 0 done and saved
+    def kill_trainer_after_the_first_checkpoint() -> None:
         deadline = time.monotonic() + 300
+        pids: list[int] = []
+        while not pids and time.monotonic() < deadline:  # the rank's process, found before it is needed
+            pids = descendant_pids("TrainerActor")
+            time.sleep(0.1)
+        marker = run_dir / "checkpoints" / "step_1" / "driver.json"  # step 0 done and saved: step 1 starts
         while not marker.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(0.3)  # step 1 is generating now
-        pids = descendant_pids("TrainerActor")
+            time.sleep(0.005)
         killed["pids"], killed["at"] = pids, time.perf_counter()
         for pid in pids:
             os.kill(pid, signal.SIGKILL)
 
-    killer = threading.Thread(target=kill_trainer_in_step_1, daemon=True)
+    killer = threading.Thread(target=kill_trainer_after_the_first_checkpoint, daemon=True)
     killer.start()
     start = time.perf_counter()
     with pytest.raises(Exception) as info:
@@ -210,28 +215,32 @@ def test_trainer_rank_killed_mid_step_stops_clearly_and_resume_continues_exactly
     assert killed.get("pids"), "no trainer rank found to kill"
     message = f"{type(info.value).__name__}: {info.value}"
     assert "TrainerActor" in message and ("died" in message or "dead" in message), message[:2000]
-    assert [m["step"] for m in _metrics(run_dir)] == [0]
+    done_before = [m["step"] for m in _metrics(run_dir)]
+    assert done_before == list(range(len(done_before))) and 1 <= len(done_before) < steps
 
-    resume_job, resume_cfg = _job(run_dir, toy_dir, "num_steps=3", "save_interval=1", "resume=true")
+    resume_job, resume_cfg = _job(run_dir, toy_dir, f"num_steps={steps}", "save_interval=1", "resume=true")
     resumed_at = time.perf_counter()
     train_lib.run(resume_job, resume_cfg)
     done = time.perf_counter()
     metrics = _metrics(run_dir)
-    assert [m["step"] for m in metrics] == [0, 1, 2]  # no step skipped or repeated
-    positions = Counter()
-    for step in range(3):
+    assert [m["step"] for m in metrics] == list(range(steps))  # no step skipped or repeated
+    positions: Counter = Counter()
+    for step in range(steps):
         rows = [json.loads(line) for line in (run_dir / "samples" / f"step_{step}.jsonl").read_text().splitlines()]
         positions.update(r["prompt_index"] for r in rows)
-    assert sorted(positions) == list(range(3 * PROMPTS)) and set(positions.values()) == {PER_PROMPT}
-    assert metrics[-1]["rollout/weight_version"] == 3
+    assert sorted(positions) == list(range(steps * PROMPTS)) and set(positions.values()) == {PER_PROMPT}
+    assert metrics[-1]["rollout/weight_version"] == steps
     step_s = float(np.mean([m["time/step_s"] for m in metrics]))
+    redone = steps - len(done_before)
+    lost = (failed_at - killed["at"]) + (done - resumed_at) - redone * step_s
     fault_report.append({
         "case": "trainer rank SIGKILLed mid-step (run stops, then resume=true)",
-        "outcome": f"run stopped in {failed_at - killed['at']:.1f}s with {type(info.value).__name__} naming "
-                   "TrainerActor; resume redid step 1 from checkpoint step_1: steps 0,1,2 once, prompts once",
-        "baseline_s": step_s, "fault_s": (failed_at - killed["at"]) + (done - resumed_at) - 2 * step_s,
-        "seconds_lost": (failed_at - killed["at"]) + (done - resumed_at) - 2 * step_s,
-        "note": f"first run {failed_at - start:.0f}s; resume incl. start-up {done - resumed_at:.0f}s"})
+        "outcome": f"run stopped {failed_at - killed['at']:.1f}s after the kill with {type(info.value).__name__} "
+                   f"naming TrainerActor; resume from checkpoint step_{len(done_before)}: steps 0-{steps - 1} "
+                   "logged once, every prompt once",
+        "baseline_s": step_s, "fault_s": step_s + lost, "seconds_lost": lost,
+        "note": f"lost = time to fail + resume (start-up {done - resumed_at:.0f}s incl. {redone} steps) - "
+                f"those steps' normal time; first run {failed_at - start:.0f}s"})
 
 
 def test_toolbox_worker_and_sandbox_killed_mid_episode(fault_report):
