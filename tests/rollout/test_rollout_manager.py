@@ -298,6 +298,27 @@ def _wait_restarted(actor, restarts: int, timeout: float = 180) -> dict:
     raise AssertionError(f"engine not restarted within {timeout}s: {status}")
 
 
+def test_a_push_while_an_engine_is_dead_completes_and_the_engine_returns_with_it(engines, model_dir, tmp_path):
+    """Disk mode: the pushed directory is recorded before the engines are told; a dead one restarts from it."""
+    from rollout.engines import latest_pushed_weights
+    from trainer.config import TrainerConfig
+    from trainer.hf_io import load_hf_state
+    from trainer.weight_sync import push_recoverable
+
+    weights = load_hf_state(create_tiny_model(tmp_path / "w", build_char_tokenizer(), arch="qwen3_moe", seed=11))
+    cfg = TrainerConfig(weight_sync="disk", weight_sync_dir=str(tmp_path / "sync"), weight_sync_timeout_s=120)
+    restarts = ray.get(engines.actors[0].status.remote())["restarts"]
+    os.kill(ray.get(engines.actors[0].pid.remote()), signal.SIGKILL)
+    push_recoverable(weights, engines.urls, 7, cfg, model_dir)  # must not raise although engine 0 is down
+    assert latest_pushed_weights(engines.urls[0]) == (str(tmp_path / "sync" / "v7"), "7")
+    _wait_restarted(engines.actors[0], restarts + 1)
+    async def version(url: str) -> str:
+        async with EngineClient(url) as client:
+            return await client.weight_version()
+
+    assert [asyncio.run(version(u)) for u in engines.urls] == ["7", "7"]
+
+
 def test_a_killed_engine_restarts_by_itself_with_the_latest_pushed_weights(engines, model_dir, tmp_path):
     """Runs last in this module: it changes the engines' weights."""
     from trainer.config import TrainerConfig
