@@ -25,11 +25,6 @@ def _gpu_skip_reason() -> str | None:
     return None
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    # Also to be listed in pyproject's [tool.pytest.ini_options] markers (the lead's file): `-m "not gpu"` works.
-    config.addinivalue_line("markers", "gpu: needs a CUDA GPU and sglang (tests/gpu; skipped without them)")
-
-
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     reason = _gpu_skip_reason()
     here = Path(__file__).parent
