@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from aiohttp import web
 
+from rollout import hf_server_speculative as speculative
 from rollout import hf_server_validation as check
 from rollout.hf_server_engine import ModelRunner
 from rollout.hf_server_scheduler import (
@@ -127,8 +128,10 @@ class HFServer:
         return app
 
     async def _on_startup(self, _app: web.Application) -> None:
+        k = speculative.num_steps(self.args)
         self.scheduler = Scheduler(self.runner, max_batch_size=self.args.max_batch_size,
-                                   max_context_len=self.args.max_context_len)
+                                   max_context_len=self.args.max_context_len,
+                                   speculative=speculative.SpeculativeDecoder(self.runner, k) if k else None)
         self.sched.start()
 
     async def _on_cleanup(self, _app: web.Application) -> None:
@@ -184,7 +187,7 @@ class HFServer:
         meta: dict[str, Any] = {
             "id": req.rid, "finish_reason": finish, "prompt_tokens": req.prompt_len,
             "completion_tokens": len(req.output_ids), "cached_tokens": req.cached_tokens,
-            "weight_version": self.weight_version,
+            "weight_version": self.weight_version, **speculative.spec_meta(req),
         }
         if req.return_logprob:
             meta["output_token_logprobs"] = logprob_entries(req.output_logprobs, req.output_ids)
@@ -357,6 +360,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--weight-version", default="default")
+    speculative.add_args(p)
     p.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
                    help="largest request body accepted (HTTP 413 beyond); weight updates by tensor count")
     return p.parse_args(argv)
@@ -366,6 +370,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.max_request_bytes <= 0:
         raise SystemExit("--max-request-bytes must be > 0")
+    speculative.num_steps(args)  # bad speculative flags fail before the model loads
     torch.set_num_threads(args.num_threads)
     server = HFServer(args)
     # aiohttp's run_app turns SIGINT/SIGTERM into a clean shutdown (on_cleanup aborts requests).

@@ -21,6 +21,7 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from rollout.hf_server_validation import read_checkpoint
+from rollout.mtp import MTP_PREFIX, MTPHead
 
 _EXPERT_NAME = re.compile(r"^(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 _LAYER_NAME = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -34,6 +35,7 @@ class StepInput:
     new_ids: list[int]
     want_prompt_logits: bool = False  # keep log-softmax rows of all fed positions (prompt logprobs)
     temperature: float = 1.0
+    want_logits: bool = False  # keep the raw logits of every fed position (speculative verification)
 
 
 @dataclass
@@ -43,6 +45,8 @@ class StepOutput:
     last_logits: torch.Tensor  # [vocab] raw logits at the last fed position (float32)
     fed_logprobs: torch.Tensor | None  # [n_new, vocab] log softmax per fed position (prompt logprobs)
     routing: np.ndarray | None  # int32 [n_new, num_layers, top_k]
+    logits: torch.Tensor | None = None  # [n_new, vocab] raw logits per fed position (want_logits)
+    hidden: torch.Tensor | None = None  # [n_new, hidden] pre-final-norm hidden states (models with MTP)
 
 
 @dataclass
@@ -54,7 +58,9 @@ class ModelRunner:
     top_k: int
     capture_routing: bool
     forward_steps: int = 0
+    mtp: MTPHead | None = None  # MiMo-V2-Flash's MTP layers (`model.mtp.*`), the speculative draft
     _captured: dict[int, torch.Tensor] = field(default_factory=dict)
+    _hidden: list[torch.Tensor] = field(default_factory=list)
 
     @classmethod
     def load(cls, path: str, *, device: str = "cpu", dtype: str = "float32", capture_routing: bool = False
@@ -69,7 +75,17 @@ class ModelRunner:
             raise ValueError("--enable-return-routed-experts needs an MoE model (config has no num_experts_per_tok)")
         if runner.capture_routing:
             runner._install_router_hooks()
+        if getattr(cfg, "model_type", "") == "mimo_v2_flash":
+            runner.mtp = MTPHead.from_state(cfg, _mtp_tensors(path), dtype=getattr(torch, dtype))
+            if runner.mtp is not None:
+                runner.mtp.to(device)
+                model.model.norm.register_forward_pre_hook(lambda _m, args: runner._hidden.append(args[0]))
         return runner
+
+    @property
+    def sliding(self) -> bool:
+        """Sliding-window layers: masks are built here from positions (see `_masks`), caches keep every key."""
+        return "sliding_attention" in (getattr(self.model.config, "layer_types", None) or ())
 
     def _install_router_hooks(self) -> None:
         """Hook every router: transformers 5 routers return (logits, scores, top-k indices)."""
@@ -108,16 +124,17 @@ class ModelRunner:
             pos[i, q - n:] = torch.arange(x.kv_len, x.kv_len + n)
             mask[i, past - x.kv_len:past] = 1
             mask[i, past + q - n:] = 1
-        cache = DynamicCache(config=self.model.config)
+        # transformers' sliding layers would crop the cache; per-request caches are sliced below instead
+        cache = DynamicCache() if self.sliding else DynamicCache(config=self.model.config)
         if past > 0:
             cached = next(y for y in inputs if y.kv is not None)
             for layer in range(self.num_layers):
                 ks, vs = [], []
-                ref = cached.kv[layer][0]
+                ref, vref = cached.kv[layer]
                 for x in inputs:
                     pad = past - x.kv_len
                     k = torch.zeros(ref.shape[0], past, ref.shape[2], dtype=ref.dtype, device=dev)
-                    v = torch.zeros_like(k)
+                    v = torch.zeros(vref.shape[0], past, vref.shape[2], dtype=vref.dtype, device=dev)  # v_head_dim
                     if x.kv_len:
                         k[:, pad:] = x.kv[layer][0]
                         v[:, pad:] = x.kv[layer][1]
@@ -125,10 +142,13 @@ class ModelRunner:
                     vs.append(v)
                 cache.update(torch.stack(ks), torch.stack(vs), layer)
         self._captured.clear()
-        out = self.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
+        self._hidden.clear()
+        attn: Any = self._masks(inputs, past, q) if self.sliding else mask.to(dev)
+        out = self.model(input_ids=ids.to(dev), attention_mask=attn, position_ids=pos.to(dev),
                          past_key_values=cache, use_cache=True)
         self.forward_steps += 1
         logits = out.logits.float()
+        hidden = self._hidden[-1] if self._hidden else None
         results = []
         for i, x in enumerate(inputs):
             n = len(x.new_ids)
@@ -143,8 +163,38 @@ class ModelRunner:
             last = logits[i, -1].cpu()  # sampling runs on CPU (per-request CPU generators)
             fed = _log_softmax(logits[i, q - n:], x.temperature).cpu() if x.want_prompt_logits else None
             results.append(StepOutput(kv=kv, last_logprobs=_log_softmax(last, x.temperature), last_logits=last,
-                                      fed_logprobs=fed, routing=self._routing_rows(i, b, q, n)))
+                                      fed_logprobs=fed, routing=self._routing_rows(i, b, q, n),
+                                      logits=logits[i, q - n:].cpu() if x.want_logits else None,
+                                      hidden=hidden[i, q - n:] if hidden is not None else None))
         return results
+
+    def _masks(self, inputs: list[StepInput], past: int, q: int) -> dict[str, torch.Tensor]:
+        """Additive [b, 1, q, past+q] masks per layer type from each request's real positions.
+
+        transformers' own sliding-window mask measures distance in key slots, which the padded layout
+        ([pad | cache_i | pad | new_i]) stretches for a request feeding fewer tokens than the widest;
+        positions make the window exact in any batch. A padding query sees itself only (no empty row).
+        """
+        b = len(inputs)
+        kpos = torch.full((b, past + q), -1, dtype=torch.long)
+        qpos = torch.full((b, q), -1, dtype=torch.long)
+        for i, x in enumerate(inputs):
+            n = len(x.new_ids)
+            kpos[i, past - x.kv_len:past] = torch.arange(x.kv_len)
+            kpos[i, past + q - n:] = torch.arange(x.kv_len, x.kv_len + n)
+            qpos[i, q - n:] = torch.arange(x.kv_len, x.kv_len + n)
+        qq, kk = qpos[:, :, None], kpos[:, None, :]
+        causal = (kk >= 0) & (qq >= 0) & (kk <= qq)
+        self_slot = torch.zeros(q, past + q, dtype=torch.bool)
+        self_slot[torch.arange(q), past + torch.arange(q)] = True
+        window = int(self.model.config.sliding_window)
+        dtype = next(self.model.parameters()).dtype
+        out = {}
+        for kind, allowed in (("full_attention", causal), ("sliding_attention", causal & (qq - kk < window))):
+            allowed = allowed | (self_slot[None] & (qq < 0))
+            out[kind] = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, float("-inf"))[:, None].to(
+                self.device)
+        return out
 
     def _routing_rows(self, i: int, b: int, q: int, n: int) -> np.ndarray | None:
         if not self.capture_routing:
@@ -164,7 +214,7 @@ class ModelRunner:
         in range, shapes, a floating dtype for a floating parameter, finite values, and for a full
         checkpoint no missing names), so a rejected update leaves every weight as it was.
         """
-        params = dict(self.model.named_parameters())
+        params = self._all_parameters()
         params.update(dict(self.model.named_buffers()))
         plan: list[tuple[torch.Tensor, torch.Tensor]] = []
         covered: set[str] = set()
@@ -190,16 +240,26 @@ class ModelRunner:
             raise ValueError(f"unknown tensor name(s) for this model: {sorted(unknown)[:8]}")
         if require_all:
             tied = {"lm_head.weight"} if getattr(self.model.config, "tie_word_embeddings", False) else set()
-            missing = sorted(set(dict(self.model.named_parameters())) - covered - tied)
+            missing = sorted(set(self._all_parameters()) - covered - tied)
             if missing:
                 raise ValueError(f"checkpoint is missing tensor(s): {missing[:8]}")
         for view, tensor in plan:
             view.copy_(tensor)
         return len(plan)
 
+    def _all_parameters(self) -> dict[str, torch.Tensor]:
+        """The model's parameters plus the MTP layers' under their checkpoint names (`model.mtp.layers.*`)."""
+        params = dict(self.model.named_parameters())
+        if self.mtp is not None:
+            params.update(self.mtp.hf_parameters())
+        return params
+
     def _target(self, params: dict[str, torch.Tensor], name: str) -> tuple[str, torch.Tensor] | None:
         if name in params:
             return name, params[name]
+        if name.endswith(".self_attn.attention_sink_bias"):  # MiMo's checkpoint name of transformers' `sinks`
+            sinks = name[:-len("attention_sink_bias")] + "sinks"
+            return (sinks, params[sinks]) if sinks in params else None
         m = _EXPERT_NAME.match(name)
         if m is None:
             return None
@@ -225,6 +285,22 @@ class ModelRunner:
         return int(self.model.get_input_embeddings().num_embeddings)
 
 
+def _mtp_tensors(path: str) -> dict[str, torch.Tensor]:
+    """Only the `model.mtp.*` tensors of a checkpoint directory (transformers does not load them)."""
+    import glob
+    import os
+
+    from safetensors import safe_open
+
+    out: dict[str, torch.Tensor] = {}
+    for file in sorted(glob.glob(os.path.join(glob.escape(path), "*.safetensors"))):
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():
+                if name.startswith(MTP_PREFIX):
+                    out[name] = f.get_tensor(name)
+    return out
+
+
 def _log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """SGLang's logprobs: log softmax(logits / T); T = 0 (greedy) uses the plain distribution."""
     if temperature > 0 and temperature != 1.0:
@@ -232,15 +308,15 @@ def _log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return torch.log_softmax(logits, dim=-1)
 
 
-def sample_token(logits: torch.Tensor, *, temperature: float, top_p: float, top_k: int,
-                 generator: torch.Generator | None, banned: list[int]) -> int:
-    """Greedy at T=0, else top-k/top-p truncated sampling; `banned` enforces min_new_tokens."""
+def sampling_probs(logits: torch.Tensor, *, temperature: float, top_p: float, top_k: int, banned: list[int]
+                   ) -> torch.Tensor:
+    """The distribution a request samples from at T > 0: softmax(logits/T), top-k, then top-p, renormalised.
+
+    Speculative verification accepts drafts against exactly this distribution."""
     logits = logits.clone()
     banned = [t for t in banned if 0 <= t < logits.numel()]  # eos ids of a config may lie past the logits
     if banned:
         logits[banned] = float("-inf")
-    if temperature <= 0:
-        return int(torch.argmax(logits))
     probs = torch.softmax(logits / temperature, dim=-1)
     if 0 < top_k < probs.numel():
         kth = torch.topk(probs, top_k).values[-1]
@@ -251,4 +327,17 @@ def sample_token(logits: torch.Tensor, *, temperature: float, top_p: float, top_
         drop = cum - sorted_p > top_p
         sorted_p[drop] = 0
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
-    return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
+    return probs / probs.sum()
+
+
+def sample_token(logits: torch.Tensor, *, temperature: float, top_p: float, top_k: int,
+                 generator: torch.Generator | None, banned: list[int]) -> int:
+    """Greedy at T=0, else top-k/top-p truncated sampling; `banned` enforces min_new_tokens."""
+    if temperature <= 0:
+        logits = logits.clone()
+        banned = [t for t in banned if 0 <= t < logits.numel()]
+        if banned:
+            logits[banned] = float("-inf")
+        return int(torch.argmax(logits))
+    probs = sampling_probs(logits, temperature=temperature, top_p=top_p, top_k=top_k, banned=banned)
+    return int(torch.multinomial(probs, 1, generator=generator))

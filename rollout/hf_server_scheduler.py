@@ -42,6 +42,7 @@ class Context:
     kv: list[tuple[torch.Tensor, torch.Tensor]] | None
     kv_len: int
     routing: np.ndarray | None  # rows for tokens[:kv_len]
+    hidden: torch.Tensor | None = None  # pre-norm hidden rows of the last positions before kv_len (MTP drafts)
 
 
 @dataclass
@@ -97,6 +98,10 @@ class Request:
     finish: dict[str, Any] | None = None
     aborted: bool = False
     future: asyncio.Future | None = None
+    hidden: torch.Tensor | None = None  # MTP: pre-norm hidden of positions [kv_len - len, kv_len)
+    spec_verify_ct: int = 0  # speculative decoding: decode forwards, drafts accepted / proposed
+    spec_correct: int = 0
+    spec_proposed: int = 0
 
 
 def parse_sampling(params: dict[str, Any], eos_ids: set[int], vocab_size: int, max_new_limit: int) -> Sampling:
@@ -122,8 +127,10 @@ class Scheduler:
     """Owns the model runner, the queues, the sessions and the one worker thread."""
 
     def __init__(self, runner: ModelRunner, *, max_batch_size: int, max_context_len: int,
-                 max_session_contexts: int = 16, max_sessions: int = 1024) -> None:
+                 max_session_contexts: int = 16, max_sessions: int = 1024, speculative: Any = None) -> None:
         self.runner = runner
+        self.speculative = speculative  # hf_server_speculative.SpeculativeDecoder, or None
+        self.hidden_limit = runner.mtp.receptive_field() if getattr(runner, "mtp", None) is not None else 0
         self.max_batch_size = max_batch_size
         self.max_context_len = max_context_len
         self.max_session_contexts = max_session_contexts
@@ -185,6 +192,7 @@ class Scheduler:
             for ctx in session.contexts.values():
                 ctx.kv, ctx.kv_len = None, 0
                 ctx.routing = None
+                ctx.hidden = None
 
     # ---- requests
     def submit(self, req: Request, session: SessionParams | None, new_ids: list[int]) -> asyncio.Future:
@@ -218,6 +226,8 @@ class Scheduler:
                     req.kv_len = reuse
                     if parent.routing is not None:
                         req.routing = [parent.routing[:reuse]]
+                    if parent.hidden is not None and parent.kv_len - parent.hidden.shape[0] < reuse:
+                        req.hidden = parent.hidden[:parent.hidden.shape[0] - (parent.kv_len - reuse)]
                 req.cached_tokens = reuse
             req.prompt_len = len(req.tokens)
             if not req.tokens:
@@ -264,7 +274,7 @@ class Scheduler:
                 routing = np.concatenate(req.routing) if req.routing else None
                 self.sessions[req.session_id].remember(req.rid, Context(
                     tokens=list(req.tokens), prompt_len=req.prompt_len, kv=req.kv, kv_len=req.kv_len,
-                    routing=routing), self.max_session_contexts)
+                    routing=routing, hidden=req.hidden), self.max_session_contexts)
         except Exception:
             log.exception("could not remember request %r in session %r", req.rid, req.session_id)
         if req.future is not None and not req.future.done():
@@ -334,6 +344,8 @@ class Scheduler:
         Returns the requests that failed. A failing batched forward is retried one request at a
         time, so only the offending request fails and the others advance by their token.
         """
+        if self.speculative is not None:
+            return self.speculative.step(self, batch)
         inputs = [StepInput(kv=r.kv, kv_len=r.kv_len, new_ids=r.tokens[r.kv_len:],
                             want_prompt_logits=r.return_logprob and r.logprob_start_len >= 0 and r.kv_len < r.prompt_len,
                             temperature=r.sampling.temperature) for r in batch]
@@ -357,6 +369,9 @@ class Scheduler:
         """Take one request's step output: its cache, routing, prompt logprobs and next token."""
         start = req.kv_len
         req.kv, req.kv_len = out.kv, start + len(x.new_ids)
+        if out.hidden is not None and self.hidden_limit:
+            tail = out.hidden[-self.hidden_limit:]
+            req.hidden = tail if req.hidden is None else torch.cat([req.hidden, tail])[-self.hidden_limit:]
         if out.routing is not None:
             req.routing.append(out.routing)
         if out.fed_logprobs is not None:

@@ -165,47 +165,25 @@ def test_training_step_on_cpu(mimo_path, dist_env):
 
 # ---------------------------------------------------------------------------- MTP
 def _hf_mtp_loss(path: str, ids: torch.Tensor) -> float:
-    """The MTP loss written against the HF modules: each `model.mtp.layers.<k>` block run as a dense,
-    sliding-window MiMoV2FlashDecoderLayer (names as SGLang maps them), fed [enorm(E[t_{i+k}]); hnorm(h)]."""
-    import copy
-
-    from transformers.models.mimo_v2_flash.modeling_mimo_v2_flash import (
-        MiMoV2FlashDecoderLayer,
-        MiMoV2FlashRMSNorm,
-    )
+    """The MTP loss written against the HF modules: rollout.mtp.MTPHead (the local engine's draft), each
+    `model.mtp.layers.<k>` block a dense sliding-window MiMoV2FlashDecoderLayer (names as SGLang maps
+    them), fed [enorm(E[t_{i+k}]); hnorm(h)]."""
+    from rollout.mtp import MTPHead
 
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    state = hf_io.load_hf_state(path)
-    cfg = copy.deepcopy(hf.config)
-    cfg.mlp_layer_types = ["dense"] * cfg.num_hidden_layers
-    slide = cfg.layer_types.index("sliding_attention")
+    head = MTPHead.from_state(hf.config, hf_io.load_hf_state(path))
+    assert head is not None and len(head) == MIMO_MTP_LAYERS
     B, S = ids.shape
     kept = {}
     hf.model.norm.register_forward_pre_hook(lambda mod, args: kept.update(h=args[0]))
     pos = torch.arange(S).expand(B, S)
-    q, kv = torch.arange(S)[:, None], torch.arange(S)[None, :]
-    allowed = (kv <= q) & (q - kv < cfg.sliding_window)
-    mask = torch.zeros(S, S).masked_fill(~allowed, float("-inf")).expand(B, 1, S, S)
     total = 0.0
     with torch.no_grad():
         hf(ids)
-        h, emb = kept["h"], hf.model.embed_tokens(ids)
-        rope = hf.model.rotary_emb(h, pos, "sliding_attention")
-        for k in range(MIMO_MTP_LAYERS):
-            p = f"model.mtp.layers.{k}."
-            block = MiMoV2FlashDecoderLayer(cfg, slide).eval()
-            own = {n[len(p):].replace("pre_mlp_layernorm", "post_attention_layernorm")
-                   .replace("attention_sink_bias", "sinks"): t for n, t in state.items() if n.startswith(p)}
-            norms = {}
-            for name in ("enorm", "hnorm", "final_layernorm"):
-                norms[name] = MiMoV2FlashRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-                norms[name].weight.copy_(own.pop(name + ".weight"))
-            eh_proj = own.pop("eh_proj.weight")
-            block.load_state_dict(own)
-            nxt = torch.roll(emb, -(k + 1), dims=1)
-            x = torch.cat([norms["enorm"](nxt), norms["hnorm"](h)], dim=-1) @ eh_proj.T
-            h = block(x, attention_mask=mask, position_embeddings=rope, position_ids=pos)
-            logp = torch.log_softmax(hf.lm_head(norms["final_layernorm"](h)), dim=-1)
+        next_ids = torch.cat([ids[:, 1:], ids[:, :MIMO_MTP_LAYERS]], dim=1)  # [:, j + k] = t_{j+k+1}
+        logits = head.chain(hf, kept["h"], next_ids, pos, torch.ones(B, S, dtype=torch.bool))
+        for k, lg in enumerate(logits):
+            logp = torch.log_softmax(lg, dim=-1)
             n = S - 2 - k
             nll = -logp[:, :n].gather(-1, ids[:, k + 2:k + 2 + n].unsqueeze(-1)).squeeze(-1)
             total += nll.mean(-1).sum().item()
