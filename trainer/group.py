@@ -25,6 +25,22 @@ def split_by_tokens(samples: list[Sample], parts: int) -> list[list[int]]:
     return [sorted(s) for s in shards]
 
 
+class TrainerRankDied(RuntimeError):
+    """A trainer rank's process died mid-call: its state is gone, so the run stops (resume=true continues it)."""
+
+
+def _gather(refs: list, what: str) -> list:
+    """ray.get that turns a dead rank into one clear error saying what was lost and how to continue."""
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayActorError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TrainerRankDied(
+            f"a trainer rank (TrainerActor) died during {what}: {first}. The model and optimizer state of this "
+            "run since its last checkpoint are lost; the run stops here. Continue it from the last checkpoint "
+            "with resume=true (no step or prompt is skipped or repeated).") from e
+
+
 class TrainerGroup:
     """`cfg.dp_size` Ray actors training one Megatron model with data parallelism.
 
@@ -56,8 +72,8 @@ class TrainerGroup:
     def compute_logprobs(self, samples: list[Sample]) -> list[np.ndarray]:
         """log pi_theta per response token, in the order of `samples`."""
         shards = split_by_tokens(samples, len(self.actors))
-        results = ray.get([a.compute_logprobs.remote([samples[i] for i in idx])
-                           for a, idx in zip(self.actors, shards)])
+        results = _gather([a.compute_logprobs.remote([samples[i] for i in idx])
+                           for a, idx in zip(self.actors, shards)], "compute_logprobs")
         out: list[np.ndarray | None] = [None] * len(samples)
         for idx, res in zip(shards, results):
             for i, lp in zip(idx, res):
@@ -69,24 +85,24 @@ class TrainerGroup:
         if not samples:
             raise ValueError("train_step got an empty list of samples; expected at least one")
         shards = split_by_tokens(samples, len(self.actors))
-        metrics = ray.get([a.train_step.remote([samples[i] for i in idx], len(samples))
-                           for a, idx in zip(self.actors, shards)])
+        metrics = _gather([a.train_step.remote([samples[i] for i in idx], len(samples))
+                           for a, idx in zip(self.actors, shards)], "train_step")
         return metrics[0]
 
     def push_weights(self, urls: list[str], version: int) -> None:
-        ray.get([a.push_weights.remote(list(urls), int(version)) for a in self.actors])
+        _gather([a.push_weights.remote(list(urls), int(version)) for a in self.actors], "push_weights")
 
     def save_checkpoint(self, path: str) -> None:
         """Exact training state (model, optimizer, scheduler, step, per-rank RNG) into `path`
         (the driver uses `checkpoints/step_N/trainer`); the HF export is `export_hf`."""
-        ray.get([a.save_checkpoint.remote(str(path)) for a in self.actors])
+        _gather([a.save_checkpoint.remote(str(path)) for a in self.actors], "save_checkpoint")
 
     def load_checkpoint(self, path: str) -> None:
         ray.get([a.load_checkpoint.remote(str(path)) for a in self.actors])
 
     def export_hf(self, path: str) -> None:
         """HF safetensors + config.json + tokenizer files (loads with AutoModelForCausalLM)."""
-        ray.get([a.export_hf.remote(str(path)) for a in self.actors])
+        _gather([a.export_hf.remote(str(path)) for a in self.actors], "export_hf")
 
     def shutdown(self) -> None:
         """Release every rank; a rank that already died (the reason the run is stopping) is not an error here."""

@@ -214,7 +214,7 @@ def test_trainer_rank_killed_mid_step_stops_clearly_and_resume_continues_exactly
     killer.join(5)
     assert killed.get("pids"), "no trainer rank found to kill"
     message = f"{type(info.value).__name__}: {info.value}"
-    assert "TrainerActor" in message and ("died" in message or "dead" in message), message[:2000]
+    assert "TrainerActor" in message and "died" in message and "resume=true" in message, message[:2000]
     done_before = [m["step"] for m in _metrics(run_dir)]
     assert done_before == list(range(len(done_before))) and 1 <= len(done_before) < steps
 
