@@ -20,7 +20,6 @@ import torch
 
 from mopd.types import ConfigError
 
-
 DIVERGENCES = ("reverse_kl", "forward_kl")
 
 

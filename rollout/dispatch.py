@@ -17,8 +17,15 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from tenacity import (AsyncRetrying, RetryError, retry_if_exception, retry_if_result, stop_after_attempt,
-                      stop_after_delay, wait_random_exponential)
+from tenacity import (
+    AsyncRetrying,
+    RetryError,
+    retry_if_exception,
+    retry_if_result,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_random_exponential,
+)
 
 from rollout.engine_client import EngineClient, EngineError, _retryable
 

@@ -53,7 +53,7 @@ class EngineClient:
     async def __aenter__(self) -> EngineClient:
         return self
 
-    async def __aexit__(self, *exc: Any) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
     async def close(self) -> None:
@@ -157,7 +157,7 @@ class EngineClient:
         try:
             await self.request("GET", "/health", retries=0, timeout_s=min(timeout_s, self.timeout.total or timeout_s))
             return True
-        except (EngineError, aiohttp.ClientError, asyncio.TimeoutError):
+        except (TimeoutError, EngineError, aiohttp.ClientError):
             return False
 
     async def model_info(self) -> dict[str, Any]:

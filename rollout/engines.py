@@ -12,11 +12,11 @@ from that path with that `--weight-version`. Teachers (never pushed to) restart 
 from __future__ import annotations
 
 import ctypes
+import json
 import logging
 import os
 import signal
 import socket
-import json
 import subprocess
 import sys
 import tempfile
@@ -225,7 +225,7 @@ class EngineActor:
             try:
                 self.ensure_alive()
                 failures = 0
-            except Exception:  # noqa: BLE001 - keep watching; callers time out with a clear error meanwhile
+            except Exception:
                 failures += 1
                 log.exception("engine %s: restart %d failed", self.name, failures)
                 self._stopping.wait(min(2.0 ** failures, 30.0))

@@ -12,8 +12,13 @@ from dataclasses import dataclass
 
 import torch
 
-from mopd.advantages import (AdvantageConfig, importance_weights, per_sequence_token_mean, token_advantages,
-                             top_k_divergence)
+from mopd.advantages import (
+    AdvantageConfig,
+    importance_weights,
+    per_sequence_token_mean,
+    token_advantages,
+    top_k_divergence,
+)
 
 
 @dataclass

@@ -3,8 +3,13 @@
 import pytest
 
 from mopd.config import JobConfig, TeacherConfig
-from mopd.teachers import TeacherRouter, TeacherSet, check_same_vocabulary, known_backends, \
-    register_teacher_backend
+from mopd.teachers import (
+    TeacherRouter,
+    TeacherSet,
+    check_same_vocabulary,
+    known_backends,
+    register_teacher_backend,
+)
 from mopd.toy.tokenizer import build_char_tokenizer
 from mopd.types import ConfigError, Sample
 

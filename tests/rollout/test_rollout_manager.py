@@ -184,7 +184,7 @@ class FaultyEngine:
         self.generate_requests = 0
         self.runner = None
 
-    async def start(self) -> "FaultyEngine":
+    async def start(self) -> FaultyEngine:
         from aiohttp import web
 
         async def generate(request):

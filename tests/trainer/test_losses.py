@@ -66,8 +66,8 @@ def test_per_teacher_coef_scales_only_that_teachers_term_hand_computed():
 
 
 def test_per_teacher_coef_scales_the_top_k_divergence_and_reaches_the_batch():
-    from trainer.batching import collate
     from tests.trainer.conftest import make_samples
+    from trainer.batching import collate
 
     adv = AdvantageConfig(alpha=0.0, teacher_coef=1.0, teacher_top_k=2)
     inputs = _inputs()
