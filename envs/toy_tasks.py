@@ -1,7 +1,10 @@
 """Synthetic verifiable domains for dry runs and the MOPD-vs-baselines benchmark.
 
 Each domain draws prompts from a seeded RNG and checks an answer exactly, so a reward is a fact,
-not a model's opinion. Answers are short, so a tiny character-level model can learn them on CPU.
+not a model's opinion. arith/reverse/sort have 1-5 character answers; `shift` and `rot` have 34-character
+answers written round by round, where each round transforms the previous one, so one early slip
+sinks the whole answer (exposure bias: a student trained only on correct prefixes never saw its own
+slips). All are small enough for a tiny character-level model on CPU.
 """
 
 from __future__ import annotations
@@ -34,11 +37,37 @@ def _sort(rng: random.Random) -> tuple[str, str]:
     return f"sort:{digits}", "".join(sorted(digits))
 
 
+def _rounds(start: str, step: Callable[[str], str]) -> str:
+    """`ROUNDS` applications of `step`, each result written out, comma-separated."""
+    word, out = start, []
+    for _ in range(ROUNDS):
+        word = "".join(step(c) for c in word)
+        out.append(word)
+    return ",".join(out)
+
+
+def _shift(rng: random.Random) -> tuple[str, str]:
+    """A word shifted one letter forward (z wraps to a), five rounds written: `shift:abcxyz` -> `bcdyza,cdezab,...`."""
+    start = "".join(rng.choice(LETTERS) for _ in range(WIDTH))
+    return f"shift:{start}", _rounds(start, lambda c: LETTERS[(LETTERS.index(c) + 1) % 26])
+
+
+def _rot(rng: random.Random) -> tuple[str, str]:
+    """Every digit plus 3 mod 10, five rounds written: `rot:471829` -> `704152,037485,...`."""
+    start = "".join(rng.choice("0123456789") for _ in range(WIDTH))
+    return f"rot:{start}", _rounds(start, lambda c: str((int(c) + 3) % 10))
+
+
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+WIDTH, ROUNDS = 6, 5  # long-answer domains: 5 rounds of 6 characters = 34-character answers
 TOY_DOMAINS: dict[str, ToyDomain] = {d.name: d for d in (
     ToyDomain("arith", _arith),
     ToyDomain("reverse", _reverse),
     ToyDomain("sort", _sort),
+    ToyDomain("shift", _shift),
+    ToyDomain("rot", _rot),
 )}
+LONG_ANSWER_DOMAINS = ("shift", "rot")
 
 
 def make_examples(domain: str, n: int, seed: int) -> list[dict]:

@@ -91,6 +91,17 @@ class ToyConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Held-out accuracy during training (`eval_interval`), scored by the domains' verifiers (mopd/evaluate.py)."""
+
+    files: list[str] = field(default_factory=list)  # JSONL prompt/domain/label rows; [] = toy.dir's data/test.jsonl
+    per_domain: int = 50  # the first N rows of each domain
+    samples: int = 0  # sampled draws per prompt on top of greedy (0 = greedy only)
+    temperature: float = 1.0
+    max_new_tokens: int | None = None  # None = rollout.max_new_tokens
+
+
+@dataclass
 class JobConfig:
     # outputs/DATE/TIME by default (a multirun job: its own directory under multirun/); Hydra's
     # output directory is this directory too (configs/config.yaml), so a run writes nowhere else
@@ -99,6 +110,7 @@ class JobConfig:
     resume: bool = False
     seed: int = 0
     save_interval: int = 10  # checkpoint every N steps (and at the end); 0 = only at the end
+    eval_interval: int = 0  # held-out accuracy per domain every N steps (and at the end); 0 = off
     max_sampled_tokens: int = 0  # stop once this many response tokens were sampled; 0 = no budget
     dump_samples: bool = False  # write run_dir/samples/step_N.jsonl (prompt, response, reward, teacher KL)
     default_teacher: str | None = None  # scores prompts whose domain no teacher lists
@@ -113,6 +125,7 @@ class JobConfig:
     env: EnvConfig = field(default_factory=EnvConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     toy: ToyConfig = field(default_factory=ToyConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def default_run_dir() -> str:
@@ -307,7 +320,29 @@ def validate_static(job: JobConfig) -> None:
     job.env.validate("env")
     _validate_data(job.data)
     _validate_toy(job)
+    _validate_eval(job)
     _validate_teachers(job)
+
+
+def _validate_eval(job: JobConfig) -> None:
+    """eval_interval and its `eval` section; the files themselves are checked by `mopd.evaluate.heldout_rows`."""
+    ev = job.eval
+    if job.eval_interval < 0:
+        raise ConfigError("eval_interval", "an integer >= 0 (0 = no evaluation during training)", job.eval_interval)
+    if ev.per_domain < 1:
+        raise ConfigError("eval.per_domain", "an integer >= 1", ev.per_domain)
+    if ev.samples < 0:
+        raise ConfigError("eval.samples", "an integer >= 0 (0 = greedy only)", ev.samples)
+    if ev.temperature <= 0:
+        raise ConfigError("eval.temperature", "a number > 0", ev.temperature)
+    if ev.max_new_tokens is not None and ev.max_new_tokens < 1:
+        raise ConfigError("eval.max_new_tokens", "null (= rollout.max_new_tokens) or an integer >= 1",
+                          ev.max_new_tokens)
+    if any(not f for f in ev.files):
+        raise ConfigError("eval.files", "JSONL file paths", ev.files)
+    if job.eval_interval > 0 and not ev.files and not job.toy.dir:
+        raise ConfigError("eval.files", "held-out JSONL files when eval_interval > 0 (or toy.dir, whose "
+                          "data/test.jsonl is used)", ev.files)
 
 
 def _validate_algo(job: JobConfig) -> None:

@@ -6,28 +6,67 @@ import json
 import math
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mopd.rewards import verifier_for
+from mopd.types import ConfigError
 
 
-def load_eval_rows(path: str | Path, per_domain: int) -> dict[str, list[dict]]:
-    """The first `per_domain` rows of every domain in a JSONL file."""
+def load_eval_rows(path: str | Path | list, per_domain: int) -> dict[str, list[dict]]:
+    """The first `per_domain` rows of every domain in a JSONL file (or in several, in order)."""
     rows: dict[str, list[dict]] = defaultdict(list)
-    with open(path) as f:
-        for line in f:
-            row = json.loads(line)
-            if len(rows[row["domain"]]) < per_domain:
-                rows[row["domain"]].append(row)
+    for one in path if isinstance(path, list) else [path]:
+        with open(one) as f:
+            for line in f:
+                row = json.loads(line)
+                if len(rows[row["domain"]]) < per_domain:
+                    rows[row["domain"]].append(row)
     return dict(rows)
+
+
+def heldout_files(job: Any) -> list[str]:
+    """The held-out files of `eval_interval`: `eval.files`, else the toy world's data/test.jsonl."""
+    return list(job.eval.files) or [str(Path(job.toy.dir) / "data" / "test.jsonl")]
+
+
+def check_heldout_files(job: Any) -> None:
+    """Before anything starts: every held-out file exists and holds prompt/domain/label rows (a toy world
+    that is still to be built is taken on trust)."""
+    if job.eval_interval <= 0:
+        return
+    for i, name in enumerate(heldout_files(job)):
+        where = f"eval.files[{i}]" if job.eval.files else "toy.dir"
+        if not job.eval.files and not Path(name).is_file():
+            continue  # the toy world builds it
+        try:
+            rows = load_eval_rows(name, 1)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ConfigError(where, "a readable JSONL file of {prompt, domain, label} rows", f"{name}: {e}") from None
+        if not rows:
+            raise ConfigError(where, "a JSONL file with at least one row", name)
+
+
+def flat_metrics(results: dict[str, dict], prefix: str = "eval") -> dict[str, float]:
+    """`evaluate`'s results as logger metrics: eval/<domain>/greedy, .../sampled, .../pass@k, and eval/mean/*."""
+    out: dict[str, float] = {}
+    for domain, res in results.items():
+        out.update({f"{prefix}/{domain}/{k}": float(v) for k, v in res.items() if k != "prompts"})
+    keys = {k for res in results.values() for k in res if k != "prompts"}
+    for k in sorted(keys):
+        vals = [res[k] for res in results.values() if k in res]
+        out[f"{prefix}/mean/{k}"] = sum(vals) / len(vals)
+    return out
 
 
 @torch.no_grad()
 def evaluate(model_path: str | Path, rows: dict[str, list[dict]], *, max_new_tokens: int = 12,
              samples: int = 4, temperature: float = 1.0, batch_size: int = 64, seed: int = 0) -> dict[str, dict]:
     """{domain: {"greedy": accuracy, "sampled": mean accuracy over `samples` draws, "pass@k": ...}}.
+
+    With `samples=0` only greedy is run (no "sampled" or pass@k).
 
     pass@k uses the unbiased estimator over the `samples` draws of each prompt (k = 1 and `samples`).
     """
@@ -41,7 +80,9 @@ def evaluate(model_path: str | Path, rows: dict[str, list[dict]], *, max_new_tok
         greedy = _correct(model, tokenizer, domain_rows, verifier, max_new_tokens, batch_size, None)
         draws = [_correct(model, tokenizer, domain_rows, verifier, max_new_tokens, batch_size, temperature)
                  for _ in range(samples)]
-        result = {"greedy": _mean(greedy), "sampled": _mean([sum(d) / samples for d in zip(*draws)])}
+        result = {"greedy": _mean(greedy)}
+        if samples:
+            result["sampled"] = _mean([sum(d) / samples for d in zip(*draws)])
         for k in sorted({1, samples} if samples else set()):
             result[f"pass@{k}"] = _mean([pass_at_k(samples, int(sum(d)), k) for d in zip(*draws)])
         result["prompts"] = len(domain_rows)

@@ -1,7 +1,7 @@
 """`mopd-train`: the MOPD step loop.
 
     generate -> score (verifier rewards + teacher logprobs) -> advantages -> train -> push weights
-    -> log -> checkpoint
+    -> [evaluate held-out prompts] -> log -> checkpoint
 
 Each step is one short function; the packages that own the work (rollout/, trainer/, mopd/teachers,
 mopd/rewards) do the heavy lifting.
@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from mopd import job as job_lib
 from mopd.checkpoint import DriverState, step_dir, write_driver_state
 from mopd.config import JobConfig, config_error_from, register_configs, to_job_config
+from mopd.evaluate import check_heldout_files, evaluate, flat_metrics, heldout_files, load_eval_rows
 from mopd.rewards import assign_orm_advantages, score_outcomes
 from mopd.types import ConfigError, Sample
 
@@ -95,6 +96,25 @@ def step_metrics(rt: job_lib.Runtime, samples: list[Sample], train_metrics: dict
     return metrics
 
 
+def evaluate_heldout(rt: job_lib.Runtime, rows: dict[str, list[dict]], step: int) -> dict[str, float]:
+    """Held-out accuracy per domain of the current weights (greedy; sampled when eval.samples > 0).
+
+    The trainer's weights are exported to run_dir/eval/hf (overwritten each time) and generated from with
+    mopd.evaluate, the same code as `mopd-eval`, so the curve and the final table measure alike.
+    """
+    ev = rt.job.eval
+    path = rt.run_dir / "eval" / "hf"
+    rt.trainer.export_hf(str(path))
+    results = evaluate(path, rows, max_new_tokens=ev.max_new_tokens or rt.job.rollout.max_new_tokens,
+                       samples=ev.samples, temperature=ev.temperature, seed=rt.job.seed + step)
+    return {**flat_metrics(results), "eval/sampled_tokens": rt.sampled_tokens}
+
+
+def eval_due(job: JobConfig, step: int) -> bool:
+    """After every `eval_interval`-th step, and after the last one."""
+    return job.eval_interval > 0 and ((step + 1) % job.eval_interval == 0 or step + 1 >= job.num_steps)
+
+
 def checkpoint(rt: job_lib.Runtime, step: int) -> None:
     """Trainer state + HF export first; driver.json last marks the checkpoint complete."""
     path = step_dir(rt.run_dir, step + 1)
@@ -119,7 +139,9 @@ def timed(timings: dict[str, float], name: str) -> Iterator[None]:
 
 
 def run(job: JobConfig, config_dict: dict | None = None) -> None:
+    check_heldout_files(job)
     rt = job_lib.start(job, config_dict or OmegaConf.to_container(OmegaConf.structured(job)))
+    heldout = load_eval_rows(heldout_files(job), job.eval.per_domain) if job.eval_interval > 0 else {}
     try:
         step = rt.start_step
         while not finished(rt, step):
@@ -134,8 +156,12 @@ def run(job: JobConfig, config_dict: dict | None = None) -> None:
                     train_metrics = train(rt, samples)
                 with timed(timings, "push"):
                     push_weights(rt)
-            rt.logger.log(step, step_metrics(rt, samples, train_metrics, timings))
+            metrics = step_metrics(rt, samples, train_metrics, timings)
             rt.sampled_tokens += sum(s.num_response_tokens for s in samples)
+            if eval_due(job, step) or (heldout and finished(rt, step + 1)):
+                with timed(metrics, "eval"):
+                    metrics.update(evaluate_heldout(rt, heldout, step))
+            rt.logger.log(step, metrics)
             if job.dump_samples:
                 rt.logger.dump_samples(step, samples, rt.tokenizer)
             if finished(rt, step + 1) or (job.save_interval > 0 and (step + 1) % job.save_interval == 0):
@@ -153,6 +179,7 @@ def check_config(cfg: DictConfig) -> JobConfig:
     """
     job = to_job_config(cfg)
     job_lib.preflight(job)
+    check_heldout_files(job)
     return job
 
 
