@@ -32,6 +32,9 @@ class RolloutConfig:
     # framework features
     prefix_cache: bool = True  # request-level prefix cache for multi-turn trajectories
     routing_replay: bool = True  # R3: capture routed experts at rollout, replay in training
+    # MTP self-speculative decoding: K draft tokens per verify from the model's MTP layers (0 = off);
+    # SGLang's --speculative-num-steps (engines get rollout.speculative.engine_args)
+    speculative_num_steps: int = 0
     # client
     request_timeout_s: float = 300.0
     max_retries: int = 3
@@ -69,6 +72,9 @@ class RolloutConfig:
         for name in ("request_timeout_s", "startup_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{prefix}.{name}", "a number of seconds > 0", getattr(self, name))
+        if not isinstance(self.speculative_num_steps, int) or not 0 <= self.speculative_num_steps <= 8:
+            raise ConfigError(f"{prefix}.speculative_num_steps", "an integer in [0, 8] (0 = no speculative decoding; "
+                              "at most the model's MTP layers)", self.speculative_num_steps)
         if self.max_retries < 0:
             raise ConfigError(f"{prefix}.max_retries", "an integer >= 0", self.max_retries)
         if any(not url.startswith(("http://", "https://")) for url in self.urls):

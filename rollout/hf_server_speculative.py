@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from rollout.hf_server_engine import StepInput, StepOutput, _log_softmax, sample_token, sampling_probs
+from rollout.speculative import cli_args  # noqa: F401 - re-exported: the flags this module parses
 
 if TYPE_CHECKING:
     from rollout.hf_server_scheduler import Request, Scheduler
@@ -62,14 +63,6 @@ def num_steps(args: argparse.Namespace) -> int:
     if topk not in (None, 1):
         raise SystemExit(f"--speculative-eagle-topk: only 1 is supported by the local server, got {topk}")
     return steps
-
-
-def cli_args(num_draft_steps: int) -> list[str]:
-    """Server flags for K MTP draft tokens (0: none); the same list is valid for sglang.launch_server."""
-    if num_draft_steps <= 0:
-        return []
-    return ["--speculative-algorithm", "EAGLE", "--speculative-num-steps", str(num_draft_steps),
-            "--speculative-eagle-topk", "1", "--speculative-num-draft-tokens", str(num_draft_steps + 1)]
 
 
 def keep_hidden(old: torch.Tensor | None, new: torch.Tensor | None, limit: int) -> torch.Tensor | None:

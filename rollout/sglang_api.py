@@ -130,6 +130,10 @@ class GenerateResponse:
     # top_logprobs_num > 0: per position, [(logprob, token_id), ...] most likely first; None where undefined
     input_top_logprobs: list[list[tuple[float, int]] | None] | None = None
     output_top_logprobs: list[list[tuple[float, int]] | None] | None = None
+    # speculative decoding (SGLang's meta_info names; absent without speculation): decode forwards
+    # (verify steps) and completion_tokens / spec_verify_ct
+    spec_verify_ct: int | None = None
+    spec_accept_length: float | None = None
 
     @classmethod
     def from_json(cls, body: dict[str, Any], *, num_layers: int | None = None, top_k: int | None = None
@@ -149,7 +153,10 @@ class GenerateResponse:
                 routed_experts=(decode_routed_experts(experts, num_layers, top_k)
                                 if experts is not None and num_layers and top_k else None),
                 rid=meta.get("id"), input_top_logprobs=_top_logprob_values(meta.get("input_top_logprobs")),
-                output_top_logprobs=_top_logprob_values(meta.get("output_top_logprobs")))
+                output_top_logprobs=_top_logprob_values(meta.get("output_top_logprobs")),
+                spec_verify_ct=int(meta["spec_verify_ct"]) if meta.get("spec_verify_ct") is not None else None,
+                spec_accept_length=(float(meta["spec_accept_length"]) if meta.get("spec_accept_length") is not None
+                                    else None))
         except (KeyError, TypeError, IndexError) as e:
             raise ProtocolError(f"malformed /generate response: missing or bad {e}") from None
 

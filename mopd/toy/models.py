@@ -54,8 +54,8 @@ def create_tiny_model(path: str | Path, tokenizer: PreTrainedTokenizerBase, *, a
         model = Qwen3MoeForCausalLM(tiny_qwen3_moe_config(vocab, tokenizer=tokenizer, **kwargs))
     elif arch == "qwen3":
         model = Qwen3ForCausalLM(tiny_qwen3_config(vocab, tokenizer=tokenizer, **kwargs))
-    elif arch == "mimo_v2_flash":
-        return create_toy_mimo(path, tokenizer, seed=seed, **kwargs)
+    elif arch == "mimo_v2_flash":  # the toy_mimo student: 3 MTP layers (as released), window 8
+        return create_toy_mimo(path, tokenizer, seed=seed, **{"mtp_layers": 3, "sliding_window": 8, **kwargs})
     else:
         raise ValueError(f"unknown tiny architecture {arch!r}; expected qwen3_moe, qwen3 or mimo_v2_flash")
     path = Path(path)

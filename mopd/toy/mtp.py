@@ -92,7 +92,7 @@ def train_mtp_heads(path: str | Path, prompts: list[list[int]], *, steps: int = 
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     log.info("toy MTP heads: loss %.3f -> %.3f over %d steps", losses[0], losses[-1], steps)
     with torch.no_grad():
         for name, param in head.hf_parameters().items():
@@ -100,3 +100,33 @@ def train_mtp_heads(path: str | Path, prompts: list[list[int]], *, steps: int = 
     assert all(n in state for n in head.hf_parameters()) and any(n.startswith(MTP_PREFIX) for n in state)
     save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
     return losses
+
+
+def train_toy_mtp(student: str | Path, domains: tuple[str, ...] | list[str], *, steps: int = 150,
+                  seed: int = 0) -> list[float]:
+    """The toy world's call after the base warm-up: MTP heads (fresh ones if the SFT save dropped them,
+    as `save_pretrained` does) trained on the warmed-up student's own answers to toy prompts."""
+    from transformers import AutoTokenizer
+
+    from envs.toy_tasks import make_examples
+    from mopd.toy.models import mimo_mtp_tensors
+
+    student = Path(student)
+    model_file = student / "model.safetensors"
+    state = load_file(str(model_file))
+    if not any(n.startswith(MTP_PREFIX) for n in state):
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(student)
+        n = int(getattr(cfg, "num_nextn_predict_layers", 0) or 0)
+        if n == 0:
+            raise ValueError(f"{student}: config has no num_nextn_predict_layers; no MTP heads to train")
+        state.update(mimo_mtp_tensors(cfg, n, torch.Generator().manual_seed(seed + 5)))
+        save_file(state, str(model_file), metadata={"format": "pt"})
+    tokenizer = AutoTokenizer.from_pretrained(student)
+    prompts = []
+    for d in domains:
+        for row in make_examples(d, 64, seed=seed + 77):
+            text = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+            prompts.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return train_mtp_heads(student, prompts, steps=steps, batch=16, new_tokens=16, temperature=1.0, seed=seed)

@@ -1,0 +1,44 @@
+"""Client side of MTP speculative decoding: the engine flags a rollout config asks for, and the
+`rollout/spec_accept_len` metric from the engines' responses.
+
+Kept apart from the engine launcher and the rollout manager so both only call one function each.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+
+
+def cli_args(num_draft_steps: int) -> list[str]:
+    """Server flags for K MTP draft tokens (0: none); the same list is valid for sglang.launch_server."""
+    if num_draft_steps <= 0:
+        return []
+    return ["--speculative-algorithm", "EAGLE", "--speculative-num-steps", str(num_draft_steps),
+            "--speculative-eagle-topk", "1", "--speculative-num-draft-tokens", str(num_draft_steps + 1)]
+
+
+def engine_args(cfg: Any) -> list[str]:
+    """Extra server flags for `cfg.speculative_num_steps` (a RolloutConfig); [] when speculation is off.
+
+    The same flags launch SGLang (`--speculative-algorithm EAGLE --speculative-num-steps K
+    --speculative-eagle-topk 1 --speculative-num-draft-tokens K+1`, as the MiMo-V2-Flash README does)
+    and the local server."""
+    return cli_args(int(getattr(cfg, "speculative_num_steps", 0) or 0))
+
+
+def spec_accept_len(responses: Iterable[Any]) -> float | None:
+    """Tokens per verify forward over a step's responses (GenerateResponse or raw meta_info dicts):
+    sum(completion_tokens) / sum(spec_verify_ct), SGLang's accept length pooled; None without speculation."""
+    tokens = verifies = 0
+    for r in responses:
+        if isinstance(r, dict):
+            meta = r.get("meta_info", r)
+            ct, n = meta.get("spec_verify_ct"), meta.get("completion_tokens", 0)
+        else:
+            ct, n = getattr(r, "spec_verify_ct", None), getattr(r, "completion_tokens", 0)
+        if ct:
+            tokens += int(n)
+            verifies += int(ct)
+    return tokens / verifies if verifies else None

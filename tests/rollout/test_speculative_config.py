@@ -1,0 +1,34 @@
+"""Speculative decoding on the client side: the config field, the engine flags, the response fields, the metric."""
+
+from __future__ import annotations
+
+import pytest
+
+from mopd.types import ConfigError
+from rollout.config import RolloutConfig
+from rollout.sglang_api import GenerateResponse
+from rollout.speculative import engine_args, spec_accept_len
+
+
+def test_config_field_and_engine_flags():
+    assert RolloutConfig().speculative_num_steps == 0 and engine_args(RolloutConfig()) == []
+    cfg = RolloutConfig(speculative_num_steps=3)
+    cfg.validate()
+    assert engine_args(cfg) == ["--speculative-algorithm", "EAGLE", "--speculative-num-steps", "3",
+                                "--speculative-eagle-topk", "1", "--speculative-num-draft-tokens", "4"]
+    for bad in (-1, 9, 1.5):
+        with pytest.raises(ConfigError, match="speculative_num_steps"):
+            RolloutConfig(speculative_num_steps=bad).validate()
+
+
+def test_response_fields_and_metric():
+    body = {"text": "", "output_ids": [1, 2, 3, 4, 5, 6],
+            "meta_info": {"finish_reason": {"type": "length"}, "completion_tokens": 6, "spec_verify_ct": 2,
+                          "spec_accept_length": 3.0, "spec_accept_rate": 0.5, "spec_num_correct_drafts": 3,
+                          "spec_num_proposed_drafts": 6}}
+    r = GenerateResponse.from_json(body)
+    assert r.spec_verify_ct == 2 and r.spec_accept_length == 3.0
+    plain = GenerateResponse.from_json({"output_ids": [1], "meta_info": {"completion_tokens": 1}})
+    assert plain.spec_verify_ct is None and plain.spec_accept_length is None
+    assert spec_accept_len([r, plain, body]) == pytest.approx(12 / 4)
+    assert spec_accept_len([plain]) is None
