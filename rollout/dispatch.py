@@ -26,6 +26,7 @@ from tenacity import (
     stop_after_delay,
     wait_random_exponential,
 )
+from tenacity.stop import stop_base
 
 from rollout.engine_client import EngineClient, EngineError, _retryable
 
@@ -44,6 +45,21 @@ class EngineUnavailable(EngineError):
         message = (f"request failed after {attempts} attempt(s) over {elapsed_s:.1f}s on engine(s) "
                    f"{', '.join(self.urls)}; last error: {type(cause).__name__}: {cause}")
         super().__init__(", ".join(self.urls), message + (f"; {hint}" if hint else ""))
+
+
+class _StopAfterFaultWindow(stop_base):
+    """Stop once `window_s` have passed since the request's first fault (not since its first try, which may
+    have generated for minutes before the engine died)."""
+
+    def __init__(self, window_s: float) -> None:
+        self.window_s = window_s
+        self.first_fault: float | None = None
+
+    def __call__(self, retry_state: object) -> bool:
+        now = time.monotonic()
+        if self.first_fault is None:
+            self.first_fault = now
+        return now - self.first_fault >= self.window_s
 
 
 class Dispatcher:
@@ -93,15 +109,16 @@ class Dispatcher:
         start = time.monotonic()
         tried: list[int] = []
         last: BaseException | None = None
+        window = _StopAfterFaultWindow(self.retry_window_s)
         retrying = AsyncRetrying(
-            stop=stop_after_attempt(self.max_retries + 1) | stop_after_delay(self.retry_window_s),
+            stop=stop_after_attempt(self.max_retries + 1) | window,
             wait=wait_random_exponential(multiplier=self.backoff_s, max=self.max_backoff_s),
             retry=retry_if_exception(_retryable), reraise=False)
         try:
             async for attempt in retrying:
                 with attempt:
                     if tried:
-                        await self._wait_for_an_engine(start)
+                        await self._wait_for_an_engine(window.first_fault or start)
                     index = self.pick(key, self._recently_failed(tried))
                     tried.append(index)
                     self.attempts += 1
