@@ -110,6 +110,7 @@ class Dispatcher:
         tried: list[int] = []
         last: BaseException | None = None
         window = _StopAfterFaultWindow(self.retry_window_s)
+        engines_back = True
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self.max_retries + 1) | window,
             wait=wait_random_exponential(multiplier=self.backoff_s, max=self.max_backoff_s),
@@ -118,7 +119,7 @@ class Dispatcher:
             async for attempt in retrying:
                 with attempt:
                     if tried:
-                        await self._wait_for_an_engine(window.first_fault or start)
+                        engines_back = await self._wait_for_an_engine(window.first_fault or start)
                     index = self.pick(key, self._recently_failed(tried))
                     tried.append(index)
                     self.attempts += 1
@@ -136,8 +137,12 @@ class Dispatcher:
                     return result
         except RetryError:
             pass
-        hint = ("no engine answered /health again within the window (rollout.startup_timeout_s)"
-                if all(self.failed) else "")
+        if not engines_back:
+            hint = f"no engine answered /health within {self.retry_window_s:g}s (rollout.startup_timeout_s)"
+        elif len(tried) > self.max_retries:
+            hint = f"{self.max_retries} re-send(s) spent (rollout.max_retries)"
+        else:
+            hint = f"{self.retry_window_s:g}s since the first fault spent (rollout.startup_timeout_s)"
         raise EngineUnavailable(sorted({self.clients[i].url for i in tried}), len(tried),
                                 time.monotonic() - start, last, hint) from last
 
@@ -154,13 +159,14 @@ class Dispatcher:
         log.warning("engine %s failed (%s: %s); retrying with backoff", self.clients[index].url,
                     type(error).__name__, error)
 
-    async def _wait_for_an_engine(self, start: float) -> None:
-        """When every engine has failed, wait (backoff + jitter) until one answers /health again."""
+    async def _wait_for_an_engine(self, since: float) -> bool:
+        """When every engine has failed, wait (backoff + jitter) until one answers /health again, at most until
+        `retry_window_s` after `since`; False when none did."""
         if not all(self.failed):
-            return
-        remaining = self.retry_window_s - (time.monotonic() - start)
+            return True
+        remaining = self.retry_window_s - (time.monotonic() - since)
         if remaining <= 0:
-            return
+            return False
         probing = AsyncRetrying(stop=stop_after_delay(remaining),
                                 wait=wait_random_exponential(multiplier=self.backoff_s, max=self.max_backoff_s),
                                 retry=retry_if_result(lambda up: not up))
@@ -175,7 +181,8 @@ class Dispatcher:
                 if not attempt.retry_state.outcome.failed:
                     attempt.retry_state.set_result(any_up)
         except RetryError:
-            pass  # nobody came back: the next attempt fails fast and ends the request with the error
+            return False  # nobody came back: the next attempt fails fast and ends the request with the error
+        return True
 
     def release(self, key: str) -> None:
         self.sticky.pop(key, None)
