@@ -55,6 +55,13 @@ def rows_for(args: argparse.Namespace) -> dict[str, list[dict]]:
     return {d: make_examples(d, args.n, args.seed) for d in args.domains}
 
 
+def default_max_new_tokens(rows: dict[str, list[dict]]) -> int:
+    """Room for the longest answer: 40 tokens for the long-answer toy domains (34 characters + end), else 12."""
+    from envs.toy_tasks import LONG_ANSWER_DOMAINS
+
+    return 40 if set(rows) & set(LONG_ANSWER_DOMAINS) else 12
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -80,7 +87,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=EVAL_SEED, help="toy prompt seed and sampling seed")
     p.add_argument("--samples", type=_positive_int, default=4, help="sampled draws per prompt (pass@k, k=1..K)")
     p.add_argument("--temperature", type=_temperature, default=1.0)
-    p.add_argument("--max-new-tokens", type=_positive_int, default=12)
+    p.add_argument("--max-new-tokens", type=_positive_int, default=None,
+                   help="default: 40 when a long-answer toy domain (shift, rot) is evaluated, else 12")
     p.add_argument("--batch-size", type=_positive_int, default=64)
     p.add_argument("--json", dest="json_out", help="also write the results to this JSON file")
     return p
@@ -97,8 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from mopd.evaluate import evaluate
 
-    results = evaluate(model_path, rows, max_new_tokens=args.max_new_tokens, samples=args.samples,
-                       temperature=args.temperature, batch_size=args.batch_size, seed=args.seed)
+    results = evaluate(model_path, rows, max_new_tokens=args.max_new_tokens or default_max_new_tokens(rows),
+                       samples=args.samples, temperature=args.temperature, batch_size=args.batch_size, seed=args.seed)
     table = Table(title=f"mopd-eval {model_path}")
     metrics = [k for k in next(iter(results.values()), {}) if k != "prompts"]
     for col in ["domain", "prompts", *metrics]:

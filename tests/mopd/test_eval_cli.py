@@ -88,3 +88,10 @@ def test_cli_entry_point_runs_the_toy_domains(model_dir, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "mopd.eval_cli", str(model_dir), "--samples", "0"],
                          check=False, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "--samples" in bad.stderr
+
+
+def test_long_answer_domains_get_room_for_their_answers():
+    from mopd.eval_cli import default_max_new_tokens
+
+    assert default_max_new_tokens({"arith": []}) == 12
+    assert default_max_new_tokens({"arith": [], "shift": []}) == 40

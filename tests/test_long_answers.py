@@ -1,0 +1,80 @@
+"""benchmarks/long_answers: the long-answer domains, the statistics, and a shortened run of the real pipeline."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.long_answers.report import mean_ci, paired
+from envs.toy_tasks import LONG_ANSWER_DOMAINS, exact_match_reward, make_examples
+from mopd.toy.tokenizer import build_char_tokenizer
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "long_answers"
+
+
+@pytest.mark.parametrize("domain", LONG_ANSWER_DOMAINS)
+def test_long_answers_are_30_plus_tokens_written_round_by_round_and_checked_exactly(domain: str):
+    tok = build_char_tokenizer()
+    rows = make_examples(domain, 50, seed=3)
+    assert rows == make_examples(domain, 50, seed=3) and rows != make_examples(domain, 50, seed=4)
+    for row in rows:
+        label = row["label"]
+        assert 30 <= len(tok(label, add_special_tokens=False)["input_ids"]) <= 100
+        rounds = label.split(",")
+        assert len(rounds) == 5 and len(set(map(len, rounds))) == 1
+        assert exact_match_reward(label + "<|im_end|>", label) == 1.0
+        slip = rounds[0][:-1] + ("a" if rounds[0][-1] != "a" else "b") + label[len(rounds[0]):]
+        assert exact_match_reward(slip, label) == 0.0  # one wrong character anywhere sinks the answer
+
+
+def test_shift_and_rot_apply_their_rule_every_round():
+    (shift,) = make_examples("shift", 1, seed=0)
+    word = shift["prompt"][0]["content"].split(":")[1]
+    for rnd in shift["label"].split(","):
+        assert rnd == "".join(chr((ord(c) - 97 + 1) % 26 + 97) for c in word)
+        word = rnd
+    (rot,) = make_examples("rot", 1, seed=0)
+    digits = rot["prompt"][0]["content"].split(":")[1]
+    for rnd in rot["label"].split(","):
+        assert rnd == "".join(str((int(c) + 3) % 10) for c in digits)
+        digits = rnd
+
+
+def test_confidence_interval_and_paired_comparison():
+    mean, half = mean_ci([0.8, 0.9, 1.0])
+    assert mean == pytest.approx(0.9) and half == pytest.approx(4.303 * 0.1 / 3 ** 0.5)
+    assert mean_ci([0.5]) == (0.5, 0.0)
+    res = paired([0.9, 0.95, 1.0], [0.7, 0.8, 0.8])  # differences 0.2, 0.15, 0.2
+    assert res["mean_diff"] == pytest.approx(0.55 / 3) and res["ahead"] and res["n"] == 3
+    assert not paired([0.9, 0.7, 1.0], [0.8, 0.8, 0.8])["ahead"]
+
+
+@pytest.mark.slow
+def test_quick_benchmark_writes_tables_with_cis_selection_curves_and_plot(tmp_path: Path):
+    out = tmp_path / "bench"
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run([sys.executable, str(BENCH / "run.py"), "--quick", "--out", str(out), "--methods", "mopd",
+                           "--seeds", "2"], capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    result = json.loads((out / "results.json").read_text())
+    md = (out / "results.md").read_text()
+    headline = "MOPD (report): sampled-token reverse KL + outcome"
+    assert md.index(headline) < md.index("Merge: weight average")  # the report's method leads the methods
+    assert "Paired comparison" in md and result["paired"]["n"] == 2
+    assert result["selection"]["mopd"]["lr"] in result["lrs"]
+    assert len(result["runs"][headline]) == 2 and len(result["normalized_greedy"][headline]) == 2
+    for seed_curve in result["curves"][headline]:
+        tokens = [p[0] for p in seed_curve]
+        assert len(seed_curve) >= 3 and tokens[0] == 0 and tokens == sorted(tokens)
+        assert tokens[-1] >= result["setup"]["budget"], "the run stopped before its sampled-token budget"
+    for name in result["runs"]:
+        for res in result["runs"][name]:
+            assert set(res) == set(result["setup"]["world"]["domains"])
+            assert all(0 <= res[d][k] <= 1 for d in res for k in ("greedy", "sampled"))
+    png = (out / "curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
