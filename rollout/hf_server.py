@@ -96,6 +96,8 @@ class HFServer:
         self.eos_ids = _eos_ids(self.runner.model)
         self.vocab_size = self.runner.vocab_size
         self.scheduler: Scheduler | None = None
+        k = speculative.num_steps(args)  # a checkpoint without MTP layers fails here, before serving
+        self.speculative = speculative.SpeculativeDecoder(self.runner, k) if k else None
 
     @property
     def sched(self) -> Scheduler:
@@ -128,10 +130,8 @@ class HFServer:
         return app
 
     async def _on_startup(self, _app: web.Application) -> None:
-        k = speculative.num_steps(self.args)
         self.scheduler = Scheduler(self.runner, max_batch_size=self.args.max_batch_size,
-                                   max_context_len=self.args.max_context_len,
-                                   speculative=speculative.SpeculativeDecoder(self.runner, k) if k else None)
+                                   max_context_len=self.args.max_context_len, speculative=self.speculative)
         self.sched.start()
 
     async def _on_cleanup(self, _app: web.Application) -> None:
@@ -242,6 +242,8 @@ class HFServer:
             "routed_experts_enabled": self.runner.capture_routing,
             "num_forward_steps": self.runner.forward_steps,
             "max_running_batch": self.sched.batched_requests_max,
+            "mtp_layers": len(self.runner.mtp) if self.runner.mtp is not None else 0,
+            "speculative_num_steps": self.sched.speculative.k if self.sched.speculative is not None else 0,
         })
 
     async def metrics(self, _request: web.Request) -> web.Response:

@@ -33,8 +33,8 @@ from tests.rollout.conftest import ServerProc  # noqa: E402
 
 def build_student(root: Path, domains: tuple[str, ...], base_steps: int, mtp_steps: int) -> Path:
     tok = build_char_tokenizer()
-    path = create_tiny_model(root / "student", tok, arch="mimo_v2_flash", hidden_size=64, num_layers=4)
-    spec = ToyWorldSpec(domains=domains, arch="mimo_v2_flash", num_layers=4)
+    path = create_tiny_model(root / "student", tok, arch="mimo_v2_flash", hidden_size=64, num_layers=6)
+    spec = ToyWorldSpec(domains=domains, arch="mimo_v2_flash", num_layers=6)
     if base_steps:
         sft(path, path, domains, base_steps, spec, seed=2)
     losses = train_toy_mtp(path, domains, steps=mtp_steps)
@@ -69,7 +69,7 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/mtp/results.json")
     ap.add_argument("--domains", default="shift,rot")
     ap.add_argument("--base-steps", type=int, default=150)
-    ap.add_argument("--mtp-steps", type=int, default=150)
+    ap.add_argument("--mtp-steps", type=int, default=300)
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=40)
     ap.add_argument("--temperatures", default="0,1")

@@ -118,6 +118,9 @@ def test_session_turns_identical(servers):
             rid = body["rid"]
         outs[name] = turns
     assert outs["spec"] == outs["plain"] and outs["spec"][-1][1] > 0
+    info = servers["spec"].get("/model_info")[1]
+    assert info["speculative_num_steps"] == K and info["mtp_layers"] == K
+    assert servers["plain"].get("/model_info")[1]["speculative_num_steps"] == 0
 
 
 def _chisquare_p(obs: np.ndarray, exp: np.ndarray) -> float:
@@ -198,3 +201,12 @@ def test_flags(tmp_path):
                 ["--speculative-algorithm", "EAGLE", "--speculative-eagle-topk", "4"]):
         with pytest.raises(SystemExit):
             hf_server_speculative.num_steps(hf_server.parse_args(["--model-path", "x", *bad]))
+
+
+def test_speculation_needs_mtp_layers(tmp_path):
+    from mopd.toy.models import create_tiny_model
+
+    qwen = create_tiny_model(tmp_path / "qwen", build_char_tokenizer(), arch="qwen3")
+    srv = ServerProc(qwen, *hf_server_speculative.cli_args(2))
+    with pytest.raises(RuntimeError, match="needs a model with MTP layers"):
+        srv.wait_ready(timeout=120)
