@@ -54,7 +54,7 @@ def prompts(domains: tuple[str, ...], n: int) -> list[list[int]]:
 
 def measure(srv: ServerProc, batch: list[list[int]], max_new: int, temperature: float) -> dict:
     bodies = [{"input_ids": p, "sampling_params": {"max_new_tokens": max_new, "temperature": temperature,
-                                                   "ignore_eos": True}} for p in batch]
+                                                   "ignore_eos": False}} for p in batch]
     t0 = time.perf_counter()
     with ThreadPoolExecutor(len(bodies)) as pool:
         replies = list(pool.map(srv.generate, bodies))
@@ -71,16 +71,19 @@ def main() -> None:
     ap.add_argument("--base-steps", type=int, default=150)
     ap.add_argument("--mtp-steps", type=int, default=300)
     ap.add_argument("--rounds", type=int, default=4)
-    ap.add_argument("--max-new-tokens", type=int, default=40)
+    ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--temperatures", default="0,1")
+    ap.add_argument("--student", default=None, help="reuse a student built by an earlier run")
     args = ap.parse_args()
     domains = tuple(args.domains.split(","))
     root = Path(tempfile.mkdtemp(prefix="mtp_bench_"))
-    student = build_student(root, domains, args.base_steps, args.mtp_steps)
+    student = Path(args.student) if args.student else build_student(root, domains, args.base_steps, args.mtp_steps)
+    print(f"student: {student}", flush=True)
     pool = prompts(domains, 16)
     ks = [0, 1, 2, 3]
     servers = {k: ServerProc(student, "--max-context-len", "256", "--max-batch-size", "8", *cli_args(k)) for k in ks}
     rows: dict[str, dict] = {}
+    per_round: dict[str, list[float]] = {}  # tokens/s per round: ratios are taken within a round
     try:
         for s in servers.values():
             s.wait_ready(timeout=300)
@@ -97,6 +100,7 @@ def main() -> None:
                         acc = rows.setdefault(key, {"wall_s": 0.0, "tokens": 0, "verify_ct": 0, "requests": 0})
                         for f in acc:
                             acc[f] += m[f]
+                        per_round.setdefault(key, []).append(m["tokens"] / m["wall_s"])
             print(f"round {r + 1}/{args.rounds} done", flush=True)
     finally:
         for s in servers.values():
@@ -106,8 +110,10 @@ def main() -> None:
         temp, bs, k = key.split()
         base = rows[f"{temp} {bs} K=0"]
         tps = acc["tokens"] / acc["wall_s"]
+        ratios = [a / b for a, b in zip(per_round[key], per_round[f"{temp} {bs} K=0"])]
         table.append({"setting": key, "tokens_per_s": round(tps, 1),
                       "speedup": round(tps / (base["tokens"] / base["wall_s"]), 3),
+                      "speedup_median_of_rounds": round(float(sorted(ratios)[len(ratios) // 2]), 3),
                       # SGLang's spec_accept_length: completion tokens / verify forwards (first token from prefill)
                       "accept_length": round(acc["tokens"] / acc["verify_ct"], 3) if acc["verify_ct"] else None,
                       # tokens per verify forward, the prefill token excluded
