@@ -108,26 +108,32 @@ class EngineClient:
         return (await self.score_top_k(input_ids, start, 0)).logprobs
 
     async def score_top_k(self, input_ids: list[int], start: int, top_k: int) -> TokenScores:
-        """Like `score`, plus the engine's `top_k` most likely tokens at each of those positions (top_k > 0)."""
+        """Like `score`, plus the engine's `top_k` most likely tokens at each of those positions (top_k > 0).
+
+        SGLang's input logprobs at `logprob_start_len = s` begin with `None` for the token at `s` (position
+        s has no logprob from inside the request; sglang 0.5.23 ScheduleBatch.prepare_for_extend and
+        SchedulerLogprobResultProcessor), so the request starts one token earlier and the leading entry,
+        whatever the engine puts there, is dropped.
+        """
         if not 1 <= start < len(input_ids):
             raise ValueError(f"score: start must be in [1, {len(input_ids)}) (tokens before it are context), "
                              f"got {start}")
         req = GenerateRequest(input_ids=input_ids, sampling_params={"max_new_tokens": 0, "temperature": 1.0},
-                              return_logprob=True, logprob_start_len=start, top_logprobs_num=top_k)
+                              return_logprob=True, logprob_start_len=start - 1, top_logprobs_num=top_k)
         resp = await self.generate(req)
         n = len(input_ids) - start
         values = resp.input_logprobs or []
-        if len(values) != n or any(v is None for v in values):
-            raise MalformedResponse(self.url, f"score: expected {n} prompt logprobs from position {start}, "
-                              f"got {values!r:.200}")
-        scores = TokenScores(logprobs=[float(v) for v in values])
+        if len(values) != n + 1 or any(v is None for v in values[1:]):
+            raise MalformedResponse(self.url, f"score: expected {n + 1} prompt logprobs from position {start - 1} "
+                                    f"(the first undefined), got {values!r:.200}")
+        scores = TokenScores(logprobs=[float(v) for v in values[1:]])
         if top_k > 0:
             tops = resp.input_top_logprobs or []
-            if len(tops) != n or any(not row for row in tops):
-                raise MalformedResponse(self.url, f"score: expected top-{top_k} logprobs at {n} positions from {start}, "
-                                  f"got {tops!r:.200}")
-            scores.top_ids = [[t for _, t in row[:top_k]] for row in tops]
-            scores.top_logprobs = [[lp for lp, _ in row[:top_k]] for row in tops]
+            if len(tops) != n + 1 or any(not row for row in tops[1:]):
+                raise MalformedResponse(self.url, f"score: expected top-{top_k} logprobs at {n + 1} positions from "
+                                        f"{start - 1} (the first undefined), got {tops!r:.200}")
+            scores.top_ids = [[t for _, t in row[:top_k]] for row in tops[1:]]
+            scores.top_logprobs = [[lp for lp, _ in row[:top_k]] for row in tops[1:]]
         return scores
 
     async def abort(self, rid: str | None = None) -> None:

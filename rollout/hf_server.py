@@ -192,12 +192,15 @@ class HFServer:
         if req.return_logprob:
             meta["output_token_logprobs"] = logprob_entries(req.output_logprobs, req.output_ids)
             if req.logprob_start_len >= 0:
+                # as SGLang: the entry at logprob_start_len is None (no logprob from inside the request)
                 lps = req.input_logprobs or [None] * req.prompt_len
                 k = req.logprob_start_len
-                meta["input_token_logprobs"] = logprob_entries(lps[k:req.prompt_len], req.tokens[k:req.prompt_len])
+                first = [None] if k < req.prompt_len else []
+                meta["input_token_logprobs"] = logprob_entries(first + lps[k + 1:req.prompt_len],
+                                                               req.tokens[k:req.prompt_len])
                 if req.top_logprobs_num > 0:
                     tops = req.input_top_logprobs or [None] * req.prompt_len
-                    meta["input_top_logprobs"] = top_logprob_entries(tops[k:req.prompt_len])
+                    meta["input_top_logprobs"] = top_logprob_entries(first + tops[k + 1:req.prompt_len])
             if req.top_logprobs_num > 0:
                 meta["output_top_logprobs"] = top_logprob_entries(req.output_top_logprobs)
         if req.return_routed_experts and self.runner.capture_routing:

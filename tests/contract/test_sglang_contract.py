@@ -340,9 +340,6 @@ def test_sglang_input_logprob_view_built(report: dict[str, Any]) -> None:
         assert r["sglang"][0] is None and len(r["sglang"]) == r["input_len"] - r["logprob_start_len"]
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14 item 1 (owned elsewhere): at logprob_start_len = s > 0 SGLang answers "
-                   "None for token s, the local server a real value, and teacher scoring asks from s = len(prompt). "
-                   "Remove this marker when the fix lands (strict: it fails once it passes).")
 def test_local_server_input_logprobs_match_sglang(report: dict[str, Any]) -> None:
     rows = report["input_logprob_alignment"]
     bad = [{k: r[k] for k in ("mode", "logprob_start_len", "sglang", "server")} for r in rows

@@ -92,10 +92,8 @@ def test_prompt_logprobs_for_teacher_scoring(servers, hf):
         assert reply["output_ids"] == [] and meta["finish_reason"] == {"type": "length", "length": 0}
         entries = meta["input_token_logprobs"]
         assert [e[1] for e in entries] == seq[start:]
-        if start == 0:
-            assert entries[0][0] is None
-            entries = entries[1:]
-        np.testing.assert_allclose(lps(entries), ref[max(start, 1) - 1:].numpy(), atol=1e-5)
+        assert entries[0][0] is None  # as SGLang: no logprob for the token at logprob_start_len
+        np.testing.assert_allclose(lps(entries[1:]), ref[start:].numpy(), atol=1e-5)
 
 
 def test_top_logprobs_at_prompt_and_output_positions_equal_hf(servers, hf):
@@ -107,8 +105,8 @@ def test_top_logprobs_at_prompt_and_output_positions_equal_hf(servers, hf):
     reply = servers["r3"].generate({"input_ids": seq, "sampling_params": {"max_new_tokens": 2, "temperature": 0.0},
                                     "return_logprob": True, "logprob_start_len": start, "top_logprobs_num": k})
     tops = reply["meta_info"]["input_top_logprobs"]
-    assert len(tops) == len(seq) - start
-    for p, row in zip(range(start, len(seq)), tops):
+    assert len(tops) == len(seq) - start and tops[0] is None  # as SGLang: none at logprob_start_len
+    for p, row in zip(range(start + 1, len(seq)), tops[1:]):
         want_lp, want_ids = torch.topk(full[p - 1], k)
         assert [e[1] for e in row] == want_ids.tolist()
         np.testing.assert_allclose([e[0] for e in row], want_lp.numpy(), atol=1e-5)

@@ -259,7 +259,7 @@ def test_teacher_scoring_with_wrong_length_logprobs_is_bounded():
         engine = await FaultyEngine(answer).start()
         try:
             sample = Sample(prompt_index=0, group_index=0, domain="arith", prompt_ids=[1, 2], response_ids=[3, 4])
-            with pytest.raises(EngineUnavailable, match="score: expected 2 prompt logprobs"):
+            with pytest.raises(EngineUnavailable, match="score: expected 3 prompt logprobs"):
                 await asyncio.wait_for(score_samples([engine.url], [sample], max_retries=2, retry_window_s=10), 20)
             return engine.generate_requests
         finally:
