@@ -210,3 +210,22 @@ def test_speculation_needs_mtp_layers(tmp_path):
     srv = ServerProc(qwen, *hf_server_speculative.cli_args(2))
     with pytest.raises(RuntimeError, match="needs a model with MTP layers"):
         srv.wait_ready(timeout=120)
+
+
+def test_stop_tokens_min_new_tokens_and_late_joiners(servers):
+    """A stop token inside an accepted draft run ends the request there; min_new_tokens bans it before; a
+    request joining a running batch (prefill next to verify steps) still decodes identically."""
+    prompt = _prompts(1, seed=11)[0]
+    ref = servers["plain"].generate(_gen(prompt, 30, ignore_eos=True))["output_ids"]
+    stop = ref[12]
+    for extra in ({"stop_token_ids": [stop]}, {"stop_token_ids": [stop], "min_new_tokens": ref.index(stop) + 2}):
+        body = _gen(prompt, 30, ignore_eos=True, **extra)
+        a, b = servers["plain"].generate(body), servers["spec"].generate(body)
+        assert b["output_ids"] == a["output_ids"] and b["meta_info"]["finish_reason"] == a["meta_info"]["finish_reason"]
+    long_body, short = _gen(prompt, 60, ignore_eos=True), [_gen(p, 10, ignore_eos=True) for p in _prompts(3, seed=12)]
+    with ThreadPoolExecutor(4) as pool:
+        for name in ("plain", "spec"):
+            first = pool.submit(servers[name].generate, long_body)
+            later = list(pool.map(servers[name].generate, short))
+            servers[name].result = ([r["output_ids"] for r in later], first.result()["output_ids"])
+    assert servers["spec"].result == servers["plain"].result
