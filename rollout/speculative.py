@@ -42,3 +42,22 @@ def spec_accept_len(responses: Iterable[Any]) -> float | None:
             tokens += int(n)
             verifies += int(ct)
     return tokens / verifies if verifies else None
+
+
+def record(metadata: dict[str, Any], response: Any) -> None:
+    """Add one response's speculative counters to a sample's metadata (several turns add up)."""
+    ct = getattr(response, "spec_verify_ct", None)
+    if ct:
+        metadata["spec_verify_ct"] = metadata.get("spec_verify_ct", 0) + int(ct)
+        metadata["spec_completion_tokens"] = (metadata.get("spec_completion_tokens", 0)
+                                              + int(getattr(response, "completion_tokens", 0)))
+
+
+def step_metrics(samples: Iterable[Any]) -> dict[str, float]:
+    """`rollout/spec_accept_len` of a step from the samples' metadata (see `record`); {} without speculation."""
+    tokens = verifies = 0
+    for s in samples:
+        meta = getattr(s, "metadata", None) or {}
+        verifies += int(meta.get("spec_verify_ct", 0))
+        tokens += int(meta.get("spec_completion_tokens", 0))
+    return {"rollout/spec_accept_len": tokens / verifies} if verifies else {}

@@ -32,3 +32,24 @@ def test_response_fields_and_metric():
     assert plain.spec_verify_ct is None and plain.spec_accept_length is None
     assert spec_accept_len([r, plain, body]) == pytest.approx(12 / 4)
     assert spec_accept_len([plain]) is None
+
+
+def test_sample_metadata_and_step_metric():
+    from rollout.speculative import record, step_metrics
+
+    class S:
+        def __init__(self):
+            self.metadata = {}
+
+    a, b, c = S(), S(), S()
+    spec = GenerateResponse.from_json({"output_ids": [1] * 6, "meta_info": {"completion_tokens": 6,
+                                                                            "spec_verify_ct": 2}})
+    plain = GenerateResponse.from_json({"output_ids": [1], "meta_info": {"completion_tokens": 1}})
+    record(a.metadata, spec)
+    record(a.metadata, spec)  # a second turn of the same trajectory
+    record(b.metadata, GenerateResponse.from_json({"output_ids": [1] * 3, "meta_info": {"completion_tokens": 3,
+                                                                                        "spec_verify_ct": 3}}))
+    record(c.metadata, plain)
+    assert c.metadata == {} and a.metadata == {"spec_verify_ct": 4, "spec_completion_tokens": 12}
+    assert step_metrics([a, b, c]) == {"rollout/spec_accept_len": 15 / 7}
+    assert step_metrics([c]) == {}
