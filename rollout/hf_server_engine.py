@@ -295,7 +295,7 @@ def _mtp_tensors(path: str) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for file in sorted(glob.glob(os.path.join(glob.escape(path), "*.safetensors"))):
         with safe_open(file, framework="pt") as f:
-            for name in f.keys():
+            for name in f.keys():  # noqa: SIM118 - safe_open is not iterable
                 if name.startswith(MTP_PREFIX):
                     out[name] = f.get_tensor(name)
     return out

@@ -114,7 +114,7 @@ class SpeculativeDecoder:
                 d, q = self._draft([batch[i] for i in rows], max(ks[i] for i in rows))
                 for j, i in enumerate(rows):
                     drafts[i], qs[i] = d[j][:ks[i]], [x[j] for x in q[:ks[i]]]
-            except Exception:  # noqa: BLE001 - a failed draft only costs speed: verify the plain token
+            except Exception:
                 log.exception("MTP draft failed; decoding without drafts this step")
         inputs = [StepInput(kv=r.kv, kv_len=r.kv_len, new_ids=r.tokens[r.kv_len:] + drafts[i],
                             want_prompt_logits=(r.return_logprob and r.logprob_start_len >= 0

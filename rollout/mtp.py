@@ -45,7 +45,10 @@ class MTPLayer(nn.Module):
 
     def __init__(self, config: Any) -> None:
         super().__init__()
-        from transformers.models.mimo_v2_flash.modeling_mimo_v2_flash import MiMoV2FlashDecoderLayer, MiMoV2FlashRMSNorm
+        from transformers.models.mimo_v2_flash.modeling_mimo_v2_flash import (
+            MiMoV2FlashDecoderLayer,
+            MiMoV2FlashRMSNorm,
+        )
 
         cfg = copy.deepcopy(config)
         cfg.mlp_layer_types = ["dense"] * cfg.num_hidden_layers

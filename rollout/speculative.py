@@ -10,7 +10,6 @@ from collections.abc import Iterable
 from typing import Any
 
 
-
 def cli_args(num_draft_steps: int) -> list[str]:
     """Server flags for K MTP draft tokens (0: none); the same list is valid for sglang.launch_server."""
     if num_draft_steps <= 0:

@@ -26,9 +26,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from benchmarks.mtp.run import build_student, prompts  # noqa: E402
-from rollout.speculative import cli_args  # noqa: E402
-from tests.rollout.conftest import ServerProc  # noqa: E402
+from benchmarks.mtp.run import build_student, prompts
+from rollout.speculative import cli_args
+from tests.rollout.conftest import ServerProc
 
 DOMAINS = ("arith", "reverse")
 

@@ -22,13 +22,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from envs.toy_tasks import make_examples  # noqa: E402
-from mopd.toy.models import create_tiny_model  # noqa: E402
-from mopd.toy.mtp import train_toy_mtp  # noqa: E402
-from mopd.toy.tokenizer import build_char_tokenizer  # noqa: E402
-from mopd.toy.world import ToyWorldSpec, sft  # noqa: E402
-from rollout.speculative import cli_args  # noqa: E402
-from tests.rollout.conftest import ServerProc  # noqa: E402
+from envs.toy_tasks import make_examples
+from mopd.toy.models import create_tiny_model
+from mopd.toy.mtp import train_toy_mtp
+from mopd.toy.tokenizer import build_char_tokenizer
+from mopd.toy.world import ToyWorldSpec, sft
+from rollout.speculative import cli_args
+from tests.rollout.conftest import ServerProc
 
 
 def build_student(root: Path, domains: tuple[str, ...], base_steps: int, mtp_steps: int) -> Path:

@@ -10,8 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import PreTrainedTokenizerBase, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, \
-    Qwen3MoeForCausalLM
+from transformers import (
+    PreTrainedTokenizerBase,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
+)
 
 
 def tiny_qwen3_moe_config(vocab_size: int, *, hidden_size: int = 64, num_layers: int = 2,

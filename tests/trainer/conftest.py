@@ -63,7 +63,7 @@ def make_samples(n: int, *, seed: int = 0, vocab: int = 100, min_len: int = 3, m
     return out
 
 
-from mopd.toy.models import MIMO_MTP_LAYERS, create_tiny_mimo  # noqa: E402, F401 - re-exported for the tests
+from mopd.toy.models import MIMO_MTP_LAYERS, create_tiny_mimo  # noqa: F401 - re-exported for the tests
 
 
 @pytest.fixture(scope="session")
