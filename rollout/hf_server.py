@@ -3,6 +3,10 @@
 It lets rollout, teacher scoring, routing replay (R3) and weight sync run end to end on a machine
 without SGLang: same endpoints, same request parsing (`rollout.sglang_api`), same response shapes.
 Requests are batched continuously (see `hf_server_scheduler` and `hf_server_engine`).
+MiMo-V2-Flash checkpoints load with their MTP layers (`rollout.mtp`, updated by weight pushes too),
+and `--speculative-algorithm EAGLE --speculative-num-steps K` (SGLang's flags) turns on MTP
+self-speculative decoding (`hf_server_speculative`): same greedy output, same sampling distribution,
+target-model logprobs and routed experts, SGLang's `spec_*` fields in `meta_info`.
 
 Deviations from SGLang, on purpose:
 - `/update_weights_from_tensor` only takes `load_format: "safetensors"` (each entry base64 of
