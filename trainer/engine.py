@@ -19,7 +19,7 @@ from mopd.types import ConfigError, Sample
 from trainer import batching, routing_replay
 from trainer.config import TrainerConfig
 from trainer.hf_io import load_hf_state
-from trainer.losses import compute_loss, token_logprobs_and_entropy
+from trainer.losses import StudentLogprobs, compute_loss, student_logprobs
 from trainer.model_builder import build_model, hf_to_model, load_hf_config, model_to_hf
 from trainer.mtp_loss import MTPLoss
 from trainer.optim import Optimizer
@@ -84,15 +84,17 @@ class TrainEngine:
                                                 top_k=h.num_experts_per_tok, num_experts=self.arch.num_experts(h))
         return [t.to(self.device) for t in tensors]
 
-    def _forward(self, mb: batching.MicroBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """log pi_theta of the targets, entropy, and log pi_theta of the teacher's top-k tokens (if any)."""
+    def _forward(self, mb: batching.MicroBatch, need_untempered: bool = True) -> StudentLogprobs:
+        """log pi_theta of the targets at the rollout temperature and untempered (the teacher term's view,
+        see trainer.losses.pg_loss), the entropy, and log pi_theta of the teacher's top-k tokens (if any)."""
         logits = self.model(mb.tokens.to(self.device), mb.position_ids.to(self.device), None)
         top_ids = mb.inputs.teacher_top_ids
-        lp, ent, top_lp = token_logprobs_and_entropy(logits[:, :-1], mb.targets.to(self.device), self.temperature,
-                                                     top_ids.to(self.device) if top_ids is not None else None)
+        out = student_logprobs(logits[:, :-1], mb.targets.to(self.device), self.temperature,
+                               top_ids.to(self.device) if top_ids is not None else None, need_untempered)
         if self.device.type != "cpu":
-            lp, top_lp = lp.cpu(), (top_lp.cpu() if top_lp is not None else None)
-        return lp, ent.cpu(), top_lp
+            out = StudentLogprobs(*(t.cpu() if t is not None else None
+                                    for t in (out.tempered, out.entropy, out.untempered, out.top)))
+        return out
 
     def _microbatches(self, samples: list[Sample]) -> list[batching.MicroBatch]:
         plan = batching.plan_microbatches([len(s.tokens) for s in samples], self.cfg.max_tokens_per_microbatch)
@@ -107,7 +109,7 @@ class TrainEngine:
         for mb in self._microbatches(samples):
             chosen = [samples[i] for i in mb.indices]
             with routing_replay.replaying(self.model, self._replay_data(chosen, mb.tokens.shape[1])):
-                lp, _, _ = self._forward(mb)
+                lp = self._forward(mb, need_untempered=False).tempered
             for b, i in enumerate(mb.indices):
                 start = mb.prompt_lengths[b] - 1
                 out[i] = lp[b, start:start + len(samples[i].response_ids)].float().numpy().copy()
@@ -126,11 +128,12 @@ class TrainEngine:
             chosen = [samples[i] for i in mb.indices]
             with routing_replay.replaying(self.model, self._replay_data(chosen, mb.tokens.shape[1])):
                 with self.mtp.capture():
-                    lp, ent, top_lp = self._forward(mb)
+                    view = self._forward(mb, need_untempered=self.cfg.loss == "mopd")
                 if self.cfg.activation_recompute and self.cfg.routing_replay and self.moe_layers:
                     routing_replay.switch_to_backward(self.model)
-                out = compute_loss(self.cfg.loss, lp, mb.inputs, self.adv, eps_low=self.cfg.eps_low,
-                                   eps_high=self.cfg.eps_high, student_top_logprobs=top_lp)
+                out = compute_loss(self.cfg.loss, view.tempered, mb.inputs, self.adv, eps_low=self.cfg.eps_low,
+                                   eps_high=self.cfg.eps_high, student_top_logprobs=view.top,
+                                   untempered_logprobs=view.untempered)
                 total = out.loss_sum
                 mtp_sum = torch.zeros(())
                 if self.mtp.active:  # trains the MTP layers only; the policy's gradient is unchanged
@@ -139,7 +142,7 @@ class TrainEngine:
                 (total / num_global_samples).backward()
             mask = mb.inputs.loss_mask
             stats += torch.tensor([out.loss_sum.item(), out.is_masked_tokens, out.kl_rollout_sum, out.mask_tokens,
-                                   (ent * mask).sum().item(), mtp_sum.item()], dtype=torch.float64)
+                                   (view.entropy * mask).sum().item(), mtp_sum.item()], dtype=torch.float64)
         self._allreduce_grads()
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(stats)

@@ -58,8 +58,18 @@ def _rollout_stats(logprobs: torch.Tensor, inputs: LossInputs) -> tuple[float, f
 
 
 def pg_loss(logprobs: torch.Tensor, inputs: LossInputs, adv: AdvantageConfig, *, eps_low: float,
-            eps_high: float, teacher_coef: float, student_top_logprobs: torch.Tensor | None = None) -> LossOutput:
+            eps_high: float, teacher_coef: float, student_top_logprobs: torch.Tensor | None = None,
+            untempered_logprobs: torch.Tensor | None = None) -> LossOutput:
     """-sum_seq (1/|y|) sum_t w_t (A_t log pi_theta(y_t) - teacher_coef * c_seq * D_t); w_t the IS mask.
+
+    Temperature. `logprobs` are the student's at the rollout temperature T (what mu sampled from), so the
+    IS weight w_t = pi_theta^T / mu and the policy-gradient term use them. The teacher term compares the
+    two models' own distributions at temperature 1: A_t's reward is log pi_T(y_t) - log pi_theta^1(y_t)
+    (`untempered_logprobs`), and D_t uses the student's untempered top-k logprobs. Why 1 and not T: a
+    teacher's prefill logprobs are untempered in SGLang (sglang 0.5.23 computes input logprobs with a plain
+    log_softmax; only output logprobs are tempered), and a tempered teacher logprob cannot be recovered
+    from one token's logprob (it needs log sum_v p_v^(1/T) over the vocabulary), so comparing at T would
+    compare a tempered student with an untempered teacher. At T = 1 (the default) both views coincide.
 
     `teacher_coef` is algo.teacher_coef; c_seq (inputs.teacher_coef, default 1) is the per-teacher
     teachers.NAME.coef of the teacher that scored the sequence, so each teacher's term is scaled on its own.
@@ -79,7 +89,8 @@ def pg_loss(logprobs: torch.Tensor, inputs: LossInputs, adv: AdvantageConfig, *,
     per_seq_coef = (inputs.teacher_coef.to(logprobs.dtype).unsqueeze(-1) if inputs.teacher_coef is not None
                     else torch.ones_like(orm).unsqueeze(-1))
     sampled_coef = 0.0 if top_k else teacher_coef
-    advantages = token_advantages(teacher, logprobs.detach(), orm.unsqueeze(-1), mask, alpha=adv.alpha,
+    student = untempered_logprobs if untempered_logprobs is not None else logprobs
+    advantages = token_advantages(teacher, student.detach(), orm.unsqueeze(-1), mask, alpha=adv.alpha,
                                   teacher_coef=sampled_coef * per_seq_coef, reward_clip=adv.teacher_reward_clip)
     weights = importance_weights(logprobs, mu, mask, eps_low=eps_low, eps_high=eps_high)
     objective = weights * advantages * logprobs
@@ -107,11 +118,12 @@ def sft_loss(logprobs: torch.Tensor, inputs: LossInputs) -> LossOutput:
 
 
 def compute_loss(kind: str, logprobs: torch.Tensor, inputs: LossInputs, adv: AdvantageConfig, *,
-                 eps_low: float, eps_high: float, student_top_logprobs: torch.Tensor | None = None) -> LossOutput:
+                 eps_low: float, eps_high: float, student_top_logprobs: torch.Tensor | None = None,
+                 untempered_logprobs: torch.Tensor | None = None) -> LossOutput:
     """Dispatch on TrainerConfig.loss: mopd | grpo (teacher term off) | sft."""
     if kind == "mopd":
         return pg_loss(logprobs, inputs, adv, eps_low=eps_low, eps_high=eps_high, teacher_coef=adv.teacher_coef,
-                       student_top_logprobs=student_top_logprobs)
+                       student_top_logprobs=student_top_logprobs, untempered_logprobs=untempered_logprobs)
     if kind == "grpo":
         return pg_loss(logprobs, inputs, adv, eps_low=eps_low, eps_high=eps_high, teacher_coef=0.0)
     if kind == "sft":
@@ -130,3 +142,24 @@ def token_logprobs_and_entropy(logits: torch.Tensor, targets: torch.Tensor, temp
     with torch.no_grad():
         entropy = -(logp.exp() * logp).sum(-1)
     return token_lp, entropy, top_lp
+
+
+@dataclass
+class StudentLogprobs:
+    """The student's view of one microbatch: at the rollout temperature, and untempered for the teacher term."""
+
+    tempered: torch.Tensor  # [B, N] log pi_theta^T(y_t): IS weight and policy gradient
+    entropy: torch.Tensor  # [B, N] entropy of pi_theta^T
+    untempered: torch.Tensor  # [B, N] log pi_theta^1(y_t): the teacher reward (the same tensor when T = 1)
+    top: torch.Tensor | None  # [B, N, k] log pi_theta^1 of the teacher's top-k tokens (D_t)
+
+
+def student_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float,
+                     top_ids: torch.Tensor | None = None, need_untempered: bool = True) -> StudentLogprobs:
+    """Both temperature views from one logits tensor; the second softmax is computed only when T != 1."""
+    lp, ent, top = token_logprobs_and_entropy(logits, targets, temperature,
+                                              top_ids if temperature == 1.0 else None)
+    if temperature == 1.0 or not need_untempered:
+        return StudentLogprobs(lp, ent, lp, top)
+    lp1, _, top1 = token_logprobs_and_entropy(logits, targets, 1.0, top_ids)
+    return StudentLogprobs(lp, ent, lp1, top1)

@@ -187,3 +187,58 @@ def test_gradient_through_megatron_model(moe_path, dist_env):
     for n, p in params.items():
         assert torch.allclose(p.grad, ref_grads[n], atol=1e-6, rtol=1e-4), n
     assert not torch.equal(params[name].detach(), before)
+
+
+def test_temperature_0_7_teacher_term_untempered_is_and_gradient_tempered_hand_computed():
+    """At rollout temperature T = 0.7: w_t = pi^T/mu and the gradient use log pi^T; the teacher reward uses
+    log pi^1 (SGLang's teacher prefill logprobs are untempered), for the sampled-token and top-k rewards."""
+    from trainer.losses import student_logprobs
+
+    logits = torch.tensor([[[1.0, 0.0, -1.0], [0.5, 0.2, -0.3]]], requires_grad=True)
+    targets = torch.tensor([[0, 2]])
+    t = 0.7
+    view = student_logprobs(logits, targets, t, top_ids=torch.tensor([[[0, 1], [1, 0]]]))
+    lse_t = [math.log(sum(math.exp(v / t) for v in row)) for row in ([1.0, 0.0, -1.0], [0.5, 0.2, -0.3])]
+    lse_1 = [math.log(sum(math.exp(v) for v in row)) for row in ([1.0, 0.0, -1.0], [0.5, 0.2, -0.3])]
+    lp_t = [1.0 / t - lse_t[0], -0.3 / t - lse_t[1]]
+    lp_1 = [1.0 - lse_1[0], -0.3 - lse_1[1]]
+    assert view.tempered[0].tolist() == pytest.approx(lp_t, abs=1e-6)
+    assert view.untempered[0].tolist() == pytest.approx(lp_1, abs=1e-6)
+    assert view.top[0].flatten().tolist() == pytest.approx([1.0 - lse_1[0], 0.0 - lse_1[0],
+                                                            0.2 - lse_1[1], 0.5 - lse_1[1]], abs=1e-6)
+    mu, teacher, orm = [lp_t[0] - 0.1, lp_t[1] + 0.2], [-0.4, -1.5], 0.0
+    inputs = LossInputs(loss_mask=torch.ones(1, 2), rollout_logprobs=torch.tensor([mu]),
+                        teacher_logprobs=torch.tensor([teacher]), orm_advantage=torch.tensor([orm]))
+    adv = AdvantageConfig(alpha=0.5, teacher_coef=1.0)
+    out = compute_loss("mopd", view.tempered, inputs, adv, eps_low=0.5, eps_high=2.0,
+                       untempered_logprobs=view.untempered)
+    w = [math.exp(0.1), math.exp(-0.2)]
+    a = [teacher[0] - lp_1[0], teacher[1] - lp_1[1]]  # reward against the untempered student
+    assert out.loss_sum.item() == pytest.approx(-(w[0] * a[0] * lp_t[0] + w[1] * a[1] * lp_t[1]) / 2, abs=1e-6)
+    # without the untempered view the reward would compare a tempered student with an untempered teacher
+    wrong = compute_loss("mopd", view.tempered, inputs, adv, eps_low=0.5, eps_high=2.0)
+    assert abs(wrong.loss_sum.item() - out.loss_sum.item()) > 1e-3
+    # T = 1: one view, the same tensor
+    one = student_logprobs(logits, targets, 1.0)
+    assert one.untempered is one.tempered
+
+
+def test_engine_trains_the_teacher_term_untempered_at_rollout_temperature(moe_path, dist_env):
+    """Through the Megatron engine at T = 0.7: the loss equals the hand formula on the engine's own logits."""
+    from trainer.config import TrainerConfig
+    from trainer.engine import TrainEngine
+    from tests.trainer.conftest import make_samples
+
+    samples = make_samples(3, seed=11)
+    engine = TrainEngine(moe_path, TrainerConfig(lr=1e-3, loss="mopd", eps_low=0.0, eps_high=1e9),
+                         AdvantageConfig(alpha=0.0, teacher_coef=1.0), num_steps=1, rollout_temperature=0.7)
+    mb = engine._microbatches(samples)[0]
+    with torch.no_grad():
+        logits = engine.model(mb.tokens, mb.position_ids, None)[:, :-1].float()
+    lp_t = torch.log_softmax(logits / 0.7, -1).gather(-1, mb.targets.unsqueeze(-1)).squeeze(-1)
+    lp_1 = torch.log_softmax(logits, -1).gather(-1, mb.targets.unsqueeze(-1)).squeeze(-1)
+    mask, mu, teacher = mb.inputs.loss_mask, mb.inputs.rollout_logprobs, mb.inputs.teacher_logprobs
+    w = torch.exp(lp_t - mu) * mask
+    per_seq = (w * (teacher - lp_1) * lp_t * mask).sum(-1) / mask.sum(-1)
+    metrics = engine.train_step(samples, len(samples))
+    assert metrics["train/loss"] == pytest.approx(-per_seq.sum().item() / len(samples), rel=1e-4, abs=1e-5)
