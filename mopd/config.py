@@ -315,6 +315,10 @@ def validate_static(job: JobConfig) -> None:
         raise ConfigError("teachers", "at least one teacher when rollout.sample_from=teacher", {})
     job.rollout.validate("rollout")
     job.trainer.validate("trainer")
+    engine_tp = max(job.rollout.gpus_per_engine, 1)  # SGLang's --tp-size: the one place the engines' TP is set
+    if job.trainer.weight_sync_engine_tp not in (0, engine_tp):
+        raise ConfigError("trainer.weight_sync_engine_tp", f"0 (derived) or the engines' TP size, "
+                          f"rollout.gpus_per_engine = {engine_tp}", job.trainer.weight_sync_engine_tp)
     job.algo.validate("algo")
     _validate_algo(job)
     job.env.validate("env")

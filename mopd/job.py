@@ -15,7 +15,7 @@ import logging
 import os
 from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -163,7 +163,8 @@ def start(job: JobConfig, config_dict: dict) -> Runtime:
         stack.callback(engines.shutdown)
         teachers = TeacherSet.launch(job, tokenizer)
         stack.callback(teachers.close)
-        trainer = TrainerGroup(job.student.model_path, job.trainer, job.algo, num_steps=job.num_steps,
+        trainer_cfg = replace(job.trainer, weight_sync_engine_tp=max(job.rollout.gpus_per_engine, 1))
+        trainer = TrainerGroup(job.student.model_path, trainer_cfg, job.algo, num_steps=job.num_steps,
                                rollout_temperature=job.rollout.temperature)
         stack.callback(trainer.shutdown)
         if resume_from:

@@ -37,7 +37,9 @@ class TrainerConfig:
     weight_sync_bucket_mb: int = 64
     # tensor mode payload: auto (sglang serializer on GPU, safetensors on CPU) | sglang | safetensors
     weight_sync_format: str = "auto"
-    weight_sync_engine_tp: int = 1  # TP size of each engine: one serialized entry per TP rank
+    # TP ranks of each engine (one serialized entry per rank in a tensor push, NCCL ranks per engine);
+    # 0 = the engines' own TP, rollout.gpus_per_engine, filled in by the job (a different value is refused)
+    weight_sync_engine_tp: int = 0
     weight_sync_dir: str = ""  # disk mode: where HF snapshots are written ("" = system temp dir)
     weight_sync_timeout_s: float = 300.0
     routing_replay: bool = True  # replay rollout routing (R3) in training forward/backward
@@ -92,9 +94,11 @@ class TrainerConfig:
         if self.weight_sync_format not in ("auto", "sglang", "safetensors"):
             raise ConfigError(f"{prefix}.weight_sync_format", "one of auto, sglang, safetensors",
                               self.weight_sync_format)
-        for name in ("weight_sync_bucket_mb", "weight_sync_engine_tp"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{prefix}.{name}", "an integer >= 1", getattr(self, name))
+        if self.weight_sync_bucket_mb < 1:
+            raise ConfigError(f"{prefix}.weight_sync_bucket_mb", "an integer >= 1", self.weight_sync_bucket_mb)
+        if self.weight_sync_engine_tp < 0:
+            raise ConfigError(f"{prefix}.weight_sync_engine_tp", "0 (the engines' TP) or an integer >= 1",
+                              self.weight_sync_engine_tp)
         if self.weight_sync_timeout_s <= 0:
             raise ConfigError(f"{prefix}.weight_sync_timeout_s", "a number of seconds > 0",
                               self.weight_sync_timeout_s)

@@ -176,7 +176,7 @@ def push_tensor(named: dict[str, torch.Tensor], urls: list[str], version: int, c
     groups = list(buckets(named, bucket_bytes or cfg.weight_sync_bucket_mb * 2**20))
     for i, bucket in enumerate(groups):
         payload = serialize(bucket)
-        body = {"serialized_named_tensors": [payload] * cfg.weight_sync_engine_tp,
+        body = {"serialized_named_tensors": [payload] * max(cfg.weight_sync_engine_tp, 1),
                 "load_format": "safetensors" if fmt == "safetensors" else None,
                 "flush_cache": i == len(groups) - 1, "weight_version": str(version)}
         _to_all(urls, "/update_weights_from_tensor", body, cfg.weight_sync_timeout_s)
@@ -232,7 +232,7 @@ class DistributedPusher:
         from trainer.dist import free_port
 
         self.urls, self.cfg = urls, cfg
-        tp = cfg.weight_sync_engine_tp
+        tp = max(cfg.weight_sync_engine_tp, 1)
         world = 1 + tp * len(urls)
         master_port = free_port()
         import socket

@@ -101,6 +101,8 @@ CASES: list[tuple[str, str | None, str]] = [
     ("trainer.pp_size=2", None, "trainer.pp_size"),
     # the machine: NCCL weight sync, CUDA, CPUs
     ("trainer.weight_sync=distributed", None, "trainer.weight_sync"),
+    ("rollout=sglang trainer.weight_sync_engine_tp=1", None, "trainer.weight_sync_engine_tp"),  # engines TP 2
+    ("trainer.weight_sync_engine_tp=-1", None, "trainer.weight_sync_engine_tp"),
     ("ray_num_cpus=1", None, "ray_num_cpus"),
     # toy world: checked before it is built
     ("toy.domains=[arith,chemistry]", None, "toy.domains"),
