@@ -203,6 +203,9 @@ class Scheduler:
         """
         if self.failure is not None:
             raise EngineDead(f"the scheduler loop has stopped ({self.failure}); restart the server")
+        if req.rid is not None and any(r.rid == req.rid for r in [*self.pending, *self.running]):
+            raise RequestError(f"field `rid`: request {req.rid!r} is already in flight (SGLang refuses a "
+                               "duplicate request ID the same way)")
         if session is not None:
             sid = session.id
             sess = self.sessions.get(sid)

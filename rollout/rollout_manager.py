@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from dataclasses import replace
 from typing import Any
 
 from transformers import AutoConfig, PreTrainedTokenizerBase
@@ -85,8 +86,10 @@ class RolloutManager:
     async def _generate_one(self, dispatcher: Dispatcher, sample: Sample) -> None:
         request = GenerateRequest(input_ids=sample.prompt_ids, sampling_params=self.sampling_params(),
                                   return_logprob=True, logprob_start_len=-1,
-                                  return_routed_experts=self.routing_replay, rid=uuid.uuid4().hex)
-        response = await dispatcher.run(lambda client: client.generate(request))
+                                  return_routed_experts=self.routing_replay)
+        # a fresh rid per attempt: a retry may reach an engine where the first attempt is still in flight,
+        # and SGLang refuses a duplicate request ID with a 400 (which is not retried)
+        response = await dispatcher.run(lambda client: client.generate(replace(request, rid=uuid.uuid4().hex)))
         fill_sample(sample, response, self.tokenizer)
 
     async def abort_all(self) -> None:

@@ -10,6 +10,7 @@ the whole context (what an agent framework without a prefix cache does).
 from __future__ import annotations
 
 import uuid
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -100,8 +101,12 @@ class Trajectory:
     async def _full_request(self, rid: str) -> GenerateResponse:
         request = GenerateRequest(input_ids=list(self.tokens), sampling_params=self.sampling_params,
                                   return_logprob=True, return_routed_experts=self.routing_replay,
-                                  routed_experts_start_len=self.num_rows, rid=rid)
-        response = await self.dispatcher.run(lambda c: c.generate(request), key=self.key)
+                                  routed_experts_start_len=self.num_rows)
+        # the first attempt uses `rid`, each retry a fresh one: SGLang refuses a duplicate request ID in
+        # flight (400), e.g. after a session request that timed out on the same engine
+        rids = iter([rid])
+        response = await self.dispatcher.run(
+            lambda c: c.generate(replace(request, rid=next(rids, None) or uuid.uuid4().hex)), key=self.key)
         self.requests += 1
         return response
 

@@ -348,3 +348,44 @@ def test_a_killed_engine_restarts_by_itself_with_the_latest_pushed_weights(engin
     assert restarted[1] == "1"  # reports the version it serves
     np.testing.assert_allclose(restarted[0], live[0], atol=1e-5)  # equal to a live engine that got the push
     snapshots.close()
+
+
+def test_a_retried_generation_gets_a_fresh_request_id():
+    """SGLang refuses a request ID that is still in flight (400, not retried): a retry must not reuse it."""
+    rids: list[str] = []
+
+    def answer(body):
+        rids.append(body["rid"])
+        if len(rids) == 1:
+            return 503, {"error": "overloaded"}
+        return 200, {"text": "a", "output_ids": [5], "meta_info": {
+            "id": body["rid"], "finish_reason": {"type": "length", "length": 1},
+            "output_token_logprobs": [[-0.5, 5, None]], "prompt_tokens": 3, "completion_tokens": 1}}
+
+    async def go():
+        engine = await FaultyEngine(answer).start()
+        try:
+            cfg = RolloutConfig(num_engines=1, max_new_tokens=1, max_retries=2, request_timeout_s=10)
+            manager = RolloutManager([engine.url], cfg, eos_token_id=None, tokenizer=build_char_tokenizer())
+            sample = Sample(prompt_index=0, group_index=0, domain="arith", prompt_ids=[1, 2, 3])
+            await manager.generate([sample])
+            return sample
+        finally:
+            await engine.stop()
+
+    sample = asyncio.run(go())
+    assert sample.response_ids == [5] and len(rids) == 2 and rids[0] != rids[1]
+
+
+def test_the_local_server_refuses_a_duplicate_request_id_in_flight_as_sglang_does(engines):
+    async def go():
+        async with EngineClient(engines.urls[0]) as client:
+            slow = GenerateRequest(input_ids=[1, 2, 3], rid="same-rid",
+                                   sampling_params={"max_new_tokens": 100, "ignore_eos": True})
+            return await asyncio.gather(client.generate(slow, retries=0), client.generate(slow, retries=0),
+                                        return_exceptions=True)
+
+    results = asyncio.run(go())  # sent together: the second arrives while the first is in flight
+    errors = [r for r in results if isinstance(r, BaseException)]
+    assert len(errors) == 1 and isinstance(errors[0], EngineError), results
+    assert errors[0].status == 400 and "rid" in str(errors[0])
