@@ -6,8 +6,13 @@ Kept apart from the engine launcher and the rollout manager so both only call on
 
 from __future__ import annotations
 
+import glob
+import logging
+import os
 from collections.abc import Iterable
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 def cli_args(num_draft_steps: int) -> list[str]:
@@ -18,13 +23,37 @@ def cli_args(num_draft_steps: int) -> list[str]:
             "--speculative-eagle-topk", "1", "--speculative-num-draft-tokens", str(num_draft_steps + 1)]
 
 
-def engine_args(cfg: Any) -> list[str]:
+def engine_args(cfg: Any, model_path: str | None = None) -> list[str]:
     """Extra server flags for `cfg.speculative_num_steps` (a RolloutConfig); [] when speculation is off.
 
     The same flags launch SGLang (`--speculative-algorithm EAGLE --speculative-num-steps K
     --speculative-eagle-topk 1 --speculative-num-draft-tokens K+1`, as the MiMo-V2-Flash README does)
-    and the local server."""
-    return cli_args(int(getattr(cfg, "speculative_num_steps", 0) or 0))
+    and the local server. With `model_path` (a local checkpoint directory), a checkpoint without MTP
+    layers gets no flags (teachers launched from the same rollout config only score) and K is capped
+    at the checkpoint's MTP layer count; both are logged."""
+    k = int(getattr(cfg, "speculative_num_steps", 0) or 0)
+    if k > 0 and model_path is not None and os.path.isdir(model_path):
+        layers = mtp_layer_count(model_path)
+        if layers == 0:
+            log.info("%s has no MTP layers: served without speculative decoding", model_path)
+            return []
+        if layers < k:
+            log.warning("%s has %d MTP layers: speculative_num_steps %d capped to %d", model_path, layers, k, layers)
+            k = layers
+    return cli_args(k)
+
+
+def mtp_layer_count(model_path: str) -> int:
+    """MTP blocks in a checkpoint directory, from the safetensors headers (`model.mtp.layers.<k>.*`)."""
+    from safetensors import safe_open
+
+    from rollout.mtp import mtp_layer_count as count
+
+    names: list[str] = []
+    for file in sorted(glob.glob(os.path.join(glob.escape(model_path), "*.safetensors"))):
+        with safe_open(file, framework="pt") as f:
+            names += list(f.keys())
+    return count(names)
 
 
 def spec_accept_len(responses: Iterable[Any]) -> float | None:

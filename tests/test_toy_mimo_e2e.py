@@ -23,7 +23,7 @@ def _missing_wiring() -> list[str]:
 
     missing = []
     if "engine_args" not in inspect.getsource(rollout.engines):
-        missing.append("rollout/engines.py: server_command must add rollout.speculative.engine_args(cfg)")
+        missing.append("rollout/engines.py: server_command must add rollout.speculative.engine_args(cfg, model_path)")
     if "mimo_v2_flash" not in getattr(mopd.config, "TOY_ARCHS", ()):
         missing.append("mopd/config.py: TOY_ARCHS must include 'mimo_v2_flash'")
     if "train_toy_mtp" not in inspect.getsource(mopd.toy.world):

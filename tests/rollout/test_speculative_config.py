@@ -53,3 +53,17 @@ def test_sample_metadata_and_step_metric():
     assert c.metadata == {} and a.metadata == {"spec_verify_ct": 4, "spec_completion_tokens": 12}
     assert step_metrics([a, b, c]) == {"rollout/spec_accept_len": 15 / 7}
     assert step_metrics([c]) == {}
+
+
+def test_engine_args_follow_the_checkpoint(tmp_path):
+    """Teachers launched from the same rollout config have no MTP layers: no flags; K capped at the layers."""
+    from mopd.toy.models import create_tiny_model, create_toy_mimo
+    from mopd.toy.tokenizer import build_char_tokenizer
+
+    tok = build_char_tokenizer()
+    mimo = create_toy_mimo(tmp_path / "mimo", tok, mtp_layers=2, num_layers=2)
+    qwen = create_tiny_model(tmp_path / "qwen", tok, arch="qwen3")
+    cfg = RolloutConfig(speculative_num_steps=3)
+    assert engine_args(cfg, str(qwen)) == []
+    assert engine_args(cfg, str(mimo))[:4] == ["--speculative-algorithm", "EAGLE", "--speculative-num-steps", "2"]
+    assert engine_args(cfg, "some/hub-name") == engine_args(cfg)
