@@ -30,6 +30,7 @@ import resource
 import signal
 import sys
 import time
+from typing import Callable
 
 CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
 CLONE_NEWPID, CLONE_NEWNET = 0x20000000, 0x40000000
@@ -217,14 +218,10 @@ def kill_descendants(pid: int, reap: bool) -> None:
         os.sched_yield()
 
 
-def kill_cgroup(path: str) -> None:
-    """SIGKILL every process in a cgroup until it is empty (loops to win races against forkers)."""
-    for _ in range(50):
-        try:
-            with open(os.path.join(path, "cgroup.procs")) as f:
-                pids = [int(p) for p in f.read().split()]
-        except OSError:
-            return
+def _kill_until_gone(list_pids: Callable[[], list[int]], rounds: int = 50) -> None:
+    """SIGKILL what `list_pids` names until it names nothing (loops to win races against forkers)."""
+    for _ in range(rounds):
+        pids = list_pids()
         if not pids:
             return
         for pid in pids:
@@ -233,6 +230,19 @@ def kill_cgroup(path: str) -> None:
             except ProcessLookupError:
                 pass
         time.sleep(0.01)
+
+
+def cgroup_pids(path: str) -> list[int]:
+    try:
+        with open(os.path.join(path, "cgroup.procs")) as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+
+
+def kill_cgroup(path: str, rounds: int = 50) -> None:
+    """SIGKILL every process in a cgroup until it is empty."""
+    _kill_until_gone(lambda: cgroup_pids(path), rounds)
 
 
 def uid_pids(uid: int) -> list[int]:
@@ -251,17 +261,8 @@ def uid_pids(uid: int) -> list[int]:
 
 
 def kill_uid(uid: int) -> None:
-    """SIGKILL every process of `uid` (unique per sandbox); loops to win races against forkers."""
-    for _ in range(50):
-        pids = uid_pids(uid)
-        if not pids:
-            return
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.01)
+    """SIGKILL every process of `uid` (unique per sandbox)."""
+    _kill_until_gone(lambda: uid_pids(uid))
 
 
 def _wait_for(pid: int) -> int:

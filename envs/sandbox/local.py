@@ -32,7 +32,7 @@ from envs.sandbox.agent import kill_uid
 from envs.sandbox.base import MAX_CALL_TIMEOUT_S, Sandbox
 from envs.sandbox.client import AgentClient, SandboxError
 from envs.sandbox.isolation import Isolation, detect
-from envs.sandbox.jail import RUN
+from envs.sandbox.jail import RUN, kill_cgroup
 
 AGENT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "agent.py")
 UID_RANGE = (200000, 260000)
@@ -57,20 +57,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _kill_cgroup_dir(path: str) -> None:
-    for _ in range(100):
-        try:
-            with open(os.path.join(path, "cgroup.procs")) as f:
-                pids = [int(p) for p in f.read().split()]
-        except OSError:
-            break
-        if not pids:
-            break
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.01)
+    kill_cgroup(path, rounds=100)
     for _ in range(50):
         try:
             os.rmdir(path)
