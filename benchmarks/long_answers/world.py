@@ -19,7 +19,7 @@ from mopd.toy.world import ToyWorldSpec
 # Measured (probe, hidden 64, 2 layers, lr 3e-3, batch 32): mixed SFT on both domains reaches 0.95 greedy on
 # shift after ~300 steps and on rot after ~700; the base stops before either, each teacher trains on
 # its own domain only until it masters it.
-FULL_WORLD = ToyWorldSpec(domains=LONG_ANSWER_DOMAINS, base_steps=150, teacher_steps=300)
+FULL_WORLD = ToyWorldSpec(domains=LONG_ANSWER_DOMAINS, base_steps=220, teacher_steps=300)
 QUICK_WORLD = ToyWorldSpec(domains=LONG_ANSWER_DOMAINS, hidden_size=32, base_steps=20, teacher_steps=30,
                            train_prompts_per_domain=200, test_prompts_per_domain=20)
 VAL_SEED_OFFSET = 20_000  # train uses spec.seed, test spec.seed + 10_000 (mopd.toy.world.write_datasets)
