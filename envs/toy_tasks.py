@@ -10,8 +10,8 @@ slips). All are small enough for a tiny character-level model on CPU.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 END_OF_TURN = "<|im_end|>"
 

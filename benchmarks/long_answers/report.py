@@ -7,7 +7,7 @@ from pathlib import Path
 
 from benchmarks.mopd_vs_baselines.report import STUDENT, TEACHER, normalized_score
 
-__all__ = ["STUDENT", "TEACHER", "normalized_score", "mean_ci", "paired", "results_table", "plot_curves"]
+__all__ = ["STUDENT", "TEACHER", "mean_ci", "normalized_score", "paired", "plot_curves", "results_table"]
 
 # two-sided 97.5% quantiles of Student's t by degrees of freedom (n - 1); 1.96 beyond the table
 _T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
@@ -44,7 +44,7 @@ def results_table(per_seed: dict[str, list[dict[str, dict[str, float]]]], domain
     `per_seed[name]` is one {domain: {"greedy", "sampled"}} per seed; `kind` picks greedy or sampled;
     the normalized score of each seed is taken against `student` and `teacher` (same kind).
     """
-    lines = [f"| Method | seeds | " + " | ".join(domains) + " | Normalized score |",
+    lines = ["| Method | seeds | " + " | ".join(domains) + " | Normalized score |",
              "|---|---:|" + "---:|" * len(domains) + "---:|"]
     for name, runs in per_seed.items():
         accs = [{d: r[d][kind] for d in domains} for r in runs]
@@ -80,7 +80,7 @@ def plot_curves(curves: dict[str, list[list[tuple[float, float, float]]]], flat:
                        label=name if ax is axes[0] else None)
     axes[0].set_xlabel("sampled training tokens")
     axes[1].set_xlabel("training wall-clock seconds (2 shared CPU cores; evaluation excluded)")
-    axes[0].set_ylabel("validation greedy accuracy (mean of domains and seeds)")
+    axes[0].set_ylabel("validation greedy accuracy\n(mean of domains, seeds)")
     for ax in axes:
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)

@@ -27,11 +27,18 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.long_answers.report import STUDENT, TEACHER, mean_ci, normalized_score, paired, \
-    plot_curves, results_table  # noqa: E402
-from benchmarks.long_answers.world import FULL_WORLD, QUICK_WORLD, build_long_world, val_file  # noqa: E402
-from benchmarks.mopd_vs_baselines.run import MERGE_AVERAGE, MERGE_TASK, build_merges  # noqa: E402
-from mopd.evaluate import evaluate, load_eval_rows  # noqa: E402
+from benchmarks.long_answers.report import (
+    STUDENT,
+    TEACHER,
+    mean_ci,
+    normalized_score,
+    paired,
+    plot_curves,
+    results_table,
+)
+from benchmarks.long_answers.world import FULL_WORLD, QUICK_WORLD, build_long_world, val_file
+from benchmarks.mopd_vs_baselines.run import MERGE_TASK, build_merges
+from mopd.evaluate import evaluate, load_eval_rows
 
 log = logging.getLogger("long_answers")
 HEADLINE = "MOPD (report): sampled-token reverse KL + outcome"
@@ -55,11 +62,11 @@ MAX_NEW_TOKENS = 40  # answers are 34 characters + end of turn (configs/experime
 
 # lr grid: measured on seed 0 (README): at 3e-3 the first MOPD step alone took the base student's rot rollouts
 # from 0.56 correct to 0 (end-of-turn suppressed); at 3e-4 it never fell.
-FULL = dict(world=FULL_WORLD, budget=40_000, tokens_per_step=1100, lrs=(3e-4, 3e-3), seeds=3, eval_per_domain=200,
-            val_per_domain=40, eval_interval=6, eval_samples=4, rollout=[])
-QUICK = dict(world=QUICK_WORLD, budget=600, tokens_per_step=300, lrs=(1e-3,), seeds=3, eval_per_domain=6,
-             val_per_domain=4, eval_interval=1, eval_samples=1,
-             rollout=["rollout.prompts_per_step=4", "rollout.n_samples_per_prompt=2"])
+FULL = {"world": FULL_WORLD, "budget": 40_000, "tokens_per_step": 1100, "lrs": (3e-4, 3e-3), "seeds": 3,
+        "eval_per_domain": 200, "val_per_domain": 40, "eval_interval": 6, "eval_samples": 4, "rollout": []}
+QUICK = {"world": QUICK_WORLD, "budget": 600, "tokens_per_step": 300, "lrs": (1e-3,), "seeds": 3, "eval_per_domain": 6,
+         "val_per_domain": 4, "eval_interval": 1, "eval_samples": 1,
+         "rollout": ["rollout.prompts_per_step=4", "rollout.n_samples_per_prompt=2"]}
 
 
 def train_run(world, run_dir: Path, overrides: list[str], budget: int, setup: dict, lr: float, seed: int,
@@ -80,7 +87,7 @@ def train_run(world, run_dir: Path, overrides: list[str], budget: int, setup: di
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HYDRA_FULL_ERROR="1")
     start = time.time()
     with open(run_dir / "train.log", "w") as out:
-        proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+        proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"{run_dir}: mopd-train exited with {proc.returncode}\n"
                            + (run_dir / "train.log").read_text()[-4000:])
@@ -140,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
     domains = list(setup["world"].domains)
     test = load_eval_rows(world.test_file, setup["eval_per_domain"])
     val = load_eval_rows(val_file(world), setup["val_per_domain"])
-    ev = dict(max_new_tokens=MAX_NEW_TOKENS, samples=setup["eval_samples"])
+    ev = {"max_new_tokens": MAX_NEW_TOKENS, "samples": setup["eval_samples"]}
     student = evaluate(world.student, test, **ev)
     teachers = {d: evaluate(world.teacher(d), test, **ev) for d in domains}
     teacher = {d: teachers[d][d] for d in domains}
@@ -196,12 +203,13 @@ def write_results(args, setup, lrs, domains, student, teacher, teachers, merges,
            for k in ("greedy", "sampled")}
     score = {n: [normalized_score({d: r[d]["greedy"] for d in domains}, *ref["greedy"]) for r in rs]
              for n, rs in table_rows.items()}
-    md = [f"Budget {setup['budget']} sampled tokens per run; {setup['seeds']} seeds per method; "
-          f"{setup['eval_per_domain']} test prompts per domain; mean ± 95% CI (t) over seeds; normalized score = "
-          "mean over domains of (acc - student) / (teacher - student).\n",
-          "Greedy accuracy:\n", results_table(table_rows, domains, "greedy", *ref["greedy"]),
-          f"Sampled accuracy (temperature 1, {setup['eval_samples']} draws per prompt; normalized against the "
-          "sampled accuracy of student and teachers):\n", results_table(table_rows, domains, "sampled", *ref["sampled"])]
+    header = (f"Budget {setup['budget']} sampled tokens per run; {setup['seeds']} seeds per method; "
+              f"{setup['eval_per_domain']} test prompts per domain; mean ± 95% CI (t) over seeds; normalized score = "
+              "mean over domains of (acc - student) / (teacher - student).\n")
+    sampled = (f"Sampled accuracy (temperature 1, {setup['eval_samples']} draws per prompt; normalized against the "
+               "sampled accuracy of student and teachers):\n")
+    md = [header, "Greedy accuracy:\n", results_table(table_rows, domains, "greedy", *ref["greedy"]),
+          sampled, results_table(table_rows, domains, "sampled", *ref["sampled"])]
     comparison = {}
     if HEADLINE in runs:
         baselines = [n for n in table_rows if n not in (STUDENT, TEACHER) and not n.startswith("MOPD")]
