@@ -30,6 +30,7 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from rollout import speculative
 from rollout.config import RolloutConfig
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,7 @@ def server_command(backend: str, model_path: str, port: int, host: str, cfg: Rol
                    routing_replay: bool, weight_version: str | None = None) -> list[str]:
     """The command line of one engine server (`weight_version`: what it reports, after a restart)."""
     cmd = _server_command(backend, model_path, port, host, cfg, routing_replay)
+    cmd += speculative.engine_args(cfg, model_path)  # MTP draft flags; none for a checkpoint without MTP
     if weight_version is not None:
         cmd += ["--weight-version", str(weight_version)]
     return cmd

@@ -15,6 +15,7 @@ from typing import Any
 from transformers import AutoConfig, PreTrainedTokenizerBase
 
 from mopd.types import Sample
+from rollout import speculative
 from rollout.config import RolloutConfig
 from rollout.dispatch import Dispatcher
 from rollout.engine_client import EngineClient
@@ -121,4 +122,5 @@ def fill_sample(sample: Sample, response: GenerateResponse, tokenizer: PreTraine
     sample.finish_reason = response.finish_reason
     sample.routed_experts = response.routed_experts
     sample.response_text = tokenizer.decode(sample.response_ids) if tokenizer is not None else response.text
+    speculative.record(sample.metadata, response)
     sample.check()

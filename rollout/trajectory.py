@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from mopd.types import Sample
+from rollout import speculative
 from rollout.dispatch import Dispatcher
 from rollout.engine_client import EngineClient, EngineError, _retryable
 from rollout.sglang_api import GenerateRequest, GenerateResponse, SessionParams
@@ -52,6 +53,7 @@ class Trajectory:
         self.sample.weight_versions += [version] * len(out)
         self.sample.finish_reason = response.finish_reason
         self.prefill_tokens += response.prompt_tokens - response.cached_tokens
+        speculative.record(self.sample.metadata, response)  # turns add up
         if response.routed_experts is not None:
             self.rows.append(response.routed_experts)
             self.num_rows += len(response.routed_experts)
