@@ -31,7 +31,7 @@ from rollout.config import RolloutConfig
 from trainer.config import TrainerConfig
 
 WANDB_MODES = ("offline", "online", "disabled")
-TOY_ARCHS = ("qwen3_moe", "qwen3")
+TOY_ARCHS = ("qwen3_moe", "qwen3", "mimo_v2_flash")
 
 
 @dataclass

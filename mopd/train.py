@@ -27,6 +27,7 @@ from mopd.config import JobConfig, config_error_from, register_configs, to_job_c
 from mopd.evaluate import check_heldout_files, evaluate, flat_metrics, heldout_files, load_eval_rows
 from mopd.rewards import assign_orm_advantages, score_outcomes
 from mopd.types import ConfigError, Sample
+from rollout.speculative import step_metrics as speculative_metrics
 
 log = logging.getLogger("mopd.train")
 register_configs()
@@ -91,6 +92,7 @@ def step_metrics(rt: job_lib.Runtime, samples: list[Sample], train_metrics: dict
                 kl_sum[s.teacher] += mu - teacher_lp
                 kl_count[s.teacher] += 1
     metrics.update({f"mopd/reverse_kl/{t}": kl_sum[t] / kl_count[t] for t in kl_count})
+    metrics.update(speculative_metrics(samples))  # rollout/spec_accept_len when the engines speculate
     metrics.update(train_metrics)
     metrics.update(timings)
     return metrics

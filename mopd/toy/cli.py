@@ -16,7 +16,7 @@ def main(argv: list[str] | None = None) -> None:
     init.add_argument("dir")
     init.add_argument("--domains", default="arith,reverse",
                       help=f"comma-separated subset of {','.join(sorted(TOY_DOMAINS))}")
-    init.add_argument("--arch", default="qwen3_moe", choices=["qwen3_moe", "qwen3"])
+    init.add_argument("--arch", default="qwen3_moe", choices=["qwen3_moe", "qwen3", "mimo_v2_flash"])
     init.add_argument("--base-steps", type=int, default=0, help="mixed-domain SFT steps of the base student")
     init.add_argument("--teacher-steps", type=int, default=300, help="SFT steps per domain teacher")
     init.add_argument("--seed", type=int, default=0)

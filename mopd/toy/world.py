@@ -72,6 +72,10 @@ def ensure_toy_world(root: str | Path, spec: ToyWorldSpec | None = None) -> Path
     if spec.base_steps > 0:
         log.info("toy world: warming up the base student on all domains (%d steps)", spec.base_steps)
         sft(root / "student", root / "student", spec.domains, spec.base_steps, spec, seed=spec.seed + 2)
+    if spec.arch == "mimo_v2_flash":  # MTP heads learn the (warmed-up) student's own samples: draft heads
+        from mopd.toy.mtp import train_toy_mtp  # that agree with it, as the released model's do
+
+        train_toy_mtp(root / "student", spec.domains, seed=spec.seed)
     for domain in spec.domains:
         log.info("toy world: fine-tuning the %s teacher (%d steps)", domain, spec.teacher_steps)
         sft(root / "student", root / f"teacher_{domain}", (domain,), spec.teacher_steps, spec, seed=spec.seed + 1)
