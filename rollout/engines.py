@@ -174,6 +174,7 @@ class EngineActor:
         reconstructed = context.was_current_actor_reconstructed
         saved = _kv_get(port_key) if reconstructed else None
         self.port = int(saved) if saved else _free_port(self.host)
+        self._port_key, self._port_fixed = port_key, bool(saved)  # a URL clients know is never changed
         _kv_put(port_key, str(self.port))
         self.proc: subprocess.Popen | None = None
         self.log_path = os.path.join(tempfile.gettempdir(), f"mopd-engine-{name}-{os.getpid()}.log")
@@ -196,7 +197,24 @@ class EngineActor:
         return f"http://{self.host}:{self.port}"
 
     def start(self) -> str:
-        """Start the server from the latest weights pushed to this URL (the checkpoint if none) and wait for it."""
+        """Start the server from the latest weights pushed to this URL (the checkpoint if none) and wait for it.
+
+        A free port can be taken by another process between choosing it and the server binding it; until
+        the URL has been handed out, that start is retried on a new port."""
+        for attempt in range(3):
+            try:
+                return self._start()
+            except RuntimeError as e:
+                if self._port_fixed or attempt == 2 or "address already in use" not in str(e).lower():
+                    raise
+                old_url, self.port = self.url, _free_port(self.host)
+                log.warning("engine %s: port of %s was taken before the server bound it; retrying on %s",
+                            self.name, old_url, self.url)
+                _forget_pushed_weights(self.url)
+                _kv_put(self._port_key, str(self.port))
+        raise AssertionError("unreachable")
+
+    def _start(self) -> str:
         with self._lock:
             self._stopping.clear()
             self.ready = False
@@ -213,6 +231,7 @@ class EngineActor:
             self._wait_healthy()
             self.served = (path, version)
             self.ready = True
+            self._port_fixed = True  # from here on clients hold this URL: restarts keep it
             if self._watchdog is None or not self._watchdog.is_alive():
                 self._watchdog = threading.Thread(target=self._watch, name=f"watchdog-{self.name}", daemon=True)
                 self._watchdog.start()

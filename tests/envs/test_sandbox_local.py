@@ -158,6 +158,32 @@ async def test_request_env_reaches_the_command_not_the_privileged_jail(sandbox):
     assert r["output"].count("evil.so") == 1, r["output"]
 
 
+def _copy_distributions(root: str, site: str) -> None:
+    """Copy distribution `root` and everything it requires (markers evaluated here) into `site`."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    todo, seen = [root], set()
+    while todo:
+        name = todo.pop()
+        if name.lower() in seen:
+            continue
+        seen.add(name.lower())
+        dist = metadata.distribution(name)
+        for req in map(Requirement, dist.requires or []):
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                todo.append(req.name)
+        for rel in dist.files or []:
+            if str(rel).startswith(".."):  # console scripts outside site-packages
+                continue
+            src = dist.locate_file(rel)
+            if os.path.isfile(src):
+                dst = os.path.join(site, str(rel))
+                os.makedirs(os.path.dirname(dst), exist_ok=True)
+                shutil.copy2(src, dst)
+
+
 def test_checkout_under_a_0700_directory_still_scores(sandbox_base):
     """A fresh clone in `mktemp -d` (0700) with its own venv there: the sandbox uid cannot traverse
     that directory, yet the SWE gold patch must still score 1 (the jail exposes the interpreter at
@@ -183,8 +209,11 @@ def test_checkout_under_a_0700_directory_still_scores(sandbox_base):
             text=True,
             check=True,
         ).stdout.strip()
-        with open(os.path.join(site, "borrowed.pth"), "w") as f:
+        with open(os.path.join(site, "borrowed.pth"), "w") as f:  # the host side imports mopd's deps from here
             f.write(sysconfig.get_paths()["purelib"] + "\n")
+        # what the sandbox itself runs (pytest) lies in the new venv: the borrowed path may be under a 0700
+        # directory too (CI's own clone is), which the sandbox uid can no more reach than this one
+        _copy_distributions("pytest", site)
         script = textwrap.dedent(f"""
             import asyncio, sys
             assert sys.prefix == {venv!r}, sys.prefix
