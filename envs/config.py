@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from mopd.types import ConfigError
+from mopd.core.errors import ConfigError
 
 ENV_KINDS = ("verifiable", "swe")
 SANDBOX_BACKENDS = ("local", "kubernetes")

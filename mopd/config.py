@@ -25,8 +25,8 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from envs.config import EnvConfig
 from envs.toy_tasks import TOY_DOMAINS
-from mopd.advantages import AdvantageConfig
-from mopd.types import ConfigError
+from mopd.core.algo import AdvantageConfig
+from mopd.core.errors import ConfigError
 from rollout.config import RolloutConfig
 from trainer.config import TrainerConfig
 
@@ -350,7 +350,7 @@ def _validate_eval(job: JobConfig) -> None:
 
 
 def _validate_algo(job: JobConfig) -> None:
-    """What `AdvantageConfig.validate` (mopd/advantages.py) does not check yet."""
+    """What `AdvantageConfig.validate` (mopd/core/algo.py) does not check yet."""
     if job.algo.grpo_normalize_std and job.algo.grpo_eps <= 0:
         raise ConfigError("algo.grpo_eps", "a number > 0 when algo.grpo_normalize_std=true (a group of equal "
                           "rewards has std 0)", job.algo.grpo_eps)

@@ -18,7 +18,8 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from mopd.config import DataConfig
-from mopd.types import ConfigError, Sample
+from mopd.core.errors import ConfigError
+from mopd.core.types import Sample
 
 log = logging.getLogger(__name__)
 ALL_SOURCES = "__all__"

@@ -11,8 +11,8 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from mopd.core.errors import ConfigError
 from mopd.rewards import verifier_for
-from mopd.types import ConfigError
 
 
 def load_eval_rows(path: str | Path | list, per_domain: int) -> dict[str, list[dict]]:

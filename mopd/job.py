@@ -23,11 +23,11 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from mopd.checkpoint import DriverState, latest_checkpoint
 from mopd.config import JobConfig
+from mopd.core.errors import ConfigError
 from mopd.data import DataScheduler, check_domain_weights, load_prompts, scan_domains
 from mopd.run_logger import RunLogger
 from mopd.teachers import TeacherRouter, TeacherSet, check_teacher_vocabularies
 from mopd.toy.world import ToyWorldSpec, ensure_toy_world, toy_world_ready
-from mopd.types import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -7,8 +7,8 @@ from typing import Any, Callable
 import torch
 
 from envs.toy_tasks import TOY_DOMAINS, exact_match_reward
-from mopd.advantages import AdvantageConfig, grpo_advantages
-from mopd.types import Sample
+from mopd.core.algo import AdvantageConfig, grpo_advantages
+from mopd.core.types import Sample
 
 Verifier = Callable[[str, Any], float]  # (response text, label) -> reward
 _VERIFIERS: dict[str, Verifier] = {domain: exact_match_reward for domain in TOY_DOMAINS}

@@ -7,13 +7,18 @@ import math
 from pathlib import Path
 from typing import Any
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-    TimeRemainingColumn
-
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from transformers import PreTrainedTokenizerBase
 
 from mopd.config import LoggerConfig
-from mopd.types import Sample
+from mopd.core.types import Sample
 
 
 class RunLogger:

@@ -23,7 +23,8 @@ from typing import Any, Protocol, cast
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from mopd.config import JobConfig, TeacherConfig
-from mopd.types import ConfigError, Sample, TokenScores
+from mopd.core.errors import ConfigError
+from mopd.core.types import Sample, TokenScores
 from rollout.config import RolloutConfig
 
 

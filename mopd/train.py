@@ -24,9 +24,10 @@ from omegaconf import DictConfig, OmegaConf
 from mopd import job as job_lib
 from mopd.checkpoint import DriverState, step_dir, write_driver_state
 from mopd.config import JobConfig, config_error_from, register_configs, to_job_config
+from mopd.core.errors import ConfigError
+from mopd.core.types import Sample
 from mopd.evaluate import check_heldout_files, evaluate, flat_metrics, heldout_files, load_eval_rows
 from mopd.rewards import assign_orm_advantages, score_outcomes
-from mopd.types import ConfigError, Sample
 from rollout.speculative import step_metrics as speculative_metrics
 
 log = logging.getLogger("mopd.train")

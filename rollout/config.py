@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from mopd.types import ConfigError
+from mopd.core.errors import ConfigError
 
 ENGINE_BACKENDS = ("local", "sglang", "remote")
 

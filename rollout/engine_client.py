@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
 
-from mopd.types import TokenScores
+from mopd.core.types import TokenScores
 from rollout.sglang_api import GenerateRequest, GenerateResponse, ProtocolError
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from transformers import AutoConfig, PreTrainedTokenizerBase
 
-from mopd.types import Sample
+from mopd.core.types import Sample
 from rollout import speculative
 from rollout.config import RolloutConfig
 from rollout.dispatch import Dispatcher

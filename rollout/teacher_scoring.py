@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from mopd.types import Sample, TokenScores
+from mopd.core.types import Sample, TokenScores
 from rollout.dispatch import Dispatcher
 
 

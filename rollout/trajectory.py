@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from mopd.types import Sample
+from mopd.core.types import Sample
 from rollout import speculative
 from rollout.dispatch import Dispatcher
 from rollout.engine_client import EngineClient, EngineError, _retryable

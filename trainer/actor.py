@@ -9,8 +9,8 @@ import numpy as np
 import ray
 import torch
 
-from mopd.advantages import AdvantageConfig
-from mopd.types import Sample
+from mopd.core.algo import AdvantageConfig
+from mopd.core.types import Sample
 from trainer import checkpoint, weight_sync
 from trainer.config import TrainerConfig
 

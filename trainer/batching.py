@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mopd.types import Sample
+from mopd.core.types import Sample
 from trainer.losses import LossInputs
 
 

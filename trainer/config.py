@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 
-from mopd.types import ConfigError
+from mopd.core.errors import ConfigError
 
 LOSSES = ("mopd", "grpo", "sft")
 WEIGHT_SYNC = ("tensor", "disk", "distributed")

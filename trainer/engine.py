@@ -14,8 +14,9 @@ import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from mopd.advantages import AdvantageConfig
-from mopd.types import ConfigError, Sample
+from mopd.core.algo import AdvantageConfig
+from mopd.core.errors import ConfigError
+from mopd.core.types import Sample
 from trainer import batching, routing_replay
 from trainer.config import TrainerConfig
 from trainer.hf_io import load_hf_state

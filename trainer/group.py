@@ -7,8 +7,8 @@ import logging
 import numpy as np
 import ray
 
-from mopd.advantages import AdvantageConfig
-from mopd.types import Sample
+from mopd.core.algo import AdvantageConfig
+from mopd.core.types import Sample
 from trainer.config import TrainerConfig
 
 log = logging.getLogger(__name__)

@@ -3,7 +3,7 @@
 All three return the SUM over sequences of the per-sequence loss; the caller divides by the
 number of sequences in the whole (all data-parallel ranks) batch, so the gradient is that of
 L = -mean_seq((1/|y|) sum_t ...) no matter how sequences are split into microbatches and ranks.
-The MOPD math itself lives in mopd.advantages; this module only wires it to the trainer's tensors.
+The MOPD math itself lives in mopd.core.algo; this module only wires it to the trainer's tensors.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mopd.advantages import (
+from mopd.core.algo import (
     AdvantageConfig,
     importance_weights,
     per_sequence_token_mean,

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-from mopd.types import ConfigError
+from mopd.core.errors import ConfigError
 
 
 class MTPLoss:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from megatron.core.transformer.moe.router_replay import RouterReplay, RouterReplayAction
 
-from mopd.types import Sample
+from mopd.core.types import Sample
 
 
 def model_replays(model: torch.nn.Module) -> list[RouterReplay]:

@@ -19,9 +19,9 @@ import time
 import urllib.request
 from pathlib import Path
 
+from mopd.core.types import Sample
 from mopd.toy.models import create_tiny_model
 from mopd.toy.tokenizer import build_char_tokenizer
-from mopd.types import Sample
 from rollout.dispatch import Dispatcher
 from rollout.trajectory import Trajectory
 

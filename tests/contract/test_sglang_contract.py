@@ -33,8 +33,8 @@ from contract_recording import RecordingProxy, require_sglang_venv
 from safetensors.torch import load_file
 from transformers import AutoConfig
 
+from mopd.core.types import Sample
 from mopd.toy.tokenizer import build_char_tokenizer
-from mopd.types import Sample
 from rollout.config import RolloutConfig
 from rollout.dispatch import Dispatcher
 from rollout.engine_client import EngineClient, EngineError

@@ -22,7 +22,7 @@ from envs.config import EnvConfig, SandboxConfig
 from envs.sandbox.agent import uid_pids
 from envs.sandbox.client import AgentClient, SandboxError
 from envs.sandbox.local import sweep_stale
-from mopd.types import ConfigError
+from mopd.core.errors import ConfigError
 
 pytestmark = pytest.mark.asyncio
 

@@ -28,7 +28,7 @@ from omegaconf import OmegaConf
 from mopd import job as job_lib
 from mopd import train as train_lib
 from mopd.config import JobConfig, register_configs, to_job_config
-from mopd.types import Sample
+from mopd.core.types import Sample
 from rollout.engine_client import EngineClient
 from tests.faults.conftest import descendant_pids
 

@@ -26,9 +26,9 @@ import numpy as np
 import pytest
 import torch
 
-from mopd.advantages import AdvantageConfig
+from mopd.core.algo import AdvantageConfig
+from mopd.core.types import Sample
 from mopd.toy.tokenizer import build_char_tokenizer
-from mopd.types import Sample
 from rollout.config import RolloutConfig
 from rollout.engine_client import EngineClient
 from rollout.engines import launch_engines

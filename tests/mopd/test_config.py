@@ -9,8 +9,8 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 
 from mopd.config import register_configs, to_job_config
+from mopd.core.errors import ConfigError
 from mopd.train import check_command_line
-from mopd.types import ConfigError
 
 register_configs()
 

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from mopd.core.errors import ConfigError
 from mopd.train import check_command_line
-from mopd.types import ConfigError
 
 ROWS = "".join(json.dumps(r) + "\n" for r in (
     {"prompt": "1+1=", "domain": "arith", "label": "2"},

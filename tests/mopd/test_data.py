@@ -6,9 +6,9 @@ import pytest
 
 from envs.toy_tasks import make_examples
 from mopd.config import DataConfig
+from mopd.core.errors import ConfigError
 from mopd.data import DataScheduler, load_prompts, scan_domains
 from mopd.toy.tokenizer import build_char_tokenizer
-from mopd.types import ConfigError
 
 
 @pytest.fixture(scope="module")

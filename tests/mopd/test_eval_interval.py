@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from mopd.core.errors import ConfigError
 from mopd.evaluate import flat_metrics
 from mopd.train import check_command_line, eval_due
-from mopd.types import ConfigError
 
 
 def _check(*overrides: str, run_dir: str = "/tmp/mopd-eval-interval-test"):

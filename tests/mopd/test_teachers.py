@@ -3,6 +3,8 @@
 import pytest
 
 from mopd.config import JobConfig, TeacherConfig
+from mopd.core.errors import ConfigError
+from mopd.core.types import Sample
 from mopd.teachers import (
     TeacherRouter,
     TeacherSet,
@@ -11,7 +13,6 @@ from mopd.teachers import (
     register_teacher_backend,
 )
 from mopd.toy.tokenizer import build_char_tokenizer
-from mopd.types import ConfigError, Sample
 
 
 def _job(**teachers) -> JobConfig:

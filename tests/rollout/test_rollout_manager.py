@@ -14,9 +14,9 @@ import ray
 import torch
 from transformers import AutoModelForCausalLM
 
+from mopd.core.types import Sample
 from mopd.toy.models import create_tiny_model
 from mopd.toy.tokenizer import build_char_tokenizer
-from mopd.types import Sample
 from rollout.config import RolloutConfig
 from rollout.dispatch import Dispatcher, EngineUnavailable
 from rollout.engine_client import EngineClient, EngineError

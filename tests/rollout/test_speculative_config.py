@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mopd.types import ConfigError
+from mopd.core.errors import ConfigError
 from rollout.config import RolloutConfig
 from rollout.sglang_api import GenerateResponse
 from rollout.speculative import engine_args, spec_accept_len

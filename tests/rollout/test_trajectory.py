@@ -12,9 +12,9 @@ import urllib.request
 import numpy as np
 import pytest
 
+from mopd.core.types import Sample
 from mopd.toy.models import create_tiny_model
 from mopd.toy.tokenizer import build_char_tokenizer
-from mopd.types import Sample
 from rollout.dispatch import Dispatcher
 from rollout.engine_client import EngineClient
 from rollout.sglang_api import GenerateRequest

@@ -45,7 +45,7 @@ def make_samples(n: int, *, seed: int = 0, vocab: int = 100, min_len: int = 3, m
     """Random single-turn samples with every per-token field filled (values are not meaningful)."""
     import numpy as np
 
-    from mopd.types import Sample
+    from mopd.core.types import Sample
 
     rng = np.random.default_rng(seed)
     out = []

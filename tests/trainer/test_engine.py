@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from mopd.advantages import AdvantageConfig
-from mopd.types import ConfigError
+from mopd.core.algo import AdvantageConfig
+from mopd.core.errors import ConfigError
 from tests.trainer.conftest import make_samples
 from trainer.batching import collate, plan_microbatches
 from trainer.config import TrainerConfig

@@ -9,7 +9,7 @@ import ray
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mopd.advantages import AdvantageConfig
+from mopd.core.algo import AdvantageConfig
 from tests.trainer.conftest import make_samples
 from trainer.config import TrainerConfig
 from trainer.engine import TrainEngine

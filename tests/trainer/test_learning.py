@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mopd.advantages import AdvantageConfig
+from mopd.core.algo import AdvantageConfig
 from tests.trainer.conftest import make_samples
 from trainer.config import TrainerConfig
 from trainer.engine import TrainEngine

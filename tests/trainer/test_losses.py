@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from mopd.advantages import AdvantageConfig
+from mopd.core.algo import AdvantageConfig
 from trainer.losses import LossInputs, compute_loss, token_logprobs_and_entropy
 
 # two sequences; the second has one trained token and two masked positions
@@ -109,7 +109,7 @@ def test_grpo_ignores_teacher():
 
 
 def test_mopd_with_teacher_top_k_replaces_the_sampled_reward_by_the_divergence():
-    from mopd.advantages import top_k_divergence
+    from mopd.core.algo import top_k_divergence
 
     adv = AdvantageConfig(alpha=0.5, teacher_coef=2.0, teacher_top_k=2, top_k_divergence="forward_kl")
     inputs = _inputs()
@@ -225,9 +225,9 @@ def test_temperature_0_7_teacher_term_untempered_is_and_gradient_tempered_hand_c
 
 def test_engine_trains_the_teacher_term_untempered_at_rollout_temperature(moe_path, dist_env):
     """Through the Megatron engine at T = 0.7: the loss equals the hand formula on the engine's own logits."""
+    from tests.trainer.conftest import make_samples
     from trainer.config import TrainerConfig
     from trainer.engine import TrainEngine
-    from tests.trainer.conftest import make_samples
 
     samples = make_samples(3, seed=11)
     engine = TrainEngine(moe_path, TrainerConfig(lr=1e-3, loss="mopd", eps_low=0.0, eps_high=1e9),

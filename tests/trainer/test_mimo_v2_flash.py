@@ -11,7 +11,7 @@ import torch
 from megatron.core.transformer.moe.router import TopKRouter
 from transformers import AutoModelForCausalLM
 
-from mopd.advantages import AdvantageConfig
+from mopd.core.algo import AdvantageConfig
 from tests.trainer.conftest import MIMO_MTP_LAYERS, make_samples
 from trainer import hf_io, routing_replay
 from trainer import model_builder as mb

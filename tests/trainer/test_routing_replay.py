@@ -7,7 +7,7 @@ import pytest
 import torch
 from megatron.core.transformer.moe.router import TopKRouter
 
-from mopd.advantages import AdvantageConfig
+from mopd.core.algo import AdvantageConfig
 from tests.trainer.conftest import make_samples
 from trainer.batching import plan_microbatches
 from trainer.config import TrainerConfig
@@ -43,7 +43,7 @@ def _engine(path: str, replay: bool = True) -> TrainEngine:
 
 
 def test_replay_tensor_layout():
-    from mopd.types import Sample
+    from mopd.core.types import Sample
 
     s0 = Sample(0, 0, "d", prompt_ids=[1, 2], response_ids=[3, 4])  # T=4, rows 0..2
     s1 = Sample(1, 0, "d", prompt_ids=[1], response_ids=[3])  # T=2, row 0

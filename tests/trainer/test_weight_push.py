@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load as safetensors_load
 
-from mopd.advantages import AdvantageConfig
+from mopd.core.algo import AdvantageConfig
 from tests.trainer.conftest import make_samples
 from trainer import weight_sync
 from trainer.config import TrainerConfig

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mopd.types import ConfigError
+from mopd.core.errors import ConfigError
 
 DIVERGENCES = ("reverse_kl", "forward_kl")
 

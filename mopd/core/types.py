@@ -13,19 +13,6 @@ from typing import Any
 import numpy as np
 
 
-class ConfigError(ValueError):
-    """An invalid configuration, raised at start-up. The message names the field and what was expected."""
-
-    def __init__(self, field_name: str, expected: str, got: Any = None) -> None:
-        self.field_name = field_name
-        self.expected = expected
-        self.got = got
-        msg = f"invalid config `{field_name}`: expected {expected}"
-        if got is not None:
-            msg += f", got {got!r}"
-        super().__init__(msg)
-
-
 @dataclass
 class TokenScores:
     """A model's view of given tokens: log p of each, and optionally its top-k tokens at each position."""

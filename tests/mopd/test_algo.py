@@ -5,11 +5,16 @@ import math
 import pytest
 import torch
 
-from mopd.advantages import (grpo_advantages, importance_weights, per_sequence_token_mean, token_advantages,
-                             top_k_divergence)
+from mopd.core.algo import (
+    AdvantageConfig,
+    grpo_advantages,
+    importance_weights,
+    per_sequence_token_mean,
+    token_advantages,
+    top_k_divergence,
+)
+from mopd.core.types import Sample
 from mopd.rewards import assign_orm_advantages
-from mopd.advantages import AdvantageConfig
-from mopd.types import Sample
 
 
 def test_grpo_group_normalisation_by_hand():
