@@ -31,6 +31,23 @@ class Env(Protocol):
     async def close(self) -> None: ...
 
 
+
+@runtime_checkable
+class EnvSession(Protocol):
+    """One episode as the agent loop (rollout/agent_loop.py) sees it; the ToolManager provides it.
+
+    ``step`` takes the model's whole turn as text (the environment parses the tool call) and never
+    raises for anything the model wrote: a malformed call is an observation with ``info["error"]``.
+    When ``done``, ``reward`` is the environment's grade of the episode; ``info["latency_s"]`` is the
+    tool call's wall time.
+    """
+
+    async def reset(self) -> str: ...
+
+    async def step(self, model_text: str) -> StepResult: ...
+
+    async def close(self) -> None: ...
+
 # -- quoting what the model wrote back to it (used by every tool layer) ----------------------------
 JSON_TYPES: dict[str, tuple[type, ...]] = {
     "string": (str,),
