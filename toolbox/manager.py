@@ -19,7 +19,7 @@ import ray
 from envs.base import StepResult
 from envs.swe.task import SWETask
 from envs.swe.tools import TOOL_SCHEMAS
-from toolbox.parsing import ToolCall
+from envs.tool_parsing import ToolCall
 from toolbox.toolbox import get_or_create_toolbox
 
 

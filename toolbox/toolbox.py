@@ -18,7 +18,7 @@ import ray
 from ray.exceptions import RayActorError
 
 from envs.swe.tools import TOOL_SCHEMAS
-from toolbox.parsing import parse_tool_calls
+from envs.tool_parsing import parse_tool_calls
 from toolbox.ratelimit import Admission
 from toolbox.worker import ENV_KINDS, SandboxWorker
 

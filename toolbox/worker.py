@@ -16,7 +16,7 @@ from envs.sandbox.client import SandboxError
 from envs.sandbox.local import LocalSandboxBackend
 from envs.swe.env import SWEEnv
 from envs.swe.task import task_from_dict
-from toolbox.parsing import ToolCall
+from envs.tool_parsing import ToolCall
 
 ENV_KINDS = ("swe",)
 

@@ -18,7 +18,7 @@ import ray
 from envs.sandbox.isolation import detect
 from envs.swe.task import builtin_tasks
 from toolbox.manager import ToolManager, percentile
-from toolbox.parsing import ToolCall
+from envs.tool_parsing import ToolCall
 from toolbox.toolbox import get_or_create_toolbox
 
 CALL = ToolCall("bash", {"command": "grep -c tomat inflection/__init__.py"})

@@ -9,15 +9,15 @@ from __future__ import annotations
 import math
 import re
 import sys
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from envs.base import StepResult
 from envs.config import MAX_CALL_TIMEOUT_S
+from envs.registry import EnvOptions, SandboxFactory, register_env
 from envs.sandbox.base import Sandbox
 from envs.sandbox.client import SandboxError
-from envs.swe.task import SWETask
+from envs.swe.task import SWETask, task_from_dict, task_to_dict
 from envs.swe.tools import (
     DEFAULT_MAX_FILE_BYTES,
     TOOL_SCHEMAS,
@@ -29,9 +29,8 @@ from envs.swe.tools import (
     refusal,
     str_replace,
 )
-from toolbox.parsing import ToolCall, ToolCallError, check_tool_call, parse_tool_calls
+from envs.tool_parsing import ToolCall, ToolCallError, check_tool_call, parse_tool_calls
 
-SandboxFactory = Callable[[], Awaitable[Sandbox]]
 _RESULT_RE = re.compile(r"^(PASSED|FAILED|ERROR|XPASS|XFAIL|SKIPPED) (\S.*?)(?: - .*)?$")
 
 
@@ -255,6 +254,16 @@ class SWEEnv:
         if self.sandbox is not None:
             await self.sandbox.close()
             self.sandbox = None
+
+
+def _load_swe_task(obj: dict[str, Any]) -> SWETask:
+    return task_from_dict(obj, source="swe task")
+
+
+@register_env("swe", load_task=_load_swe_task, tools=TOOL_SCHEMAS, dump_task=task_to_dict)
+def make_swe_env(sandbox: SandboxFactory, options: EnvOptions) -> SWEEnv:
+    """The registry's builder of kind ``swe`` (envs/registry.py)."""
+    return SWEEnv(sandbox, max_turns=options.max_turns, command_timeout=options.command_timeout)
 
 
 def _readable(text: str) -> str:

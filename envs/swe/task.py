@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -76,6 +77,13 @@ def task_from_dict(obj: dict, base_dir: str | None = None, source: str = "task")
         snapshot_dir,
         list(obj.get("test_files", [])),
     )
+
+
+def task_to_dict(task: SWETask) -> dict:
+    """The inverse of ``task_from_dict`` (the form tasks travel in to the Toolbox's workers)."""
+    d = dataclasses.asdict(task)
+    d["snapshot"] = d.pop("snapshot_dir")
+    return d
 
 
 def load_task(path: str) -> SWETask:

@@ -81,7 +81,7 @@ async def test_swe_episode_on_a_pod(k8s_env):
     """The SWE env is backend-agnostic: gold patch -> reward 1 with the sandbox in a (test) pod."""
     from envs.swe.env import SWEEnv, apply_patch
     from envs.swe.task import builtin_tasks
-    from toolbox.parsing import ToolCall
+    from envs.tool_parsing import ToolCall
 
     emulator, kubelet = k8s_env
     backend = _backend(emulator, kubelet)

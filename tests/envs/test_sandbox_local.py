@@ -221,7 +221,7 @@ def test_checkout_under_a_0700_directory_still_scores(sandbox_base):
             from envs.sandbox.local import LocalSandboxBackend
             from envs.swe.env import SWEEnv, apply_patch
             from envs.swe.task import builtin_tasks
-            from toolbox.parsing import ToolCall
+            from envs.tool_parsing import ToolCall
             async def main():
                 backend = LocalSandboxBackend(SandboxConfig(base_dir={sandbox_base!r}))
                 task = builtin_tasks()[0]

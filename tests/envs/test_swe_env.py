@@ -8,7 +8,7 @@ import pytest
 
 from envs.swe.env import SWEEnv, apply_patch, parse_pytest_report
 from envs.swe.task import TaskError, builtin_tasks, load_task, task_from_dict
-from toolbox.parsing import ToolCall, format_tool_call
+from envs.tool_parsing import ToolCall, format_tool_call
 
 pytestmark = pytest.mark.asyncio
 TASKS = {t.instance_id: t for t in builtin_tasks()}

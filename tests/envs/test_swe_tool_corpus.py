@@ -26,7 +26,7 @@ from envs.config import SandboxConfig
 from envs.sandbox.local import LocalSandboxBackend
 from envs.swe.env import SWEEnv
 from envs.swe.task import SWETask
-from toolbox.parsing import ToolCall
+from envs.tool_parsing import ToolCall
 
 pytestmark = pytest.mark.asyncio
 LIMIT_S = 2.0  # the configured command time limit of every env in this module

@@ -248,7 +248,7 @@ def test_toolbox_worker_and_sandbox_killed_mid_episode(fault_report):
     from envs.sandbox.local import sweep_stale
     from envs.swe.task import builtin_tasks
     from toolbox.manager import ToolManager
-    from toolbox.parsing import ToolCall
+    from envs.tool_parsing import ToolCall
     from toolbox.toolbox import get_or_create_toolbox
 
     task = {t.instance_id: t for t in builtin_tasks()}["inflection__potatoes"]

@@ -7,7 +7,7 @@ import json
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from toolbox.parsing import ToolCall, format_tool_call, parse_tool_calls
+from envs.tool_parsing import ToolCall, format_tool_call, parse_tool_calls
 
 TOOLS = {
     "bash": {

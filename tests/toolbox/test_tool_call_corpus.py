@@ -18,7 +18,7 @@ import pytest
 import ray
 
 from toolbox.manager import ToolManager, tool_label
-from toolbox.parsing import ToolCall
+from envs.tool_parsing import ToolCall
 from toolbox.toolbox import admission_key, get_or_create_toolbox
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")

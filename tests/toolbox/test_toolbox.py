@@ -10,7 +10,7 @@ import ray
 
 from envs.swe.task import builtin_tasks
 from toolbox.manager import ToolManager, percentile
-from toolbox.parsing import ToolCall
+from envs.tool_parsing import ToolCall
 from toolbox.ratelimit import TokenBucket
 from toolbox.toolbox import get_or_create_toolbox
 
