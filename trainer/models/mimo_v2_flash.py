@@ -50,7 +50,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from trainer.core_attention import TorchCoreAttention
 from trainer.models import common
-from trainer.models.registry import Architecture, Tensor, register
+from trainer.models.architecture import Architecture, Tensor
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 
@@ -361,7 +361,7 @@ def megatron_to_hf(meg: dict[str, Tensor], cfg: Any) -> dict[str, Tensor]:
     return out
 
 
-register(Architecture(
+ARCHITECTURE = Architecture(
     model_type="mimo_v2_flash",
     transformer_kwargs=transformer_kwargs,
     moe_layers=moe_layers,
@@ -370,4 +370,4 @@ register(Architecture(
     num_experts=num_experts,
     config_class=MiMoTransformerConfig,
     build=build,
-))
+)

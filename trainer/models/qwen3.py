@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from trainer.models import common
-from trainer.models.registry import Architecture, Tensor, register
+from trainer.models.architecture import Architecture, Tensor
 
 
 def transformer_kwargs(hf_config: Any) -> dict[str, Any]:
@@ -28,10 +28,10 @@ def megatron_to_hf(meg: dict[str, Tensor], cfg: Any) -> dict[str, Tensor]:
     return out
 
 
-register(Architecture(
+ARCHITECTURE = Architecture(
     model_type="qwen3",
     transformer_kwargs=transformer_kwargs,
     moe_layers=lambda cfg: [],
     hf_to_megatron=hf_to_megatron,
     megatron_to_hf=megatron_to_hf,
-))
+)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from trainer.models import common
-from trainer.models.registry import Architecture, Tensor, register
+from trainer.models.architecture import Architecture, Tensor
 
 
 def moe_layers(cfg: Any) -> list[int]:
@@ -79,10 +79,10 @@ def megatron_to_hf(meg: dict[str, Tensor], cfg: Any) -> dict[str, Tensor]:
     return out
 
 
-register(Architecture(
+ARCHITECTURE = Architecture(
     model_type="qwen3_moe",
     transformer_kwargs=transformer_kwargs,
     moe_layers=moe_layers,
     hf_to_megatron=hf_to_megatron,
     megatron_to_hf=megatron_to_hf,
-))
+)

@@ -1,4 +1,5 @@
-"""Architecture registry keyed by HF `model_type`: adding a model family is one new module."""
+"""What one HF model family tells the builder and the converter; trainer/models/__init__.py maps
+`model_type` to it."""
 
 from __future__ import annotations
 
@@ -29,16 +30,3 @@ class Architecture:
     # optional custom construction (config, hf_config, use_te, on_cpu) -> GPTModel; None = stock GPT specs
     build: Callable[..., Any] | None = None
 
-
-_REGISTRY: dict[str, Architecture] = {}
-
-
-def register(arch: Architecture) -> None:
-    _REGISTRY[arch.model_type] = arch
-
-
-def get_architecture(model_type: str) -> Architecture:
-    if model_type not in _REGISTRY:
-        raise ValueError(f"hf config model_type={model_type!r} is not supported by the trainer; "
-                         f"expected one of {sorted(_REGISTRY)}")
-    return _REGISTRY[model_type]
