@@ -4,7 +4,9 @@ Each domain draws prompts from a seeded RNG and checks an answer exactly, so a r
 not a model's opinion. arith/reverse/sort have 1-5 character answers; `shift` and `rot` have 34-character
 answers written round by round, where each round transforms the previous one, so one early slip
 sinks the whole answer (exposure bias: a student trained only on correct prefixes never saw its own
-slips). All are small enough for a tiny character-level model on CPU.
+slips). `tool` is multi-turn: the answer is a random value in a file of the episode's sandbox, so
+only a tool call can find it; its rows carry the env kind and task, and the env grades the episode
+(envs/toy_tool.py). All are small enough for a tiny character-level model on CPU.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 END_OF_TURN = "<|im_end|>"
 
@@ -20,6 +23,8 @@ END_OF_TURN = "<|im_end|>"
 class ToyDomain:
     name: str
     make: Callable[[random.Random], tuple[str, str]]  # rng -> (question, answer)
+    env: str = ""  # the env kind that runs and grades an episode; "" = single turn, graded by the verifier
+    task: Callable[[str, str], dict[str, Any]] | None = None  # (question, answer) -> the env's task
 
 
 def _arith(rng: random.Random) -> tuple[str, str]:
@@ -58,7 +63,22 @@ def _rot(rng: random.Random) -> tuple[str, str]:
     return f"rot:{start}", _rounds(start, lambda c: str((int(c) + 3) % 10))
 
 
-LETTERS = "abcdefghijklmnopqrstuvwxyz"
+def tool_question(file: str) -> str:
+    """The `tool` prompt: which sandbox file holds the answer (envs/toy_tool.py writes it there)."""
+    return f"read {file}"
+
+
+def _tool(rng: random.Random) -> tuple[str, str]:
+    """A file name like `k7` and a 4-character value (36^4 possibilities: guessing scores ~0)."""
+    file = rng.choice(LETTERS) + rng.choice(DIGITS)
+    return tool_question(file), "".join(rng.choice(LETTERS + DIGITS) for _ in range(4))
+
+
+def _tool_task(question: str, answer: str) -> dict[str, Any]:
+    return {"file": question.removeprefix(tool_question("")), "value": answer}
+
+
+LETTERS, DIGITS = "abcdefghijklmnopqrstuvwxyz", "0123456789"
 WIDTH, ROUNDS = 6, 5  # long-answer domains: 5 rounds of 6 characters = 34-character answers
 TOY_DOMAINS: dict[str, ToyDomain] = {d.name: d for d in (
     ToyDomain("arith", _arith),
@@ -66,19 +86,25 @@ TOY_DOMAINS: dict[str, ToyDomain] = {d.name: d for d in (
     ToyDomain("sort", _sort),
     ToyDomain("shift", _shift),
     ToyDomain("rot", _rot),
+    ToyDomain("tool", _tool, env="toy_tool", task=_tool_task),
 )}
 LONG_ANSWER_DOMAINS = ("shift", "rot")
 
 
 def make_examples(domain: str, n: int, seed: int) -> list[dict]:
-    """`n` examples as dataset rows: chat prompt, domain, label."""
+    """`n` examples as dataset rows: chat prompt, domain, label; an env domain's rows add `env` (the
+    env kind) and `task` (what `reset` takes), which the data loader keeps in the sample's metadata."""
     if domain not in TOY_DOMAINS:
         raise KeyError(f"unknown toy domain {domain!r}; known: {sorted(TOY_DOMAINS)}")
     rng = random.Random(f"{domain}:{seed}")
     rows = []
     for _ in range(n):
-        question, answer = TOY_DOMAINS[domain].make(rng)
-        rows.append({"prompt": [{"role": "user", "content": question}], "domain": domain, "label": answer})
+        spec = TOY_DOMAINS[domain]
+        question, answer = spec.make(rng)
+        row = {"prompt": [{"role": "user", "content": question}], "domain": domain, "label": answer}
+        if spec.task is not None:
+            row.update(env=spec.env, task=spec.task(question, answer))
+        rows.append(row)
     return rows
 
 
