@@ -2,26 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
-from envs.toy_tasks import TOY_DOMAINS, exact_match_reward
+from envs.toy_tasks import exact_match_reward
 from mopd.core.algo import AdvantageConfig, grpo_advantages
 from mopd.core.types import Sample
 
 Verifier = Callable[[str, Any], float]  # (response text, label) -> reward
-_VERIFIERS: dict[str, Verifier] = {domain: exact_match_reward for domain in TOY_DOMAINS}
-
-
-def register_verifier(domain: str, verifier: Verifier) -> None:
-    """Reward responses of `domain` with `verifier(response_text, label)`."""
-    _VERIFIERS[domain] = verifier
 
 
 def verifier_for(domain: str) -> Verifier:
-    """Domains without a registered verifier fall back to exact match against the label."""
-    return _VERIFIERS.get(domain, exact_match_reward)
+    """The verifier of a single-turn domain: today every one is graded by exact match against its label
+    (envs/toy_tasks.py); multi-turn episodes are graded by their env instead."""
+    return exact_match_reward
 
 
 def score_outcomes(samples: list[Sample]) -> None:

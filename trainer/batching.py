@@ -22,9 +22,7 @@ class MicroBatch:
     tokens: torch.Tensor  # [B, S] int64, right-padded with 0
     position_ids: torch.Tensor  # [B, S]
     targets: torch.Tensor  # [B, S-1] = tokens[:, 1:]
-    response_mask: torch.Tensor  # [B, S-1] 1 on every response token position
     inputs: LossInputs
-    lengths: list[int]
     prompt_lengths: list[int]
 
 
@@ -65,8 +63,7 @@ def plan_microbatches(lengths: list[int], max_tokens: int) -> list[list[int]]:
     return batches
 
 
-def _per_token(values: list[float] | None, batch: int, row: int, start: int, out: torch.Tensor | None,
-               ) -> None:
+def _per_token(values: list[float] | None, row: int, start: int, out: torch.Tensor | None) -> None:
     if out is not None and values is not None:
         out[row, start:start + len(values)] = torch.as_tensor(values, dtype=torch.float32)
 
@@ -77,7 +74,6 @@ def collate(samples: list[Sample], indices: list[int]) -> MicroBatch:
     lengths = [len(s.tokens) for s in chosen]
     B, S = len(chosen), max(lengths)
     tokens = torch.zeros(B, S, dtype=torch.long)
-    response_mask = torch.zeros(B, S - 1)
     loss_mask = torch.zeros(B, S - 1)
     has_mu = all(s.rollout_logprobs for s in chosen)
     has_teacher = all(s.teacher_logprobs is not None for s in chosen)
@@ -86,11 +82,10 @@ def collate(samples: list[Sample], indices: list[int]) -> MicroBatch:
     for b, s in enumerate(chosen):
         tokens[b, :lengths[b]] = torch.as_tensor(s.tokens, dtype=torch.long)
         start, n = len(s.prompt_ids) - 1, len(s.response_ids)
-        response_mask[b, start:start + n] = 1.0
         mask = s.loss_mask if s.loss_mask else [1] * n
         loss_mask[b, start:start + n] = torch.as_tensor(mask, dtype=torch.float32)
-        _per_token(s.rollout_logprobs, B, b, start, mu)
-        _per_token(s.teacher_logprobs, B, b, start, teacher)
+        _per_token(s.rollout_logprobs, b, start, mu)
+        _per_token(s.teacher_logprobs, b, start, teacher)
     orm = torch.as_tensor([float(s.orm_advantage) for s in chosen], dtype=torch.float32)
     # teachers.NAME.coef of each sample's teacher (mopd.teachers.TeacherSet.score records it; default 1)
     coef = torch.as_tensor([float(s.metadata.get("teacher_coef", 1.0)) for s in chosen], dtype=torch.float32)
@@ -98,10 +93,10 @@ def collate(samples: list[Sample], indices: list[int]) -> MicroBatch:
     return MicroBatch(
         indices=list(indices), tokens=tokens,
         position_ids=torch.arange(S, dtype=torch.long).unsqueeze(0).expand(B, S).contiguous(),
-        targets=tokens[:, 1:].contiguous(), response_mask=response_mask,
+        targets=tokens[:, 1:].contiguous(),
         inputs=LossInputs(loss_mask=loss_mask, rollout_logprobs=mu, teacher_logprobs=teacher, orm_advantage=orm,
                           teacher_top_ids=top_ids, teacher_top_logprobs=top_lps, teacher_coef=coef),
-        lengths=lengths, prompt_lengths=[len(s.prompt_ids) for s in chosen],
+        prompt_lengths=[len(s.prompt_ids) for s in chosen],
     )
 
 

@@ -26,8 +26,8 @@ class TokenScores:
 class Sample:
     """One trajectory (prompt + response), single-turn or multi-turn.
 
-    Per-response-token lists (`loss_mask`, `rollout_logprobs`, `weight_versions`, `teacher_logprobs`,
-    `advantages`) all have `len(response_ids)` entries. In multi-turn trajectories the tool/env
+    Per-response-token lists (`loss_mask`, `rollout_logprobs`, `weight_versions`, `teacher_logprobs`)
+    all have `len(response_ids)` entries. In multi-turn trajectories the tool/env
     observation tokens are part of `response_ids` with `loss_mask == 0`.
     """
 
@@ -54,7 +54,6 @@ class Sample:
     teacher_top_ids: list[list[int]] | None = None
     teacher_top_logprobs: list[list[float]] | None = None
     orm_advantage: float = 0.0
-    advantages: list[float] | None = None
 
     @property
     def tokens(self) -> list[int]:
@@ -71,7 +70,7 @@ class Sample:
             value = getattr(self, name)
             if value and len(value) != n:
                 raise ValueError(f"Sample.{name} has {len(value)} entries, expected {n} (response length)")
-        for name in ("teacher_logprobs", "advantages", "teacher_top_ids", "teacher_top_logprobs"):
+        for name in ("teacher_logprobs", "teacher_top_ids", "teacher_top_logprobs"):
             value = getattr(self, name)
             if value is not None and len(value) != n:
                 raise ValueError(f"Sample.{name} has {len(value)} entries, expected {n} (response length)")
