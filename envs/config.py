@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-import math
+import os
 from dataclasses import dataclass, field
 
 from mopd.core.errors import ConfigError
 
-ENV_KINDS = ("verifiable", "swe")
+SINGLE_TURN = "verifiable"  # rewarded by a domain verifier (mopd/rewards.py); every other kind is
+# a multi-turn environment registered in envs/registry.py
 SANDBOX_BACKENDS = ("local", "kubernetes")
 ISOLATION_MODES = ("auto", "strict", "none")
 
 
 MAX_CALL_TIMEOUT_S = 3600.0  # the sandbox agent's ceiling for one call (backends pass it as --max-timeout)
+
 
 @dataclass
 class SandboxConfig:
@@ -61,8 +63,14 @@ class SandboxConfig:
                 raise ConfigError(f"{prefix}.{name}", "an integer >= 1", value)
         for name in ("wall_timeout_s", "ready_timeout_s"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value <= MAX_CALL_TIMEOUT_S:
-                raise ConfigError(f"{prefix}.{name}", f"a number of seconds in (0, {MAX_CALL_TIMEOUT_S:g}]", value)
+            if (
+                not isinstance(value, (int, float))
+                or isinstance(value, bool)
+                or not 0 < value <= MAX_CALL_TIMEOUT_S
+            ):
+                raise ConfigError(
+                    f"{prefix}.{name}", f"a number of seconds in (0, {MAX_CALL_TIMEOUT_S:g}]", value
+                )
         if self.warm_pool_size < 0:
             raise ConfigError(f"{prefix}.warm_pool_size", "an integer >= 0", self.warm_pool_size)
         if self.agent_port > 65535:
@@ -74,14 +82,36 @@ class SandboxConfig:
 
 @dataclass
 class EnvConfig:
-    kind: str = "verifiable"  # verifiable (single-turn, rewarded by a verifier) | swe (multi-turn code)
+    kind: str = SINGLE_TURN  # verifiable (single-turn) | a registered kind (swe: multi-turn code)
     max_turns: int = 1
-    tasks: list[str] = field(default_factory=list)  # task files for kind=swe
+    # task directories (or task files) of a registered kind; empty: the kind's built-in tasks
+    tasks: list[str] = field(default_factory=list)
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
 
     def validate(self, prefix: str = "env") -> None:
-        if self.kind not in ENV_KINDS:
-            raise ConfigError(f"{prefix}.kind", f"one of {ENV_KINDS}", self.kind)
-        if self.max_turns < 1:
+        from envs.registry import env_kind, env_kinds  # the registry imports the kinds, which import this
+
+        kinds = (SINGLE_TURN, *env_kinds())
+        if self.kind not in kinds:
+            raise ConfigError(f"{prefix}.kind", f"one of {kinds}", self.kind)
+        if isinstance(self.max_turns, bool) or not isinstance(self.max_turns, int) or self.max_turns < 1:
             raise ConfigError(f"{prefix}.max_turns", "an integer >= 1", self.max_turns)
+        if self.tasks and self.kind == SINGLE_TURN:
+            raise ConfigError(
+                f"{prefix}.tasks",
+                f"empty for kind {SINGLE_TURN} (its prompts come from the data config)",
+                self.tasks,
+            )
+        for i, path in enumerate(self.tasks):
+            read = env_kind(self.kind).read_task
+            if read is None:
+                raise ConfigError(
+                    f"{prefix}.tasks", f"empty: env kind {self.kind!r} reads no task files", self.tasks
+                )
+            if not isinstance(path, str) or not os.path.exists(path):
+                raise ConfigError(f"{prefix}.tasks[{i}]", "an existing task directory", path)
+            try:
+                read(path)
+            except ValueError as exc:
+                raise ConfigError(f"{prefix}.tasks[{i}]", f"a valid {self.kind} task ({exc})", path) from None
         self.sandbox.validate(f"{prefix}.sandbox")

@@ -2,7 +2,8 @@
 
 Each kind registers, in the module that defines it, a factory that builds its ``envs.base.Env``
 from a sandbox source and the pool's options, plus how its tasks travel (a JSON object in, the
-task ``reset`` takes out) and its tool schemas (for quotas and metrics)::
+task ``reset`` takes out) and its tool schemas (for quotas and metrics); optionally how a task is
+read from a directory a user names (``env.tasks=[DIR, ...]``) and the tasks it ships with::
 
     from envs.registry import EnvOptions, SandboxFactory, register_env
 
@@ -20,7 +21,7 @@ registers it. A kind defined elsewhere registers itself when its module is impor
 from __future__ import annotations
 
 import importlib
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -58,9 +59,12 @@ class EnvKind:
     # a task's wire form (JSON object, as tasks travel to Ray workers) -> what ``Env.reset`` takes;
     # raises ValueError naming the field that is wrong
     load_task: Callable[[dict[str, Any]], Any]
-    tools: Mapping[str, dict[str, Any]]  # tool name -> schema, as envs.tool_parsing checks them
+    tools: dict[str, dict[str, Any]]  # tool name -> schema, as envs.tool_parsing checks them
     # the inverse of ``load_task`` (a task object -> its JSON object); identity for dict tasks
     dump_task: Callable[[Any], dict[str, Any]] = field(default=_as_dict)
+    # a task from a path a user names (raises ValueError saying what is wrong); None: no task files
+    read_task: Callable[[str], Any] | None = None
+    builtin_tasks: Callable[[], list[Any]] | None = None  # the tasks shipped with the kind
 
 
 _KINDS: dict[str, EnvKind] = {}
@@ -72,6 +76,8 @@ def register_env(
     load_task: Callable[[dict[str, Any]], Any],
     tools: Mapping[str, dict[str, Any]],
     dump_task: Callable[[Any], dict[str, Any]] = _as_dict,
+    read_task: Callable[[str], Any] | None = None,
+    builtin_tasks: Callable[[], list[Any]] | None = None,
 ) -> Callable[[EnvFactory], EnvFactory]:
     """Decorator: register ``factory`` as the builder of env kind ``kind`` (one factory per kind)."""
     if not isinstance(kind, str) or not kind.isidentifier():
@@ -81,7 +87,7 @@ def register_env(
         old = _KINDS.get(kind)
         if old is not None and old.build is not factory:
             raise ValueError(f"env kind {kind!r} is already registered by {old.build!r}")
-        _KINDS[kind] = EnvKind(kind, factory, load_task, dict(tools), dump_task)
+        _KINDS[kind] = EnvKind(kind, factory, load_task, dict(tools), dump_task, read_task, builtin_tasks)
         return factory
 
     return register
@@ -115,3 +121,15 @@ def make_env(kind: str, sandbox: SandboxFactory, options: EnvOptions | None = No
 def load_task(kind: str, obj: dict[str, Any]) -> Any:
     """A task of ``kind`` from its JSON object (validated by the kind; errors name the field)."""
     return env_kind(kind).load_task(obj)
+
+
+def kind_tasks(kind: str, paths: Sequence[str] = ()) -> list[Any]:
+    """The tasks of ``kind`` read from ``paths``, or its built-in tasks when ``paths`` is empty."""
+    spec = env_kind(kind)
+    if paths:
+        if spec.read_task is None:
+            raise ValueError(f"env kind {kind!r} reads no task files")
+        return [spec.read_task(p) for p in paths]
+    if spec.builtin_tasks is None:
+        raise ValueError(f"env kind {kind!r} ships no tasks; name task files")
+    return spec.builtin_tasks()

@@ -3,12 +3,12 @@
 Pre-warms the sandboxes its trajectories will need, runs every tool call with a timeout, turns
 failures into observations the model can read, recovers sessions whose sandbox timed out or died,
 computes rewards as background tasks, and keeps latency (p50/p99) and failure counts per tool.
+Tasks travel to the Toolbox in their kind's JSON form (``EnvKind.dump_task``, envs/registry.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import math
 import time
 from collections import defaultdict
@@ -17,8 +17,7 @@ from typing import Any
 import ray
 
 from envs.base import StepResult
-from envs.swe.task import SWETask
-from envs.swe.tools import TOOL_SCHEMAS
+from envs.registry import env_kind
 from envs.tool_parsing import ToolCall
 from toolbox.toolbox import get_or_create_toolbox
 
@@ -30,12 +29,12 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100.0 * (len(ordered) - 1)))]
 
 
-def tool_label(action: Any) -> str:
-    """The metrics key of an action: a known tool's name, else "text" / "invalid" (bounded keys)."""
+def tool_label(action: Any, tools: dict[str, dict[str, Any]]) -> str:
+    """The metrics key of an action: a name in ``tools``, else "text" / "invalid" (bounded keys)."""
     if isinstance(action, str):
         return "text"
     name = getattr(action, "name", None)
-    return name if isinstance(name, str) and name in TOOL_SCHEMAS else "invalid"
+    return name if isinstance(name, str) and name in tools else "invalid"
 
 
 def _positive_seconds(name: str, value: Any) -> float:
@@ -57,7 +56,7 @@ class ToolManager:
         self.latency: dict[str, list[float]] = defaultdict(list)
         self.failures: dict[str, int] = defaultdict(int)
         self.timeouts: dict[str, int] = defaultdict(int)
-        self._rewards: dict[str, asyncio.Task] = {}
+        self._tools: dict[str, dict[str, dict[str, Any]]] = {}  # session id -> its kind's tool schemas
 
     async def prewarm(self, kind: str, per_worker: int) -> dict[str, int]:
         """Keep ``per_worker`` ready sandboxes on every worker of ``kind``."""
@@ -68,10 +67,14 @@ class ToolManager:
         workers = (await self.toolbox.stats.remote())["pools"][kind]["workers"]
         return await self.prewarm(kind, -(-trajectories // max(1, workers)))
 
-    async def start(self, kind: str, task: SWETask | dict[str, Any]) -> tuple[str, str]:
-        """Open a session; returns (session id, first observation)."""
-        payload = task if isinstance(task, dict) else _task_payload(task)
-        return await self.toolbox.open_session.remote(kind, payload)
+    async def start(self, kind: str, task: Any) -> tuple[str, str]:
+        """Open a session on a task of ``kind`` (its task object or JSON form); returns (session id,
+        first observation)."""
+        spec = env_kind(kind)
+        payload = task if isinstance(task, dict) else spec.dump_task(task)
+        sid, observation = await self.toolbox.open_session.remote(kind, payload)
+        self._tools[sid] = spec.tools
+        return sid, observation
 
     async def step(self, session_id: str, action: ToolCall | str, timeout: float | None = None) -> StepResult:
         """Run one tool call. Timeouts and failures come back as observations, never as exceptions.
@@ -81,7 +84,7 @@ class ToolManager:
         did not cause.
         """
         limit = self.call_timeout_s if timeout is None else _positive_seconds("timeout", timeout)
-        tool = tool_label(action)
+        tool = tool_label(action, self._tools.get(session_id, {}))
         if isinstance(action, str):
             payload: Any = action
         elif isinstance(action, ToolCall):
@@ -137,11 +140,10 @@ class ToolManager:
             finally:
                 await self.close(session_id)
 
-        task = asyncio.ensure_future(run())
-        self._rewards[session_id] = task
-        return task
+        return asyncio.ensure_future(run())
 
     async def close(self, session_id: str) -> None:
+        self._tools.pop(session_id, None)
         await self.toolbox.close_session.remote(session_id)
 
     def metrics(self) -> dict[str, float]:
@@ -155,9 +157,3 @@ class ToolManager:
         for tool, n in self.timeouts.items():
             out[f"tools/{tool}/timeouts"] = float(n)
         return out
-
-
-def _task_payload(task: SWETask) -> dict[str, Any]:
-    d = dataclasses.asdict(task)
-    d["snapshot"] = d.pop("snapshot_dir")
-    return d

@@ -17,24 +17,24 @@ from typing import Any
 import ray
 from ray.exceptions import RayActorError
 
-from envs.swe.tools import TOOL_SCHEMAS
+from envs.registry import env_kind
 from envs.tool_parsing import parse_tool_calls
 from toolbox.ratelimit import Admission
-from toolbox.worker import ENV_KINDS, SandboxWorker
+from toolbox.worker import SandboxWorker
 
 TOOLBOX_NAME = "mopd-toolbox"
 NAMESPACE = "mopd"
 
 
-def admission_key(action: Any) -> str:
+def admission_key(action: Any, tools: dict[str, dict[str, Any]]) -> str:
     """The tool a call will run, for its quota and QPS bucket: model text is parsed here, so a
     ``bash`` call written as text counts against the ``bash`` quota like a parsed one. Calls that
-    will fail to parse share the "text" bucket; unknown names share "invalid" (bounded keys)."""
+    will fail to parse share the "text" bucket; names not in ``tools`` share "invalid" (bounded keys)."""
     if isinstance(action, str):
-        parsed = parse_tool_calls(action, "auto", TOOL_SCHEMAS)
+        parsed = parse_tool_calls(action, "auto", tools)
         return parsed.calls[0].name if parsed.ok and len(parsed.calls) == 1 else "text"
     name = action.get("name") if isinstance(action, dict) else None
-    return name if isinstance(name, str) and name in TOOL_SCHEMAS else "invalid"
+    return name if isinstance(name, str) and name in tools else "invalid"
 
 
 @dataclass
@@ -87,9 +87,12 @@ class ToolboxImpl:
         max_retries: int = 2,
     ) -> None:
         self.specs = {}
+        self.tools = {}
         for kind, spec in pools.items():
-            if kind not in ENV_KINDS:
-                raise ValueError(f"toolbox.pools: unknown env kind {kind!r}; expected one of {ENV_KINDS}")
+            try:
+                self.tools[kind] = env_kind(kind).tools
+            except ValueError as exc:
+                raise ValueError(f"toolbox.pools: {exc}") from None
             self.specs[kind] = PoolSpec(**spec)
         self.admission = Admission(max_concurrent, qps)
         self.max_retries = max_retries
@@ -158,7 +161,8 @@ class ToolboxImpl:
         s = self.sessions.get(sid)
         if s is None:
             raise KeyError(f"unknown toolbox session {sid!r}")
-        return await self.admission(admission_key(action), lambda: self._step(sid, s, action))
+        key = admission_key(action, self.tools[s.kind])
+        return await self.admission(key, lambda: self._step(sid, s, action))
 
     async def _step(self, sid: str, s: _Session, action: dict[str, Any] | str) -> dict[str, Any]:
         for attempt in range(self.max_retries + 1):

@@ -1,7 +1,8 @@
 """A sandbox worker: hosts environment sessions of one kind and keeps a pool of warm sandboxes.
 
-Wrapped as a Ray actor by the Toolbox. Sessions are env instances (``SWEEnv``) keyed by id; a warm
-sandbox is an agent already started and answering, so ``open`` skips the cold start.
+Wrapped as a Ray actor by the Toolbox. Sessions are env instances built by the kind's registered
+factory (envs/registry.py) and keyed by id; a warm sandbox is an agent already started and
+answering, so ``open`` skips the cold start.
 """
 
 from __future__ import annotations
@@ -10,15 +11,13 @@ import asyncio
 import os
 from typing import Any
 
+from envs.base import Env
 from envs.config import SandboxConfig
+from envs.registry import EnvOptions, env_kind, make_env
 from envs.sandbox.base import Sandbox
 from envs.sandbox.client import SandboxError
 from envs.sandbox.local import LocalSandboxBackend
-from envs.swe.env import SWEEnv
-from envs.swe.task import task_from_dict
 from envs.tool_parsing import ToolCall
-
-ENV_KINDS = ("swe",)
 
 
 def make_backend(config: SandboxConfig) -> Any:
@@ -37,7 +36,7 @@ def make_backend(config: SandboxConfig) -> Any:
 
 
 def as_action(payload: Any) -> Any:
-    """The ToolManager's wire form (text, or {"name", "arguments"}) -> what ``SWEEnv.step`` takes.
+    """The ToolManager's wire form (text, or {"name", "arguments"}) -> what ``Env.step`` takes.
 
     Anything else is passed on unchanged, and the env answers it with an error observation.
     """
@@ -56,14 +55,12 @@ class SandboxWorker:
         max_turns: int = 30,
         command_timeout: float = 60.0,
     ) -> None:
-        if kind not in ENV_KINDS:
-            raise ValueError(f"toolbox env kind must be one of {ENV_KINDS}, got {kind!r}")
+        self.env_kind = env_kind(kind)  # ValueError naming the registered kinds
         self.kind = kind
         self.config = SandboxConfig(**(sandbox or {}))
         self.backend = make_backend(self.config)
-        self.max_turns = max_turns
-        self.command_timeout = command_timeout
-        self.sessions: dict[str, SWEEnv] = {}
+        self.options = EnvOptions(max_turns, command_timeout)
+        self.sessions: dict[str, Env] = {}
         self.warm: asyncio.Queue[Sandbox] = asyncio.Queue()
         self.cold_starts = 0
         self.warm_hits = 0
@@ -100,9 +97,9 @@ class SandboxWorker:
 
     async def open(self, session_id: str, task: dict[str, Any]) -> str:
         await self.close(session_id)
-        env = SWEEnv(self._sandbox, max_turns=self.max_turns, command_timeout=self.command_timeout)
+        env = make_env(self.kind, self._sandbox, self.options)
         self.sessions[session_id] = env
-        return await env.reset(task_from_dict(task, source=f"task for session {session_id}"))
+        return await env.reset(self.env_kind.load_task(task))
 
     async def step(self, session_id: str, action: dict[str, Any] | str) -> dict[str, Any]:
         """One env step. A lost sandbox is reported as ``{"lost": True}`` so the caller can replay."""
@@ -118,7 +115,8 @@ class SandboxWorker:
         try:
             result = await env.step(as_action(action))
         except SandboxError as exc:  # the env turned every model-caused failure into an observation
-            if exc.status == 0 or env.sandbox is None or not await env.sandbox.alive():
+            sandbox = getattr(env, "sandbox", None)
+            if exc.status == 0 or sandbox is None or not await sandbox.alive():
                 return {"lost": True, "observation": str(exc), "reward": 0.0, "done": False, "info": {}}
             raise
         return {
@@ -130,8 +128,10 @@ class SandboxWorker:
 
     async def kill_sandbox(self, session_id: str) -> int:
         """Test/ops hook: kill a session's agent process (simulates a crashed sandbox)."""
-        env = self.sessions[session_id]
-        pid = env.sandbox.info["agent_pid"]
+        sandbox = getattr(self.sessions[session_id], "sandbox", None)
+        if sandbox is None:
+            raise ValueError(f"session {session_id} has no sandbox to kill")
+        pid = sandbox.info["agent_pid"]
         os.kill(pid, 9)
         return pid
 

@@ -17,7 +17,7 @@ from envs.config import MAX_CALL_TIMEOUT_S
 from envs.registry import EnvOptions, SandboxFactory, register_env
 from envs.sandbox.base import Sandbox
 from envs.sandbox.client import SandboxError
-from envs.swe.task import SWETask, task_from_dict, task_to_dict
+from envs.swe.task import SWETask, builtin_tasks, load_task, task_from_dict, task_to_dict
 from envs.swe.tools import (
     DEFAULT_MAX_FILE_BYTES,
     TOOL_SCHEMAS,
@@ -260,7 +260,14 @@ def _load_swe_task(obj: dict[str, Any]) -> SWETask:
     return task_from_dict(obj, source="swe task")
 
 
-@register_env("swe", load_task=_load_swe_task, tools=TOOL_SCHEMAS, dump_task=task_to_dict)
+@register_env(
+    "swe",
+    load_task=_load_swe_task,
+    tools=TOOL_SCHEMAS,
+    dump_task=task_to_dict,
+    read_task=load_task,
+    builtin_tasks=builtin_tasks,
+)
 def make_swe_env(sandbox: SandboxFactory, options: EnvOptions) -> SWEEnv:
     """The registry's builder of kind ``swe`` (envs/registry.py)."""
     return SWEEnv(sandbox, max_turns=options.max_turns, command_timeout=options.command_timeout)

@@ -17,8 +17,9 @@ from typing import Any
 import pytest
 import ray
 
-from toolbox.manager import ToolManager, tool_label
+from envs.swe.tools import TOOL_SCHEMAS
 from envs.tool_parsing import ToolCall
+from toolbox.manager import ToolManager, tool_label
 from toolbox.toolbox import admission_key, get_or_create_toolbox
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -140,12 +141,14 @@ async def test_text_calls_count_against_the_tool_quota(toolbox, task):
 
 
 def test_metric_and_admission_keys_are_bounded():
-    assert tool_label("text") == "text" and tool_label(ToolCall("bash", {})) == "bash"
-    assert tool_label(ToolCall("x" * 10_000, {})) == "invalid" and tool_label(None) == "invalid"
-    assert admission_key('<tool_call>{"name": "str_replace", "arguments": {}}</tool_call>') == "text"
+    tools = TOOL_SCHEMAS
+    assert tool_label("text", tools) == "text" and tool_label(ToolCall("bash", {}), tools) == "bash"
+    assert tool_label(ToolCall("x" * 10_000, {}), tools) == "invalid" and tool_label(None, tools) == "invalid"
+    assert admission_key('<tool_call>{"name": "str_replace", "arguments": {}}</tool_call>', tools) == "text"
     mimo_bash = "<tool_call><function=bash><parameter=command>ls</parameter></function></tool_call>"
-    assert admission_key(mimo_bash) == "bash"
-    assert admission_key({"name": "\ud800", "arguments": {}}) == "invalid"
+    assert admission_key(mimo_bash, tools) == "bash"
+    assert admission_key({"name": "\ud800", "arguments": {}}, tools) == "invalid"
+    assert admission_key(mimo_bash, {}) == "text"  # a tool the session's kind does not have
 
 
 @pytest.mark.parametrize(

@@ -9,8 +9,8 @@ import pytest
 import ray
 
 from envs.swe.task import builtin_tasks
-from toolbox.manager import ToolManager, percentile
 from envs.tool_parsing import ToolCall
+from toolbox.manager import ToolManager, percentile
 from toolbox.ratelimit import TokenBucket
 from toolbox.toolbox import get_or_create_toolbox
 
