@@ -18,6 +18,15 @@ conversation can never silently diverge; the agent loop ends such an episode as 
 A turn that stopped without an end-of-turn token (the engine hit max tokens) is closed by the
 template: the template's turn close (e.g. ``<|im_end|>\\n``) is part of the glue, so it carries no
 loss, and the trained sequence still equals the template's rendering of the truncated turn.
+
+Observations are hostile text (a tool echoes whatever the model or a file wrote): a special
+token's text inside one (``<|im_end|>``, ``</tool_response>``, ...) would be encoded as the special
+token itself and could forge turns. The renderer puts a zero-width space after its first character
+first, so observations only ever hold plain-text tokens.
+
+The glue is encoded on its own, so its tokens start at the turn boundary: that is what the engine
+is fed and what is trained. It equals the tokenization of the whole conversation when the boundary
+is a special token, as in every ChatML template (the turn ends with or is closed by ``<|im_end|>``).
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ from transformers import PreTrainedTokenizerBase
 
 Message = Mapping[str, Any]
 ROLES = ("system", "user", "assistant", "tool")
+ZERO_WIDTH_SPACE = "\u200b"
 
 
 class ChatTemplateSplitError(ValueError):
@@ -93,6 +103,14 @@ class ObservationRenderer:
         # The conversation's text exactly as the engine has seen it so far.
         self.text = _render(tokenizer, self.messages, self.tools, generation_prompt=True)
         self.prompt_ids = _encode(tokenizer, self.text)
+        specials = set(tokenizer.all_special_tokens) | set(tokenizer.get_added_vocab())
+        self._specials = sorted((t for t in specials if len(t) > 1), key=len, reverse=True)
+
+    def _neutralize(self, observation: str) -> str:
+        """The observation with every special token's text broken by a zero-width space."""
+        for token in self._specials:
+            observation = observation.replace(token, token[0] + ZERO_WIDTH_SPACE + token[1:])
+        return observation
 
     def tokens_after_turn(self, model_turn_ids: Sequence[int], observation: str | Sequence[str]) -> list[int]:
         """Glue ids after a model turn: the turn's close if it was not sampled, one tool message
@@ -113,7 +131,7 @@ class ObservationRenderer:
         content = self.tokenizer.decode(content_ids, skip_special_tokens=False,
                                         clean_up_tokenization_spaces=False)
         messages = self.messages + [{"role": "assistant", "content": content}]
-        messages += [{"role": "tool", "content": o} for o in observations]
+        messages += [{"role": "tool", "content": self._neutralize(o)} for o in observations]
         rendered = _render(self.tokenizer, messages, self.tools, generation_prompt=True)
         seen = self.text + sampled
         if not rendered.startswith(seen):
