@@ -1,4 +1,4 @@
-"""The Ray actor of one trainer rank: sets up torch.distributed + Megatron, owns a TrainEngine."""
+"""The Ray actor of one trainer rank: sets up torch.distributed + Megatron, owns a TrainerRank."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ class TrainerActor:
 
     def __init__(self, rank: int, world_size: int) -> None:
         self.rank, self.world_size = rank, world_size
-        self.engine: Any = None
+        self.trainer: Any = None
         self.pusher: Any = None
         self.snapshots: weight_sync.WeightSnapshots | None = None
         torch.set_num_threads(1)  # CPU is shared; on GPU the host threads do little
@@ -36,7 +36,7 @@ class TrainerActor:
               adv: AdvantageConfig, num_steps: int, rollout_temperature: float) -> None:
         from trainer import cpu_compat
         from trainer.dist import init_distributed
-        from trainer.engine import TrainEngine
+        from trainer.rank import TrainerRank
 
         use_cuda = not cpu_compat.needs_cpu_compat(cfg.device)
         init_distributed(self.rank, self.world_size, master_addr, master_port, use_cuda=use_cuda,
@@ -44,20 +44,20 @@ class TrainerActor:
         torch.manual_seed(cfg.seed + self.rank)
         np.random.seed(cfg.seed + self.rank)
         self.cfg, self.model_path = cfg, model_path
-        self.engine = TrainEngine(model_path, cfg, adv, num_steps=num_steps, rollout_temperature=rollout_temperature)
+        self.trainer = TrainerRank(model_path, cfg, adv, num_steps=num_steps, rollout_temperature=rollout_temperature)
 
     def compute_logprobs(self, samples: list[Sample]) -> list[np.ndarray]:
-        return self.engine.compute_logprobs(samples)
+        return self.trainer.compute_logprobs(samples)
 
     def train_step(self, samples: list[Sample], num_global_samples: int) -> dict[str, float]:
-        return self.engine.train_step(samples, num_global_samples)
+        return self.trainer.train_step(samples, num_global_samples)
 
     def push_weights(self, urls: list[str], version: int) -> None:
         """Push to every engine; the weights are on disk and recorded first, so an engine that restarts
         (even mid-push) loads them, and one that came back with older weights is pushed to again."""
         if self.rank != 0:
             return
-        named = self.engine.hf_state()
+        named = self.trainer.hf_state()
         if self.cfg.weight_sync == "distributed":
             if self.snapshots is None:
                 self.snapshots = weight_sync.WeightSnapshots(self.cfg)
@@ -71,18 +71,18 @@ class TrainerActor:
         weight_sync.push_recoverable(named, urls, version, self.cfg, self.model_path, self.snapshots)
 
     def save_checkpoint(self, path: str) -> None:
-        state = self.engine.state_dict() if self.rank == 0 else None
+        state = self.trainer.state_dict() if self.rank == 0 else None
         checkpoint.save_trainer_state(path, state, self.rank)
 
     def load_checkpoint(self, path: str) -> None:
         state, rng = checkpoint.load_trainer_state(path, self.rank)
-        self.engine.load_state_dict(state)
+        self.trainer.load_state_dict(state)
         if rng is not None:
             checkpoint.set_rng_state(rng)
 
     def export_hf(self, path: str) -> None:
         if self.rank == 0:
-            checkpoint.export_hf(path, self.engine.hf_state(), self.model_path)
+            checkpoint.export_hf(path, self.trainer.hf_state(), self.model_path)
 
     def shutdown(self) -> None:
         from trainer.dist import shutdown_distributed

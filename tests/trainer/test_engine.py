@@ -11,8 +11,8 @@ from mopd.core.errors import ConfigError
 from tests.trainer.conftest import make_samples
 from trainer.batching import collate, plan_microbatches
 from trainer.config import TrainerConfig
-from trainer.engine import TrainEngine
 from trainer.optim import lr_lambda
+from trainer.rank import TrainerRank
 
 
 def test_plan_respects_budget_and_covers_all():
@@ -39,7 +39,7 @@ def test_microbatching_does_not_change_the_step(moe_path, dist_env):
     samples = make_samples(6, seed=7)
     results = []
     for budget in (4096, 24):
-        engine = TrainEngine(moe_path, TrainerConfig(max_tokens_per_microbatch=budget, lr=1e-3),
+        engine = TrainerRank(moe_path, TrainerConfig(max_tokens_per_microbatch=budget, lr=1e-3),
                              AdvantageConfig(alpha=0.5), num_steps=2)
         lps = engine.compute_logprobs(samples)
         metrics = engine.train_step(samples, len(samples))
@@ -65,7 +65,7 @@ def test_lr_schedules():
 
 
 def test_clear_errors(moe_path, dist_env):
-    engine = TrainEngine(moe_path, TrainerConfig(), AdvantageConfig(), num_steps=1)
+    engine = TrainerRank(moe_path, TrainerConfig(), AdvantageConfig(), num_steps=1)
     s = make_samples(2, seed=4)
     s[1].teacher_logprobs = None
     with pytest.raises(ValueError, match=r"sample 1: Sample.teacher_logprobs must have one entry per response"):
@@ -78,15 +78,15 @@ def test_clear_errors(moe_path, dist_env):
     with pytest.raises(ValueError, match=r"outside the vocabulary \[0, 128\)"):
         engine.compute_logprobs(s)
     with pytest.raises(ConfigError, match="tp_size"):
-        TrainEngine(moe_path, TrainerConfig(tp_size=2), AdvantageConfig(), num_steps=1)
+        TrainerRank(moe_path, TrainerConfig(tp_size=2), AdvantageConfig(), num_steps=1)
     with pytest.raises(ConfigError, match="activation_recompute"):
-        TrainEngine(moe_path, TrainerConfig(activation_recompute=True), AdvantageConfig(), num_steps=1)
+        TrainerRank(moe_path, TrainerConfig(activation_recompute=True), AdvantageConfig(), num_steps=1)
     with pytest.raises(ConfigError, match="trainer.loss"):
         TrainerConfig(loss="dpo").validate()
 
 
 def test_mopd_without_teacher_when_teacher_coef_is_zero(moe_path, dist_env):
-    engine = TrainEngine(moe_path, TrainerConfig(loss="mopd"), AdvantageConfig(teacher_coef=0.0), num_steps=1)
+    engine = TrainerRank(moe_path, TrainerConfig(loss="mopd"), AdvantageConfig(teacher_coef=0.0), num_steps=1)
     samples = make_samples(2, seed=9)
     for s in samples:
         s.teacher_logprobs = None
@@ -96,7 +96,7 @@ def test_mopd_without_teacher_when_teacher_coef_is_zero(moe_path, dist_env):
 
 def test_bfloat16_model_steps_fp32_master_weights(moe_path, dist_env):
     samples = make_samples(3, seed=12)
-    engine = TrainEngine(moe_path, TrainerConfig(dtype="bfloat16", lr=1e-6), AdvantageConfig(), num_steps=2)
+    engine = TrainerRank(moe_path, TrainerConfig(dtype="bfloat16", lr=1e-6), AdvantageConfig(), num_steps=2)
     assert engine.optim.mixed and any(p.dtype == torch.bfloat16 for p in engine.model.parameters())
     before = [m.clone() for m in engine.optim.masters]
     lps = engine.compute_logprobs(samples)
@@ -108,6 +108,6 @@ def test_bfloat16_model_steps_fp32_master_weights(moe_path, dist_env):
     for p, m in zip(engine.optim.params, engine.optim.masters):
         assert torch.equal(p, m.to(p.dtype))
     state = engine.state_dict()
-    fresh = TrainEngine(moe_path, TrainerConfig(dtype="bfloat16", lr=1e-6), AdvantageConfig(), num_steps=2)
+    fresh = TrainerRank(moe_path, TrainerConfig(dtype="bfloat16", lr=1e-6), AdvantageConfig(), num_steps=2)
     fresh.load_state_dict(state)
     assert all(torch.equal(a, b) for a, b in zip(fresh.optim.masters, engine.optim.masters))

@@ -12,8 +12,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from mopd.core.algo import AdvantageConfig
 from tests.trainer.conftest import make_samples
 from trainer.config import TrainerConfig
-from trainer.engine import TrainEngine
 from trainer.group import TrainerGroup, split_by_tokens
+from trainer.rank import TrainerRank
 
 pytestmark = pytest.mark.slow
 
@@ -71,7 +71,7 @@ def test_dp2_resume_and_export(ray_session, moe_path, dist_env, tmp_path):
     assert m2b["train/lr"] == m2["train/lr"] and m2b["train/grad_norm"] == pytest.approx(m2["train/grad_norm"], abs=1e-6)
 
     # two DP ranks == one rank: same logprobs and the same step
-    single = TrainEngine(moe_path, _cfg(dp_size=1), adv, num_steps=4)
+    single = TrainerRank(moe_path, _cfg(dp_size=1), adv, num_steps=4)
     for a, b in zip(single.compute_logprobs(batch1), lps):
         assert a.shape == b.shape and np.abs(a - b).max() < 1e-5
     s1 = single.train_step(batch1, len(batch1))

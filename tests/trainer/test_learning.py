@@ -7,15 +7,15 @@ import numpy as np
 from mopd.core.algo import AdvantageConfig
 from tests.trainer.conftest import make_samples
 from trainer.config import TrainerConfig
-from trainer.engine import TrainEngine
+from trainer.rank import TrainerRank
 
 
 def test_mopd_closes_the_teacher_gap(tokenizer, tmp_path, moe_path, dist_env):
     from mopd.toy.models import create_tiny_model
 
     teacher_path = create_tiny_model(tmp_path / "teacher", tokenizer, arch="qwen3_moe", seed=1)
-    teacher = TrainEngine(str(teacher_path), TrainerConfig(), AdvantageConfig(), num_steps=1)
-    student = TrainEngine(moe_path, TrainerConfig(lr=1e-2), AdvantageConfig(alpha=0.0), num_steps=20)
+    teacher = TrainerRank(str(teacher_path), TrainerConfig(), AdvantageConfig(), num_steps=1)
+    student = TrainerRank(moe_path, TrainerConfig(lr=1e-2), AdvantageConfig(alpha=0.0), num_steps=20)
     samples = make_samples(8, seed=1)
     teacher_lp = teacher.compute_logprobs(samples)
     for s, t in zip(samples, teacher_lp):
@@ -55,7 +55,7 @@ def test_mopd_with_teacher_top_k_closes_the_divergence(tokenizer, tmp_path, moe_
         top_lp, top_ids = torch.topk(logp[len(s.prompt_ids) - 1:len(s.tokens) - 1], 8)
         s.teacher_top_ids, s.teacher_top_logprobs = top_ids.tolist(), top_lp.tolist()
     adv = AdvantageConfig(alpha=0.0, teacher_top_k=8)
-    student = TrainEngine(moe_path, TrainerConfig(lr=1e-2), adv, num_steps=20)
+    student = TrainerRank(moe_path, TrainerConfig(lr=1e-2), adv, num_steps=20)
     losses = []
     for _ in range(20):
         for s, lp in zip(samples, student.compute_logprobs(samples)):  # on-policy: mu = current policy

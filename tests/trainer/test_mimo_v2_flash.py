@@ -16,7 +16,7 @@ from tests.trainer.conftest import MIMO_MTP_LAYERS, make_samples
 from trainer import hf_io, routing_replay
 from trainer import model_builder as mb
 from trainer.config import TrainerConfig
-from trainer.engine import TrainEngine
+from trainer.rank import TrainerRank
 
 SEQ = 23  # longer than the sliding window (5)
 
@@ -99,9 +99,9 @@ def test_router_scoring_matches_hf(mimo_path, dist_env):
     assert ours_w.sum(-1).allclose(torch.full((50,), cfg.routed_scaling_factor))
 
 
-def _engine(path: str, **kwargs) -> TrainEngine:
+def _engine(path: str, **kwargs) -> TrainerRank:
     cfg = TrainerConfig(routing_replay=True, lr=1e-3, grad_clip=0.0, **kwargs)
-    return TrainEngine(path, cfg, AdvantageConfig(), num_steps=4)
+    return TrainerRank(path, cfg, AdvantageConfig(), num_steps=4)
 
 
 def test_routing_replay_on_moe_layers(mimo_path, dist_env):
@@ -206,9 +206,9 @@ def test_mtp_layers_match_the_hf_reference(mimo_path, dist_env):
     assert abs(ours - ref) < 1e-4 * max(1.0, abs(ref))
 
 
-def _mtp_engine(path: str, coef: float) -> TrainEngine:
+def _mtp_engine(path: str, coef: float) -> TrainerRank:
     cfg = TrainerConfig(routing_replay=True, lr=1e-2, grad_clip=0.0, mtp_loss_coef=coef)
-    return TrainEngine(path, cfg, AdvantageConfig(), num_steps=8)
+    return TrainerRank(path, cfg, AdvantageConfig(), num_steps=8)
 
 
 def test_mtp_loss_falls_and_leaves_the_policy_alone(mimo_path, dist_env, tmp_path, tokenizer):

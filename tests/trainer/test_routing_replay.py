@@ -11,7 +11,7 @@ from mopd.core.algo import AdvantageConfig
 from tests.trainer.conftest import make_samples
 from trainer.batching import plan_microbatches
 from trainer.config import TrainerConfig
-from trainer.engine import TrainEngine
+from trainer.rank import TrainerRank
 from trainer.routing_replay import replay_tensors
 
 
@@ -37,8 +37,8 @@ def _to_sglang(samples, maps_by_sample, num_layers: int, top_k: int, moe_layer: 
         s.routed_experts = arr
 
 
-def _engine(path: str, replay: bool = True) -> TrainEngine:
-    return TrainEngine(path, TrainerConfig(routing_replay=replay, max_tokens_per_microbatch=4096, lr=1e-3),
+def _engine(path: str, replay: bool = True) -> TrainerRank:
+    return TrainerRank(path, TrainerConfig(routing_replay=replay, max_tokens_per_microbatch=4096, lr=1e-3),
                        AdvantageConfig(), num_steps=1)
 
 

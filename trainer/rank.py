@@ -20,24 +20,16 @@ from mopd.core.types import Sample
 from trainer import batching, routing_replay
 from trainer.config import TrainerConfig
 from trainer.hf_io import load_hf_state
-from trainer.losses import StudentLogprobs, compute_loss, student_logprobs
+from trainer.losses import StudentLogprobs, compute_loss, needed_fields, student_logprobs
 from trainer.model_builder import build_model, hf_to_model, load_hf_config, model_to_hf
 from trainer.mtp_loss import MTPLoss
 from trainer.optim import Optimizer
 
-_NEEDS = {"mopd": ("rollout_logprobs", "teacher_logprobs"), "grpo": ("rollout_logprobs",), "sft": ()}
+# What train_step sums over microbatches (and all-reduces over ranks, as one tensor in this order).
+_STATS = ("loss", "is_masked_tokens", "kl_rollout", "mask_tokens", "entropy", "mtp_loss")
 
 
-def needed_fields(loss: str, adv: AdvantageConfig) -> tuple[str, ...]:
-    """Per-token Sample fields the loss reads (no teacher logprobs when teacher_coef == 0)."""
-    if loss == "mopd" and adv.teacher_coef == 0:
-        return ("rollout_logprobs",)
-    if loss == "mopd" and adv.teacher_top_k > 0:
-        return ("rollout_logprobs", "teacher_top_ids", "teacher_top_logprobs")
-    return _NEEDS[loss]
-
-
-class TrainEngine:
+class TrainerRank:
     """Model, optimizer and scheduler of one data-parallel rank."""
 
     def __init__(self, model_path: str, cfg: TrainerConfig, adv: AdvantageConfig, *, num_steps: int,
@@ -124,7 +116,7 @@ class TrainEngine:
         batching.validate_samples(samples, vocab_size=self.hf_config.vocab_size, need=needed_fields(self.cfg.loss, self.adv))
         self.model.train()
         self.optim.zero_grad()
-        stats = torch.zeros(6, dtype=torch.float64)  # loss, masked, kl, mask tokens, entropy sum, mtp loss
+        stats = torch.zeros(len(_STATS), dtype=torch.float64)  # sums over this rank's microbatches
         for mb in self._microbatches(samples):
             chosen = [samples[i] for i in mb.indices]
             with routing_replay.replaying(self.model, self._replay_data(chosen, mb.tokens.shape[1])):
@@ -141,27 +133,29 @@ class TrainEngine:
                     mtp_sum = self.mtp.loss_sum(mb.tokens.to(self.device), mb.inputs.loss_mask.to(self.device))
                     total = total + self.cfg.mtp_loss_coef * mtp_sum
                 (total / num_global_samples).backward()
-            mask = mb.inputs.loss_mask
-            stats += torch.tensor([out.loss_sum.item(), out.is_masked_tokens, out.kl_rollout_sum, out.mask_tokens,
-                                   (view.entropy * mask).sum().item(), mtp_sum.item()], dtype=torch.float64)
+            step_sums = {"loss": out.loss_sum.item(), "is_masked_tokens": out.is_masked_tokens,
+                         "kl_rollout": out.kl_rollout_sum, "mask_tokens": out.mask_tokens,
+                         "entropy": (view.entropy * mb.inputs.loss_mask).sum().item(), "mtp_loss": mtp_sum.item()}
+            stats += torch.tensor([step_sums[name] for name in _STATS], dtype=torch.float64)
         self._allreduce_grads()
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(stats)
         grad_norm, lr = self.optim.step()
         self.step += 1
-        tokens = max(stats[3].item(), 1.0)
+        summed = dict(zip(_STATS, stats.tolist()))
+        tokens = max(summed["mask_tokens"], 1.0)
         has_mu = self.cfg.loss != "sft" or all(s.rollout_logprobs for s in samples)
         metrics = {
-            "train/loss": stats[0].item() / num_global_samples,
+            "train/loss": summed["loss"] / num_global_samples,
             "train/grad_norm": grad_norm,
-            "train/entropy": stats[4].item() / tokens,
-            "train/is_mask_frac": stats[1].item() / tokens,
-            "train/kl_rollout": stats[2].item() / tokens if has_mu else 0.0,
+            "train/entropy": summed["entropy"] / tokens,
+            "train/is_mask_frac": summed["is_masked_tokens"] / tokens,
+            "train/kl_rollout": summed["kl_rollout"] / tokens if has_mu else 0.0,
             "train/lr": lr,
             "train/step": float(self.step),
         }
         if self.mtp.active:
-            metrics["train/mtp_loss"] = stats[5].item() / num_global_samples
+            metrics["train/mtp_loss"] = summed["mtp_loss"] / num_global_samples
         return metrics
 
     def _allreduce_grads(self) -> None:
