@@ -46,7 +46,8 @@ class ChatTemplateSplitError(ValueError):
 
 
 def _render(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message],
-            tools: Sequence[Mapping[str, Any]] | None, generation_prompt: bool) -> str:
+            tools: Sequence[Mapping[str, Any]] | None, generation_prompt: bool,
+            template_kwargs: Mapping[str, Any] | None) -> str:
     if tokenizer.chat_template is None:
         raise ValueError("tokenizer.chat_template is not set; token-in/token-out rendering needs one")
     text = tokenizer.apply_chat_template(
@@ -54,6 +55,7 @@ def _render(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message],
         tools=[dict(t) for t in tools] if tools else None,
         add_generation_prompt=generation_prompt,
         tokenize=False,
+        **dict(template_kwargs or {}),
     )
     if not isinstance(text, str):
         raise TypeError(f"apply_chat_template(tokenize=False) returned {type(text).__name__}, not str")
@@ -77,11 +79,14 @@ def _check_messages(messages: Sequence[Message]) -> None:
 
 
 def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message],
-                  tools: Sequence[Mapping[str, Any]] | None = None) -> list[int]:
+                  tools: Sequence[Mapping[str, Any]] | None = None,
+                  template_kwargs: Mapping[str, Any] | None = None) -> list[int]:
     """Prompt token ids: the chat template over ``messages`` with the tool schema and the
-    assistant generation prompt, tokenized exactly as ``apply_chat_template(tokenize=True)``."""
+    assistant generation prompt, tokenized exactly as ``apply_chat_template(tokenize=True)``.
+
+    ``template_kwargs`` go to the template (e.g. ``{"enable_thinking": False}``)."""
     _check_messages(messages)
-    return _encode(tokenizer, _render(tokenizer, messages, tools, generation_prompt=True))
+    return _encode(tokenizer, _render(tokenizer, messages, tools, True, template_kwargs))
 
 
 class ObservationRenderer:
@@ -95,13 +100,15 @@ class ObservationRenderer:
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message],
-                 tools: Sequence[Mapping[str, Any]] | None = None) -> None:
+                 tools: Sequence[Mapping[str, Any]] | None = None,
+                 template_kwargs: Mapping[str, Any] | None = None) -> None:
         _check_messages(messages)
+        self.template_kwargs = dict(template_kwargs or {})
         self.tokenizer = tokenizer
         self.tools = list(tools) if tools else None
         self.messages: list[dict[str, Any]] = [dict(m) for m in messages]
         # The conversation's text exactly as the engine has seen it so far.
-        self.text = _render(tokenizer, self.messages, self.tools, generation_prompt=True)
+        self.text = _render(tokenizer, self.messages, self.tools, True, self.template_kwargs)
         self.prompt_ids = _encode(tokenizer, self.text)
         specials = set(tokenizer.all_special_tokens) | set(tokenizer.get_added_vocab())
         self._specials = sorted((t for t in specials if len(t) > 1), key=len, reverse=True)
@@ -132,7 +139,7 @@ class ObservationRenderer:
                                         clean_up_tokenization_spaces=False)
         messages = self.messages + [{"role": "assistant", "content": content}]
         messages += [{"role": "tool", "content": self._neutralize(o)} for o in observations]
-        rendered = _render(self.tokenizer, messages, self.tools, generation_prompt=True)
+        rendered = _render(self.tokenizer, messages, self.tools, True, self.template_kwargs)
         seen = self.text + sampled
         if not rendered.startswith(seen):
             at = next((i for i, (a, b) in enumerate(zip(rendered, seen)) if a != b), min(len(rendered), len(seen)))

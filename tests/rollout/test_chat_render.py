@@ -134,6 +134,17 @@ def test_qwen3_rewritten_think_block_is_detected() -> None:
     assert renderer.text == tokenizer.decode(renderer.prompt_ids)  # state unchanged after the error
 
 
+def test_qwen3_non_thinking_prompt_is_detected() -> None:
+    """With enable_thinking=false Qwen3's generation prompt pre-fills an empty `<think>` block that
+    the template does not render for the same turn in history: not splittable, and said so."""
+    tokenizer = bpe_tokenizer("qwen3_hermes.jinja")
+    renderer = ObservationRenderer(tokenizer, PROMPT, tools=TOOLS, template_kwargs={"enable_thinking": False})
+    assert tokenizer.decode(renderer.prompt_ids).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    turn = tokenizer.encode(hermes_text(TURNS[0][2] or {}) + "<|im_end|>", add_special_tokens=False)
+    with pytest.raises(ChatTemplateSplitError, match="rewrites earlier turns"):
+        renderer.tokens_after_turn(turn, "ok")
+
+
 def test_toy_tokenizer_parallel_calls_and_truncated_turn() -> None:
     """The toy world's tokenizer: two observations for one turn (parallel calls) and a turn cut at
     max tokens, which the glue closes with the template's `<|im_end|>` (loss mask 0)."""
