@@ -4,10 +4,10 @@ What the engine sampled is exactly what is trained: a model turn is never decode
 Between two model turns the agent loop appends *glue*: whatever closes the model's turn, the tool
 observation wrapped by the model's own chat template, and the next assistant generation prompt.
 
-The glue is found by rendering the conversation with the chat template, with the new tool message
-and without it, and taking the text difference. That is only exact when the template is
-*prefix-stable*: the rendering of the conversation so far, including every model turn exactly as
-sampled, must be a prefix of the rendering with the new message. Templates break this when they
+The glue is found by rendering the whole conversation with the chat template, up to the new tool
+message and the next generation prompt, and cutting off the text the engine has already seen (prompt,
+sampled turns, earlier glue). That is only exact when the template is *prefix-stable*: the text
+seen so far, every model turn exactly as sampled, must be a prefix of the new rendering. Templates break this when they
 re-render earlier turns (Qwen3 drops the ``<think>`` block of turns before the last user query and
 rebuilds the block it keeps as ``<think>\\n...\\n</think>\\n\\n``; some templates only render
 reasoning on the last turn) or when the generation prompt differs from how the template opens an
@@ -46,14 +46,14 @@ class ChatTemplateSplitError(ValueError):
 
 
 def _render(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message],
-            tools: Sequence[Mapping[str, Any]] | None, generation_prompt: bool,
-            template_kwargs: Mapping[str, Any] | None) -> str:
+            tools: Sequence[Mapping[str, Any]] | None, template_kwargs: Mapping[str, Any] | None) -> str:
+    """The template's text of ``messages`` followed by the assistant generation prompt."""
     if tokenizer.chat_template is None:
         raise ValueError("tokenizer.chat_template is not set; token-in/token-out rendering needs one")
     text = tokenizer.apply_chat_template(
         [dict(m) for m in messages],
         tools=[dict(t) for t in tools] if tools else None,
-        add_generation_prompt=generation_prompt,
+        add_generation_prompt=True,
         tokenize=False,
         **dict(template_kwargs or {}),
     )
@@ -86,7 +86,7 @@ def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message
 
     ``template_kwargs`` go to the template (e.g. ``{"enable_thinking": False}``)."""
     _check_messages(messages)
-    return _encode(tokenizer, _render(tokenizer, messages, tools, True, template_kwargs))
+    return _encode(tokenizer, _render(tokenizer, messages, tools, template_kwargs))
 
 
 class ObservationRenderer:
@@ -108,7 +108,7 @@ class ObservationRenderer:
         self.tools = list(tools) if tools else None
         self.messages: list[dict[str, Any]] = [dict(m) for m in messages]
         # The conversation's text exactly as the engine has seen it so far.
-        self.text = _render(tokenizer, self.messages, self.tools, True, self.template_kwargs)
+        self.text = _render(tokenizer, self.messages, self.tools, self.template_kwargs)
         self.prompt_ids = _encode(tokenizer, self.text)
         specials = set(tokenizer.all_special_tokens) | set(tokenizer.get_added_vocab())
         self._specials = sorted((t for t in specials if len(t) > 1), key=len, reverse=True)
@@ -139,7 +139,7 @@ class ObservationRenderer:
                                         clean_up_tokenization_spaces=False)
         messages = self.messages + [{"role": "assistant", "content": content}]
         messages += [{"role": "tool", "content": self._neutralize(o)} for o in observations]
-        rendered = _render(self.tokenizer, messages, self.tools, True, self.template_kwargs)
+        rendered = _render(self.tokenizer, messages, self.tools, self.template_kwargs)
         seen = self.text + sampled
         if not rendered.startswith(seen):
             at = next((i for i, (a, b) in enumerate(zip(rendered, seen)) if a != b), min(len(rendered), len(seen)))
