@@ -41,12 +41,12 @@ def _atomic_save(obj: Any, path: Path) -> None:
     tmp.replace(path)
 
 
-def save_trainer_state(path: str | Path, engine_state: dict[str, Any] | None, rank: int) -> None:
-    """engine_state only from rank 0 (None elsewhere); every rank saves its RNG."""
+def save_trainer_state(path: str | Path, rank_state: dict[str, Any] | None, rank: int) -> None:
+    """rank_state (TrainerRank.state_dict) only from rank 0 (None elsewhere); every rank saves its RNG."""
     d = Path(path)
     d.mkdir(parents=True, exist_ok=True)
-    if engine_state is not None:
-        _atomic_save({"format_version": FORMAT_VERSION, **engine_state}, d / "state.pt")
+    if rank_state is not None:
+        _atomic_save({"format_version": FORMAT_VERSION, **rank_state}, d / "state.pt")
     _atomic_save(rng_state(), d / f"rng_rank{rank}.pt")
 
 

@@ -2,7 +2,7 @@
 
 Kept in one module so the GPU path never sees it: `needs_cpu_compat()` decides, the model builder
 applies `patch_layer_specs`, `transformer_config_overrides` and `patch_routers` only when it is true.
-The pieces (see shared/FACTS.md): the stock DotProductAttention allocates on the current CUDA
+The pieces: the stock DotProductAttention allocates on the current CUDA
 device (replaced by trainer.core_attention.TorchCoreAttention), TopKRouter's expert-bias buffers
 are allocated there too (`cuda_device_is_cpu` while building), the alltoall dispatcher creates a
 CUDA stream, Router.gating moves its weight to CUDA, and RotaryEmbedding.get_emb moves inv_freq
