@@ -12,8 +12,12 @@ Endpoints (JSON in/out, ``Authorization: Bearer <token>`` except ``/health``):
   POST /shutdown
 
 Commands start through ``jail.py`` (its sibling file): own session, rlimits, and, when ``--jail``
-asks for them, namespaces, a read-only filesystem, an unprivileged uid and cgroups. After a command ends,
-times out or floods output, everything it left running is killed.
+asks for them, namespaces, a read-only filesystem, an unprivileged uid and cgroups. By default a
+``--exec-mode forkserver`` (the local backend's choice) keeps one long-lived fork server
+(``forkserver.py``) that forks a fresh jail per command, which saves starting an interpreter per
+call; ``process`` (the default, and what pods run while their ConfigMap ships three files) starts
+``python jail.py`` per command. Either way every command gets the same fresh confinement. After a command ends, times out or floods output,
+everything it left running is killed.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import importlib.util
 import io
 import json
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -34,6 +39,7 @@ import tarfile
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 MAX_BODY = 256 << 20
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -60,6 +66,30 @@ class AgentError(Exception):
         self.status = status
 
 
+class Process:
+    """A command started as its own ``python jail.py`` process (``--exec-mode process``)."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.proc = proc
+        self.pid = proc.pid
+        self.stdout_fd = proc.stdout.fileno()
+        self._pidfd = os.pidfd_open(proc.pid)  # wakes us the moment it ends (Popen.wait polls)
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.returncode
+
+    def wait(self, timeout: float | None) -> bool:
+        if timeout is not None and not select.select([self._pidfd], [], [], timeout)[0]:
+            return False
+        self.proc.wait()
+        return True
+
+    def close(self) -> None:
+        os.close(self._pidfd)
+        self.proc.stdout.close()
+
+
 class Agent:
     """State and operations; the HTTP handler only decodes requests and encodes replies."""
 
@@ -79,6 +109,12 @@ class Agent:
         self.active: set[int] = set()  # pids of jails of commands in flight
         self.lock = threading.Lock()
         self.shell = next((s for s in ("/bin/bash", "/usr/bin/bash", "/bin/sh") if os.path.exists(s)), "sh")
+        # the jail starts privileged: it gets a clean environment (no LD_PRELOAD & co. from the
+        # request); the command's environment travels in the spec and is set at exec time
+        self.jail_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+        self.forkserver = (
+            _sibling("forkserver").ForkServer(self.jail_env) if args.exec_mode == "forkserver" else None
+        )
 
     # -- paths: every file operation goes through safe_fs (no link, FIFO or device is followed) ----
     @property
@@ -122,9 +158,6 @@ class Agent:
                     os.chown(name, *self.owner, follow_symlinks=False)
         return {"files": len(names)}
 
-    def _command(self, command: str, cwd: str, env: dict) -> list[str]:
-        spec = dict(self.jail, cwd=cwd, env=env)
-        return [sys.executable, "-I", "-S", JAIL, json.dumps(spec), "--", self.shell, "-c", command]
 
     def exec(self, body: dict) -> dict:
         command = body.get("command")
@@ -144,36 +177,44 @@ class Agent:
         safe_fs.make_dirs(self.root, ".tmp", self.owner)
         env.update({str(k): str(v) for k, v in (body.get("env") or {}).items()})
         start = time.monotonic()
+        spec, argv = dict(self.jail, cwd=cwd, env=env), [self.shell, "-c", command]
         with self.lock:
-            proc = self._popen(command, cwd, env)
+            proc = self._start(spec, argv)
             self.active.add(proc.pid)
+        result = None
         try:
-            return self._run(proc, cap, timeout, start)
+            result = self._run(proc, cap, timeout, start)
+            return result
         finally:
             with self.lock:
                 self.active.discard(proc.pid)
-            self.kill_orphans()
+            proc.close()
+            if result is None or result["killed_reason"] is not None:
+                self.kill_orphans()  # a jail that exited by itself had killed everything below it
 
-    def _popen(self, command: str, cwd: str, env: dict) -> subprocess.Popen:
-        return subprocess.Popen(
-            self._command(command, cwd, env),
-            cwd=cwd,
-            # the jail starts privileged: it gets a clean environment (no LD_PRELOAD & co. from the
-            # request); the command's environment travels in the spec and is set at exec time
-            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+    def _start(self, spec: dict, argv: list[str]) -> Any:
+        """A started command (``Process``, or the fork server's ``Started``: same attributes)."""
+        if self.forkserver is not None:
+            return self.forkserver.spawn(spec, argv)
+        return Process(
+            subprocess.Popen(
+                [sys.executable, "-I", "-S", JAIL, json.dumps(spec), "--", *argv],
+                cwd=spec["cwd"],
+                env=self.jail_env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         )
 
-    def _run(self, proc: subprocess.Popen, cap: int, timeout: float, start: float) -> dict:
+    def _run(self, proc: Any, cap: int, timeout: float, start: float) -> dict:
         chunks: list[bytes] = []
         state = {"size": 0, "flood": False}
 
         def pump() -> None:
             while True:
-                chunk = proc.stdout.read1(65536)
+                chunk = os.read(proc.stdout_fd, 65536)
                 if not chunk:
                     return
                 if state["size"] < cap:
@@ -185,13 +226,11 @@ class Agent:
 
         reader = threading.Thread(target=pump, daemon=True)
         reader.start()
-        timed_out = False
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-        self.kill_group(proc.pid)  # the command's leftovers (background jobs, fork bombs) go too
-        proc.wait()
+        timed_out = not proc.wait(timeout)
+        # the command's leftovers (background jobs, fork bombs) go too; below a jail that was already
+        # reaped there is no tree left (its orphans went to a subreaper: kill_orphans' business)
+        self.kill_group(proc.pid, tree=timed_out)
+        proc.wait(None)
         reader.join(timeout=2.0)
         code = proc.returncode
         reason = "timeout" if timed_out else "output_limit" if state["flood"] else None
@@ -207,9 +246,10 @@ class Agent:
             "duration_s": round(time.monotonic() - start, 4),
         }
 
-    def kill_group(self, pgid: int) -> None:
+    def kill_group(self, pgid: int, tree: bool = True) -> None:
         """Kill a command's process tree and group, its cgroups and (jailed) the sandbox uid's processes."""
-        jail.kill_descendants(pgid, reap=False)  # daemons that left the group still hang below the jail
+        if tree:
+            jail.kill_descendants(pgid, reap=False)  # daemons that left the group still hang below the jail
         try:
             os.killpg(pgid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
@@ -224,18 +264,22 @@ class Agent:
             kill_uid(self.uid)
 
     def kill_orphans(self) -> None:
-        """Kill what reparented to the agent (a subreaper) from a command whose jail died first."""
+        """Kill what reparented to the agent or its fork server (both subreapers) from a command
+        whose jail died first; the fork server reaps its own."""
         me = os.getpid()
+        server = self.forkserver.pid if self.forkserver is not None else None
         for _ in range(200):
             with self.lock:
-                strays = [p for p in jail._children().get(me, []) if p not in self.active]
+                tree = jail._children()
+                mine = [p for p in tree.get(me, []) if p not in self.active and p != server]
+                strays = mine + [p for p in tree.get(server, []) if p not in self.active]
                 for pid in strays:
                     jail.kill_descendants(pid, reap=False)
                     try:
                         os.kill(pid, signal.SIGKILL)
                     except (ProcessLookupError, PermissionError):
                         pass
-                for pid in strays:
+                for pid in mine:
                     try:
                         os.waitpid(pid, 0)
                     except ChildProcessError:
@@ -268,6 +312,7 @@ def _float_field(body: dict, name: str, default: float, low: float, high: float)
 class Handler(BaseHTTPRequestHandler):
     agent: Agent
     server_version = "mopd-sandbox-agent/1"
+    protocol_version = "HTTP/1.1"  # keep-alive: no connection (and handler thread) per request
 
     def log_message(self, fmt: str, *args: object) -> None:  # quiet; errors go back to the caller
         pass
@@ -370,6 +415,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rlimits", type=json.loads, default={}, help='e.g. {"RLIMIT_CPU": 60}')
     p.add_argument("--jail", default="", help="JSON spec for jail.py (local backend)")
     p.add_argument("--parent-pid", type=int, default=0)
+    p.add_argument(
+        "--exec-mode",
+        choices=("forkserver", "process"),
+        default="process",
+        help="forkserver: one long-lived fork server forks each command's jail; process: python jail.py per command",
+    )
     args = p.parse_args(argv)
     token = _read_token(args)
     libc = ctypes.CDLL(None, use_errno=True)
@@ -381,6 +432,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     os.makedirs(args.root, exist_ok=True)
     Handler.agent = Agent(args, token)
+    if Handler.agent.forkserver is not None:
+        Handler.agent.forkserver.ensure()  # it starts up while we bind and report READY
     server = ThreadingHTTPServer((args.host, args.port), Handler)
     server.daemon_threads = True
     if args.parent_pid:
@@ -390,6 +443,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         server.serve_forever(poll_interval=0.2)
     finally:
+        if Handler.agent.forkserver is not None:
+            Handler.agent.forkserver.close()
         if Handler.agent.uid is not None and Handler.agent.uid != os.getuid():
             kill_uid(Handler.agent.uid)
         shutil.rmtree(os.path.join(Handler.agent.root, ".tmp"), ignore_errors=True)

@@ -356,7 +356,8 @@ def run(spec: dict, argv: list[str]) -> None:
         with os.fdopen(report_r, "rb") as f:
             reported = f.read()
         status = int(reported) if reported.strip().isdigit() else status
-    kill_descendants(os.getpid(), reap=True)  # daemons (setsid, double fork) of the command
+    if not pid_ns:  # with one, the namespace died with its init: nothing of the command is left
+        kill_descendants(os.getpid(), reap=True)  # daemons (setsid, double fork) of the command
     _relay(status)
 
 

@@ -187,7 +187,14 @@ def _check_interpreter() -> None:
 class LocalSandboxBackend:
     """Creates confined local sandboxes. ``isolation`` is the detected (and enforced) mechanism set."""
 
-    def __init__(self, config: SandboxConfig | None = None, run_id: str | None = None) -> None:
+    def __init__(
+        self, config: SandboxConfig | None = None, run_id: str | None = None, exec_mode: str = "forkserver"
+    ) -> None:
+        """``exec_mode``: "forkserver" (a fork server per sandbox forks each command's jail) or
+        "process" (a ``python jail.py`` process per command; slower, kept for comparison)."""
+        if exec_mode not in ("forkserver", "process"):
+            raise ValueError(f"exec_mode must be 'forkserver' or 'process', got {exec_mode!r}")
+        self.exec_mode = exec_mode
         self.config = config or SandboxConfig()
         self.config.validate("sandbox")
         self.run_id = run_id or uuid.uuid4().hex[:8]
@@ -345,6 +352,8 @@ class LocalSandboxBackend:
                 json.dumps(spec),
                 "--parent-pid",
                 str(os.getpid()),
+                "--exec-mode",
+                self.exec_mode,
                 "--token-file",
                 "-",  # the token comes on stdin: never in the agent's environment
                 env={"PATH": self._path(spec)},

@@ -1,0 +1,298 @@
+"""Fork server for sandbox commands: the jail's confinement without a new interpreter per call.
+
+The agent starts this file once per sandbox (``python -I -S forkserver.py FD``, single-threaded, with
+the same privileges the agent would give ``jail.py``) and sends it one request per command over the
+unix socket ``FD``. For each request it forks, and the child runs ``jail.run`` exactly as a fresh
+``python jail.py SPEC -- bash -c CMD`` would: new session, cgroups, fresh namespaces, a fresh private
+``/tmp``, ``/proc`` and ``/dev/shm``, rlimits, the sandbox uid, no_new_privs. So isolation and what
+persists between calls are unchanged (files in the sandbox directory persist; processes, cwd,
+environment, ``/tmp`` and IPC objects do not); what a call saves is the interpreter start and imports.
+
+Protocol (standard library only, so it ships into pods next to ``agent.py``): a request is a 4-byte
+big-endian length and a JSON ``{"spec": ..., "argv": [...]}``, sent with two descriptors (SCM_RIGHTS):
+the write end of the command's output pipe and the write end of a status pipe. The reply is the
+jail's pid (4 bytes, signed; ``-errno`` when the fork failed). When that process ends, its raw wait
+status is written to the status pipe as text and the pipe is closed; a status pipe that closes
+without a status means this server died (and, by the parent-death signal, the command with it).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import select
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+HEADER = struct.Struct("!I")
+PID = struct.Struct("!i")
+MAX_REQUEST = 64 << 20
+
+
+def _jail():
+    """Load ``jail.py`` by path: this file runs as a lone ``python -I -S`` script (and in pods)."""
+    spec = importlib.util.spec_from_file_location("mopd_sandbox_jail", os.path.join(HERE, "jail.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+jail = _jail()
+
+
+def send_request(sock: socket.socket, spec: dict, argv: list[str], out_fd: int, status_fd: int) -> int:
+    """Ask the server to start `argv` confined by `spec`; the jail's pid (negative: -errno)."""
+    payload = json.dumps({"spec": spec, "argv": argv}).encode()
+    data = HEADER.pack(len(payload)) + payload
+    sent = sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("ii", out_fd, status_fd))])
+    sock.sendall(data[sent:])
+    reply = _recv_exact(sock, PID.size)
+    if reply is None:
+        raise ConnectionError("the sandbox fork server closed its socket")
+    return PID.unpack(reply)[0]
+
+
+class Started:
+    """A command the fork server started: its jail's pid, its output pipe, its exit when it ends."""
+
+    def __init__(self, pid: int, stdout_fd: int, status_fd: int) -> None:
+        self.pid = pid
+        self.stdout_fd = stdout_fd
+        self._status_fd = status_fd
+        self.returncode: int | None = None
+
+    def wait(self, timeout: float | None) -> bool:
+        """True once the jail ended (``returncode`` set), False if `timeout` seconds passed first."""
+        if self.returncode is not None:
+            return True
+        ready, _, _ = select.select([self._status_fd], [], [], timeout)
+        if not ready:
+            return False
+        data = b""
+        while chunk := os.read(self._status_fd, 64):
+            data += chunk
+        # no status: the server died, and the jail with it (its parent-death signal is SIGKILL)
+        self.returncode = os.waitstatus_to_exitcode(int(data)) if data.isdigit() else -signal.SIGKILL
+        return True
+
+    def close(self) -> None:
+        for fd in (self.stdout_fd, self._status_fd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+class ForkServer:
+    """The agent's side: starts the server (again, if it died) and asks it for commands."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = env
+        self.proc: subprocess.Popen | None = None
+        self._sock: socket.socket | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def ensure(self) -> None:
+        """Start the server unless it runs (it imports in the background while the agent goes on)."""
+        with self._lock:
+            if self.proc is None or self.proc.poll() is not None:
+                self._start()
+
+    def _start(self) -> None:
+        self._close()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-I", "-S", os.path.abspath(__file__), str(theirs.fileno())],
+                pass_fds=[theirs.fileno()],
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+            )
+        finally:
+            theirs.close()
+        self._sock = ours
+
+    def spawn(self, spec: dict, argv: list[str]) -> Started:
+        """Start `argv` in a fresh jail; a server that died is restarted once, transparently."""
+        out_r, out_w = os.pipe2(os.O_CLOEXEC)
+        status_r, status_w = os.pipe2(os.O_CLOEXEC)
+        try:
+            with self._lock:
+                for attempt in (0, 1):
+                    if self.proc is None or self.proc.poll() is not None:
+                        self._start()
+                    try:
+                        pid = send_request(self._sock, spec, argv, out_w, status_w)
+                        break
+                    except OSError:
+                        if attempt:
+                            raise
+                        self._kill()
+        except BaseException:
+            os.close(out_r)
+            os.close(status_r)
+            raise
+        finally:
+            os.close(out_w)
+            os.close(status_w)
+        if pid < 0:
+            os.close(out_r)
+            os.close(status_r)
+            raise OSError(-pid, f"the sandbox fork server could not fork: {os.strerror(-pid)}")
+        return Started(pid, out_r, status_r)
+
+    def _kill(self) -> None:
+        if self.proc is not None:
+            try:
+                self.proc.kill()
+            except OSError:
+                pass
+            self.proc.wait()
+
+    def _close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def close(self) -> None:
+        """Stop the server: it exits when its socket closes, and its commands die with it."""
+        with self._lock:
+            self._close()
+            if self.proc is not None:
+                try:
+                    self.proc.wait(timeout=5.0)
+                except subprocess.TimeoutExpired:
+                    self._kill()
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
+    buf = b""
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            return None
+        buf += chunk
+    return buf
+
+
+def _recv_request(sock: socket.socket) -> tuple[dict, list[int]] | None:
+    """One request and its two descriptors, or None when the agent closed the socket."""
+    data, anc, _, _ = sock.recvmsg(HEADER.size, socket.CMSG_SPACE(2 * 4))
+    fds: list[int] = []
+    for level, kind, raw in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds += list(struct.unpack(f"{len(raw) // 4}i", raw[: len(raw) - len(raw) % 4]))
+    if not data:
+        return None
+    rest = _recv_exact(sock, HEADER.size - len(data)) if len(data) < HEADER.size else b""
+    if rest is None:
+        return None
+    (size,) = HEADER.unpack(data + rest)
+    payload = _recv_exact(sock, size) if size <= MAX_REQUEST else None
+    if payload is None or len(fds) != 2:
+        for fd in fds:
+            os.close(fd)
+        return None  # a broken request from our own agent: stop rather than guess
+    return json.loads(payload), fds
+
+
+def _child(request: dict, out_fd: int, keep_closed: list[int]) -> None:
+    """In the forked child: plain signal state, the output pipe as stdout/stderr, then the jail."""
+    try:
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for fd in keep_closed:
+            os.close(fd)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.dup2(out_fd, 1)
+        os.dup2(out_fd, 2)
+        os.close(null)
+        os.close(out_fd)
+        spec = request["spec"]
+        os.chdir(spec.get("cwd") or spec["root"])
+        jail.run(spec, request["argv"])
+    finally:
+        os._exit(126)  # jail.run never returns; anything that gets here failed before confinement
+
+
+def serve(sock_fd: int) -> None:
+    """Answer requests until the agent closes the socket or dies (the parent-death signal)."""
+    parent = os.getppid()
+    jail._libc.prctl(jail.PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(0)
+    jail._libc.prctl(jail.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # orphans of a killed jail come here
+    sock = socket.socket(fileno=sock_fd)
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    signal.set_wakeup_fd(wake_w)
+    waiting: dict[int, int] = {}  # jail pid -> write end of its status pipe
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    poller.register(wake_r, select.POLLIN)
+    while True:
+        for fd, _ in poller.poll():
+            if fd == wake_r:
+                _drain(wake_r)
+                continue
+            got = _recv_request(sock)
+            if got is None:
+                os._exit(0)  # our children die with us (their parent-death signal)
+            request, (out_fd, status_fd) = got
+            try:
+                pid = os.fork()
+            except OSError as exc:
+                pid = -(exc.errno or 1)
+            if pid == 0:
+                _child(request, out_fd, [sock.fileno(), wake_r, wake_w, status_fd, *waiting.values()])
+            os.close(out_fd)
+            if pid > 0:
+                waiting[pid] = status_fd
+            else:
+                os.close(status_fd)
+            sock.sendall(PID.pack(pid))
+        _reap(waiting)
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 512):
+            pass
+    except BlockingIOError:
+        pass
+
+
+def _reap(waiting: dict[int, int]) -> None:
+    """Collect every ended child; report the jails' statuses on their status pipes."""
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        fd = waiting.pop(pid, None)
+        if fd is not None:
+            try:
+                os.write(fd, str(status).encode())
+            except OSError:
+                pass  # the agent stopped waiting for it
+            os.close(fd)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2 or not sys.argv[1].isdigit():
+        sys.stderr.write("usage: forkserver.py SOCKET_FD\n")
+        os._exit(2)
+    serve(int(sys.argv[1]))
