@@ -158,7 +158,6 @@ class Agent:
                     os.chown(name, *self.owner, follow_symlinks=False)
         return {"files": len(names)}
 
-
     def exec(self, body: dict) -> dict:
         command = body.get("command")
         if not isinstance(command, str):

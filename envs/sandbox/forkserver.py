@@ -50,7 +50,9 @@ def send_request(sock: socket.socket, spec: dict, argv: list[str], out_fd: int, 
     """Ask the server to start `argv` confined by `spec`; the jail's pid (negative: -errno)."""
     payload = json.dumps({"spec": spec, "argv": argv}).encode()
     data = HEADER.pack(len(payload)) + payload
-    sent = sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("ii", out_fd, status_fd))])
+    sent = sock.sendmsg(
+        [data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("ii", out_fd, status_fd))]
+    )
     sock.sendall(data[sent:])
     reply = _recv_exact(sock, PID.size)
     if reply is None:
