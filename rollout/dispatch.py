@@ -7,6 +7,11 @@ re-sends per request, and no more than `retry_window_s` of waiting since the fir
 attempts the dispatcher backs off exponentially with jitter (tenacity) and, when every engine has
 failed, waits for one to answer /health again (an engine actor restarts a dead server on the same
 URL). When the bound is hit, `EngineUnavailable` names every engine tried and the last cause.
+
+A multi-turn trajectory may instead hold a session on its engine (`open_session` /
+`generate_in_session` / `close_session`): the engine keeps the conversation's KV cache, so a session
+request is tried once, on that engine only; an engine fault raises `SessionLost`, and the caller resends
+the whole context through `generate`, which fails over like any other request.
 """
 
 from __future__ import annotations
@@ -14,7 +19,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 from tenacity import (
@@ -28,7 +35,8 @@ from tenacity import (
 )
 from tenacity.stop import stop_base
 
-from rollout.engine_client import EngineClient, EngineError, _retryable
+from rollout.engine_client import EngineClient, EngineError, is_engine_fault
+from rollout.sglang_api import GenerateRequest, GenerateResponse, SessionParams
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -45,6 +53,20 @@ class EngineUnavailable(EngineError):
         message = (f"request failed after {attempts} attempt(s) over {elapsed_s:.1f}s on engine(s) "
                    f"{', '.join(self.urls)}; last error: {type(cause).__name__}: {cause}")
         super().__init__(", ".join(self.urls), message + (f"; {hint}" if hint else ""))
+
+
+class SessionLost(EngineError):
+    """The engine holding a trajectory's session failed; its KV cache is gone with it (resend the context)."""
+
+
+@dataclass
+class EngineSession:
+    """A trajectory's session on one engine; `last_rid` is the request the next turn continues from."""
+
+    key: str
+    index: int
+    id: str
+    last_rid: str | None = None
 
 
 class _StopAfterFaultWindow(stop_base):
@@ -114,7 +136,7 @@ class Dispatcher:
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self.max_retries + 1) | window,
             wait=wait_random_exponential(multiplier=self.backoff_s, max=self.max_backoff_s),
-            retry=retry_if_exception(_retryable), reraise=False)
+            retry=retry_if_exception(is_engine_fault), reraise=False)
         try:
             async for attempt in retrying:
                 with attempt:
@@ -127,7 +149,7 @@ class Dispatcher:
                     try:
                         result = await call(self.clients[index])
                     except BaseException as e:
-                        if _retryable(e):
+                        if is_engine_fault(e):
                             last = e
                             self._fault(index, key, e)
                         raise
@@ -184,7 +206,55 @@ class Dispatcher:
             return False  # nobody came back: the next attempt fails fast and ends the request with the error
         return True
 
+    async def generate(self, request: GenerateRequest, *, key: str | None = None) -> GenerateResponse:
+        """/generate with failover; the first attempt keeps `request.rid` (if set), each re-send gets a fresh
+        one: SGLang refuses a duplicate request ID in flight with a 400 (not retried), and a re-send may reach
+        an engine where the earlier attempt is still running."""
+        rids = iter([request.rid] if request.rid else [])
+        return await self.run(lambda c: c.generate(replace(request, rid=next(rids, None) or uuid.uuid4().hex)),
+                              key=key)
+
+    async def open_session(self, key: str) -> EngineSession:
+        """Open a session on the trajectory's engine (sticky from here on); an engine fault raises SessionLost."""
+        index = self.pick(key)
+        session_id = await self._once(index, key, lambda c: c.open_session())
+        return EngineSession(key=key, index=index, id=session_id)
+
+    async def generate_in_session(self, session: EngineSession, request: GenerateRequest) -> GenerateResponse:
+        """Send `request` (the tokens added since the session's last turn) once, to the session's engine,
+        continuing after `session.last_rid`; an engine fault raises SessionLost (the session is then gone)."""
+        rid = request.rid or uuid.uuid4().hex
+        request = replace(request, rid=rid, session_params=SessionParams(id=session.id, rid=session.last_rid))
+        response = await self._once(session.index, session.key, lambda c: c.generate(request, retries=0))
+        session.last_rid = rid
+        return response
+
+    async def close_session(self, session: EngineSession) -> None:
+        """Best effort: a dead engine took the session with it."""
+        try:
+            await self.clients[session.index].close_session(session.id)
+        except Exception as e:  # engine faults only; anything else is a bug and raises
+            if not is_engine_fault(e):
+                raise
+            log.info("closing session %s on %s failed: %s", session.id, self.clients[session.index].url, e)
+
+    async def _once(self, index: int, key: str, call: Callable[[EngineClient], Awaitable[T]]) -> T:
+        self.attempts += 1
+        self.in_flight[index] += 1
+        try:
+            result = await call(self.clients[index])
+        except Exception as e:
+            if not is_engine_fault(e):
+                raise
+            self._fault(index, key, e)
+            raise SessionLost(self.clients[index].url, f"session engine failed ({type(e).__name__}: {e})") from e
+        finally:
+            self.in_flight[index] -= 1
+        self.failed[index] = False
+        return result
+
     def release(self, key: str) -> None:
+        """The trajectory is over: forget its engine."""
         self.sticky.pop(key, None)
 
     async def close(self) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any
+from typing import Any, Self
 
 import aiohttp
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
@@ -33,7 +33,7 @@ class MalformedResponse(EngineError):
     """
 
 
-def _retryable(exc: BaseException) -> bool:
+def is_engine_fault(exc: BaseException) -> bool:
     """Engine faults (unreachable, timeout, 5xx, malformed answer) are worth another try; 4xx are not."""
     if isinstance(exc, EngineError):
         return exc.status is None or exc.status >= 500
@@ -50,7 +50,7 @@ class EngineClient:
         self.top_k = top_k
         self._session: aiohttp.ClientSession | None = None
 
-    async def __aenter__(self) -> EngineClient:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -73,7 +73,7 @@ class EngineClient:
         attempts = (self.max_retries if retries is None else retries) + 1
         async for attempt in AsyncRetrying(stop=stop_after_attempt(attempts), reraise=True,
                                            wait=wait_exponential(multiplier=0.2, max=5.0),
-                                           retry=retry_if_exception(_retryable)):
+                                           retry=retry_if_exception(is_engine_fault)):
             with attempt:
                 return await self._once(method, path, body, timeout_s)
 
@@ -103,12 +103,9 @@ class EngineClient:
         except (ProtocolError, ValueError) as e:
             raise MalformedResponse(self.url + "/generate", str(e)) from None
 
-    async def score(self, input_ids: list[int], start: int) -> list[float]:
-        """log p(token_i | tokens_<i) for i in [start, len): a prefill with prompt logprobs (teacher scoring)."""
-        return (await self.score_top_k(input_ids, start, 0)).logprobs
-
     async def score_top_k(self, input_ids: list[int], start: int, top_k: int) -> TokenScores:
-        """Like `score`, plus the engine's `top_k` most likely tokens at each of those positions (top_k > 0).
+        """log p(token_i | tokens_<i) for i in [start, len) in one prefill with prompt logprobs (teacher
+        scoring), plus the engine's `top_k` most likely tokens at each of those positions (top_k > 0).
 
         SGLang's input logprobs at `logprob_start_len = s` begin with `None` for the token at `s` (position
         s has no logprob from inside the request; sglang 0.5.23 ScheduleBatch.prepare_for_extend and
@@ -139,24 +136,6 @@ class EngineClient:
     async def abort(self, rid: str | None = None) -> None:
         await self.request("POST", "/abort_request", {"rid": rid} if rid else {"abort_all": True})
 
-    async def pause(self, mode: str = "abort") -> None:
-        await self.request("POST", "/pause_generation", {"mode": mode})
-
-    async def resume(self) -> None:
-        await self.request("POST", "/continue_generation", {})
-
-    async def flush_cache(self, *, wait_s: float = 30.0) -> None:
-        """SGLang answers 400 while requests are pending; keep trying until it is idle."""
-        deadline = asyncio.get_running_loop().time() + wait_s
-        while True:
-            try:
-                await self.request("POST", "/flush_cache", {})
-                return
-            except EngineError as e:
-                if e.status != 400 or asyncio.get_running_loop().time() > deadline:
-                    raise
-                await asyncio.sleep(0.2)
-
     # --- state --------------------------------------------------------------------------------
     async def health(self, timeout_s: float = 5.0) -> bool:
         """One quick probe (a hung engine must not hold up whoever waits for an engine to come back)."""
@@ -174,28 +153,6 @@ class EngineClient:
 
     async def close_session(self, session_id: str) -> None:
         await self.request("POST", "/close_session", {"session_id": session_id})
-
-    async def update_weights_from_disk(self, model_path: str, version: int | str) -> None:
-        result = await self.request("POST", "/update_weights_from_disk",
-                                    {"model_path": model_path, "weight_version": str(version)})
-        _check_success(self.url, result)
-
-    async def update_weights_from_tensor(self, serialized_named_tensors: list[str], version: int | str, *,
-                                         load_format: str | None = None, flush_cache: bool = True) -> None:
-        """One bucket of weights. `serialized_named_tensors` has one entry per TP rank: SGLang's serializer
-        output on GPU, or base64 safetensors bytes with `load_format="safetensors"` for the local server."""
-        result = await self.request("POST", "/update_weights_from_tensor", {
-            "serialized_named_tensors": list(serialized_named_tensors), "load_format": load_format,
-            "flush_cache": flush_cache, "weight_version": str(version)})
-        _check_success(self.url, result)
-
-    async def weight_version(self) -> str:
-        return str((await self.model_info()).get("weight_version", ""))
-
-
-def _check_success(url: str, result: Any) -> None:
-    if isinstance(result, dict) and result.get("success") is False:
-        raise EngineError(url, f"weight update failed: {result.get('message')}")
 
 
 def _error_message(text: str) -> str:

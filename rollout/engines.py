@@ -30,6 +30,7 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from mopd.core.model_shape import read_model_shape
 from rollout import speculative
 from rollout.config import RolloutConfig
 
@@ -133,10 +134,8 @@ def _server_command(backend: str, model_path: str, port: int, host: str, cfg: Ro
 def is_moe(model_path: str) -> bool:
     """Routing replay only applies to MoE models; a dense engine is started without capture."""
     try:
-        from transformers import AutoConfig
-
-        return int(getattr(AutoConfig.from_pretrained(model_path), "num_experts_per_tok", 0) or 0) > 0
-    except (OSError, ValueError):  # not readable here (e.g. a hub id resolved on the engine's node)
+        return read_model_shape(model_path).is_moe
+    except OSError:  # not readable here (e.g. a hub id resolved on the engine's node)
         return True
 
 
@@ -178,7 +177,6 @@ class EngineActor:
         _kv_put(port_key, str(self.port))
         self.proc: subprocess.Popen | None = None
         self.log_path = os.path.join(tempfile.gettempdir(), f"mopd-engine-{name}-{os.getpid()}.log")
-        self.restarts = 0
         if not reconstructed:
             _forget_pushed_weights(self.url)  # a record left by an earlier engine on this port is not ours
         self.served: tuple[str, str | None] = (model_path, None)  # (weights path, weight version) now served
@@ -188,7 +186,6 @@ class EngineActor:
         self.ready = False  # healthy and serving `served` (False while a restart is in progress)
         if reconstructed:
             log.warning("engine actor %s was restarted by Ray; starting its server again on %s", name, self.url)
-            self.restarts = 1
             _wait_port_free(self.host, self.port, timeout=30.0)  # the old server is still exiting
             self.start()
 
@@ -278,7 +275,6 @@ class EngineActor:
                 return self.url
             if self.proc is None or self.proc.poll() is not None:
                 log.warning("engine %s died (code %s); restarting", self.name, self.proc and self.proc.returncode)
-                self.restarts += 1
                 self.start()
         return self.url
 
@@ -290,8 +286,8 @@ class EngineActor:
         return os.getpid()
 
     def status(self) -> dict[str, Any]:
-        """What the actor knows: URL, server pid, restarts, and the weights it (re)started from."""
-        return {"url": self.url, "pid": self.pid(), "restarts": self.restarts, "served_path": self.served[0],
+        """What the actor knows: URL, server pid, and the weights it (re)started from."""
+        return {"url": self.url, "pid": self.pid(), "served_path": self.served[0],
                 "served_version": self.served[1],
                 "alive": self.ready and self.proc is not None and self.proc.poll() is None,
                 "latest_pushed": latest_pushed_weights(self.url)}

@@ -2,7 +2,7 @@
 
 It lets rollout, teacher scoring, routing replay (R3) and weight sync run end to end on a machine
 without SGLang: same endpoints, same request parsing (`rollout.sglang_api`), same response shapes.
-Requests are batched continuously (see `hf_server_scheduler` and `hf_server_engine`).
+Requests are batched continuously (see `hf_server_scheduler` and `hf_server_model`).
 MiMo-V2-Flash checkpoints load with their MTP layers (`rollout.mtp`, updated by weight pushes too),
 and `--speculative-algorithm EAGLE --speculative-num-steps K` (SGLang's flags) turns on MTP
 self-speculative decoding (`hf_server_speculative`): same greedy output, same sampling distribution,
@@ -41,7 +41,7 @@ from aiohttp import web
 
 from rollout import hf_server_speculative as speculative
 from rollout import hf_server_validation as check
-from rollout.hf_server_engine import ModelRunner
+from rollout.hf_server_model import ModelRunner
 from rollout.hf_server_scheduler import (
     EngineDead,
     Request,

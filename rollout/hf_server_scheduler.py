@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rollout.hf_server_engine import ModelRunner, StepInput, StepOutput, sample_token
+from rollout.hf_server_model import ModelRunner, StepInput, StepOutput, sample_token
 from rollout.hf_server_validation import RequestError, sampling_params
 from rollout.sglang_api import SessionParams
 

@@ -12,7 +12,7 @@ accepted prefix plus one token of the target model:
   emitted tokens are distributed exactly as non-speculative sampling from p.
 Logprobs, top logprobs and routed experts of every emitted token come from the target forward,
 never from the draft. The KV cache, routing rows and hidden states of rejected positions are cut
-off (caches keep every key: sliding-window layers are masked by position, see hf_server_engine).
+off (caches keep every key: sliding-window layers are masked by position, see hf_server_model).
 Per request, SGLang's counters: `spec_verify_ct` (decode forwards), `spec_num_correct_drafts`,
 `spec_num_proposed_drafts`; the response derives `spec_accept_length` and `spec_accept_rate` from
 them as SGLang's tokenizer manager does.
@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from rollout.hf_server_engine import StepInput, StepOutput, _log_softmax, sample_token, sampling_probs
+from rollout.hf_server_model import StepInput, StepOutput, _log_softmax, sample_token, sampling_probs
 from rollout.speculative import cli_args  # noqa: F401 - re-exported: the flags this module parses
 
 if TYPE_CHECKING:

@@ -11,7 +11,8 @@ Modes (TrainerConfig.weight_sync):
 - distributed: POST /init_weights_update_group once, then per bucket POST
   /update_weights_from_distributed {names, dtypes, shapes, group_name, weight_version} while
   broadcasting the tensors from trainer rank 0 over NCCL. GPU only, not exercised in CI.
-This module talks plain HTTP (urllib) and imports nothing from rollout/.
+The requests and the HTTP calls are mopd/core/engine_api.py's (shared with the rollout side); this module
+imports nothing from rollout/.
 
 Restarted engines: before every push the new weights are on disk (disk mode: the pushed directory;
 tensor/distributed: a snapshot the trainer keeps, the last two versions) and recorded per engine URL
@@ -30,16 +31,23 @@ import shutil
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors.torch import save as safetensors_save
 
+from mopd.core.engine_api import (
+    EngineCallError,
+    InitWeightsUpdateGroup,
+    UpdateWeightsFromDisk,
+    UpdateWeightsFromDistributed,
+    UpdateWeightsFromTensor,
+    WeightUpdate,
+    post_weight_update,
+    weight_version,
+)
 from trainer.config import TrainerConfig
 from trainer.hf_io import save_hf
 
@@ -86,10 +94,8 @@ class WeightSnapshots:
 def engine_weight_version(url: str, timeout: float) -> str | None:
     """The weight_version an engine reports, or None if it does not answer (yet)."""
     try:
-        req = urllib.request.Request(url.rstrip("/") + "/model_info")
-        with urllib.request.urlopen(req, timeout=min(timeout, 10.0)) as resp:
-            return str(json.loads(resp.read()).get("weight_version", ""))
-    except (OSError, ValueError):
+        return weight_version(url, min(timeout, 10.0))
+    except EngineCallError:
         return None
 
 
@@ -115,21 +121,6 @@ def lagging_engines(urls: list[str], version: int, timeout: float) -> list[str]:
             time.sleep(delay)
             delay = min(delay * 2, 2.0)
     return lagging
-
-
-def post_json(url: str, path: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
-    """POST JSON and return the decoded reply; raise with the engine's message on HTTP errors."""
-    data = json.dumps(body).encode()
-    req = urllib.request.Request(url.rstrip("/") + path, data=data, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            raw = resp.read()
-    except urllib.error.HTTPError as err:
-        raise RuntimeError(f"POST {url}{path} -> HTTP {err.code}: {err.read()[:500]!r}") from err
-    reply = json.loads(raw) if raw.strip() else {}
-    if isinstance(reply, dict) and reply.get("success") is False:
-        raise RuntimeError(f"POST {url}{path} failed: {reply.get('message', reply)}")
-    return reply if isinstance(reply, dict) else {"reply": reply}
 
 
 def buckets(named: dict[str, torch.Tensor], bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
@@ -163,9 +154,9 @@ def tensor_format(cfg: TrainerConfig) -> str:
     return "sglang" if torch.cuda.is_available() and cfg.device != "cpu" else "safetensors"
 
 
-def _to_all(urls: list[str], path: str, body: dict[str, Any], timeout: float) -> None:
+def _to_all(urls: list[str], request: WeightUpdate, timeout: float) -> None:
     with ThreadPoolExecutor(max_workers=max(1, len(urls))) as pool:
-        list(pool.map(lambda u: post_json(u, path, body, timeout), urls))
+        list(pool.map(lambda u: post_weight_update(u, request, timeout), urls))
 
 
 def push_tensor(named: dict[str, torch.Tensor], urls: list[str], version: int, cfg: TrainerConfig, *,
@@ -176,10 +167,10 @@ def push_tensor(named: dict[str, torch.Tensor], urls: list[str], version: int, c
     groups = list(buckets(named, bucket_bytes or cfg.weight_sync_bucket_mb * 2**20))
     for i, bucket in enumerate(groups):
         payload = serialize(bucket)
-        body = {"serialized_named_tensors": [payload] * max(cfg.weight_sync_engine_tp, 1),
-                "load_format": "safetensors" if fmt == "safetensors" else None,
-                "flush_cache": i == len(groups) - 1, "weight_version": str(version)}
-        _to_all(urls, "/update_weights_from_tensor", body, cfg.weight_sync_timeout_s)
+        request = UpdateWeightsFromTensor(serialized_named_tensors=[payload] * max(cfg.weight_sync_engine_tp, 1),
+                                          load_format="safetensors" if fmt == "safetensors" else None,
+                                          flush_cache=i == len(groups) - 1, weight_version=str(version))
+        _to_all(urls, request, cfg.weight_sync_timeout_s)
     return len(groups)
 
 
@@ -188,7 +179,7 @@ def push_disk(named: dict[str, torch.Tensor], urls: list[str], version: int, cfg
     root = Path(cfg.weight_sync_dir) if cfg.weight_sync_dir else Path(tempfile.gettempdir()) / "mopd_weight_sync"
     target = save_hf(root / f"v{version}", named, source_dir)
     record_pushed_weights(urls, target, version)
-    _to_all(urls, "/update_weights_from_disk", {"model_path": str(target), "weight_version": str(version)},
+    _to_all(urls, UpdateWeightsFromDisk(model_path=str(target), weight_version=str(version)),
             cfg.weight_sync_timeout_s)
     return target
 
@@ -238,10 +229,10 @@ class DistributedPusher:
         import socket
 
         master = socket.gethostbyname(socket.gethostname())
-        bodies = [{"master_address": master, "master_port": master_port, "rank_offset": 1 + i * tp,
-                   "world_size": world, "group_name": self.group_name, "backend": "nccl"} for i in range(len(urls))]
-        threads = [threading.Thread(target=post_json, args=(u, "/init_weights_update_group", b,
-                                                            cfg.weight_sync_timeout_s)) for u, b in zip(urls, bodies)]
+        requests = [InitWeightsUpdateGroup(master_address=master, master_port=master_port, rank_offset=1 + i * tp,
+                                           world_size=world, group_name=self.group_name) for i in range(len(urls))]
+        threads = [threading.Thread(target=post_weight_update, args=(u, r, cfg.weight_sync_timeout_s))
+                   for u, r in zip(urls, requests)]
         for t in threads:
             t.start()
         self.group = init_custom_process_group(backend="nccl", init_method=f"tcp://{master}:{master_port}",
@@ -254,12 +245,13 @@ class DistributedPusher:
 
         groups = list(buckets(named, self.cfg.weight_sync_bucket_mb * 2**20))
         for i, bucket in enumerate(groups):
-            body = {"names": [n for n, _ in bucket], "dtypes": [str(t.dtype).replace("torch.", "") for _, t in bucket],
-                    "shapes": [list(t.shape) for _, t in bucket], "group_name": self.group_name,
-                    "weight_version": str(version), "flush_cache": i == len(groups) - 1}
+            request = UpdateWeightsFromDistributed(
+                names=[n for n, _ in bucket], dtypes=[str(t.dtype).replace("torch.", "") for _, t in bucket],
+                shapes=[list(t.shape) for _, t in bucket], group_name=self.group_name,
+                weight_version=str(version), flush_cache=i == len(groups) - 1)
             with ThreadPoolExecutor(max_workers=len(self.urls)) as pool:
-                futures = [pool.submit(post_json, u, "/update_weights_from_distributed", body,
-                                       self.cfg.weight_sync_timeout_s) for u in self.urls]
+                futures = [pool.submit(post_weight_update, u, request, self.cfg.weight_sync_timeout_s)
+                           for u in self.urls]
                 for _, tensor in bucket:
                     dist.broadcast(tensor.detach().cuda().contiguous(), src=0, group=self.group)
                 for f in futures:

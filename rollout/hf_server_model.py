@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
+from mopd.core.model_shape import read_model_shape
 from rollout.hf_server_validation import read_checkpoint
 from rollout.mtp import MTP_PREFIX, MTPHead
 
@@ -65,13 +66,13 @@ class ModelRunner:
     @classmethod
     def load(cls, path: str, *, device: str = "cpu", dtype: str = "float32", capture_routing: bool = False
              ) -> ModelRunner:
+        shape = read_model_shape(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
         model.to(device).eval()
         cfg = model.config
-        top_k = int(getattr(cfg, "num_experts_per_tok", 0) or 0)
-        runner = cls(model=model, device=torch.device(device), num_layers=int(cfg.num_hidden_layers),
-                     top_k=top_k, capture_routing=capture_routing and top_k > 0)
-        if capture_routing and top_k == 0:
+        runner = cls(model=model, device=torch.device(device), num_layers=shape.num_layers,
+                     top_k=shape.top_k, capture_routing=capture_routing and shape.is_moe)
+        if capture_routing and not shape.is_moe:
             raise ValueError("--enable-return-routed-experts needs an MoE model (config has no num_experts_per_tok)")
         if runner.capture_routing:
             runner._install_router_hooks()
