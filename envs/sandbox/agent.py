@@ -7,7 +7,7 @@ Endpoints (JSON in/out, ``Authorization: Bearer <token>`` except ``/health``):
   GET  /health                       readiness (no secrets)
   POST /exec    {command, timeout, max_output, cwd?, env?}
   POST /read    {path}               -> {content_b64}
-  POST /write   {path, content_b64, mode?}
+  POST /write   {path, content_b64, mode?}   no mode: keep the replaced file's mode (new: 0644)
   POST /upload  (body: tar) ?dest=   extracted with the tarfile "data" filter (no escapes)
   POST /shutdown
 
@@ -134,7 +134,7 @@ class Agent:
             data = base64.b64decode(body.get("content_b64", ""), validate=True)
         except (ValueError, TypeError):
             raise AgentError(400, "field `content_b64` must be base64") from None
-        mode = _int_field(body, "mode", 0o644, 0, 0o777)
+        mode = None if body.get("mode") is None else _int_field(body, "mode", 0o644, 0, 0o777)
         safe_fs.write_file(self.root, body.get("path"), data, mode, self.owner)
         return {"bytes": len(data)}
 

@@ -76,10 +76,14 @@ class Sandbox:
     ) -> ExecResult:
         body: dict[str, Any] = {"command": command}
         if timeout is not None:
-            if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not (
-                0 < timeout <= MAX_CALL_TIMEOUT_S
+            if (
+                isinstance(timeout, bool)
+                or not isinstance(timeout, (int, float))
+                or not (0 < timeout <= MAX_CALL_TIMEOUT_S)
             ):  # also refuses NaN, which would switch the HTTP timeout below off
-                raise ValueError(f"timeout must be a number of seconds in (0, {MAX_CALL_TIMEOUT_S:g}], got {timeout!r}")
+                raise ValueError(
+                    f"timeout must be a number of seconds in (0, {MAX_CALL_TIMEOUT_S:g}], got {timeout!r}"
+                )
             body["timeout"] = timeout
         if max_output is not None:
             body["max_output"] = max_output
@@ -91,7 +95,8 @@ class Sandbox:
     async def read_file(self, path: str) -> str:
         return (await self.client.read(path)).decode("utf-8", "replace")
 
-    async def write_file(self, path: str, content: str | bytes, mode: int = 0o644) -> None:
+    async def write_file(self, path: str, content: str | bytes, mode: int | None = None) -> None:
+        """Replace a file; ``mode`` None keeps an existing file's permission bits (0644 for a new one)."""
         await self.client.write(path, content.encode() if isinstance(content, str) else content, mode)
 
     async def upload(self, local_dir: str, dest: str = ".") -> int:

@@ -83,10 +83,12 @@ class AgentClient:
     async def read(self, path: str) -> bytes:
         return base64.b64decode((await self.call("/read", {"path": path}))["content_b64"])
 
-    async def write(self, path: str, data: bytes, mode: int = 0o644) -> None:
-        await self.call(
-            "/write", {"path": path, "content_b64": base64.b64encode(data).decode(), "mode": mode}
-        )
+    async def write(self, path: str, data: bytes, mode: int | None = None) -> None:
+        """``mode`` None: the agent keeps the replaced file's permission bits (0644 for a new file)."""
+        body: dict[str, Any] = {"path": path, "content_b64": base64.b64encode(data).decode()}
+        if mode is not None:
+            body["mode"] = mode
+        await self.call("/write", body)
 
     async def upload(self, tar_bytes: bytes, dest: str = ".") -> int:
         return int((await self.call("/upload", tar_bytes, timeout=300.0, params={"dest": dest}))["files"])

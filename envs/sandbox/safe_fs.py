@@ -65,7 +65,9 @@ def _open_dir(at: int, name: str, shown: str) -> int:
         raise
     except OSError as exc:
         if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.EMLINK):
-            raise Refused(403, f"{shown!r} is a symlink or not a directory (links are not followed)") from None
+            raise Refused(
+                403, f"{shown!r} is a symlink or not a directory (links are not followed)"
+            ) from None
         raise
 
 
@@ -118,7 +120,9 @@ def read_file(root: str, path: object, limit: int) -> bytes:
             if exc.errno == errno.ELOOP:
                 raise Refused(403, f"{path!r} is a symlink (links are not followed)") from None
             if exc.errno == errno.ENXIO:  # a unix socket (or a FIFO without a writer on some kernels)
-                raise Refused(400, f"{path!r} is not a regular file (FIFOs, sockets and devices are refused)") from None
+                raise Refused(
+                    400, f"{path!r} is not a regular file (FIFOs, sockets and devices are refused)"
+                ) from None
             raise
         try:
             st = os.fstat(fd)
@@ -142,18 +146,25 @@ def read_file(root: str, path: object, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def write_file(root: str, path: object, data: bytes, mode: int, owner: tuple[int, int] | None) -> None:
-    """Replace root/path with `data` atomically; parents are created, nothing existing is written through."""
+def write_file(root: str, path: object, data: bytes, mode: int | None, owner: tuple[int, int] | None) -> None:
+    """Replace root/path with `data` atomically; parents are created, nothing existing is written through.
+
+    ``mode`` None keeps the permission bits of the file replaced (an edited script stays executable),
+    0644 for a new file."""
     names = parts(root, path)
     if not names:
         raise Refused(400, f"{path!r} is a directory")
-    if not isinstance(mode, int) or isinstance(mode, bool) or not 0 <= mode <= 0o777:
+    if mode is not None and (not isinstance(mode, int) or isinstance(mode, bool) or not 0 <= mode <= 0o777):
         raise Refused(400, f"field `mode` must be a permission integer in 0..0o777, got {mode!r}")
     with directory(root, names[:-1], create=True, owner=owner) as dfd:
         name = names[-1]
         old = lstat_at(dfd, name)
         if old is not None and stat.S_ISDIR(old.st_mode):
             raise Refused(400, f"{path!r} is a directory")
+        if mode is None:
+            mode = (
+                stat.S_IMODE(old.st_mode) & 0o777 if old is not None and stat.S_ISREG(old.st_mode) else 0o644
+            )
         tmp = TMP_PREFIX + secrets.token_hex(8)
         try:
             fd = os.open(tmp, _TMP_FLAGS, 0o600, dir_fd=dfd)
@@ -182,7 +193,9 @@ def write_file(root: str, path: object, data: bytes, mode: int, owner: tuple[int
 def _refuse_if_full(exc: OSError, path: object) -> None:
     """A full disk quota is the sandbox's own doing: 507, as WebDAV's Insufficient Storage."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        raise Refused(507, f"cannot write {path!r}: the sandbox's disk quota is full (no space left on device)") from None
+        raise Refused(
+            507, f"cannot write {path!r}: the sandbox's disk quota is full (no space left on device)"
+        ) from None
 
 
 def make_dirs(root: str, path: object, owner: tuple[int, int] | None) -> str:

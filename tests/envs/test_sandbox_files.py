@@ -19,12 +19,23 @@ pytestmark = pytest.mark.asyncio
 # (case id, setup commands ({victim} is the host file), operation, path, expected: "ok" or HTTP status:
 # 403 for a link or a path outside the sandbox, 400 for what is not a regular file or directory)
 CASES = [
-    ("write-through-tmp-symlink", "echo X > notes.py; ln -s {victim} notes.py.mopd-tmp", "write", "notes.py", "ok"),
+    (
+        "write-through-tmp-symlink",
+        "echo X > notes.py; ln -s {victim} notes.py.mopd-tmp",
+        "write",
+        "notes.py",
+        "ok",
+    ),
     ("write-symlink-target", "ln -s {victim} notes.py", "write", "notes.py", "ok"),
     ("write-under-symlinked-dir", "ln -s {victim_dir} d", "write", "d/x.py", 403),
     ("write-under-symlinked-deep-dir", "mkdir -p a/b; ln -s {victim_dir} a/b/c", "write", "a/b/c/x.py", 403),
-    ("write-mopd-patch-tmp-link", "mkdir -p .mopd; ln -s {victim} .mopd/test_patch.diff.mopd-tmp", "write",
-     ".mopd/test_patch.diff", "ok"),
+    (
+        "write-mopd-patch-tmp-link",
+        "mkdir -p .mopd; ln -s {victim} .mopd/test_patch.diff.mopd-tmp",
+        "write",
+        ".mopd/test_patch.diff",
+        "ok",
+    ),
     ("write-mopd-dir-symlink", "ln -s {victim_dir} .mopd", "write", ".mopd/test_patch.diff", 403),
     ("write-dotdot", "", "write", "../escape.txt", 403),
     ("write-absolute-outside", "", "write", "{victim}", 403),
@@ -104,6 +115,15 @@ async def test_write_keeps_mode_and_owner_and_leaves_no_temp_files(sandbox):
     lines = r.output.split()
     assert lines[0] == "hi" and not any(n.startswith(".mopd-tmp") for n in lines)
     assert lines[-3] == "755" and lines[-2] == lines[-1]  # owned by the sandbox uid
+
+
+async def test_overwrite_without_mode_keeps_the_files_mode(sandbox):
+    """str_replace rewrites a file without a mode: an executable script must stay executable."""
+    await sandbox.write_file("run.sh", "#!/bin/sh\necho one\n", mode=0o750)
+    await sandbox.write_file("run.sh", "#!/bin/sh\necho two\n")
+    await sandbox.write_file("new.txt", "x")
+    r = await sandbox.exec("./run.sh; stat -c %a run.sh new.txt", timeout=10)
+    assert r.output.split() == ["two", "750", "644"]
 
 
 @pytest.mark.parametrize("mode", [-1, 0o4755, "0644", 1.5, True])
