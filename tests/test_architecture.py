@@ -14,7 +14,8 @@ from pathlib import Path
 import grimp
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["importlinter"]
+PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
+CONFIG = PYPROJECT["tool"]["importlinter"]
 CONTRACTS = {c["id"]: c for c in CONFIG["contracts"]}
 
 
@@ -25,8 +26,10 @@ def test_import_linter_contracts_are_kept():
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-def test_every_mopd_module_sits_in_a_layer():
-    """A new module under mopd/ must be placed: above the peers (application) or in mopd.core."""
+def test_every_package_and_mopd_module_sits_in_a_layer():
+    """A new installed package, or a new module under mopd/, must be placed in the contracts."""
+    installed = {name.rstrip("*") for name in PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]}
+    assert set(CONFIG["root_packages"]) == installed
     top = {m.strip() for m in CONTRACTS["layers"]["layers"][0].split(":")}
     children = {p.stem for p in (REPO / "mopd").iterdir()
                 if (p.suffix == ".py" and p.stem != "__init__") or (p / "__init__.py").is_file()}
