@@ -1,0 +1,103 @@
+"""Commands through the fork server behave exactly like a jail process per call (``exec_mode``).
+
+Each call gets fresh confinement in both modes: files in the work dir persist between calls, while
+the cwd, environment variables, ``/dev/shm``, IPC objects and processes do not (``/tmp`` is
+read-only; ``$TMPDIR`` is ``.tmp`` in the work dir and persists like any file there). A fork server that dies
+is restarted on the next call, with the work dir intact.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import pytest
+import pytest_asyncio
+
+from envs.sandbox.local import LocalSandboxBackend
+
+pytestmark = pytest.mark.asyncio
+
+
+@pytest_asyncio.fixture(params=["forkserver", "process"])
+async def sandbox(request, sandbox_config):
+    sb = await LocalSandboxBackend(sandbox_config, exec_mode=request.param).create()
+    yield sb
+    await sb.close()
+
+
+def _forkservers(agent_pid: int) -> list[int]:
+    """Pids of the fork servers the agent runs (its children whose command line names the file)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    cmd = f.read()
+            except (OSError, IndexError, ValueError):
+                continue
+            if ppid == agent_pid and b"forkserver.py" in cmd:
+                out.append(int(entry))
+    return out
+
+
+async def test_what_persists_between_calls(sandbox):
+    first = await sandbox.exec(
+        "echo kept > file.txt; mkdir -p sub; cd sub; export MARK=1; echo gone > /dev/shm/t;"
+        " ipcmk -M 64 > /dev/null;"
+        " (sleep 30; echo late > late.txt) & echo started",
+        timeout=20,
+    )
+    assert first.ok and first.output.strip() == "started", first
+    second = await sandbox.exec(
+        "cat file.txt; pwd; echo mark=${MARK:-unset}; ls /dev/shm | wc -l;"
+        " ipcs -m | grep -c ^0x;"
+        " ps -e -o comm= | grep -c sleep",
+        timeout=20,
+    )
+    kept, cwd, mark, shm, ipc, sleepers = second.output.split()
+    assert (kept, cwd, mark) == ("kept", sandbox.info["dir"], "mark=unset")
+    assert (shm, ipc, sleepers) == ("0", "0", "0"), second.output
+
+
+async def test_timeout_kills_the_call_and_the_sandbox_survives(sandbox):
+    r = await sandbox.exec("echo x > a; (sleep 60 &); sleep 60", timeout=1)
+    assert r.timed_out and r.killed_reason == "timeout"
+    after = await sandbox.exec("cat a; ps -e -o comm= | grep -c sleep", timeout=20)
+    assert after.output.split() == ["x", "0"], after
+
+
+async def test_output_limit_exit_codes_and_signals_match(sandbox):
+    flood = await sandbox.exec("yes", timeout=20, max_output=1000)
+    assert flood.truncated and flood.killed_reason == "output_limit" and len(flood.output) == 1000
+    assert (await sandbox.exec("exit 7", timeout=20)).exit_code == 7
+    killed = await sandbox.exec("kill -TERM $$", timeout=20)
+    assert killed.exit_code == -signal.SIGTERM and killed.killed_reason == "signal SIGTERM"
+    both = await sandbox.exec("echo out; echo err >&2", timeout=20)
+    assert both.output == "out\nerr\n"
+
+
+async def test_concurrent_calls_of_one_sandbox(sandbox):
+    results = await asyncio.gather(*(sandbox.exec(f"sleep 0.3; echo {i}", timeout=20) for i in range(4)))
+    assert [r.output.strip() for r in results] == ["0", "1", "2", "3"]
+
+
+async def test_one_long_lived_fork_server_restarted_when_killed(sandbox_config):
+    sb = await LocalSandboxBackend(sandbox_config).create()
+    try:
+        agent = sb.info["agent_pid"]
+        await sb.exec("echo a > kept.txt", timeout=20)
+        servers = _forkservers(agent)
+        assert len(servers) == 1
+        await sb.exec("true", timeout=20)
+        assert _forkservers(agent) == servers  # the same process serves every call
+        os.kill(servers[0], signal.SIGKILL)
+        r = await sb.exec("cat kept.txt", timeout=20)
+        assert r.ok and r.output == "a\n", r
+        restarted = _forkservers(agent)
+        assert len(restarted) == 1 and restarted != servers
+    finally:
+        await sb.close()
