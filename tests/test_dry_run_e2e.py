@@ -55,7 +55,8 @@ def test_reverse_kl_to_every_teacher_falls(run_dir: Path):
     for teacher in ("arith", "reverse"):
         kl = [m[f"mopd/reverse_kl/{teacher}"] for m in metrics]
         first, last = sum(kl[:5]) / 5, sum(kl[-5:]) / 5
-        assert last < first - 0.1, (teacher, kl)
+        # measured falls (3 runs at 32 prompts, both teachers): 0.9-2.4 nats; step-to-step noise ~0.3
+        assert last < first - 0.3, (teacher, kl)
     assert list((run_dir / "wandb").glob("offline-run-*")), "no offline wandb run directory"
 
 
@@ -77,8 +78,8 @@ def test_resume_continues_steps_without_skipping_or_repeating_prompts(run_dir: P
     for step in range(22):
         rows = [json.loads(line) for line in (run_dir / "samples" / f"step_{step}.jsonl").read_text().splitlines()]
         positions += sorted({r["prompt_index"] for r in rows})
-    # 22 steps x 16 prompts, two equally weighted domains: positions 0..351, each exactly once
-    assert sorted(positions) == list(range(22 * 16))
+    # 22 steps x 32 prompts, two equally weighted domains: positions 0..703, each exactly once
+    assert sorted(positions) == list(range(22 * 32))
     assert _metrics(run_dir)[-1]["rollout/weight_version"] == 22
 
 
