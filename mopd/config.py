@@ -27,8 +27,11 @@ from envs.config import EnvConfig
 from envs.toy_tasks import TOY_DOMAINS
 from mopd.core.algo import AdvantageConfig
 from mopd.core.errors import ConfigError
+from mopd.evaluate import EvalConfig
+from mopd.teachers import TeacherConfig
 from rollout.config import RolloutConfig
 from trainer.config import TrainerConfig
+from trainer.losses import loss_spec
 
 WANDB_MODES = ("offline", "online", "disabled")
 TOY_ARCHS = ("qwen3_moe", "qwen3", "mimo_v2_flash")
@@ -38,21 +41,6 @@ TOY_ARCHS = ("qwen3_moe", "qwen3", "mimo_v2_flash")
 class StudentConfig:
     model_path: str = MISSING  # HF checkpoint directory (config.json, safetensors, tokenizer)
     tokenizer_path: str | None = None  # defaults to model_path
-
-
-@dataclass
-class TeacherConfig:
-    """A domain teacher. Its name is its key under `teachers`."""
-
-    model_path: str = MISSING
-    domains: list[str] = field(default_factory=list)  # prompts of these domains are scored by it
-    backend: str = "local"  # local | sglang | remote | any kind registered with mopd.teachers
-    replicas: int = 1
-    urls: list[str] = field(default_factory=list)  # backend=remote
-    coef: float = 1.0  # scale of this teacher's dense reward
-    cpus_per_replica: float = 1.0
-    gpus_per_replica: int = 0
-    sglang_args: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -91,17 +79,6 @@ class ToyConfig:
 
 
 @dataclass
-class EvalConfig:
-    """Held-out accuracy during training (`eval_interval`), scored by the domains' verifiers (mopd/evaluate.py)."""
-
-    files: list[str] = field(default_factory=list)  # JSONL prompt/domain/label rows; [] = toy.dir's data/test.jsonl
-    per_domain: int = 50  # the first N rows of each domain
-    samples: int = 0  # sampled draws per prompt on top of greedy (0 = greedy only)
-    temperature: float = 1.0
-    max_new_tokens: int | None = None  # None = rollout.max_new_tokens
-
-
-@dataclass
 class JobConfig:
     # outputs/DATE/TIME by default (a multirun job: its own directory under multirun/); Hydra's
     # output directory is this directory too (configs/config.yaml), so a run writes nowhere else
@@ -126,6 +103,11 @@ class JobConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     toy: ToyConfig = field(default_factory=ToyConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def uses_teachers(self) -> bool:
+        """Whether the loss has a teacher term (trainer/losses.py: needs_teacher) that is switched on."""
+        return loss_spec(self.trainer.loss).needs_teacher and self.algo.teacher_coef > 0
 
 
 def default_run_dir() -> str:
@@ -324,29 +306,10 @@ def validate_static(job: JobConfig) -> None:
     job.env.validate("env")
     _validate_data(job.data)
     _validate_toy(job)
-    _validate_eval(job)
-    _validate_teachers(job)
-
-
-def _validate_eval(job: JobConfig) -> None:
-    """eval_interval and its `eval` section; the files themselves are checked by `mopd.evaluate.heldout_rows`."""
-    ev = job.eval
     if job.eval_interval < 0:
         raise ConfigError("eval_interval", "an integer >= 0 (0 = no evaluation during training)", job.eval_interval)
-    if ev.per_domain < 1:
-        raise ConfigError("eval.per_domain", "an integer >= 1", ev.per_domain)
-    if ev.samples < 0:
-        raise ConfigError("eval.samples", "an integer >= 0 (0 = greedy only)", ev.samples)
-    if ev.temperature <= 0:
-        raise ConfigError("eval.temperature", "a number > 0", ev.temperature)
-    if ev.max_new_tokens is not None and ev.max_new_tokens < 1:
-        raise ConfigError("eval.max_new_tokens", "null (= rollout.max_new_tokens) or an integer >= 1",
-                          ev.max_new_tokens)
-    if any(not f for f in ev.files):
-        raise ConfigError("eval.files", "JSONL file paths", ev.files)
-    if job.eval_interval > 0 and not ev.files and not job.toy.dir:
-        raise ConfigError("eval.files", "held-out JSONL files when eval_interval > 0 (or toy.dir, whose "
-                          "data/test.jsonl is used)", ev.files)
+    job.eval.validate("eval", during_training=job.eval_interval > 0, toy_dir=job.toy.dir)
+    _validate_teachers(job)
 
 
 def _validate_algo(job: JobConfig) -> None:
@@ -396,33 +359,13 @@ def _validate_toy(job: JobConfig) -> None:
 
 
 def _validate_teachers(job: JobConfig) -> None:
-    from mopd.teachers import known_backends  # late import: teachers imports this module
-
-    uses_teachers = job.trainer.loss == "mopd" and job.algo.teacher_coef > 0
-    if uses_teachers and not job.teachers:
-        raise ConfigError("teachers", "at least one teacher when trainer.loss=mopd "
+    if job.uses_teachers and not job.teachers:
+        raise ConfigError("teachers", f"at least one teacher when trainer.loss={job.trainer.loss} "
                           "(add one with +teacher@teachers.NAME=FILE)", {})
     owner: dict[str, str] = {}
     for name, teacher in job.teachers.items():
         where = f"teachers.{name}"
-        if teacher.backend not in known_backends():
-            raise ConfigError(f"{where}.backend", f"one of {sorted(known_backends())}", teacher.backend)
-        if teacher.backend == "remote" and not teacher.urls:
-            raise ConfigError(f"{where}.urls", "at least one server URL when backend=remote", teacher.urls)
-        if any(not url.startswith(("http://", "https://")) for url in teacher.urls):
-            raise ConfigError(f"{where}.urls", "server URLs (http://host:port)", teacher.urls)
-        if any(not domain for domain in teacher.domains):
-            raise ConfigError(f"{where}.domains", "non-empty domain names", teacher.domains)
-        if teacher.backend != "remote" and not teacher.model_path:
-            raise ConfigError(f"{where}.model_path", "a model checkpoint directory", teacher.model_path)
-        if teacher.replicas < 1:
-            raise ConfigError(f"{where}.replicas", "an integer >= 1", teacher.replicas)
-        if teacher.cpus_per_replica <= 0:
-            raise ConfigError(f"{where}.cpus_per_replica", "a number > 0", teacher.cpus_per_replica)
-        if teacher.gpus_per_replica < 0:
-            raise ConfigError(f"{where}.gpus_per_replica", "an integer >= 0", teacher.gpus_per_replica)
-        if teacher.coef < 0:
-            raise ConfigError(f"{where}.coef", "a number >= 0", teacher.coef)
+        teacher.validate(where)
         if not teacher.domains and name != job.default_teacher:
             raise ConfigError(f"{where}.domains", "a non-empty list of domains (or make it default_teacher)",
                               teacher.domains)

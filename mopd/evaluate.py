@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,34 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mopd.core.errors import ConfigError
 from mopd.rewards import verifier_for
+
+
+@dataclass
+class EvalConfig:
+    """Held-out accuracy during training (`eval_interval`), scored by the domains' verifiers (`evaluate` below)."""
+
+    files: list[str] = field(default_factory=list)  # JSONL prompt/domain/label rows; [] = toy.dir's data/test.jsonl
+    per_domain: int = 50  # the first N rows of each domain
+    samples: int = 0  # sampled draws per prompt on top of greedy (0 = greedy only)
+    temperature: float = 1.0
+    max_new_tokens: int | None = None  # None = rollout.max_new_tokens
+
+    def validate(self, prefix: str, *, during_training: bool, toy_dir: str | None) -> None:
+        """Ranges at start-up; the files themselves are checked by `check_heldout_files`."""
+        if self.per_domain < 1:
+            raise ConfigError(f"{prefix}.per_domain", "an integer >= 1", self.per_domain)
+        if self.samples < 0:
+            raise ConfigError(f"{prefix}.samples", "an integer >= 0 (0 = greedy only)", self.samples)
+        if self.temperature <= 0:
+            raise ConfigError(f"{prefix}.temperature", "a number > 0", self.temperature)
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ConfigError(f"{prefix}.max_new_tokens", "null (= rollout.max_new_tokens) or an integer >= 1",
+                              self.max_new_tokens)
+        if any(not f for f in self.files):
+            raise ConfigError(f"{prefix}.files", "JSONL file paths", self.files)
+        if during_training and not self.files and not toy_dir:
+            raise ConfigError(f"{prefix}.files", "held-out JSONL files when eval_interval > 0 (or toy.dir, whose "
+                              "data/test.jsonl is used)", self.files)
 
 
 def load_eval_rows(path: str | Path | list, per_domain: int) -> dict[str, list[dict]]:

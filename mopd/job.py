@@ -66,12 +66,16 @@ def preflight(job: JobConfig) -> None:
     for name, teacher in job.teachers.items():
         if teacher.backend in ("local", "sglang") and not pending(teacher.model_path):
             _require_checkpoint(f"teachers.{name}.model_path", teacher.model_path)
+        if teacher.backend in ("local", "sglang") and teacher.max_context_len < job.rollout.max_context_len:
+            raise ConfigError(f"teachers.{name}.max_context_len", f"at least rollout.max_context_len "
+                              f"({job.rollout.max_context_len}): the teacher scores whole sequences",
+                              teacher.max_context_len)
     domains: set[str] = set()
     for file in job.data.train_files:
         domains |= set(job.toy.domains) if pending(file) else scan_domains(job.data, file)
     check_domain_weights(dict(job.data.domain_weights), domains)
-    if job.trainer.loss == "mopd" and job.algo.teacher_coef > 0:
-        TeacherRouter.from_config(job).check_domains(domains)
+    if job.uses_teachers:
+        TeacherRouter.from_config(job.teachers, job.default_teacher).check_domains(domains)
 
 
 def check_machine(job: JobConfig) -> None:
@@ -91,9 +95,9 @@ def check_machine(job: JobConfig) -> None:
             raise ConfigError("rollout.gpus_per_engine", "0: CUDA is not available on this machine",
                               job.rollout.gpus_per_engine)
         for name, teacher in job.teachers.items():
-            if teacher.backend != "remote" and teacher.gpus_per_replica > 0:
-                raise ConfigError(f"teachers.{name}.gpus_per_replica", "0: CUDA is not available on this machine",
-                                  teacher.gpus_per_replica)
+            if teacher.backend != "remote" and teacher.gpus_per_engine > 0:
+                raise ConfigError(f"teachers.{name}.gpus_per_engine", "0: CUDA is not available on this machine",
+                                  teacher.gpus_per_engine)
     if job.ray_num_cpus is not None and job.ray_num_cpus < cpus_requested(job):
         raise ConfigError("ray_num_cpus", f"null or at least the {cpus_requested(job):g} CPUs the engines, teachers "
                           "and trainer ranks request (fewer leaves actors unscheduled)", job.ray_num_cpus)
@@ -102,7 +106,7 @@ def check_machine(job: JobConfig) -> None:
 def cpus_requested(job: JobConfig) -> float:
     """CPUs the job's Ray actors ask for: student engines, local teachers, trainer ranks."""
     return (job.rollout.num_engines * job.rollout.cpus_per_engine
-            + sum(t.replicas * t.cpus_per_replica for t in job.teachers.values() if t.backend != "remote")
+            + sum(t.num_engines * t.cpus_per_engine for t in job.teachers.values() if t.backend != "remote")
             + job.trainer.dp_size * job.trainer.cpus_per_rank)
 
 
@@ -131,11 +135,11 @@ def prepare(job: JobConfig) -> tuple[PreTrainedTokenizerBase, DataScheduler]:
         if teacher.backend in ("local", "sglang"):
             _require_checkpoint(f"teachers.{name}.model_path", teacher.model_path)
     tokenizer = AutoTokenizer.from_pretrained(job.student.tokenizer_path or job.student.model_path)
-    check_teacher_vocabularies(job, tokenizer)
+    check_teacher_vocabularies(job.teachers, tokenizer)
     max_prompt_len = job.rollout.max_context_len - job.rollout.max_new_tokens
     data = DataScheduler(load_prompts(job.data, tokenizer, max_prompt_len), job.data)
-    if job.trainer.loss == "mopd" and job.algo.teacher_coef > 0:
-        TeacherRouter.from_config(job).check_domains(data.domains)
+    if job.uses_teachers:
+        TeacherRouter.from_config(job.teachers, job.default_teacher).check_domains(data.domains)
     return tokenizer, data
 
 
@@ -161,7 +165,7 @@ def start(job: JobConfig, config_dict: dict) -> Runtime:
         engines = launch_engines(job.student.model_path, job.rollout, name="student",
                                  routing_replay=job.rollout.routing_replay)
         stack.callback(engines.shutdown)
-        teachers = TeacherSet.launch(job, tokenizer)
+        teachers = TeacherSet.launch(job.teachers, job.default_teacher, sampling=job.rollout, tokenizer=tokenizer)
         stack.callback(teachers.close)
         trainer_cfg = replace(job.trainer, weight_sync_engine_tp=max(job.rollout.gpus_per_engine, 1))
         trainer = TrainerGroup(job.student.model_path, trainer_cfg, job.algo, num_steps=job.num_steps,

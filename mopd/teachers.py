@@ -1,15 +1,15 @@
-"""Domain teachers: registration, routing of prompts to teachers, vocabulary checks, scoring.
+"""Domain teachers: their config, registration, routing of prompts to teachers, vocabulary checks, scoring.
 
 A teacher scores `prompt + response` and returns log pi_teacher of every response token. Built-in
 backends serve the teacher checkpoint on rollout engines (the local HF server or SGLang) or use
 servers that already run (`remote`); all of them are spoken to over SGLang's native API. Users add
 other kinds (an API model, a reward server) with `register_teacher_backend`:
 
-    from mopd.teachers import Teacher, register_teacher_backend
+    from mopd.teachers import Teacher, TeacherConfig, register_teacher_backend
 
     @register_teacher_backend("my_kind")
-    def make(name: str, cfg: TeacherConfig, rollout: RolloutConfig) -> Teacher:
-        return MyTeacher(...)   # any object with .score(samples) and .close()
+    def make(name: str, cfg: TeacherConfig) -> Teacher:
+        return MyTeacher(...)   # any object with `async score(samples, top_k)` and `close()`
 """
 
 from __future__ import annotations
@@ -17,31 +17,50 @@ from __future__ import annotations
 import asyncio
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Protocol, cast
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
+from omegaconf import MISSING
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from mopd.config import JobConfig, TeacherConfig
 from mopd.core.errors import ConfigError
 from mopd.core.types import Sample, TokenScores
-from rollout.config import RolloutConfig
+from rollout.config import EngineConfig, RolloutConfig, SamplingConfig
+
+
+@dataclass
+class TeacherConfig(EngineConfig):
+    """A domain teacher: its model, the domains it scores, its coefficient, and the engines that serve it
+    (`teachers.NAME.num_engines`, `.cpus_per_engine`, `.request_timeout_s`...). Its name is its key under
+    `teachers`."""
+
+    model_path: str = MISSING
+    domains: list[str] = field(default_factory=list)  # prompts of these domains are scored by it
+    coef: float = 1.0  # scale of this teacher's dense reward
+
+    def validate(self, prefix: str, backends: tuple[str, ...] = ()) -> None:
+        """Range checks at start-up; `backends` defaults to the kinds registered with register_teacher_backend."""
+        backends = backends or tuple(sorted(_BACKENDS))
+        if self.backend not in backends:
+            raise ConfigError(f"{prefix}.backend", f"one of {sorted(backends)}", self.backend)
+        super().validate(prefix, backends)
+        if any(not domain for domain in self.domains):
+            raise ConfigError(f"{prefix}.domains", "non-empty domain names", self.domains)
+        if self.backend != "remote" and not self.model_path:
+            raise ConfigError(f"{prefix}.model_path", "a model checkpoint directory", self.model_path)
+        if self.coef < 0:
+            raise ConfigError(f"{prefix}.coef", "a number >= 0", self.coef)
 
 
 class Teacher(Protocol):
-    def score(self, samples: list[Sample]) -> list[list[float]]:
-        """log pi_teacher(y_t | x, y_<t) for every response token of every sample."""
+    async def score(self, samples: list[Sample], top_k: int) -> list[TokenScores]:
+        """log pi_teacher(y_t | x, y_<t) for every response token of every sample; with top_k > 0 also the
+        teacher's k most likely tokens and their logprobs at each response position (top_k = 0: none)."""
 
     def close(self) -> None: ...
 
 
-class TopKTeacher(Teacher, Protocol):
-    """A teacher that can also give its k most likely tokens at each response position (algo.teacher_top_k)."""
-
-    def score_top_k(self, samples: list[Sample], top_k: int) -> list[TokenScores]: ...
-
-
-TeacherFactory = Callable[[str, TeacherConfig, RolloutConfig], Teacher]
+TeacherFactory = Callable[[str, TeacherConfig], Teacher]
 _BACKENDS: dict[str, TeacherFactory] = {}
 
 
@@ -62,60 +81,52 @@ def known_backends() -> set[str]:
 class EngineTeacher:
     """A teacher served by SGLang-protocol engines; scoring is a prefill with prompt logprobs.
 
-    Scoring honours rollout.request_timeout_s (per prefill), rollout.max_retries and, while a dead replica
-    is restarted by its engine actor, rollout.startup_timeout_s; then it fails with the replica URLs.
+    Scoring honours teachers.NAME.request_timeout_s (per prefill), .max_retries and, while a dead engine
+    is restarted by its actor, .startup_timeout_s; then it fails with the engine URLs.
     """
 
-    def __init__(self, name: str, urls: list[str], shutdown: Callable[[], None] | None = None,
-                 model_path: str | None = None, rollout: RolloutConfig | None = None,
+    def __init__(self, name: str, cfg: EngineConfig, urls: list[str], *, model_path: str | None = None,
                  engines: Any = None) -> None:
         self.name = name
-        self.urls = urls
+        self.cfg = cfg
+        self.urls = list(urls)
         self.model_path = model_path
-        self.rollout = rollout or RolloutConfig()
         self.engines = engines  # rollout.engines.EngineGroup (None for remote servers)
-        self._shutdown = shutdown
+        self._manager: Any = None  # rollout.rollout_manager.RolloutManager, made on the first generate
 
-    async def generate(self, samples: list[Sample], rollout: RolloutConfig,
-                       tokenizer: PreTrainedTokenizerBase | None) -> list[Sample]:
-        """Sample responses from the teacher itself (off-policy data for SFT baselines)."""
-        from dataclasses import replace
-
-        from rollout.rollout_manager import RolloutManager
-
-        manager = RolloutManager(self.urls, replace(rollout, routing_replay=False),
-                                 eos_token_id=tokenizer.eos_token_id if tokenizer else None, tokenizer=tokenizer,
-                                 model_path=self.model_path)
-        return await manager.generate(samples)
-
-    def score(self, samples: list[Sample]) -> list[list[float]]:
-        return [s.logprobs for s in self.score_top_k(samples, 0)]
-
-    def score_top_k(self, samples: list[Sample], top_k: int) -> list[TokenScores]:
+    async def score(self, samples: list[Sample], top_k: int) -> list[TokenScores]:
         from rollout.teacher_scoring import score_samples
 
-        if self.engines is not None:
-            self.urls = self.engines.ensure_alive()  # a replica that died between steps is back first
-        cfg = self.rollout
-        return asyncio.run(score_samples(self.urls, samples, top_k=top_k, timeout_s=cfg.request_timeout_s,
-                                         max_retries=cfg.max_retries, retry_window_s=cfg.startup_timeout_s))
+        if self.engines is not None:  # an engine that died between steps is back first
+            self.urls = await asyncio.to_thread(self.engines.ensure_alive)
+        cfg = self.cfg
+        return await score_samples(self.urls, samples, top_k=top_k, timeout_s=cfg.request_timeout_s,
+                                   max_retries=cfg.max_retries, retry_window_s=cfg.startup_timeout_s)
+
+    async def generate(self, samples: list[Sample], sampling: SamplingConfig,
+                       tokenizer: PreTrainedTokenizerBase | None) -> list[Sample]:
+        """Sample responses from the teacher itself (off-policy data for SFT baselines); one rollout manager
+        per teacher, made on the first call (the job's sampling settings do not change between steps)."""
+        if self._manager is None:
+            from rollout.rollout_manager import RolloutManager
+
+            cfg = RolloutConfig.combine(self.cfg, sampling, routing_replay=False)
+            self._manager = RolloutManager(self.urls, cfg, tokenizer=tokenizer, model_path=self.model_path,
+                                           eos_token_id=tokenizer.eos_token_id if tokenizer else None,
+                                           engines=self.engines)
+        return await self._manager.generate(samples)
 
     def close(self) -> None:
-        if self._shutdown is not None:
-            self._shutdown()
+        if self.engines is not None:
+            self.engines.shutdown()
 
 
-def _engine_teacher(name: str, cfg: TeacherConfig, rollout: RolloutConfig) -> Teacher:
-    from dataclasses import replace
-
+def _engine_teacher(name: str, cfg: TeacherConfig) -> Teacher:
     from rollout.engines import launch_engines
 
-    engine_cfg = replace(rollout, backend=cfg.backend, num_engines=cfg.replicas, urls=list(cfg.urls),
-                         cpus_per_engine=cfg.cpus_per_replica, gpus_per_engine=cfg.gpus_per_replica,
-                         sglang_args=dict(cfg.sglang_args))
-    group = launch_engines(cfg.model_path, engine_cfg, name=f"teacher-{name}", routing_replay=False)
-    return EngineTeacher(name, list(group.urls), group.shutdown, model_path=cfg.model_path or None,
-                         rollout=engine_cfg, engines=group if group.actors else None)
+    group = launch_engines(cfg.model_path, cfg, name=f"teacher-{name}", routing_replay=False)
+    return EngineTeacher(name, cfg, list(group.urls), model_path=cfg.model_path or None,
+                         engines=group if group.actors else None)
 
 
 for _kind in ("local", "sglang", "remote"):
@@ -130,9 +141,9 @@ class TeacherRouter:
     default_teacher: str | None = None
 
     @classmethod
-    def from_config(cls, job: JobConfig) -> TeacherRouter:
-        mapping = {d: name for name, t in job.teachers.items() for d in t.domains}
-        return cls(mapping, job.default_teacher)
+    def from_config(cls, teachers: dict[str, TeacherConfig], default_teacher: str | None = None) -> TeacherRouter:
+        mapping = {d: name for name, t in teachers.items() for d in t.domains}
+        return cls(mapping, default_teacher)
 
     def teacher_for(self, domain: str) -> str:
         teacher = self.domain_to_teacher.get(domain, self.default_teacher)
@@ -171,55 +182,69 @@ def check_same_vocabulary(student: PreTrainedTokenizerBase, teacher: PreTrainedT
                       "a teacher with the student's vocabulary; " + "; ".join(parts))
 
 
-def check_teacher_vocabularies(job: JobConfig, student_tokenizer: PreTrainedTokenizerBase) -> None:
-    for name, teacher in job.teachers.items():
+def _generator(name: str, teacher: Teacher) -> EngineTeacher:
+    """The teacher as one that can sample (rollout.sample_from=teacher): only engine-served teachers can."""
+    if not isinstance(teacher, EngineTeacher):
+        raise ConfigError(f"teachers.{name}.backend", "a teacher that can generate (local, sglang or remote) "
+                          "when rollout.sample_from=teacher", type(teacher).__name__)
+    return teacher
+
+
+def check_teacher_vocabularies(teachers: dict[str, TeacherConfig], student_tokenizer: PreTrainedTokenizerBase) -> None:
+    for name, teacher in teachers.items():
         if teacher.model_path:
             check_same_vocabulary(student_tokenizer, AutoTokenizer.from_pretrained(teacher.model_path), name)
 
 
 class TeacherSet:
-    """All teachers of a job; scores a batch by sending each sample to its domain's teacher."""
+    """All teachers of a job; sends each sample to its domain's teacher, every teacher at once."""
 
-    def __init__(self, teachers: dict[str, Teacher], router: TeacherRouter, rollout: RolloutConfig | None = None,
-                 tokenizer: PreTrainedTokenizerBase | None = None, coefs: dict[str, float] | None = None) -> None:
+    def __init__(self, teachers: dict[str, Teacher], router: TeacherRouter, coefs: dict[str, float] | None = None,
+                 sampling: SamplingConfig | None = None, tokenizer: PreTrainedTokenizerBase | None = None) -> None:
         self.teachers = teachers
         self.router = router
         self.coefs = dict(coefs or {})  # teachers.NAME.coef: scales that teacher's dense term in the loss
-        self.rollout = rollout or RolloutConfig()
+        self.sampling = sampling or SamplingConfig()  # rollout.* sampling, for sample_from=teacher
         self.tokenizer = tokenizer
 
     @classmethod
-    def launch(cls, job: JobConfig, tokenizer: PreTrainedTokenizerBase | None = None) -> TeacherSet:
+    def launch(cls, configs: dict[str, TeacherConfig], default_teacher: str | None = None, *,
+               sampling: SamplingConfig | None = None, tokenizer: PreTrainedTokenizerBase | None = None) -> TeacherSet:
+        """Start every teacher (a failure closes those already started); with sampling.sample_from=teacher
+        each must be able to generate."""
         teachers: dict[str, Teacher] = {}
         try:
-            for name, cfg in job.teachers.items():
-                teachers[name] = _BACKENDS[cfg.backend](name, cfg, job.rollout)
-                if job.algo.teacher_top_k > 0 and not hasattr(teachers[name], "score_top_k"):
-                    raise ConfigError("algo.teacher_top_k", f"0, or teachers whose backend gives top-k logprobs "
-                                      f"(teacher {name!r}, backend {cfg.backend!r}, has no score_top_k)",
-                                      job.algo.teacher_top_k)
+            for name, cfg in configs.items():
+                teachers[name] = _BACKENDS[cfg.backend](name, cfg)
+                if sampling is not None and sampling.sample_from == "teacher":
+                    _generator(name, teachers[name])
         except BaseException:
             for teacher in teachers.values():
                 teacher.close()
             raise
-        return cls(teachers, TeacherRouter.from_config(job), job.rollout, tokenizer,
-                   coefs={name: cfg.coef for name, cfg in job.teachers.items()})
+        return cls(teachers, TeacherRouter.from_config(configs, default_teacher),
+                   coefs={name: cfg.coef for name, cfg in configs.items()}, sampling=sampling, tokenizer=tokenizer)
 
-    def score(self, samples: list[Sample], top_k: int = 0) -> None:
-        """Fill `sample.teacher` and `sample.teacher_logprobs` (and, with top_k > 0, the teacher's top-k tokens
-        and their logprobs at each response position) for every sample; `sample.metadata["teacher_coef"]` is
-        that teacher's teachers.NAME.coef, the trainer's multiplier of its dense term."""
-        by_teacher: dict[str, list[Sample]] = defaultdict(list)
+    def _by_teacher(self, samples: list[Sample]) -> dict[str, list[Sample]]:
+        """Set `sample.teacher` (its domain's teacher) and group the samples by it."""
+        groups: dict[str, list[Sample]] = defaultdict(list)
         for sample in samples:
             sample.teacher = self.router.teacher_for(sample.domain)
-            by_teacher[sample.teacher].append(sample)
-        for name, group in by_teacher.items():
-            teacher = self.teachers[name]
-            if top_k > 0:
-                scores = cast(TopKTeacher, teacher).score_top_k(group, top_k)  # checked at start-up
-            else:
-                scores = [TokenScores(logprobs=list(lp)) for lp in teacher.score(group)]
-            for sample, got in zip(group, scores):
+            groups[sample.teacher].append(sample)
+        return groups
+
+    async def score(self, samples: list[Sample], top_k: int = 0) -> None:
+        """Fill `sample.teacher` and `sample.teacher_logprobs` (and, with top_k > 0, the teacher's top-k tokens
+        and their logprobs at each response position) for every sample, all teachers concurrently;
+        `sample.metadata["teacher_coef"]` is that teacher's teachers.NAME.coef, the trainer's multiplier of its
+        dense term."""
+        groups = self._by_teacher(samples)
+        names = list(groups)
+        results = await asyncio.gather(*(self.teachers[name].score(groups[name], top_k) for name in names))
+        for name, scores in zip(names, results):
+            if len(scores) != len(groups[name]):
+                raise RuntimeError(f"teacher {name!r} returned {len(scores)} scores for {len(groups[name])} samples")
+            for sample, got in zip(groups[name], scores):
                 if len(got.logprobs) != len(sample.response_ids):
                     raise RuntimeError(f"teacher {name!r} returned {len(got.logprobs)} logprobs for a response of "
                                        f"{len(sample.response_ids)} tokens")
@@ -228,19 +253,10 @@ class TeacherSet:
                 sample.teacher_top_ids, sample.teacher_top_logprobs = got.top_ids, got.top_logprobs
 
     async def generate(self, samples: list[Sample]) -> list[Sample]:
-        """Generate every sample with its domain's teacher (rollout.sample_from=teacher)."""
-        by_teacher: dict[str, list[Sample]] = defaultdict(list)
-        for sample in samples:
-            sample.teacher = self.router.teacher_for(sample.domain)
-            by_teacher[sample.teacher].append(sample)
-        jobs = []
-        for name, group in by_teacher.items():
-            teacher = self.teachers[name]
-            if not hasattr(teacher, "generate"):
-                raise ConfigError(f"teachers.{name}.backend", "a teacher that can generate (local, sglang or "
-                                  "remote) when rollout.sample_from=teacher", type(teacher).__name__)
-            jobs.append(teacher.generate(group, self.rollout, self.tokenizer))
-        await asyncio.gather(*jobs)
+        """Generate every sample with its domain's teacher (rollout.sample_from=teacher), all teachers at once."""
+        groups = self._by_teacher(samples)
+        await asyncio.gather(*(_generator(name, self.teachers[name]).generate(group, self.sampling, self.tokenizer)
+                               for name, group in groups.items()))
         return samples
 
     def close(self) -> None:

@@ -46,8 +46,8 @@ def generate(rt: job_lib.Runtime) -> list[Sample]:
 def score(rt: job_lib.Runtime, samples: list[Sample]) -> None:
     """Outcome rewards from the verifiers, dense rewards from each sample's domain teacher."""
     score_outcomes(samples)
-    if rt.job.trainer.loss == "mopd" and rt.job.algo.teacher_coef > 0:
-        rt.teachers.score(samples, top_k=rt.job.algo.teacher_top_k)
+    if rt.job.uses_teachers:
+        asyncio.run(rt.teachers.score(samples, top_k=rt.job.algo.teacher_top_k))
 
 
 def compute_advantages(rt: job_lib.Runtime, samples: list[Sample]) -> None:

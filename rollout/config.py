@@ -1,7 +1,9 @@
-"""Typed configuration of the rollout side (engines, sampling, prefix cache, R3)."""
+"""Typed configuration of the rollout side: how an engine is served, how it is sampled from, and the
+framework features on top. A teacher reuses `EngineConfig` (mopd/teachers.py: TeacherConfig)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,7 +14,9 @@ ENGINE_BACKENDS = ("local", "sglang", "remote")
 
 
 @dataclass
-class RolloutConfig:
+class EngineConfig:
+    """The servers of one model: what rollout/engines.py `launch_engines` starts (or, remote, attaches to)."""
+
     backend: str = "local"  # local (HF transformers server) | sglang | remote (existing URLs)
     num_engines: int = 1
     urls: list[str] = field(default_factory=list)  # backend=remote: servers already running
@@ -21,48 +25,25 @@ class RolloutConfig:
     mem_fraction_static: float = 0.8
     max_batch_size: int = 16  # local server: requests batched into one forward
     max_context_len: int = 512
-    # sampling
-    n_samples_per_prompt: int = 4
-    prompts_per_step: int = 8
-    max_new_tokens: int = 32
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    sample_from: str = "student"  # student (on-policy) | teacher (each prompt's domain teacher: off-policy SFT)
-    # framework features
-    prefix_cache: bool = True  # request-level prefix cache for multi-turn trajectories
-    routing_replay: bool = True  # R3: capture routed experts at rollout, replay in training
-    # MTP self-speculative decoding: K draft tokens per verify from the model's MTP layers (0 = off);
-    # SGLang's --speculative-num-steps (engines get rollout.speculative.engine_args)
-    speculative_num_steps: int = 0
-    # client
+    sglang_args: dict[str, Any] = field(default_factory=dict)  # extra --flags for sglang.launch_server
+    # client: each request may take request_timeout_s; a failed one is re-sent at most max_retries times
+    # within startup_timeout_s (long enough for a dead engine to be restarted by its actor)
     request_timeout_s: float = 300.0
     max_retries: int = 3
     startup_timeout_s: float = 300.0
-    sglang_args: dict[str, Any] = field(default_factory=dict)  # extra --flags for sglang.launch_server
 
-    def validate(self, prefix: str = "rollout") -> None:
+    def validate(self, prefix: str, backends: tuple[str, ...] = ENGINE_BACKENDS) -> None:
         """Range checks at start-up: a bad value fails before Ray and the engines start."""
-        if self.backend not in ENGINE_BACKENDS:
-            raise ConfigError(f"{prefix}.backend", f"one of {ENGINE_BACKENDS}", self.backend)
+        if self.backend not in backends:
+            raise ConfigError(f"{prefix}.backend", f"one of {backends}", self.backend)
         if self.backend == "remote" and not self.urls:
             raise ConfigError(f"{prefix}.urls", "at least one server URL when backend=remote", self.urls)
-        for name in ("num_engines", "n_samples_per_prompt", "prompts_per_step", "max_new_tokens",
-                     "max_batch_size", "max_context_len"):
+        for name in ("num_engines", "max_batch_size", "max_context_len"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{prefix}.{name}", "an integer >= 1", getattr(self, name))
-        if self.sample_from not in ("student", "teacher"):
-            raise ConfigError(f"{prefix}.sample_from", "one of student, teacher", self.sample_from)
-        for name in ("temperature", "top_p", "cpus_per_engine", "mem_fraction_static", "request_timeout_s",
-                     "startup_timeout_s"):
+        for name in ("cpus_per_engine", "mem_fraction_static", "request_timeout_s", "startup_timeout_s"):
             if not math.isfinite(getattr(self, name)):
                 raise ConfigError(f"{prefix}.{name}", "a finite number", getattr(self, name))
-        if self.temperature < 0:
-            raise ConfigError(f"{prefix}.temperature", "a number >= 0 (0 = greedy)", self.temperature)
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"{prefix}.top_p", "a number in (0, 1]", self.top_p)
-        if self.top_k == 0 or self.top_k < -1:
-            raise ConfigError(f"{prefix}.top_k", "-1 (no top-k) or an integer >= 1", self.top_k)
         if self.cpus_per_engine <= 0:
             raise ConfigError(f"{prefix}.cpus_per_engine", "a number > 0", self.cpus_per_engine)
         if self.gpus_per_engine < 0:
@@ -72,13 +53,66 @@ class RolloutConfig:
         for name in ("request_timeout_s", "startup_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{prefix}.{name}", "a number of seconds > 0", getattr(self, name))
-        if not isinstance(self.speculative_num_steps, int) or not 0 <= self.speculative_num_steps <= 8:
-            raise ConfigError(f"{prefix}.speculative_num_steps", "an integer in [0, 8] (0 = no speculative decoding; "
-                              "at most the model's MTP layers)", self.speculative_num_steps)
         if self.max_retries < 0:
             raise ConfigError(f"{prefix}.max_retries", "an integer >= 0", self.max_retries)
         if any(not url.startswith(("http://", "https://")) for url in self.urls):
             raise ConfigError(f"{prefix}.urls", "server URLs (http://host:port)", self.urls)
+
+
+@dataclass
+class SamplingConfig:
+    """How each step's responses are sampled: what the rollout manager asks the engines for."""
+
+    n_samples_per_prompt: int = 4
+    prompts_per_step: int = 8
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    sample_from: str = "student"  # student (on-policy) | teacher (each prompt's domain teacher: off-policy SFT)
+
+    def validate(self, prefix: str) -> None:
+        for name in ("n_samples_per_prompt", "prompts_per_step", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{prefix}.{name}", "an integer >= 1", getattr(self, name))
+        if self.sample_from not in ("student", "teacher"):
+            raise ConfigError(f"{prefix}.sample_from", "one of student, teacher", self.sample_from)
+        for name in ("temperature", "top_p"):
+            if not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"{prefix}.{name}", "a finite number", getattr(self, name))
+        if self.temperature < 0:
+            raise ConfigError(f"{prefix}.temperature", "a number >= 0 (0 = greedy)", self.temperature)
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"{prefix}.top_p", "a number in (0, 1]", self.top_p)
+        if self.top_k == 0 or self.top_k < -1:
+            raise ConfigError(f"{prefix}.top_k", "-1 (no top-k) or an integer >= 1", self.top_k)
+
+
+@dataclass
+class RolloutConfig(EngineConfig, SamplingConfig):
+    """The student's engines and sampling (the user-facing keys stay flat: `rollout.num_engines`,
+    `rollout.temperature`), plus the framework features."""
+
+    prefix_cache: bool = True  # request-level prefix cache for multi-turn trajectories
+    routing_replay: bool = True  # R3: capture routed experts at rollout, replay in training
+    # MTP self-speculative decoding: K draft tokens per verify from the model's MTP layers (0 = off);
+    # SGLang's --speculative-num-steps (engines get rollout.speculative.engine_args)
+    speculative_num_steps: int = 0
+
+    @classmethod
+    def combine(cls, engine: EngineConfig, sampling: SamplingConfig, **features: Any) -> RolloutConfig:
+        """A rollout of `sampling` on the servers of `engine` (e.g. a teacher generating, sample_from=teacher)."""
+        def values(cfg: Any, part: type) -> dict[str, Any]:
+            return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(part)}
+
+        return cls(**values(engine, EngineConfig), **values(sampling, SamplingConfig), **features)
+
+    def validate(self, prefix: str = "rollout", backends: tuple[str, ...] = ENGINE_BACKENDS) -> None:
+        EngineConfig.validate(self, prefix, backends)
+        SamplingConfig.validate(self, prefix)
+        if not isinstance(self.speculative_num_steps, int) or not 0 <= self.speculative_num_steps <= 8:
+            raise ConfigError(f"{prefix}.speculative_num_steps", "an integer in [0, 8] (0 = no speculative decoding; "
+                              "at most the model's MTP layers)", self.speculative_num_steps)
         if self.max_new_tokens >= self.max_context_len:
             raise ConfigError(f"{prefix}.max_new_tokens", f"fewer than max_context_len={self.max_context_len}",
                               self.max_new_tokens)

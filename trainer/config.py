@@ -6,14 +6,14 @@ import math
 from dataclasses import dataclass, fields
 
 from mopd.core.errors import ConfigError
+from trainer.losses import loss_spec
 
-LOSSES = ("mopd", "grpo", "sft")
 WEIGHT_SYNC = ("tensor", "disk", "distributed")
 
 
 @dataclass
 class TrainerConfig:
-    loss: str = "mopd"  # mopd | grpo | sft
+    loss: str = "mopd"  # mopd | grpo | sft | any loss registered with trainer.losses.register_loss
     # importance-sampling mask between the training policy and the rollout policy (mu)
     eps_low: float = 0.5
     eps_high: float = 2.0
@@ -56,8 +56,7 @@ class TrainerConfig:
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise ConfigError(f"{prefix}.{f.name}", "a finite number", value)
-        if self.loss not in LOSSES:
-            raise ConfigError(f"{prefix}.loss", f"one of {LOSSES}", self.loss)
+        loss_spec(self.loss)  # an unknown name: ConfigError naming trainer.loss, listing the registered losses
         if self.weight_sync not in WEIGHT_SYNC:
             raise ConfigError(f"{prefix}.weight_sync", f"one of {WEIGHT_SYNC}", self.weight_sync)
         if not 0 <= self.eps_low <= 1:

@@ -1,6 +1,8 @@
-"""Training losses: MOPD policy gradient, GRPO and SFT, on per-token log pi_theta.
+"""Training losses: MOPD policy gradient, GRPO and SFT, on per-token log pi_theta, in a registry.
 
-All three return the SUM over sequences of the per-sequence loss; the caller divides by the
+`trainer.loss` names a loss registered here with `register_loss`; each entry declares the inputs it
+needs, from which the job knows whether to start and score teachers and the trainer which Sample fields
+to require. All losses return the SUM over sequences of the per-sequence loss; the caller divides by the
 number of sequences in the whole (all data-parallel ranks) batch, so the gradient is that of
 L = -mean_seq((1/|y|) sum_t ...) no matter how sequences are split into microbatches and ranks.
 The MOPD math itself lives in mopd.core.algo; this module only wires it to the trainer's tensors.
@@ -8,6 +10,7 @@ The MOPD math itself lives in mopd.core.algo; this module only wires it to the t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +22,7 @@ from mopd.core.algo import (
     token_advantages,
     top_k_divergence,
 )
+from mopd.core.errors import ConfigError
 
 
 @dataclass
@@ -41,6 +45,67 @@ class LossOutput:
     is_masked_tokens: float  # loss-mask tokens the IS mask zeroed
     kl_rollout_sum: float  # sum over loss-mask tokens of log mu - log pi_theta
     mask_tokens: float
+
+
+@dataclass
+class LossContext:
+    """What a loss may read besides the student's logprobs and the batch: the algorithm's settings and the
+    student's other views of the microbatch (trainer/losses.py: StudentLogprobs)."""
+
+    adv: AdvantageConfig
+    eps_low: float  # trainer.eps_low / eps_high: the IS mask's bounds
+    eps_high: float
+    student_top_logprobs: torch.Tensor | None = None  # [B, N, k] log pi_theta^1 of the teacher's top-k tokens
+    untempered_logprobs: torch.Tensor | None = None  # [B, N] log pi_theta^1(y_t)
+
+
+LossFn = Callable[[torch.Tensor, LossInputs, LossContext], LossOutput]
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """A registered loss and the inputs it needs."""
+
+    name: str
+    fn: LossFn
+    needs_teacher: bool  # a teacher term: teachers score every sample (when algo.teacher_coef > 0)
+    needs_rollout_logprobs: bool  # log mu of every response token (the IS mask)
+
+
+_LOSSES: dict[str, LossSpec] = {}
+
+
+def register_loss(name: str, *, needs_teacher: bool = False,
+                  needs_rollout_logprobs: bool = False) -> Callable[[LossFn], LossFn]:
+    """Make `trainer.loss=name` train with the decorated function (logprobs [B, N], inputs, context) ->
+    LossOutput. A loss registered outside this module must be imported in the trainer's processes too."""
+
+    def decorator(fn: LossFn) -> LossFn:
+        _LOSSES[name] = LossSpec(name, fn, needs_teacher, needs_rollout_logprobs)
+        return fn
+
+    return decorator
+
+
+def known_losses() -> tuple[str, ...]:
+    return tuple(_LOSSES)
+
+
+def loss_spec(name: str) -> LossSpec:
+    """The registered loss `name`; an unknown name is a config error naming trainer.loss."""
+    if name not in _LOSSES:
+        raise ConfigError("trainer.loss", f"one of {known_losses()}", name)
+    return _LOSSES[name]
+
+
+def needed_fields(name: str, adv: AdvantageConfig) -> tuple[str, ...]:
+    """Per-token Sample fields the loss reads: log mu if it needs it, and the teacher's scores when its
+    teacher term is on (sampled-token logprobs, or the top-k tokens with algo.teacher_top_k > 0)."""
+    spec = loss_spec(name)
+    fields = ("rollout_logprobs",) if spec.needs_rollout_logprobs else ()
+    if spec.needs_teacher and adv.teacher_coef > 0:
+        fields += ("teacher_top_ids", "teacher_top_logprobs") if adv.teacher_top_k > 0 else ("teacher_logprobs",)
+    return fields
 
 
 def _require(value: torch.Tensor | None, name: str, loss: str) -> torch.Tensor:
@@ -117,18 +182,31 @@ def sft_loss(logprobs: torch.Tensor, inputs: LossInputs) -> LossOutput:
                       mask_tokens=float(mask.sum().item()))
 
 
+@register_loss("mopd", needs_teacher=True, needs_rollout_logprobs=True)
+def mopd_loss(logprobs: torch.Tensor, inputs: LossInputs, ctx: LossContext) -> LossOutput:
+    """The MOPD loss (pg_loss with the teacher term at algo.teacher_coef)."""
+    return pg_loss(logprobs, inputs, ctx.adv, eps_low=ctx.eps_low, eps_high=ctx.eps_high,
+                   teacher_coef=ctx.adv.teacher_coef, student_top_logprobs=ctx.student_top_logprobs,
+                   untempered_logprobs=ctx.untempered_logprobs)
+
+
+@register_loss("grpo", needs_rollout_logprobs=True)
+def grpo_loss(logprobs: torch.Tensor, inputs: LossInputs, ctx: LossContext) -> LossOutput:
+    """pg_loss with the teacher term off: outcome advantages only."""
+    return pg_loss(logprobs, inputs, ctx.adv, eps_low=ctx.eps_low, eps_high=ctx.eps_high, teacher_coef=0.0)
+
+
+@register_loss("sft")
+def _sft(logprobs: torch.Tensor, inputs: LossInputs, ctx: LossContext) -> LossOutput:
+    return sft_loss(logprobs, inputs)
+
+
 def compute_loss(kind: str, logprobs: torch.Tensor, inputs: LossInputs, adv: AdvantageConfig, *,
                  eps_low: float, eps_high: float, student_top_logprobs: torch.Tensor | None = None,
                  untempered_logprobs: torch.Tensor | None = None) -> LossOutput:
-    """Dispatch on TrainerConfig.loss: mopd | grpo (teacher term off) | sft."""
-    if kind == "mopd":
-        return pg_loss(logprobs, inputs, adv, eps_low=eps_low, eps_high=eps_high, teacher_coef=adv.teacher_coef,
-                       student_top_logprobs=student_top_logprobs, untempered_logprobs=untempered_logprobs)
-    if kind == "grpo":
-        return pg_loss(logprobs, inputs, adv, eps_low=eps_low, eps_high=eps_high, teacher_coef=0.0)
-    if kind == "sft":
-        return sft_loss(logprobs, inputs)
-    raise ValueError(f"trainer.loss={kind!r}: expected one of mopd, grpo, sft")
+    """The registered loss `kind` (TrainerConfig.loss) on one microbatch."""
+    ctx = LossContext(adv, eps_low, eps_high, student_top_logprobs, untempered_logprobs)
+    return loss_spec(kind).fn(logprobs, inputs, ctx)
 
 
 def token_logprobs_and_entropy(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,

@@ -29,9 +29,9 @@ ROWS = "".join(json.dumps(r) + "\n" for r in (
     {"prompt": [{"role": "user", "content": "abc"}], "domain": "reverse", "label": "cba"},
 ))
 BAD_TEACHER_YAML = {  # --config-dir teacher files: a typo'd key, a negative count, a wrong type
-    "typo": "model_path: /m\ndomains: [chemistry]\nreplica: 2\n",
-    "negative": "model_path: /m\ndomains: [chemistry]\nreplicas: -1\n",
-    "wrong_type": "model_path: /m\ndomains: chemistry\nreplicas: 1\n",
+    "typo": "model_path: /m\ndomains: [chemistry]\nengine: 2\n",
+    "negative": "model_path: /m\ndomains: [chemistry]\nnum_engines: -1\n",
+    "wrong_type": "model_path: /m\ndomains: chemistry\nnum_engines: 1\n",
 }
 CUDA = torch.cuda.is_available()
 
@@ -43,7 +43,7 @@ CASES: list[tuple[str, str | None, str]] = [
     ("resume=maybe", None, "resume"),
     ("trainer.lr=fast", None, "trainer.lr"),
     ("data.domain_weights.arith=heavy", None, "data.domain_weights.arith"),
-    ("teachers.arith.replicas=two", None, "teachers.arith.replicas"),
+    ("teachers.arith.num_engines=two", None, "teachers.arith.num_engines"),
     ("teachers.arith.domains=arith", None, "teachers.arith.domains"),
     ("+teacher@teachers.chem=wrong_type", None, "teachers.chem.domains"),
     # unknown keys, with and without +
@@ -53,7 +53,7 @@ CASES: list[tuple[str, str | None, str]] = [
     ("+trainer.optimizer.name=adam", None, "trainer.optimizer"),
     ("+env.sandbox.gpus=1", None, "env.sandbox.gpus"),
     ("rollout.not_a_field=1", None, "rollout.not_a_field"),
-    ("+teacher@teachers.chem=typo", None, "teachers.chem.replica"),
+    ("+teacher@teachers.chem=typo", None, "teachers.chem.engine"),
     # NaN and inf
     ("trainer.eps_high=nan", None, "trainer.eps_high"),
     ("trainer.lr=inf", None, "trainer.lr"),
@@ -62,7 +62,7 @@ CASES: list[tuple[str, str | None, str]] = [
     ("rollout.temperature=-inf", None, "rollout.temperature"),
     ("rollout.top_p=nan", None, "rollout.top_p"),
     ("data.domain_weights.arith=nan", None, "data.domain_weights.arith"),
-    ("teachers.arith.cpus_per_replica=inf", None, "teachers.arith.cpus_per_replica"),
+    ("teachers.arith.cpus_per_engine=inf", None, "teachers.arith.cpus_per_engine"),
     ("env.sandbox.wall_timeout_s=nan", None, "env.sandbox.wall_timeout_s"),
     ("toy.teacher_lr=nan", None, "toy.teacher_lr"),
     # negative counts and sizes
@@ -73,8 +73,8 @@ CASES: list[tuple[str, str | None, str]] = [
     ("trainer.warmup_steps=-5", None, "trainer.warmup_steps"),
     ("seed=-1", None, "seed"),
     ("env.sandbox.warm_pool_size=-1", None, "env.sandbox.warm_pool_size"),
-    ("teachers.arith.replicas=0", None, "teachers.arith.replicas"),
-    ("+teacher@teachers.chem=negative", None, "teachers.chem.replicas"),
+    ("teachers.arith.num_engines=0", None, "teachers.arith.num_engines"),
+    ("+teacher@teachers.chem=negative", None, "teachers.chem.num_engines"),
     ("save_interval=-1", None, "save_interval"),
     ("toy.teacher_steps=0", None, "toy.teacher_steps"),
     # zero timeouts
@@ -134,6 +134,9 @@ CASES: list[tuple[str, str | None, str]] = [
     ("teachers.arith.backend=remote teachers.arith.urls=[arith-teacher:30000]", None, "teachers.arith.urls"),
     ("teachers.arith.backend=remote", None, "teachers.arith.urls"),
     ("teachers.arith.domains=[arith,'']", None, "teachers.arith.domains"),
+    ("teachers.arith.request_timeout_s=0", None, "teachers.arith.request_timeout_s"),
+    ("teachers.arith.max_context_len=64", None, "teachers.arith.max_context_len"),  # rollout's is 128
+    ("teachers.arith.coef=-1", None, "teachers.arith.coef"),
     ("rollout=not_a_rollout_config", None, "rollout"),
 ]
 if not CUDA:
@@ -141,7 +144,7 @@ if not CUDA:
         ("trainer.weight_sync=distributed trainer.device=auto", None, "trainer.weight_sync"),
         ("trainer.device=cuda", None, "trainer.device"),
         ("rollout.gpus_per_engine=1", None, "rollout.gpus_per_engine"),
-        ("teachers.arith.gpus_per_replica=1", None, "teachers.arith.gpus_per_replica"),
+        ("teachers.arith.gpus_per_engine=1", None, "teachers.arith.gpus_per_engine"),
     ]
 
 # run through the real CLI too: one per kind (type, unknown key, NaN, parallel size, data row, toy, teacher file)

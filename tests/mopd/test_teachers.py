@@ -1,11 +1,15 @@
-"""Teacher routing by domain, start-up checks of data coverage and vocabularies, custom kinds."""
+"""Teacher routing by domain, start-up checks of data coverage and vocabularies, custom kinds, concurrency."""
+
+import asyncio
+import time
 
 import pytest
 
-from mopd.config import JobConfig, TeacherConfig
+from mopd.config import JobConfig
 from mopd.core.errors import ConfigError
-from mopd.core.types import Sample
+from mopd.core.types import Sample, TokenScores
 from mopd.teachers import (
+    TeacherConfig,
     TeacherRouter,
     TeacherSet,
     check_same_vocabulary,
@@ -13,6 +17,7 @@ from mopd.teachers import (
     register_teacher_backend,
 )
 from mopd.toy.tokenizer import build_char_tokenizer
+from rollout.config import SamplingConfig
 
 
 def _job(**teachers) -> JobConfig:
@@ -21,15 +26,14 @@ def _job(**teachers) -> JobConfig:
 
 def test_router_sends_each_domain_to_its_teacher_and_falls_back_to_default():
     job = _job(math=["arith"], words=["reverse", "sort"])
-    router = TeacherRouter.from_config(job)
+    router = TeacherRouter.from_config(job.teachers)
     assert router.teacher_for("arith") == "math" and router.teacher_for("sort") == "words"
     with pytest.raises(ConfigError, match="chemistry"):
         router.teacher_for("chemistry")
     with pytest.raises(ConfigError, match="no teacher covers \\['chemistry'\\]"):
         router.check_domains({"arith", "chemistry"})
-    job.default_teacher = "math"
-    TeacherRouter.from_config(job).check_domains({"arith", "chemistry"})
-    assert TeacherRouter.from_config(job).teacher_for("chemistry") == "math"
+    TeacherRouter.from_config(job.teachers, "math").check_domains({"arith", "chemistry"})
+    assert TeacherRouter.from_config(job.teachers, "math").teacher_for("chemistry") == "math"
 
 
 def test_vocabulary_mismatch_names_the_differing_tokens():
@@ -42,36 +46,83 @@ def test_vocabulary_mismatch_names_the_differing_tokens():
 
 
 class _ConstantTeacher:
-    def __init__(self, value):
+    """A custom kind: every response token gets the same logprob, after `delay_s` (an API call's latency)."""
+
+    def __init__(self, value, delay_s=0.0):
         self.value = value
+        self.delay_s = delay_s
         self.closed = False
 
-    def score(self, samples):
-        return [[self.value] * len(s.response_ids) for s in samples]
+    async def score(self, samples, top_k):
+        await asyncio.sleep(self.delay_s)
+        return [TokenScores(logprobs=[self.value] * len(s.response_ids),
+                            top_ids=[[0] * top_k for _ in s.response_ids] if top_k else None,
+                            top_logprobs=[[self.value] * top_k for _ in s.response_ids] if top_k else None)
+                for s in samples]
 
     def close(self):
         self.closed = True
+
+
+def _samples(domains):
+    return [Sample(prompt_index=i, group_index=i, domain=d, prompt_ids=[1], response_ids=[2, 3])
+            for i, d in enumerate(domains)]
 
 
 def test_custom_teacher_kind_registered_from_python_scores_its_domain():
     made = {}
 
     @register_teacher_backend("constant")
-    def make(name, cfg, rollout):
+    def make(name, cfg):
         made[name] = _ConstantTeacher(-float(len(cfg.domains)))
         return made[name]
 
     assert "constant" in known_backends()
-    job = JobConfig(teachers={"a": TeacherConfig(model_path="/m", domains=["x"], backend="constant"),
-                              "b": TeacherConfig(model_path="/m", domains=["y", "z"], backend="constant",
-                                                 coef=0.5)})
-    teachers = TeacherSet.launch(job)
-    samples = [Sample(prompt_index=i, group_index=i, domain=d, prompt_ids=[1], response_ids=[2, 3])
-               for i, d in enumerate(["x", "z", "y"])]
-    teachers.score(samples)
+    configs = {"a": TeacherConfig(model_path="/m", domains=["x"], backend="constant"),
+               "b": TeacherConfig(model_path="/m", domains=["y", "z"], backend="constant", coef=0.5)}
+    configs["a"].validate("teachers.a")  # a registered kind is a valid backend
+    teachers = TeacherSet.launch(configs)
+    samples = _samples(["x", "z", "y"])
+    asyncio.run(teachers.score(samples))
     assert [s.teacher for s in samples] == ["a", "b", "b"]
     assert samples[0].teacher_logprobs == [-1.0, -1.0] and samples[1].teacher_logprobs == [-2.0, -2.0]
+    assert samples[0].teacher_top_ids is None
     # teachers.NAME.coef travels with each sample to the loss (trainer.batching -> LossInputs.teacher_coef)
     assert [s.metadata["teacher_coef"] for s in samples] == [1.0, 0.5, 0.5]
+    asyncio.run(teachers.score(samples, top_k=2))  # the same protocol gives the top-k tokens
+    assert samples[2].teacher_top_logprobs == [[-2.0, -2.0], [-2.0, -2.0]]
+    # a custom kind cannot sample: refused at launch when rollout.sample_from=teacher
+    with pytest.raises(ConfigError, match="teachers.a.backend"):
+        TeacherSet.launch(configs, sampling=SamplingConfig(sample_from="teacher"))
     teachers.close()
     assert made["a"].closed and made["b"].closed
+
+
+def test_teachers_of_a_step_are_scored_concurrently():
+    teachers = TeacherSet({name: _ConstantTeacher(-1.0, delay_s=0.5) for name in "abcd"},
+                          TeacherRouter({d: d for d in "abcd"}))
+    samples = _samples(list("abcd"))
+    start = time.perf_counter()
+    asyncio.run(teachers.score(samples))
+    elapsed = time.perf_counter() - start
+    assert all(s.teacher_logprobs == [-1.0, -1.0] for s in samples)
+    assert elapsed < 1.5, f"4 teachers of 0.5 s each took {elapsed:.2f} s: scored one after another"
+
+
+def test_a_teacher_that_returns_the_wrong_number_of_logprobs_fails_the_step():
+    class Short(_ConstantTeacher):
+        async def score(self, samples, top_k):
+            return [TokenScores(logprobs=[-1.0]) for _ in samples]
+
+    teachers = TeacherSet({"a": Short(0.0)}, TeacherRouter({"x": "a"}))
+    with pytest.raises(RuntimeError, match="1 logprobs for a response of 2 tokens"):
+        asyncio.run(teachers.score(_samples(["x"])))
+
+
+def test_teacher_config_is_an_engine_config_validated_under_its_name():
+    with pytest.raises(ConfigError, match="teachers.t.num_engines"):
+        TeacherConfig(model_path="/m", domains=["x"], num_engines=0).validate("teachers.t")
+    with pytest.raises(ConfigError, match=r"teachers.t.backend.*'local', 'remote', 'sglang'\]"):
+        TeacherConfig(model_path="/m", domains=["x"], backend="vllm").validate("teachers.t")
+    with pytest.raises(ConfigError, match="teachers.t.urls"):
+        TeacherConfig(model_path="", domains=["x"], backend="remote").validate("teachers.t")

@@ -8,7 +8,17 @@ import pytest
 import torch
 
 from mopd.core.algo import AdvantageConfig
-from trainer.losses import LossInputs, compute_loss, token_logprobs_and_entropy
+from mopd.core.errors import ConfigError
+from trainer.losses import (
+    LossInputs,
+    LossOutput,
+    compute_loss,
+    known_losses,
+    loss_spec,
+    needed_fields,
+    register_loss,
+    token_logprobs_and_entropy,
+)
 
 # two sequences; the second has one trained token and two masked positions
 LP = [[-1.0, -2.0, 0.0], [-0.5, -0.7, -0.3]]
@@ -134,8 +144,33 @@ def test_sft_cross_entropy():
     out, grad = _run("sft")
     assert out.loss_sum.item() == pytest.approx((1 + 2) / 2 + 0.5, abs=1e-6)
     assert torch.allclose(grad, torch.tensor([[-0.5, -0.5, 0.0], [-1.0, 0.0, 0.0]]))
-    with pytest.raises(ValueError, match="expected one of mopd, grpo, sft"):
+    with pytest.raises(ConfigError, match=r"trainer.loss`: expected one of \('mopd', 'grpo', 'sft'"):
         compute_loss("ppo", torch.tensor(LP), _inputs(), ADV, eps_low=0.5, eps_high=2.0)
+
+
+def test_each_registered_loss_declares_the_inputs_it_needs():
+    assert known_losses()[:3] == ("mopd", "grpo", "sft")
+    assert needed_fields("mopd", ADV) == ("rollout_logprobs", "teacher_logprobs")
+    assert needed_fields("mopd", AdvantageConfig(teacher_coef=0.0)) == ("rollout_logprobs",)
+    assert needed_fields("mopd", AdvantageConfig(teacher_top_k=4)) == \
+        ("rollout_logprobs", "teacher_top_ids", "teacher_top_logprobs")
+    assert needed_fields("grpo", ADV) == ("rollout_logprobs",) and needed_fields("sft", ADV) == ()
+    assert loss_spec("mopd").needs_teacher and not loss_spec("grpo").needs_teacher
+
+
+def test_a_loss_registered_by_name_is_picked_by_trainer_loss():
+    @register_loss("test_neg_mean", needs_rollout_logprobs=True)
+    def neg_mean(logprobs, inputs, ctx):
+        mask = inputs.loss_mask.to(logprobs.dtype)
+        return LossOutput(loss_sum=-(logprobs * mask).sum(), is_masked_tokens=0.0, kl_rollout_sum=0.0,
+                          mask_tokens=float(mask.sum()))
+
+    out = compute_loss("test_neg_mean", torch.tensor(LP), _inputs(), ADV, eps_low=0.5, eps_high=2.0)
+    assert out.loss_sum.item() == pytest.approx(1.0 + 2.0 + 0.5)
+    assert needed_fields("test_neg_mean", ADV) == ("rollout_logprobs",)
+    from trainer.config import TrainerConfig
+
+    TrainerConfig(loss="test_neg_mean").validate()  # the config accepts every registered name
 
 
 def test_token_logprobs_and_temperature():
@@ -152,9 +187,9 @@ def test_gradient_through_megatron_model(moe_path, dist_env):
     """Engine loss gradient == gradient of the formula written out by hand with constant w*A."""
     from tests.trainer.conftest import make_samples
     from trainer.config import TrainerConfig
-    from trainer.engine import TrainEngine
+    from trainer.rank import TrainerRank
 
-    engine = TrainEngine(moe_path, TrainerConfig(lr=1e-3, grad_clip=0.0), AdvantageConfig(alpha=0.3),
+    engine = TrainerRank(moe_path, TrainerConfig(lr=1e-3, grad_clip=0.0), AdvantageConfig(alpha=0.3),
                          num_steps=1)
     samples = make_samples(4, seed=3)
     lps = engine.compute_logprobs(samples)
@@ -227,10 +262,10 @@ def test_engine_trains_the_teacher_term_untempered_at_rollout_temperature(moe_pa
     """Through the Megatron engine at T = 0.7: the loss equals the hand formula on the engine's own logits."""
     from tests.trainer.conftest import make_samples
     from trainer.config import TrainerConfig
-    from trainer.engine import TrainEngine
+    from trainer.rank import TrainerRank
 
     samples = make_samples(3, seed=11)
-    engine = TrainEngine(moe_path, TrainerConfig(lr=1e-3, loss="mopd", eps_low=0.0, eps_high=1e9),
+    engine = TrainerRank(moe_path, TrainerConfig(lr=1e-3, loss="mopd", eps_low=0.0, eps_high=1e9),
                          AdvantageConfig(alpha=0.0, teacher_coef=1.0), num_steps=1, rollout_temperature=0.7)
     mb = engine._microbatches(samples)[0]
     with torch.no_grad():
