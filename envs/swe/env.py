@@ -1,15 +1,14 @@
 """SWE-style code environment: the model edits a repository through tools until it calls ``finish``.
 
 Reward is 1 only when every FAIL_TO_PASS test passes and every PASS_TO_PASS test still passes,
-measured after applying the task's ``test_patch`` (the model never sees the gold patch).
+measured after applying the task's ``test_patch`` (the model never sees the gold patch), on tests
+the model cannot have tampered with (envs/swe/grading.py).
 """
 
 from __future__ import annotations
 
 import math
-import re
 import sys
-from dataclasses import dataclass
 from typing import Any
 
 from envs.base import StepResult
@@ -17,6 +16,7 @@ from envs.config import MAX_CALL_TIMEOUT_S
 from envs.registry import EnvOptions, SandboxFactory, register_env
 from envs.sandbox.base import Sandbox
 from envs.sandbox.client import SandboxError
+from envs.swe.grading import evaluate, pristine_files
 from envs.swe.task import SWETask, builtin_tasks, load_task, task_from_dict, task_to_dict
 from envs.swe.tools import (
     DEFAULT_MAX_FILE_BYTES,
@@ -24,98 +24,10 @@ from envs.swe.tools import (
     ToolError,
     bash,
     model_caused,
-    quote_all,
-    read_bytes,
     refusal,
     str_replace,
 )
 from envs.tool_parsing import ToolCall, ToolCallError, check_tool_call, parse_tool_calls
-
-_RESULT_RE = re.compile(r"^(PASSED|FAILED|ERROR|XPASS|XFAIL|SKIPPED) (\S.*?)(?: - .*)?$")
-
-
-@dataclass
-class Evaluation:
-    reward: float
-    passed: list[str]
-    failed: list[str]  # required tests that did not pass
-    output: str
-    error: str = ""  # why the tests could not run (the model broke the workspace), else empty
-
-
-def parse_pytest_report(output: str) -> dict[str, str]:
-    """``pytest -rA`` short summary -> {test id: outcome}."""
-    results: dict[str, str] = {}
-    for line in output.splitlines():
-        m = _RESULT_RE.match(line.strip())
-        if m and "::" in m.group(2):
-            results[m.group(2)] = m.group(1)
-    return results
-
-
-async def apply_patch(sb: Sandbox, patch: str, name: str, timeout: float = 60.0) -> None:
-    """Apply a unified diff inside the sandbox (git apply, else patch -p1)."""
-    if not patch.strip():
-        return
-    path = f".mopd/{name}.diff"
-    await sb.write_file(path, patch)
-    res = await sb.exec(
-        f"(git apply --whitespace=nowarn {path} 2>&1 || patch -p1 --forward --batch < {path}) "
-        f"&& rm -f {path}",
-        timeout=timeout,
-    )
-    if res.exit_code != 0:
-        raise ToolError(f"{name} does not apply:\n{res.output[-2000:]}")
-
-
-REPORT_BYTES = 8 << 20  # the end of the pytest report that is parsed
-_RAW_REPORT, _REPORT = ".mopd/pytest-full.txt", ".mopd/pytest-report.txt"
-# The evaluator's scratch directory is the model's to break: whatever it left there (a symlink out of
-# the sandbox, a FIFO, a directory it cannot enter) is removed, without following links, before use.
-_CLEAN_SCRATCH = (
-    "rm -f .mopd 2>/dev/null; "
-    "if [ -d .mopd ] && [ ! -L .mopd ]; then chmod -R u+rwX .mopd 2>/dev/null; rm -rf .mopd; fi; "
-    "! [ -e .mopd ] && ! [ -L .mopd ]"
-)
-
-
-async def evaluate(sb: Sandbox, task: SWETask, python: str, timeout: float = 300.0) -> Evaluation:
-    """Apply the test patch, run the task's tests and compare with FAIL_TO_PASS / PASS_TO_PASS.
-
-    Anything the model did to the workspace that makes evaluation impossible scores 0 with the reason;
-    only infrastructure failures raise.
-    """
-    required = task.FAIL_TO_PASS + task.PASS_TO_PASS
-    try:
-        res = await sb.exec(_CLEAN_SCRATCH, timeout=60.0)
-        if res.exit_code != 0:
-            raise ToolError(f"the scratch directory .mopd could not be removed:\n{res.output[-500:]}")
-        await apply_patch(sb, task.test_patch, "test_patch")
-    except ToolError as exc:
-        return Evaluation(0.0, [], required, str(exc), str(exc))
-    except SandboxError as exc:
-        if not model_caused(exc):
-            raise
-        why = f"the test patch could not be written: {refusal(exc)}"
-        return Evaluation(0.0, [], required, why, why)
-    # the report goes to a file and is read back whole: a test suite that prints more than the
-    # sandbox's output cap would otherwise lose the summary at the end and score 0
-    cmd = (
-        f"mkdir -p .mopd && PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 {python} -m pytest -rA -q -p no:cacheprovider "
-        f"--no-header {quote_all(task.tests_to_run())} > {_RAW_REPORT} 2>&1; "
-        f"tail -c {REPORT_BYTES} {_RAW_REPORT} > {_REPORT}; rm -f {_RAW_REPORT}; tail -c 4000 {_REPORT}"
-    )
-    res = await sb.exec(cmd, timeout=timeout, max_output=65536)
-    try:
-        output = (await read_bytes(sb, _REPORT, REPORT_BYTES)).decode("utf-8", "replace")
-    except SandboxError as exc:
-        if not model_caused(exc):
-            raise
-        output = res.output  # the tests replaced the report (e.g. by a link): what the command printed
-    outcomes = parse_pytest_report(output)
-    failed = [t for t in required if outcomes.get(t) != "PASSED"]
-    passed = [t for t in required if outcomes.get(t) == "PASSED"]
-    return Evaluation(1.0 if not failed else 0.0, passed, failed, output[-4000:])
 
 
 class SWEEnv:
@@ -162,6 +74,7 @@ class SWEEnv:
         self.tool_format = tool_format
         self.task: SWETask | None = None
         self.sandbox: Sandbox | None = None
+        self.pristine: dict[str, bytes] = {}  # the task's test and config files, restored for grading
         self.turns = 0
         self.done = False
 
@@ -171,6 +84,7 @@ class SWEEnv:
         self.sandbox = await self.sandbox_factory()
         if task.snapshot_dir:
             await self.sandbox.upload(task.snapshot_dir)
+        self.pristine = await pristine_files(self.sandbox, task)
         if self.python is None:
             self.python = self.sandbox.info.get("python") or (
                 "python3" if self.sandbox.info.get("backend") != "local" else sys.executable
@@ -239,7 +153,7 @@ class SWEEnv:
     async def _finish(self, info: dict[str, Any]) -> StepResult:
         assert self.task is not None and self.sandbox is not None
         # done only once evaluated: after an infrastructure failure (raised) the caller may retry
-        ev = await evaluate(self.sandbox, self.task, self.python or "python3")
+        ev = await evaluate(self.sandbox, self.task, self.pristine, self.python or "python3")
         self.done = True
         info.update(
             reward=ev.reward, failed_tests=ev.failed[:20], n_failed=len(ev.failed), n_passed=len(ev.passed)

@@ -79,7 +79,8 @@ async def test_warm_pool_per_image(k8s_env):
 
 async def test_swe_episode_on_a_pod(k8s_env):
     """The SWE env is backend-agnostic: gold patch -> reward 1 with the sandbox in a (test) pod."""
-    from envs.swe.env import SWEEnv, apply_patch
+    from envs.swe.env import SWEEnv
+    from envs.swe.grading import apply_patch
     from envs.swe.task import builtin_tasks
     from envs.tool_parsing import ToolCall
 

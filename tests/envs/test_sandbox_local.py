@@ -219,7 +219,8 @@ def test_checkout_under_a_0700_directory_still_scores(sandbox_base):
             assert sys.prefix == {venv!r}, sys.prefix
             from envs.config import SandboxConfig
             from envs.sandbox.local import LocalSandboxBackend
-            from envs.swe.env import SWEEnv, apply_patch
+            from envs.swe.env import SWEEnv
+            from envs.swe.grading import apply_patch
             from envs.swe.task import builtin_tasks
             from envs.tool_parsing import ToolCall
             async def main():

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from envs.swe.env import SWEEnv, apply_patch, parse_pytest_report
+from envs.swe.env import SWEEnv
+from envs.swe.grading import apply_patch, junit_key, junit_outcomes
 from envs.swe.task import TaskError, builtin_tasks, load_task, task_from_dict
 from envs.tool_parsing import ToolCall, format_tool_call
 
@@ -18,7 +19,9 @@ def test_three_real_tasks_ship_with_license_and_gold_patch():
     assert len(TASKS) >= 3
     for task in TASKS.values():
         assert task.FAIL_TO_PASS and task.PASS_TO_PASS and task.patch.startswith("diff --git")
-        assert task.snapshot_dir and open(f"{task.snapshot_dir}/LICENSE").read().startswith("Copyright")
+        assert task.snapshot_dir
+        with open(f"{task.snapshot_dir}/LICENSE") as f:
+            assert f.read().startswith("Copyright")
 
 
 @pytest.mark.parametrize("instance_id", sorted(TASKS))
@@ -105,7 +108,8 @@ async def test_tool_errors_are_observations_and_turn_limit_ends(backend):
 
 
 def test_task_validation_names_fields(tmp_path):
-    good = json.load(open(f"{TASKS['inflection__potatoes'].snapshot_dir}/../task.json"))
+    with open(f"{TASKS['inflection__potatoes'].snapshot_dir}/../task.json") as f:
+        good = json.load(f)
     for field, value, needle in (
         ("FAIL_TO_PASS", [], "at least one"),
         ("PASS_TO_PASS", "x", "must be a list"),
@@ -122,6 +126,17 @@ def test_task_validation_names_fields(tmp_path):
         load_task(str(tmp_path / "nothing"))
 
 
-def test_pytest_report_parser():
-    out = "PASSED t.py::a[x-y]\nFAILED t.py::b - assert 1 == 2\nERROR t.py::c\nnoise"
-    assert parse_pytest_report(out) == {"t.py::a[x-y]": "PASSED", "t.py::b": "FAILED", "t.py::c": "ERROR"}
+def test_junit_report_keys_and_outcomes():
+    assert junit_key("tests/a/test_x.py::TestC::test_m[a::b-c]") == ("tests.a.test_x.TestC", "test_m[a::b-c]")
+    report = b"""<testsuites><testsuite>
+      <testcase classname="t" name="a[x-y]"/>
+      <testcase classname="t" name="b"><failure message="no"/></testcase>
+      <testcase classname="t" name="c"/><testcase classname="t" name="c"><error message="teardown"/></testcase>
+      <testcase classname="t" name="d"><skipped/></testcase>
+    </testsuite></testsuites>"""
+    assert junit_outcomes(report) == {
+        ("t", "a[x-y]"): True,
+        ("t", "b"): False,
+        ("t", "c"): False,
+        ("t", "d"): False,
+    }
