@@ -32,7 +32,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from mopd.core.model_shape import read_model_shape
 from rollout import speculative
-from rollout.config import RolloutConfig
+from rollout.config import EngineConfig, RolloutConfig
 
 log = logging.getLogger(__name__)
 
@@ -345,13 +345,16 @@ class EngineGroup:
             self.placement = None
 
 
-def launch_engines(model_path: str, cfg: RolloutConfig, *, name: str, num_engines: int | None = None,
+def launch_engines(model_path: str, cfg: EngineConfig, *, name: str, num_engines: int | None = None,
                    routing_replay: bool | None = None) -> EngineGroup:
-    """Start (or, for backend=remote, attach to) the engines serving `model_path`."""
+    """Start (or, for backend=remote, attach to) the engines serving `model_path` (the student's rollout
+    config or a teacher's, both EngineConfigs; R3 capture defaults to a RolloutConfig's routing_replay)."""
     if cfg.backend == "remote":
         return EngineGroup(urls=list(cfg.urls))
     n = num_engines or cfg.num_engines
-    r3 = (cfg.routing_replay if routing_replay is None else routing_replay) and is_moe(model_path)
+    if routing_replay is None:
+        routing_replay = isinstance(cfg, RolloutConfig) and cfg.routing_replay
+    r3 = routing_replay and is_moe(model_path)
     placement = None
     options: list[dict[str, Any]] = []
     if cfg.gpus_per_engine > 0:
