@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 
+from envs.sandbox.base import Sandbox
 from envs.swe.env import SWEEnv
 from envs.swe.task import builtin_tasks, task_from_dict, task_to_dict
 from envs.tool_parsing import ToolCall
@@ -120,3 +121,23 @@ async def test_a_shipped_conftest_is_restored_and_a_real_fix_scores_one(backend,
     await env.step(ToolCall("bash", {"command": "rm conftest.py && echo 'import sys' > test_extra.py"}))
     reward, info = await graded(env)
     assert reward == 1.0, info
+
+
+async def test_image_based_task_is_guarded_by_what_the_sandbox_held_at_reset(backend):
+    """No snapshot (the repository comes with the pod image): the guarded files are read at reset."""
+
+    async def image(snapshot: str = TASK.snapshot_dir) -> Sandbox:
+        sb = await backend.create()
+        await sb.upload(snapshot)
+        return sb
+
+    task = task_from_dict(dict(task_to_dict(TASK), snapshot=None))
+    for plant, edit, want in ((PASS_EVERYTHING, None, 0.0), ("", GOLD_EDIT, 1.0)):
+        env = SWEEnv(image, max_turns=5)
+        await env.reset(task)
+        assert set(env.pristine) == {"test_inflection.py"}
+        await env.sandbox.write_file("conftest.py", plant)
+        if edit is not None:
+            await env.step(edit)
+        reward, info = await graded(env)
+        assert reward == want, info
