@@ -20,7 +20,7 @@ from mopd.core.types import Sample
 from trainer import batching, routing_replay
 from trainer.config import TrainerConfig
 from trainer.hf_io import load_hf_state
-from trainer.losses import StudentLogprobs, compute_loss, needed_fields, student_logprobs
+from trainer.losses import StudentLogprobs, compute_loss, loss_spec, needed_fields, student_logprobs
 from trainer.model_builder import build_model, hf_to_model, load_hf_config, model_to_hf
 from trainer.mtp_loss import MTPLoss
 from trainer.optim import Optimizer
@@ -116,12 +116,13 @@ class TrainerRank:
         batching.validate_samples(samples, vocab_size=self.hf_config.vocab_size, need=needed_fields(self.cfg.loss, self.adv))
         self.model.train()
         self.optim.zero_grad()
+        teacher_term = loss_spec(self.cfg.loss).needs_teacher  # its reward reads untempered log pi_theta
         stats = torch.zeros(len(_STATS), dtype=torch.float64)  # sums over this rank's microbatches
         for mb in self._microbatches(samples):
             chosen = [samples[i] for i in mb.indices]
             with routing_replay.replaying(self.model, self._replay_data(chosen, mb.tokens.shape[1])):
                 with self.mtp.capture():
-                    view = self._forward(mb, need_untempered=self.cfg.loss == "mopd")
+                    view = self._forward(mb, need_untempered=teacher_term)
                 if self.cfg.activation_recompute and self.cfg.routing_replay and self.moe_layers:
                     routing_replay.switch_to_backward(self.model)
                 out = compute_loss(self.cfg.loss, view.tempered, mb.inputs, self.adv, eps_low=self.cfg.eps_low,
