@@ -26,6 +26,8 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from mopd.core.errors import ConfigError
 from mopd.core.types import Sample, TokenScores
 from rollout.config import EngineConfig, RolloutConfig, SamplingConfig
+from rollout.rollout_manager import RolloutManager
+from rollout.teacher_scoring import score_samples
 
 
 @dataclass
@@ -92,11 +94,9 @@ class EngineTeacher:
         self.urls = list(urls)
         self.model_path = model_path
         self.engines = engines  # rollout.engines.EngineGroup (None for remote servers)
-        self._manager: Any = None  # rollout.rollout_manager.RolloutManager, made on the first generate
+        self._manager: RolloutManager | None = None  # made on the first generate
 
     async def score(self, samples: list[Sample], top_k: int) -> list[TokenScores]:
-        from rollout.teacher_scoring import score_samples
-
         if self.engines is not None:  # an engine that died between steps is back first
             self.urls = await asyncio.to_thread(self.engines.ensure_alive)
         cfg = self.cfg
@@ -108,8 +108,6 @@ class EngineTeacher:
         """Sample responses from the teacher itself (off-policy data for SFT baselines); one rollout manager
         per teacher, made on the first call (the job's sampling settings do not change between steps)."""
         if self._manager is None:
-            from rollout.rollout_manager import RolloutManager
-
             cfg = RolloutConfig.combine(self.cfg, sampling, routing_replay=False)
             self._manager = RolloutManager(self.urls, cfg, tokenizer=tokenizer, model_path=self.model_path,
                                            eos_token_id=tokenizer.eos_token_id if tokenizer else None,
@@ -122,7 +120,7 @@ class EngineTeacher:
 
 
 def _engine_teacher(name: str, cfg: TeacherConfig) -> Teacher:
-    from rollout.engines import launch_engines
+    from rollout.engines import launch_engines  # imports Ray, which job._init_ray configures first
 
     group = launch_engines(cfg.model_path, cfg, name=f"teacher-{name}", routing_replay=False)
     return EngineTeacher(name, cfg, list(group.urls), model_path=cfg.model_path or None,

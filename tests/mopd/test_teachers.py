@@ -126,3 +126,29 @@ def test_teacher_config_is_an_engine_config_validated_under_its_name():
         TeacherConfig(model_path="/m", domains=["x"], backend="vllm").validate("teachers.t")
     with pytest.raises(ConfigError, match="teachers.t.urls"):
         TeacherConfig(model_path="", domains=["x"], backend="remote").validate("teachers.t")
+
+
+def test_engine_teacher_scoring_honours_its_request_timeout():
+    """A teacher server that accepts the connection and never answers: the step fails within the teacher's
+    own teachers.NAME.request_timeout_s and retry bounds, naming the engine."""
+    from mopd.teachers import EngineTeacher
+    from rollout.dispatch import EngineUnavailable
+
+    async def run() -> float:
+        async def hang(reader, writer):
+            await asyncio.sleep(30)
+
+        server = await asyncio.start_server(hang, "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        cfg = TeacherConfig(model_path="", domains=["x"], backend="remote", urls=[url], request_timeout_s=0.5,
+                            max_retries=1, startup_timeout_s=2.0)
+        teacher = EngineTeacher("slow", cfg, [url])
+        start = time.perf_counter()
+        try:
+            with pytest.raises(EngineUnavailable, match="127.0.0.1"):
+                await teacher.score(_samples(["x"]), 0)
+        finally:
+            server.close()
+        return time.perf_counter() - start
+
+    assert asyncio.run(run()) < 5.0
