@@ -1,27 +1,66 @@
-"""Toolbox benchmark: first-tool-call latency from a warm pool vs a cold start, and throughput as
-the worker pool grows. One run, one table; nothing here is asserted (see README.md for results).
+"""Toolbox benchmark: first-tool-call latency from a warm pool vs a cold start, throughput as the
+worker pool grows, and the local sandbox side by side with its per-call-process path and with the
+code of an older commit. One run, one table; nothing here is asserted (see README.md for results).
 
-    python benchmarks/toolbox/run.py --sessions 16 --pools 1,2,4 --calls 6
+    python benchmarks/toolbox/run.py --sessions 16 --pools 1,2,4 --calls 6 --baseline-rev 988a8fe^
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import json
 import os
 import platform
+import subprocess
+import sys
+import tarfile
+import tempfile
 import time
 
 import ray
 
 from envs.sandbox.isolation import detect
 from envs.swe.task import builtin_tasks
-from toolbox.manager import ToolManager, percentile
 from envs.tool_parsing import ToolCall
+from toolbox.manager import ToolManager, percentile
 from toolbox.toolbox import get_or_create_toolbox
 
 CALL = ToolCall("bash", {"command": "grep -c tomat inflection/__init__.py"})
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+SANDBOX_KEYS = ("noop", "tool", "cold", "warm", "warm_preloaded")
+
+
+def _checkout(rev: str, into: str) -> str:
+    """The repository as of `rev` (git archive; mopd insists on its sibling packages), for --tree."""
+    data = subprocess.run(["git", "archive", rev], cwd=ROOT, check=True, capture_output=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        tar.extractall(into, filter="data")
+    return into
+
+
+def sandbox_variants(rounds: int, baseline_rev: str, calls: int, sessions: int) -> dict[str, dict]:
+    """sandbox_latency.py per variant, the variants interleaved round by round (same load for all)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        variants = {"fork server (this tree)": ["--exec-mode", "forkserver"]}
+        variants["process per call (this tree)"] = ["--exec-mode", "process"]
+        if baseline_rev:
+            variants[f"before ({baseline_rev})"] = ["--tree", _checkout(baseline_rev, tmp)]
+        samples: dict[str, dict[str, list[float]]] = {v: {k: [] for k in SANDBOX_KEYS} for v in variants}
+        for _ in range(rounds):
+            for name, extra in variants.items():
+                cmd = [sys.executable, os.path.join(HERE, "sandbox_latency.py"), *extra]
+                cmd += ["--calls", str(calls), "--sessions", str(sessions)]
+                got = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+                for k in SANDBOX_KEYS:
+                    samples[name][k] += got[k]
+    return {
+        name: {f"{k}_{q}": percentile(v[k], q) for k in SANDBOX_KEYS for q in (50, 99)}
+        | {"n": len(v["noop"])}
+        for name, v in samples.items()
+    }
 
 
 def _toolbox(name: str, workers: int, warm: int):
@@ -96,6 +135,9 @@ async def main(args: argparse.Namespace) -> dict:
     out["throughput"] = {}
     for n in [int(x) for x in args.pools.split(",")]:
         out["throughput"][n] = await throughput(f"bench-pool-{n}", n, args.concurrent, args.calls)
+    out["sandbox"] = sandbox_variants(
+        args.rounds, args.baseline_rev, args.sandbox_calls, args.sandbox_sessions
+    )
     return out
 
 
@@ -113,6 +155,15 @@ def table(res: dict) -> str:
     lines += ["", "| workers | calls/s | call p50 / p99 (s) |", "|---|---|---|"]
     for n, r in res["throughput"].items():
         lines.append(f"| {n} | {r['calls_per_s']:.1f} | {r['p50_s']:.3f} / {r['p99_s']:.3f} |")
+    lines += [
+        "",
+        "| local sandbox (ms, p50 / p99) | no-op call | tool call | first obs. cold | warm | warm, snapshot preloaded | cold / warm | cold / preloaded |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in res["sandbox"].items():
+        cells = [f"{r[k + '_p50'] * 1e3:.1f} / {r[k + '_p99'] * 1e3:.1f}" for k in SANDBOX_KEYS]
+        ratios = [f"{r['cold_p50'] / r[k + '_p50']:.1f}x" for k in ("warm", "warm_preloaded")]
+        lines.append(f"| {name} | " + " | ".join(cells + ratios) + " |")
     return "\n".join(lines)
 
 
@@ -122,6 +173,12 @@ if __name__ == "__main__":
     p.add_argument("--pools", default="1,2,4", help="worker counts for the throughput runs")
     p.add_argument("--concurrent", type=int, default=8, help="concurrent sessions in throughput runs")
     p.add_argument("--calls", type=int, default=6, help="tool calls per session in throughput runs")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the sandbox variants")
+    p.add_argument("--sandbox-calls", type=int, default=20, help="no-op and tool calls per sandbox round")
+    p.add_argument("--sandbox-sessions", type=int, default=4, help="cold/warm sessions per sandbox round")
+    p.add_argument(
+        "--baseline-rev", default="988a8fe^", help="also measure envs/ of this git revision ('': skip)"
+    )
     p.add_argument("--out", default="", help="write the JSON result here")
     a = p.parse_args()
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, namespace="mopd")

@@ -56,7 +56,7 @@ def _sibling(name: str):
 
 safe_fs = _sibling("safe_fs")
 jail = _sibling("jail")
-uid_pids, kill_uid = jail.uid_pids, jail.kill_uid  # used by the local backend and tests
+uid_pids, kill_uid = jail.uid_pids, jail.kill_uid  # kill_uid below; uid_pids for tests
 PR_SET_DUMPABLE = 4
 
 

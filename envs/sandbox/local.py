@@ -28,11 +28,10 @@ import uuid
 from typing import Any
 
 from envs.config import SandboxConfig
-from envs.sandbox.agent import kill_uid
 from envs.sandbox.base import MAX_CALL_TIMEOUT_S, Sandbox
 from envs.sandbox.client import AgentClient, SandboxError
 from envs.sandbox.isolation import Isolation, detect
-from envs.sandbox.jail import RUN, kill_cgroup
+from envs.sandbox.jail import RUN, kill_cgroup, kill_uid
 
 AGENT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "agent.py")
 UID_RANGE = (200000, 260000)
@@ -292,7 +291,8 @@ class LocalSandboxBackend:
         return f"{RUN}/venv/bin:{RUN}/python/bin:{host}"
 
     async def create(self, snapshot: str | None = None) -> Sandbox:
-        """Start a sandbox; ``snapshot`` is a local directory copied into its workspace."""
+        """Start a sandbox; ``snapshot`` is a local directory copied into its workspace before the
+        agent starts (``info["snapshot"]`` names it), so a warm sandbox can hold a task's files."""
         path, uid = self._claim_dir()
         work = os.path.join(path, "work")
         os.mkdir(work, 0o700)  # other sandbox uids never enter another sandbox's files
@@ -396,6 +396,7 @@ class LocalSandboxBackend:
             "isolation": self.isolation.as_dict(),
             "jail": spec,
             "disk_mb": self.config.disk_mb if self.isolation.disk_quota else None,
+            "snapshot": os.path.realpath(snapshot) if snapshot is not None else None,
         }
         if spec.get("python"):
             info["python"] = (

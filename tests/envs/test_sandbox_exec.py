@@ -101,3 +101,18 @@ async def test_one_long_lived_fork_server_restarted_when_killed(sandbox_config):
         assert len(restarted) == 1 and restarted != servers
     finally:
         await sb.close()
+
+
+async def test_warm_sandbox_created_with_the_task_snapshot(sandbox_config):
+    """A warm pool can start sandboxes that already hold a task's files: no upload at session start."""
+    from envs.swe.task import builtin_tasks
+
+    snapshot = builtin_tasks()[0].snapshot_dir
+    sb = await LocalSandboxBackend(sandbox_config).create(snapshot=snapshot)
+    try:
+        assert sb.info["snapshot"] == os.path.realpath(snapshot)
+        r = await sb.exec("grep -c tomat inflection/__init__.py; stat -c %u inflection/__init__.py; id -u")
+        count, owner, uid = r.output.split()
+        assert int(count) > 0 and owner == uid, r
+    finally:
+        await sb.close()
