@@ -5,10 +5,10 @@ files that decide how tests are collected and judged are put back as the task sh
 test files, the test patch's files, ``__init__.py`` beside the tests, and pytest's configuration:
 ``conftest.py``, ``pytest.ini``, ``setup.cfg``, ``tox.ini``, ``pyproject.toml`` anywhere); copies
 the task does not ship of those names, and of modules that Python or pytest would load instead of
-their own (``pytest.py``, ``sitecustomize.py``, bytecode caches), are removed. Python runs with
-``-P`` (the working directory cannot shadow a module), and the outcome is read from a JUnit XML
-report written under a fresh random name in a directory emptied just before the run, never from what
-the run printed (which the model's code can fake).
+their own (``pytest.py``, ``sitecustomize.py``, bytecode caches), are removed. pytest is imported
+with ``-P`` (the working directory cannot shadow it or its dependencies), and the outcome is read
+from a JUnit XML report written under a fresh random name in a directory emptied just before the
+run, never from what the run printed (which the model's code can fake).
 
 Limit: the code under test runs inside the pytest process, so code that rewrites pytest itself at
 import time is not caught here; that needs the tests re-run out of reach of the model's code.
@@ -48,6 +48,10 @@ _FIND_GUARDED = f"find . -path ./{SCRATCH} -prune -o \\( {_NAME_TEST} -o -name _
 _LIST_GUARDED = (
     f"find . -path ./{SCRATCH} -prune -o -name __pycache__ -prune -o -type f \\( {_NAME_TEST} \\) -print"
 )
+# pytest and what it imports are loaded with the working directory off sys.path (-P), so no module
+# the model left there stands in for them; then the directory goes first on sys.path, as with
+# ``python -m pytest``, for the repository's own imports
+_RUN_PYTEST = shlex.quote('import sys, pytest; sys.path.insert(0, ""); sys.exit(pytest.console_main())')
 _DIFF_PATH = re.compile(r"^(?:---|\+\+\+) [ab]/(.+?)\s*$", re.MULTILINE)
 
 
@@ -186,7 +190,7 @@ async def evaluate(
         await restore(sb, task, pristine)
         await apply_patch(sb, task.test_patch, "test_patch")
         res = await sb.exec(
-            f"PYTHONSAFEPATH=1 PYTHONDONTWRITEBYTECODE=1 PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 {python} -P -m pytest "
+            f"PYTHONDONTWRITEBYTECODE=1 PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 {python} -P -c {_RUN_PYTEST} "
             f"-q -p no:cacheprovider --no-header --junitxml={report} -o junit_logging=no "
             f"{quote_all(task.tests_to_run())} > {SCRATCH}/stdout.txt 2>&1; tail -c 4000 {SCRATCH}/stdout.txt",
             timeout=timeout,

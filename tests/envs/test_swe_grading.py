@@ -67,7 +67,7 @@ async def test_pytest_shadowed_by_a_module_in_the_repo_is_not_run(backend):
     env = SWEEnv(backend.create, max_turns=5)
     await env.reset(TASK)
     ids = TASK.FAIL_TO_PASS + TASK.PASS_TO_PASS
-    for name in ("pytest.py", "sitecustomize.py"):
+    for name in ("pytest.py", "sitecustomize.py", "pluggy.py"):  # pluggy: imported by pytest
         await env.sandbox.write_file(name, FAKE_PYTEST.format(ids=ids))
     r = await env.step(ToolCall("bash", {"command": "python -m pytest -rA test_inflection.py | head -1"}))
     assert r.observation.startswith(f"PASSED {FAIL}")  # the plant works on a plain pytest run
@@ -108,17 +108,26 @@ async def test_edited_tests_and_config_are_restored(backend):
 
 
 async def test_a_shipped_conftest_is_restored_and_a_real_fix_scores_one(backend, tmp_path):
+    """tests/ beside the package, as ``python -m pytest`` runs it (the repository root importable)."""
     snapshot = tmp_path / "repo"
     shutil.copytree(TASK.snapshot_dir, snapshot)
-    (snapshot / "conftest.py").write_text("import pytest\n\n@pytest.fixture\ndef shipped():\n    return 42\n")
-    (snapshot / "test_extra.py").write_text("def test_uses_fixture(shipped):\n    assert shipped == 42\n")
-    obj = dict(task_to_dict(TASK), snapshot=str(snapshot), test_files=["test_inflection.py", "test_extra.py"])
-    obj["PASS_TO_PASS"] = [*TASK.PASS_TO_PASS, "test_extra.py::test_uses_fixture"]
+    (snapshot / "tests").mkdir()
+    (snapshot / "tests/conftest.py").write_text(
+        "import pytest\n\n@pytest.fixture\ndef shipped():\n    return 42\n"
+    )
+    (snapshot / "tests/test_extra.py").write_text(
+        "import inflection\n\ndef test_uses_fixture(shipped):\n    assert inflection.pluralize('cat') == 'cats' and shipped == 42\n"
+    )
+    test_files = ["test_inflection.py", "tests/test_extra.py"]
+    obj = dict(task_to_dict(TASK), snapshot=str(snapshot), test_files=test_files)
+    obj["PASS_TO_PASS"] = [*TASK.PASS_TO_PASS, "tests/test_extra.py::test_uses_fixture"]
     task = task_from_dict(obj)
     env = SWEEnv(backend.create, max_turns=5)
     await env.reset(task)
     await env.step(GOLD_EDIT)
-    await env.step(ToolCall("bash", {"command": "rm conftest.py && echo 'import sys' > test_extra.py"}))
+    await env.step(
+        ToolCall("bash", {"command": "rm tests/conftest.py && echo 'import sys' > tests/test_extra.py"})
+    )
     reward, info = await graded(env)
     assert reward == 1.0, info
 
