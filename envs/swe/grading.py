@@ -51,7 +51,7 @@ _LIST_GUARDED = (
 # pytest and what it imports are loaded with the working directory off sys.path (-P), so no module
 # the model left there stands in for them; then the directory goes first on sys.path, as with
 # ``python -m pytest``, for the repository's own imports
-_RUN_PYTEST = shlex.quote('import sys, pytest; sys.path.insert(0, ""); sys.exit(pytest.console_main())')
+RUN_PYTEST = 'import sys, pytest; sys.path.insert(0, ""); sys.exit(pytest.console_main())'  # python -P -c
 _DIFF_PATH = re.compile(r"^(?:---|\+\+\+) [ab]/(.+?)\s*$", re.MULTILINE)
 
 
@@ -64,11 +64,15 @@ class Evaluation:
     error: str = ""  # why the tests could not run (the model broke the workspace), else empty
 
 
+def patch_paths(patch: str) -> list[str]:
+    """The files a unified diff touches (relative paths, as ``patch -p1`` reads them)."""
+    return sorted({p for p in _DIFF_PATH.findall(patch) if p != "/dev/null"})
+
+
 def test_paths(task: SWETask) -> list[str]:
     """The task's test files and the files its test patch touches, with the ``__init__.py`` files
     of their directories (imported before the tests are), as relative paths."""
-    paths = set(task.tests_to_run()) | set(_DIFF_PATH.findall(task.test_patch))
-    paths.discard("/dev/null")
+    paths = set(task.tests_to_run()) | set(patch_paths(task.test_patch))
     for path in list(paths):
         parent = os.path.dirname(path)
         while parent:
@@ -190,7 +194,7 @@ async def evaluate(
         await restore(sb, task, pristine)
         await apply_patch(sb, task.test_patch, "test_patch")
         res = await sb.exec(
-            f"PYTHONDONTWRITEBYTECODE=1 PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 {python} -P -c {_RUN_PYTEST} "
+            f"PYTHONDONTWRITEBYTECODE=1 PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 {python} -P -c {shlex.quote(RUN_PYTEST)} "
             f"-q -p no:cacheprovider --no-header --junitxml={report} -o junit_logging=no "
             f"{quote_all(task.tests_to_run())} > {SCRATCH}/stdout.txt 2>&1; tail -c 4000 {SCRATCH}/stdout.txt",
             timeout=timeout,
