@@ -83,7 +83,7 @@ def rollout(engine: Any, tiny_moe: Path) -> list[Sample]:
 def trainer(tiny_moe: Path) -> Iterator[Any]:
     """One Megatron rank in this process (NCCL world of 1), float32, R3 on, TE specs when TE is installed."""
     from trainer.dist import free_port, init_distributed, shutdown_distributed
-    from trainer.engine import TrainEngine
+    from trainer.rank import TrainerRank
     from trainer.model_builder import _have_te
 
     assert _have_te(), "Transformer Engine is not installed: the GPU smoke check runs Megatron with TE specs"
@@ -92,7 +92,7 @@ def trainer(tiny_moe: Path) -> Iterator[Any]:
     init_distributed(0, 1, "127.0.0.1", free_port(), use_cuda=True)
     cfg = TrainerConfig(device="cuda", dtype="float32", routing_replay=True, weight_sync_format="sglang")
     try:
-        yield TrainEngine(str(tiny_moe), cfg, AdvantageConfig(), num_steps=1, rollout_temperature=1.0)
+        yield TrainerRank(str(tiny_moe), cfg, AdvantageConfig(), num_steps=1, rollout_temperature=1.0)
     finally:
         shutdown_distributed()
 

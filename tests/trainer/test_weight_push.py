@@ -24,7 +24,7 @@ from tests.trainer.conftest import make_samples
 from trainer import weight_sync
 from trainer.config import TrainerConfig
 from trainer.dist import free_port
-from trainer.engine import TrainEngine
+from trainer.rank import TrainerRank
 
 
 class _Recorder(BaseHTTPRequestHandler):
@@ -66,7 +66,7 @@ def test_buckets_respect_size():
 
 def test_tensor_push_wire_format(recorder, moe_path, dist_env):
     cfg = TrainerConfig(weight_sync="tensor", weight_sync_bucket_mb=1, weight_sync_format="safetensors")
-    engine = TrainEngine(moe_path, cfg, AdvantageConfig(), num_steps=1)
+    engine = TrainerRank(moe_path, cfg, AdvantageConfig(), num_steps=1)
     named = engine.hf_state()
     sent = weight_sync.push_tensor(named, [recorder, recorder], 7, cfg, bucket_bytes=40_000)
     assert sent > 3
@@ -88,7 +88,7 @@ def test_disk_push_and_errors(recorder, moe_path, dist_env, tmp_path):
     from transformers import AutoModelForCausalLM
 
     cfg = TrainerConfig(weight_sync="disk", weight_sync_dir=str(tmp_path))
-    engine = TrainEngine(moe_path, cfg, AdvantageConfig(), num_steps=1)
+    engine = TrainerRank(moe_path, cfg, AdvantageConfig(), num_steps=1)
     target = weight_sync.push_disk(engine.hf_state(), [recorder], 3, cfg, moe_path)
     (path, body), = _Recorder.calls
     assert path == "/update_weights_from_disk" and body == {"model_path": str(target), "weight_version": "3"}
@@ -175,7 +175,7 @@ def test_push_then_engine_logprobs_match_trainer(local_server, moe_path, tmp_pat
 @pytest.mark.slow
 def test_disk_push_then_engine_logprobs_match_trainer(local_server, moe_path, dist_env, tmp_path):
     cfg = TrainerConfig(lr=3e-2, weight_sync="disk", weight_sync_dir=str(tmp_path))
-    engine = TrainEngine(moe_path, cfg, AdvantageConfig(alpha=1.0), num_steps=3)
+    engine = TrainerRank(moe_path, cfg, AdvantageConfig(alpha=1.0), num_steps=3)
     samples = make_samples(3, seed=32)
     for _ in range(3):
         engine.train_step(samples, len(samples))
