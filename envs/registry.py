@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 SandboxFactory = Callable[[], "Awaitable[Sandbox]"]  # a fresh (or pre-warmed) sandbox per call
 
-_BUILTIN_MODULES = {"swe": "envs.swe.env"}
+_BUILTIN_MODULES = {"swe": "envs.swe.env", "toy_tool": "envs.toy_tool"}
 
 
 @dataclass(frozen=True)
