@@ -57,7 +57,7 @@ def sandbox_variants(rounds: int, baseline_rev: str, calls: int, sessions: int) 
                 for k in SANDBOX_KEYS:
                     samples[name][k] += got[k]
     return {
-        name: {f"{k}_{q}": percentile(v[k], q) for k in SANDBOX_KEYS for q in (50, 99)}
+        name: {f"{k}_p{q}": percentile(v[k], q) for k in SANDBOX_KEYS for q in (50, 99)}
         | {"n": len(v["noop"])}
         for name, v in samples.items()
     }
@@ -177,7 +177,7 @@ if __name__ == "__main__":
     p.add_argument("--sandbox-calls", type=int, default=20, help="no-op and tool calls per sandbox round")
     p.add_argument("--sandbox-sessions", type=int, default=4, help="cold/warm sessions per sandbox round")
     p.add_argument(
-        "--baseline-rev", default="988a8fe^", help="also measure envs/ of this git revision ('': skip)"
+        "--baseline-rev", default="988a8fe^", help="also measure the sandbox of this git revision ('': skip)"
     )
     p.add_argument("--out", default="", help="write the JSON result here")
     a = p.parse_args()
@@ -186,8 +186,8 @@ if __name__ == "__main__":
         result = asyncio.run(main(a))
     finally:
         ray.shutdown()
-    print(table(result))
-    print(json.dumps(result, indent=1))
     if a.out:
         with open(a.out, "w") as f:
             json.dump(result, f, indent=1)
+    print(json.dumps(result, indent=1))
+    print(table(result))

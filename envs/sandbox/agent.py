@@ -316,11 +316,13 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, fmt: str, *args: object) -> None:  # quiet; errors go back to the caller
         pass
 
-    def _reply(self, status: int, obj: dict) -> None:
+    def _reply(self, status: int, obj: dict, close: bool = False) -> None:
         data = json.dumps(obj).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        if close:
+            self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(data)
 
@@ -337,11 +339,12 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         if not self._authorized():
-            self._reply(401, {"error": "missing or wrong sandbox token"})
+            # close: the unread body must not be parsed as the next request on this connection
+            self._reply(401, {"error": "missing or wrong sandbox token"}, close=True)
             return
         length = int(self.headers.get("Content-Length") or 0)
         if length > MAX_BODY:
-            self._reply(413, {"error": f"request body larger than {MAX_BODY} bytes"})
+            self._reply(413, {"error": f"request body larger than {MAX_BODY} bytes"}, close=True)
             return
         raw = self.rfile.read(length)
         route, _, query = self.path.partition("?")

@@ -9,6 +9,8 @@ is restarted on the next call, with the work dir intact.
 from __future__ import annotations
 
 import asyncio
+import http.client
+import json
 import os
 import signal
 
@@ -116,3 +118,21 @@ async def test_warm_sandbox_created_with_the_task_snapshot(sandbox_config):
         assert int(count) > 0 and owner == uid, r
     finally:
         await sb.close()
+
+
+def _two_requests(port: int, token: str) -> tuple[int, int, bytes]:
+    """A refused request with a body, then a good one, over one keep-alive connection."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
+    body = json.dumps({"command": "echo hi"})
+    conn.request("POST", "/exec", body, {"Authorization": "Bearer wrong-token-xxxxxxxxxx"})
+    refused = conn.getresponse()
+    refused.read()
+    conn.request("POST", "/exec", body, {"Authorization": f"Bearer {token}"})
+    ok = conn.getresponse()
+    return refused.status, ok.status, ok.read()
+
+
+async def test_refused_body_is_not_read_as_the_next_request(sandbox):
+    token = sandbox.client._headers["Authorization"].split(" ", 1)[1]
+    refused, ok, data = await asyncio.to_thread(_two_requests, sandbox.info["port"], token)
+    assert (refused, ok) == (401, 200) and json.loads(data)["output"] == "hi\n"
