@@ -147,9 +147,9 @@ def test_student_engine_and_teacher_replica_killed_mid_step(toy_dir, tmp_path, f
                    for s in samples)
         assert ray.get(t_actor.pid.remote()) != t_victim
         arith = [s for s in samples if s.teacher == "arith"]
-        again = teacher.score(arith)  # the restarted teacher gives the same scores
-        np.testing.assert_allclose(np.concatenate(again), np.concatenate([s.teacher_logprobs for s in arith]),
-                                   atol=1e-5)
+        again = asyncio.run(teacher.score(arith, 0))  # the restarted teacher gives the same scores
+        np.testing.assert_allclose(np.concatenate([t.logprobs for t in again]),
+                                   np.concatenate([s.teacher_logprobs for s in arith]), atol=1e-5)
         assert _engine_versions(rt.student_engines.urls) == [str(rt.weight_version)] == ["3"]
 
         # step 3: the engine's Ray actor process dies mid-rollout (its server goes with it); Ray restarts
