@@ -117,7 +117,13 @@ def make_task(
     if os.path.exists(out_dir) and os.listdir(out_dir):
         raise TaskError(f"output directory {out_dir!r} is not empty")
     changed = patch_paths(bug)
-    tests = list(tests or [])
+    tests = [os.path.normpath(t) for t in tests or []]
+    for test in tests:
+        if test == "." or any(c == test or c.startswith(test + "/") for c in changed):
+            # the grader restores the test paths as shipped (envs/swe/grading.py): a fix there is undone
+            raise TaskError(
+                f"test path {test!r} holds files the bug changes; name the tests apart from the source"
+            )
     with tempfile.TemporaryDirectory(prefix="mopd-make-task-") as tmp:
         fixed, buggy = os.path.join(tmp, "fixed"), os.path.join(tmp, "buggy")
         shutil.copytree(source, fixed, ignore=_SKIP, symlinks=True)

@@ -78,6 +78,9 @@ def test_a_bug_no_test_catches_is_refused(source, tmp_path):
     harmless = BUG.replace("a - b if b > 1 else a + b", "b + a")
     with pytest.raises(TaskError, match="do not catch it"):
         make_task(str(source), harmless, "nothing", str(tmp_path / "out"))
+    for tests in (["."], ["calc"], ["calc/__init__.py"]):  # the grader would restore the bug
+        with pytest.raises(TaskError, match="apart from the source"):
+            make_task(str(source), BUG, "nothing", str(tmp_path / "out"), tests=tests)
 
 
 @pytest.mark.asyncio
