@@ -29,7 +29,8 @@ FINISH = format_tool_call(ToolCall("finish", {}), "hermes")
 @pytest.fixture(scope="module")
 def toolbox(ray_cluster):
     tb = get_or_create_toolbox(
-        {"swe": {"workers": 1, "warm_per_worker": 0, "command_timeout": 30}}, name="mopd-toolbox-session-test"
+        {"swe": {"workers": 1, "warm_per_worker": 0, "command_timeout": 30}, "toy_tool": {"workers": 1}},
+        name="mopd-toolbox-session-test",
     )
     yield tb
     ray.get(tb.shutdown.remote())
@@ -104,3 +105,16 @@ async def test_bad_kind_or_task_fails_in_the_caller(sessions):
         await sessions.open("swe", dict(task_to_dict(TASK), FAIL_TO_PASS=[]))
     with pytest.raises(ValueError, match="n must be"):
         await sessions.prewarm("swe", -1)
+
+
+async def test_another_kind_runs_through_the_same_toolbox(sessions):
+    """The toy tool-use kind (envs/toy_tool.py) comes from the registry like SWE; its episode grades itself."""
+    episode = await sessions.open("toy_tool", {"file": "k7", "value": "q4z1"})
+    assert "k7" in await episode.reset()
+    r = await episode.step(format_tool_call(ToolCall("bash", {"command": "cat k7"}), "hermes"))
+    assert "q4z1" in r.observation and not r.done
+    r = await episode.step("q4z1")
+    assert r.done and r.reward == 1.0 and r.info["latency_s"] >= 0
+    await episode.close()
+    with pytest.raises(ValueError, match="`value`"):
+        await sessions.open("toy_tool", {"file": "k7", "value": ""})
