@@ -312,6 +312,7 @@ class Handler(BaseHTTPRequestHandler):
     agent: Agent
     server_version = "mopd-sandbox-agent/1"
     protocol_version = "HTTP/1.1"  # keep-alive: no connection (and handler thread) per request
+    disable_nagle_algorithm = True  # else a reply's body waits on the client's delayed ACK (40 ms)
 
     def log_message(self, fmt: str, *args: object) -> None:  # quiet; errors go back to the caller
         pass
