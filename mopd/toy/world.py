@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from envs.toy_tasks import END_OF_TURN, TOY_DOMAINS, make_examples
+from envs.toy_tasks import TOY_DOMAINS, make_examples
+from mopd.toy.conversations import gold_sequence
 from mopd.toy.models import create_tiny_model
 from mopd.toy.tokenizer import build_char_tokenizer
 
@@ -77,8 +78,7 @@ def ensure_toy_world(root: str | Path, spec: ToyWorldSpec | None = None) -> Path
 
         train_toy_mtp(root / "student", spec.domains, seed=spec.seed)
     for domain in spec.domains:
-        log.info("toy world: fine-tuning the %s teacher (%d steps)", domain, spec.teacher_steps)
-        sft(root / "student", root / f"teacher_{domain}", (domain,), spec.teacher_steps, spec, seed=spec.seed + 1)
+        train_teacher(root / "student", root / f"teacher_{domain}", domain, spec)
     write_datasets(root / "data", spec)
     manifest.write_text(json.dumps(wanted, indent=2))
     return root
@@ -91,17 +91,19 @@ def write_datasets(data_dir: Path, spec: ToyWorldSpec) -> None:
         rows = [row for d in spec.domains for row in make_examples(d, n, seed)]
         random.Random(seed).shuffle(rows)
         with open(data_dir / f"{split}.jsonl", "w") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
+            f.writelines(json.dumps(row) + "\n" for row in rows)
 
 
-def sft(base: Path, out: Path, domains: tuple[str, ...], steps: int, spec: ToyWorldSpec, *, seed: int) -> Path:
-    """Supervised fine-tuning on gold answers of `domains` (response tokens only), saved to `out`."""
+def sft(base: Path, out: Path, domains: tuple[str, ...], steps: int, spec: ToyWorldSpec, *, seed: int,
+        batch: int | None = None) -> Path:
+    """Supervised fine-tuning on gold episodes of `domains` (model tokens only), saved to `out`.
+
+    `batch` rows per step (default `spec.teacher_batch`), split evenly over the domains."""
     tokenizer = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.teacher_lr, weight_decay=0.0)
-    per_domain = max(1, spec.teacher_batch // len(domains))
+    per_domain = max(1, (batch or spec.teacher_batch) // len(domains))
     for step in range(steps):
         rows = [row for d in domains for row in make_examples(d, per_domain, seed=seed * 100_003 + step)]
         input_ids, labels = _sft_batch(tokenizer, rows)
@@ -117,18 +119,19 @@ def sft(base: Path, out: Path, domains: tuple[str, ...], steps: int, spec: ToyWo
 
 
 def train_teacher(base: Path, out: Path, domain: str, spec: ToyWorldSpec) -> Path:
-    """A domain expert: the base fine-tuned on one domain only."""
-    return sft(base, out, (domain,), spec.teacher_steps, spec, seed=spec.seed + 1)
+    """A domain expert: the base fine-tuned on one domain only, for at least the steps it needs."""
+    need = TOY_DOMAINS[domain]
+    steps = max(spec.teacher_steps, need.teacher_steps)
+    log.info("toy world: fine-tuning the %s teacher (%d steps)", domain, steps)
+    return sft(base, out, (domain,), steps, spec, seed=spec.seed + 1, batch=need.teacher_batch or spec.teacher_batch)
 
 
 def _sft_batch(tokenizer: PreTrainedTokenizerBase, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
     sequences, masks = [], []
     for row in rows:
-        prompt = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
-        p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        r_ids = tokenizer(row["label"] + END_OF_TURN, add_special_tokens=False)["input_ids"]
-        sequences.append(p_ids + r_ids)
-        masks.append([0] * len(p_ids) + [1] * len(r_ids))
+        ids, mask = gold_sequence(tokenizer, row)
+        sequences.append(ids)
+        masks.append(mask)
     width = max(len(s) for s in sequences)
     pad = tokenizer.pad_token_id
     input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
