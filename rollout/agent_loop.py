@@ -69,22 +69,23 @@ class SingleTurnLoop:
 
 # --- tool use ---------------------------------------------------------------------------------------------
 
-# model turn's token ids, observation text -> the tokens to append: whatever closes the model's turn, the
-# observation in the model's chat template, and the next assistant prompt (e.g. rollout/chat_render.py's
-# ObservationRenderer.tokens_after_turn)
-RenderObservation = Callable[[Sequence[int], str], list[int]]
+class ConversationRenderer(Protocol):
+    """One episode's chat rendering (rollout/chat_render.py's ObservationRenderer is one): the prompt rendered
+    from the environment's first observation, and, after each model turn, the tokens to append: whatever
+    closes the model's turn, the observation in the model's chat template, and the next assistant prompt."""
+
+    prompt_ids: list[int]
+
+    def tokens_after_turn(self, model_turn_ids: Sequence[int], observation: str) -> list[int]: ...
 
 
 @dataclass
 class Episode:
-    """What one tool-use sample needs: its environment session and how to render what it says.
-
-    `render_prompt`, if given, turns the environment's first observation (from `reset`) into the prompt's
-    token ids; without it the sample's own prompt is used and the first observation is not shown."""
+    """What one tool-use sample needs: its environment session (not yet reset), and the renderer of its
+    conversation made from the first observation (`reset`'s answer)."""
 
     env: EnvSession
-    render_observation: RenderObservation
-    render_prompt: Callable[[str], list[int]] | None = None
+    renderer: Callable[[str], ConversationRenderer]
 
 
 OpenEpisode = Callable[[Sample], Awaitable[Episode]]
@@ -112,10 +113,9 @@ class ToolLoop:
         episode: Episode | None = None
         try:
             episode = await self.open_episode(sample)
-            first = await episode.env.reset()
-            if episode.render_prompt is not None:
-                llm.reset_prompt(episode.render_prompt(first))
-            await self._turns(sample, llm, episode)
+            renderer = episode.renderer(await episode.env.reset())
+            llm.reset_prompt(renderer.prompt_ids)
+            await self._turns(sample, llm, episode.env, renderer)
         except Exception as e:  # the episode cannot finish: anything above failed past its own recovery
             log.warning("episode of sample %d aborted: %s: %s", sample.prompt_index, type(e).__name__, e,
                         exc_info=True)
@@ -133,7 +133,8 @@ class ToolLoop:
             log.warning("closing the environment of sample %d failed: %s: %s", sample.prompt_index,
                         type(e).__name__, e)
 
-    async def _turns(self, sample: Sample, llm: Trajectory, episode: Episode) -> None:
+    async def _turns(self, sample: Sample, llm: Trajectory, env: EnvSession, renderer: ConversationRenderer
+                     ) -> None:
         meta = sample.metadata
         for turn in range(1, self.max_turns + 1):
             budget = min(self.max_new_tokens, self.max_context_len - len(llm.tokens))
@@ -145,7 +146,7 @@ class ToolLoop:
             if response.finish_reason == "abort":
                 llm.abort("the engine aborted the turn")
                 return None
-            result = await episode.env.step(response.text)
+            result = await env.step(response.text)
             if result.info.get("latency_s") is not None:
                 meta["tool_latency_s"].append(float(result.info["latency_s"]))
             if result.info.get("error"):
@@ -157,7 +158,7 @@ class ToolLoop:
             meta["tool_calls"] += 1
             if turn == self.max_turns:  # no turn left to answer the observation: do not append it
                 break
-            observation = episode.render_observation(llm.tokens[start:], result.observation)
+            observation = renderer.tokens_after_turn(llm.tokens[start:], result.observation)
             if len(llm.tokens) + len(observation) >= self.max_context_len:  # no room left to answer it
                 return self._truncated(sample, "context")
             llm.append_observation(observation)

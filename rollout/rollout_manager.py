@@ -1,7 +1,7 @@
 """The rollout manager: turns prompt-only Samples into trajectories on the student engines.
 
-Every sample is its own coroutine running the agent loop (rollout/agent_loop.py; single-turn by
-default) and every model turn its own request (no micro-batches), so the engines' own batching
+Every sample is its own coroutine running its domain's agent loop (rollout/agent_loop.py; single-turn
+unless `agent_loops` names one for the domain) and every model turn its own request (no micro-batches), so the engines' own batching
 decides throughput and a slow sequence never holds up others. Multi-turn loops use the request-level
 prefix cache unless `rollout.prefix_cache=false`. Each call opens its own HTTP sessions, so the sync
 driver can call it with `asyncio.run` step after step.
@@ -10,6 +10,7 @@ driver can call it with `asyncio.run` step after step.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
@@ -27,7 +28,7 @@ from rollout.trajectory import Trajectory
 class RolloutManager:
     def __init__(self, urls: list[str], cfg: RolloutConfig, *, eos_token_id: int | None,
                  tokenizer: PreTrainedTokenizerBase | None = None, model_path: str | None = None,
-                 engines: Any = None, agent_loop: AgentLoop | None = None) -> None:
+                 engines: Any = None, agent_loops: Mapping[str, AgentLoop] | None = None) -> None:
         self.urls = list(urls)
         self.cfg = cfg
         self.eos_token_id = eos_token_id
@@ -36,7 +37,8 @@ class RolloutManager:
         shape = read_model_shape(model_path) if model_path else None
         self.num_layers, self.top_k = (shape.num_layers, shape.top_k) if shape else (0, 0)
         self.routing_replay = cfg.routing_replay and self.top_k > 0
-        self.agent_loop: AgentLoop = agent_loop or SingleTurnLoop()
+        self.agent_loops = dict(agent_loops or {})  # domain -> loop; other domains are single-turn
+        self.single_turn = SingleTurnLoop()
 
     def sampling_params(self) -> dict[str, Any]:
         params: dict[str, Any] = {"max_new_tokens": self.cfg.max_new_tokens, "temperature": self.cfg.temperature,
@@ -78,7 +80,7 @@ class RolloutManager:
         return samples
 
     async def _generate_one(self, dispatcher: Dispatcher, sample: Sample) -> None:
-        loop = self.agent_loop
+        loop = self.agent_loops.get(sample.domain, self.single_turn)
         # a single turn has nothing to reuse between requests: no engine session for it
         trajectory = Trajectory(dispatcher, sample, self.sampling_params(),
                                 prefix_cache=self.cfg.prefix_cache and loop.multi_turn,

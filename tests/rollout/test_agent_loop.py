@@ -19,6 +19,7 @@ from mopd.core.types import Sample
 from mopd.toy.models import create_tiny_model
 from mopd.toy.tokenizer import build_char_tokenizer
 from rollout.agent_loop import Episode, SingleTurnLoop, ToolLoop, get_agent_loop, register_agent_loop
+from rollout.chat_render import ObservationRenderer
 from rollout.config import RolloutConfig
 from rollout.dispatch import Dispatcher
 from rollout.rollout_manager import RolloutManager
@@ -63,21 +64,27 @@ class ScriptedEnv:
         self.closed = True
 
 
-def render_observation(model_turn_ids, observation: str) -> list[int]:
-    """Glue + observation as the test's template writes it (the real one is rollout/chat_render.py)."""
+class Renderer:
+    """The test's chat rendering (the real one is rollout/chat_render.py's ObservationRenderer, tested on its
+    own): the first observation as the user's message, then `<obs>...</obs>` glue after each model turn."""
+
+    def __init__(self, first_observation: str) -> None:
+        text = TOK.apply_chat_template([{"role": "user", "content": first_observation}], tokenize=False,
+                                       add_generation_prompt=True)
+        self.prompt_ids = TOK(text, add_special_tokens=False)["input_ids"]
+
+    def tokens_after_turn(self, model_turn_ids, observation: str) -> list[int]:
+        return glue(observation)
+
+
+def glue(observation: str) -> list[int]:
     return TOK(f"\n<obs>{observation}</obs>\n", add_special_tokens=False)["input_ids"]
-
-
-def render_prompt(first_observation: str) -> list[int]:
-    text = TOK.apply_chat_template([{"role": "user", "content": first_observation}], tokenize=False,
-                                   add_generation_prompt=True)
-    return TOK(text, add_special_tokens=False)["input_ids"]
 
 
 def episodes(envs: list[ScriptedEnv]):
     """An episode factory handing out `envs` in order, one per sample."""
     async def open_episode(sample: Sample) -> Episode:
-        return Episode(env=envs.pop(0), render_observation=render_observation, render_prompt=render_prompt)
+        return Episode(env=envs.pop(0), renderer=Renderer)
     return open_episode
 
 
@@ -99,8 +106,8 @@ def engines(model):
             p.stop()
 
 
-def _sample(i: int = 0) -> Sample:
-    return Sample(prompt_index=i, group_index=0, domain="agent", prompt_ids=[1])  # replaced by render_prompt
+def _sample(i: int = 0, domain: str = "agent") -> Sample:
+    return Sample(prompt_index=i, group_index=0, domain=domain, prompt_ids=[1])  # the renderer replaces it
 
 
 async def _episode(urls: list[str], env: ScriptedEnv, *, prefix_cache: bool, max_turns: int = 8
@@ -132,7 +139,7 @@ def test_a_four_turn_episode_same_with_and_without_the_prefix_cache(engines):
     cached, traj = asyncio.run(_episode(urls, ScriptedEnv(error_turns=(2,)), prefix_cache=True))
     uncached, traj_full = asyncio.run(_episode(urls, ScriptedEnv(error_turns=(2,)), prefix_cache=False))
 
-    assert cached.prompt_ids == render_prompt("go")
+    assert cached.prompt_ids == Renderer("go").prompt_ids
     assert cached.response_ids == uncached.response_ids  # greedy: the same conversation either way
     np.testing.assert_allclose(cached.rollout_logprobs, uncached.rollout_logprobs, atol=1e-5)
     np.testing.assert_array_equal(cached.routed_experts, uncached.routed_experts)
@@ -142,7 +149,7 @@ def test_a_four_turn_episode_same_with_and_without_the_prefix_cache(engines):
     assert cached.metadata["prefill_tokens"] == traj.prefill_tokens
 
     # masks: the model's 4 turns are trained, the 3 observations are not, and carry logprob 0.0
-    observations = [render_observation([], f"r{t}") for t in range(1, TURNS)]
+    observations = [glue(f"r{t}") for t in range(1, TURNS)]
     expected_mask: list[int] = []
     for t in range(TURNS):
         expected_mask += [1] * REPLY + ([0] * len(observations[t]) if t < TURNS - 1 else [])
@@ -165,6 +172,38 @@ def test_a_four_turn_episode_same_with_and_without_the_prefix_cache(engines):
     assert "truncated" not in cached.metadata
 
 
+def test_with_the_chat_renderer_the_sequence_is_the_template_of_the_conversation(engines):
+    renderers: list[ObservationRenderer] = []
+
+    def renderer(first: str) -> ObservationRenderer:
+        renderers.append(ObservationRenderer(TOK, [{"role": "user", "content": first}]))
+        return renderers[-1]
+
+    async def go() -> Sample:
+        dispatcher = Dispatcher([engines[0].url], num_layers=2, top_k=2)
+        env = ScriptedEnv()
+        loop = ToolLoop(lambda sample: _ready(Episode(env=env, renderer=renderer)), max_turns=8,
+                        max_new_tokens=REPLY, max_context_len=1024)
+        traj = Trajectory(dispatcher, _sample(), {"max_new_tokens": REPLY, "temperature": 0.0}, prefix_cache=True,
+                          routing_replay=True)
+        await loop.run(traj.sample, traj)
+        await traj.close()
+        await dispatcher.close()
+        return traj.to_sample(TOK)
+
+    sample = asyncio.run(go())
+    assert sample.finish_reason != "abort" and sample.metadata["turns"] == TURNS
+    (rendered,) = renderers
+    # everything up to the last model turn is the template's rendering of the conversation (tool messages
+    # included), token for token as the engine saw it; the last turn follows
+    assert TOK.decode(sample.prompt_ids + sample.response_ids).startswith(rendered.text)
+    assert sample.prompt_ids == rendered.prompt_ids
+
+
+async def _ready(episode: Episode) -> Episode:
+    return episode
+
+
 def test_limits_end_the_episode_with_a_length_finish_and_no_env_reward(engines):
     sample, _ = asyncio.run(_episode([engines[0].url], ScriptedEnv(done_at=99), prefix_cache=True, max_turns=2))
     assert sample.metadata["turns"] == 2 and sample.metadata["truncated"] == "max_turns"
@@ -176,7 +215,7 @@ def test_an_episode_that_cannot_finish_is_aborted_and_carries_no_loss(engines):
     env = ScriptedEnv(fail_at=2)
     sample, _ = asyncio.run(_episode([engines[0].url], env, prefix_cache=True))
     assert sample.finish_reason == "abort" and "sandbox unreachable" in sample.metadata["abort_reason"]
-    assert len(sample.response_ids) == 2 * REPLY + len(render_observation([], "r1"))  # the 2 turns it had
+    assert len(sample.response_ids) == 2 * REPLY + len(glue("r1"))  # the 2 turns it had
     assert sample.loss_mask == [0] * len(sample.response_ids)
     assert sample.routed_experts.shape[0] == len(sample.prompt_ids) + len(sample.response_ids) - 1
     assert env.closed
@@ -196,23 +235,27 @@ def test_an_episode_that_cannot_finish_is_aborted_and_carries_no_loss(engines):
     assert aborted.finish_reason == "abort" and aborted.response_ids == [] and aborted.metadata["turns"] == 0
 
 
-def test_the_manager_runs_one_loop_per_sample_and_reads_prefix_cache(engines, model):
+def test_the_manager_runs_one_loop_per_sample_by_domain_and_reads_prefix_cache(engines, model):
     def run(prefix_cache: bool) -> list[Sample]:
         cfg = RolloutConfig(max_new_tokens=8, temperature=0.0, max_context_len=1024, prefix_cache=prefix_cache)
         envs = [ScriptedEnv(done_at=3, reward=float(i)) for i in range(3)]
         manager = RolloutManager([e.url for e in engines], cfg, eos_token_id=None, tokenizer=TOK,
                                  model_path=str(model),
-                                 agent_loop=ToolLoop(episodes(envs), max_turns=4, max_new_tokens=8,
-                                                     max_context_len=1024))
-        return asyncio.run(manager.generate([_sample(i) for i in range(3)]))
+                                 agent_loops={"agent": ToolLoop(episodes(envs), max_turns=4, max_new_tokens=8,
+                                                                max_context_len=1024)})
+        samples = [_sample(i) for i in range(3)] + [_sample(3, domain="arith")]
+        return asyncio.run(manager.generate(samples))
 
     on, off = run(True), run(False)
-    for a, b in zip(on, off):
+    for a, b in zip(on[:3], off[:3]):
         assert a.response_ids == b.response_ids and a.metadata["turns"] == 3
         assert a.response_text == TOK.decode(a.response_ids)
         assert a.routed_experts.shape[0] == len(a.prompt_ids) + len(a.response_ids) - 1
-    assert sorted(s.reward for s in on) == [0.0, 1.0, 2.0]  # each sample got its own environment
+    assert sorted(s.reward for s in on[:3]) == [0.0, 1.0, 2.0]  # each sample got its own environment
     assert sum(s.metadata["prefill_tokens"] for s in on) < sum(s.metadata["prefill_tokens"] for s in off)
+    single = on[3]  # another domain: one turn on the sample's own prompt, no environment
+    assert single.prompt_ids == [1] and "turns" not in single.metadata and 1 <= len(single.response_ids) <= 8
+    assert single.loss_mask == [1] * len(single.response_ids)
 
 
 def test_an_engine_killed_at_turn_3_is_replaced_and_the_sample_is_unchanged(engines):
