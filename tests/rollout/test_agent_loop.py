@@ -110,10 +110,10 @@ def _sample(i: int = 0, domain: str = "agent") -> Sample:
     return Sample(prompt_index=i, group_index=0, domain=domain, prompt_ids=[1])  # the renderer replaces it
 
 
-async def _episode(urls: list[str], env: ScriptedEnv, *, prefix_cache: bool, max_turns: int = 8
-                   ) -> tuple[Sample, Trajectory]:
+async def _episode(urls: list[str], env: ScriptedEnv, *, prefix_cache: bool, max_turns: int = 8,
+                   max_context_len: int = 1024) -> tuple[Sample, Trajectory]:
     dispatcher = Dispatcher(urls, num_layers=2, top_k=2, max_retries=2, retry_window_s=30)
-    loop = ToolLoop(episodes([env]), max_turns=max_turns, max_new_tokens=REPLY, max_context_len=1024)
+    loop = ToolLoop(episodes([env]), max_turns=max_turns, max_new_tokens=REPLY, max_context_len=max_context_len)
     traj = Trajectory(dispatcher, _sample(), {"max_new_tokens": REPLY, "temperature": 0.0, "ignore_eos": True},
                       prefix_cache=prefix_cache, routing_replay=True)
     try:
@@ -209,6 +209,14 @@ def test_limits_end_the_episode_with_a_length_finish_and_no_env_reward(engines):
     assert sample.metadata["turns"] == 2 and sample.metadata["truncated"] == "max_turns"
     assert sample.finish_reason == "length" and "env_reward" not in sample.metadata
     assert sample.loss_mask[-1] == 1  # ends with the model's turn: the last observation is never appended
+
+    # the context: turn 2 gets only the room left, and its observation no longer fits
+    prompt = len(Renderer("go").prompt_ids)
+    limit = prompt + REPLY + len(glue("r1")) + 20
+    sample, _ = asyncio.run(_episode([engines[0].url], ScriptedEnv(done_at=99), prefix_cache=True,
+                                     max_context_len=limit))
+    assert sample.metadata["turns"] == 2 and sample.metadata["truncated"] == "context"
+    assert len(sample.prompt_ids) + len(sample.response_ids) == limit and sample.loss_mask[-20:] == [1] * 20
 
 
 def test_an_episode_that_cannot_finish_is_aborted_and_carries_no_loss(engines):
