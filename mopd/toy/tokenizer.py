@@ -12,7 +12,9 @@ from transformers import PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<tool_call>", "</tool_call>",
                   "<tool_response>", "</tool_response>"]
-CHARACTERS = ["\n", "\t"] + [chr(i) for i in range(32, 127)]
+# the zero-width space last (ids of the others unchanged): the chat renderer breaks special-token
+# text inside tool observations with it (rollout/chat_render.py), so it must not become unknown
+CHARACTERS = ["\n", "\t"] + [chr(i) for i in range(32, 127)] + ["\u200b"]
 
 # Qwen-style template: user/assistant/tool turns; generation prompt opens an assistant turn.
 CHAT_TEMPLATE = (
