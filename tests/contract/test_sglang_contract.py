@@ -38,7 +38,8 @@ from mopd.toy.tokenizer import build_char_tokenizer
 from rollout.config import RolloutConfig
 from rollout.dispatch import Dispatcher
 from rollout.engine_client import EngineClient, EngineError
-from rollout.rollout_manager import RolloutManager, routing_shape
+from mopd.core.model_shape import read_model_shape
+from rollout.rollout_manager import RolloutManager
 from rollout.sglang_api import GenerateRequest, GenerateResponse
 from rollout.teacher_scoring import score_samples
 from rollout.trajectory import Trajectory
@@ -52,7 +53,6 @@ MODES = {
     "rollout": {"/generate"}, "sampling": {"/generate"}, "logprob": {"/generate"},
     "routed_experts": {"/generate"}, "teacher_scoring": {"/generate"}, "teacher_scoring_top_k": {"/generate"},
     "session": {"/open_session", "/generate", "/close_session"}, "abort": {"/generate", "/abort_request"},
-    "pause_continue": {"/pause_generation", "/continue_generation"}, "flush_cache": {"/flush_cache"},
     "weights_disk": {"/update_weights_from_disk"}, "weights_tensor": {"/update_weights_from_tensor"},
     "distributed": {"/init_weights_update_group", "/update_weights_from_distributed"},
     "state": {"/health", "/model_info"}, "logprob_reference": {"/generate"},
@@ -110,7 +110,8 @@ async def _drive_async(proxy: RecordingProxy, model: Path, notes: dict[str, Any]
     url = proxy.url
     tok = build_char_tokenizer()
     prompt = tok("what is 2+3?", add_special_tokens=False)["input_ids"]
-    num_layers, top_k = routing_shape(str(model))
+    shape = read_model_shape(model)
+    num_layers, top_k = shape.num_layers, shape.top_k
 
     proxy.mode = "state"
     async with EngineClient(url, num_layers=num_layers, top_k=top_k) as client:
@@ -193,14 +194,7 @@ async def _drive_async(proxy: RecordingProxy, model: Path, notes: dict[str, Any]
 
         notes["abort_by_rid_finish"] = await aborted(client.abort)
         # the step boundary of partial rollout: {"abort_all": true}
-        notes["abort_all_finish"] = await aborted(lambda rid: manager.abort_all())
-
-        proxy.mode = "pause_continue"
-        await client.pause()
-        await client.resume()
-
-        proxy.mode = "flush_cache"
-        await client.flush_cache()
+        notes["abort_all_finish"] = await aborted(lambda rid: client.abort())
     return samples
 
 
@@ -211,7 +205,6 @@ def _drive_weights(proxy: RecordingProxy, model: Path, tmp: Path) -> None:
                         weight_sync_format="safetensors")
     proxy.mode = "weights_disk"
     weight_sync.push_disk(named, [proxy.url], 1, cfg, str(model))
-    asyncio.run(_client_disk_push(proxy.url, str(tmp / "weights" / "v1")))
     proxy.mode = "weights_tensor"
     assert weight_sync.push_tensor(named, [proxy.url], 2, cfg, bucket_bytes=64 * 1024) > 1
 
@@ -226,12 +219,6 @@ def _drive_weights(proxy: RecordingProxy, model: Path, tmp: Path) -> None:
         pusher.urls, pusher.cfg, pusher.group = [proxy.url], cfg, None
         with contextlib.suppress(AssertionError, RuntimeError):  # stops at tensor.cuda(), after the POSTs
             pusher.push(small, 3)
-
-
-async def _client_disk_push(url: str, path: str) -> None:
-    """The rollout side's own disk push (RolloutManager.update_weights_from_disk uses this client call)."""
-    async with EngineClient(url) as client:
-        await client.update_weights_from_disk(path, 1)
 
 
 @pytest.fixture(scope="module")

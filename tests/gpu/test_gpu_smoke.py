@@ -32,7 +32,8 @@ from mopd.toy.tokenizer import build_char_tokenizer
 from rollout.config import RolloutConfig
 from rollout.engine_client import EngineClient
 from rollout.engines import launch_engines
-from rollout.rollout_manager import RolloutManager, routing_shape
+from mopd.core.model_shape import read_model_shape
+from rollout.rollout_manager import RolloutManager
 from rollout.sglang_api import GenerateRequest
 from rollout.teacher_scoring import score_samples
 from trainer import routing_replay, weight_sync
@@ -121,7 +122,8 @@ async def _engine_scores(url: str, samples: list[Sample], num_layers: int, top_k
 
 
 def test_rollout_with_routed_experts(rollout: list[Sample], tiny_moe: Path) -> None:
-    num_layers, top_k = routing_shape(str(tiny_moe))
+    shape = read_model_shape(str(tiny_moe))
+    num_layers, top_k = shape.num_layers, shape.top_k
     for s in rollout:
         assert s.response_ids and len(s.rollout_logprobs) == len(s.response_ids)
         assert s.routed_experts is not None
@@ -178,7 +180,8 @@ def _perturb(trainer: Any, seed: int) -> None:
 
 
 def _engine_matches_trainer(url: str, trainer: Any, rollout: list[Sample], tiny_moe: Path, version: int) -> float:
-    num_layers, top_k = routing_shape(str(tiny_moe))
+    shape = read_model_shape(str(tiny_moe))
+    num_layers, top_k = shape.num_layers, shape.top_k
     scored = asyncio.run(_engine_scores(url, rollout, num_layers, top_k))
     mine = trainer.compute_logprobs(scored)
     gap = max(float(np.max(np.abs(lp - np.asarray(s.rollout_logprobs)))) for lp, s in zip(mine, scored))
