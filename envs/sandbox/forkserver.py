@@ -3,12 +3,13 @@
 The agent starts this file once per sandbox (``python -I -S forkserver.py FD``, single-threaded, with
 the same privileges the agent would give ``jail.py``) and sends it one request per command over the
 unix socket ``FD``. For each request it forks, and the child runs ``jail.run`` exactly as a fresh
-``python jail.py SPEC -- bash -c CMD`` would: new session, cgroups, fresh namespaces, a fresh private
-``/tmp``, ``/proc`` and ``/dev/shm``, rlimits, the sandbox uid, no_new_privs. So isolation and what
-persists between calls are unchanged (files in the sandbox directory persist; processes, cwd,
-environment, ``/tmp`` and IPC objects do not); what a call saves is the interpreter start and imports.
+``python jail.py SPEC -- bash -c CMD`` would: new session, cgroups, fresh namespaces (network, IPC,
+PID, mount), a fresh ``/proc``, ``/dev/shm`` and empty read-only ``/tmp``, rlimits, the sandbox uid,
+no_new_privs. So isolation and what persists between calls are unchanged (files in the sandbox
+directory persist; processes, cwd, environment, ``/dev/shm`` and IPC objects do not); what a call
+saves is the interpreter start and imports.
 
-Protocol (standard library only, so it ships into pods next to ``agent.py``): a request is a 4-byte
+Protocol (standard library only, like ``agent.py`` and ``jail.py``): a request is a 4-byte
 big-endian length and a JSON ``{"spec": ..., "argv": [...]}``, sent with two descriptors (SCM_RIGHTS):
 the write end of the command's output pipe and the write end of a status pipe. The reply is the
 jail's pid (4 bytes, signed; ``-errno`` when the fork failed). When that process ends, its raw wait
@@ -36,7 +37,7 @@ MAX_REQUEST = 64 << 20
 
 
 def _jail():
-    """Load ``jail.py`` by path: this file runs as a lone ``python -I -S`` script (and in pods)."""
+    """Load ``jail.py`` by path: this file runs as a lone ``python -I -S`` script."""
     spec = importlib.util.spec_from_file_location("mopd_sandbox_jail", os.path.join(HERE, "jail.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
