@@ -73,20 +73,29 @@ class Process:
         self.proc = proc
         self.pid = proc.pid
         self.stdout_fd = proc.stdout.fileno()
-        self._pidfd = os.pidfd_open(proc.pid)  # wakes us the moment it ends (Popen.wait polls)
+        try:  # a pidfd wakes us the moment it ends; Popen.wait(timeout) polls with growing sleeps
+            self._pidfd: int | None = os.pidfd_open(proc.pid)
+        except (AttributeError, OSError):  # Python < 3.9 (pod images) or Linux < 5.3
+            self._pidfd = None
 
     @property
     def returncode(self) -> int | None:
         return self.proc.returncode
 
     def wait(self, timeout: float | None) -> bool:
-        if timeout is not None and not select.select([self._pidfd], [], [], timeout)[0]:
+        if timeout is not None and self._pidfd is None:
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                return False
+        elif timeout is not None and not select.select([self._pidfd], [], [], timeout)[0]:
             return False
         self.proc.wait()
         return True
 
     def close(self) -> None:
-        os.close(self._pidfd)
+        if self._pidfd is not None:
+            os.close(self._pidfd)
         self.proc.stdout.close()
 
 

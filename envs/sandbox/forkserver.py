@@ -80,8 +80,11 @@ class Started:
         data = b""
         while chunk := os.read(self._status_fd, 64):
             data += chunk
-        # no status: the server died, and the jail with it (its parent-death signal is SIGKILL)
-        self.returncode = os.waitstatus_to_exitcode(int(data)) if data.isdigit() else -signal.SIGKILL
+        if not data.isdigit():  # the server died, and the jail with it (its parent-death signal)
+            self.returncode = -signal.SIGKILL
+        else:  # as Popen.returncode (os.waitstatus_to_exitcode needs Python 3.9)
+            status = int(data)
+            self.returncode = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
         return True
 
     def close(self) -> None:

@@ -13,6 +13,8 @@ import http.client
 import json
 import os
 import signal
+import subprocess
+import time
 
 import pytest
 import pytest_asyncio
@@ -136,3 +138,19 @@ async def test_refused_body_is_not_read_as_the_next_request(sandbox):
     token = sandbox.client._headers["Authorization"].split(" ", 1)[1]
     refused, ok, data = await asyncio.to_thread(_two_requests, sandbox.info["port"], token)
     assert (refused, ok) == (401, 200) and json.loads(data)["output"] == "hi\n"
+
+
+@pytest.mark.parametrize("pidfd", [True, False])
+def test_process_wait_with_and_without_a_pidfd(pidfd):
+    """Process mode waits on a pidfd; without one (Python 3.8 pod images, old kernels) it polls."""
+    from envs.sandbox.agent import Process
+
+    proc = Process(subprocess.Popen(["sleep", "0.5"], stdout=subprocess.PIPE))
+    if not pidfd:
+        os.close(proc._pidfd)
+        proc._pidfd = None
+    t0 = time.monotonic()
+    assert not proc.wait(0.05) and proc.returncode is None
+    assert proc.wait(5.0) and proc.returncode == 0
+    assert 0.4 < time.monotonic() - t0 < 3.0
+    proc.close()
