@@ -2,7 +2,9 @@
 
 The base student is a random init, optionally warmed up by a short SFT on a mix of all domains
 (`base_steps`); each teacher continues from that base on its own domain only, so each is an expert
-in one domain and MOPD has something real to distil. Everything is written
+in one domain and MOPD has something real to distil. A multi-turn domain (`tool`) trains on
+expert episodes against its environment, tokenized as the agent loop builds them
+(mopd/toy/conversations.py), for as many steps as it needs (envs/toy_tasks.py). Everything is written
 with `save_pretrained` and read back by path, exactly like real checkpoints.
 """
 
