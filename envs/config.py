@@ -83,7 +83,11 @@ class SandboxConfig:
 @dataclass
 class EnvConfig:
     kind: str = SINGLE_TURN  # verifiable (single-turn) | a registered kind (swe: multi-turn code)
-    max_turns: int = 1
+    # data domains whose prompts are episodes of `kind` (the `tool` agent loop, rollout/agent_loop.py);
+    # every other domain stays single-turn, rewarded by its verifier. Empty: the domain named like the kind
+    domains: list[str] = field(default_factory=list)
+    max_turns: int = 1  # model turns per episode
+    workers: int = 2  # Toolbox worker actors (each a pool of sandboxes) for `kind`
     # task directories (or task files) of a registered kind; empty: the kind's built-in tasks
     tasks: list[str] = field(default_factory=list)
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
@@ -96,6 +100,16 @@ class EnvConfig:
             raise ConfigError(f"{prefix}.kind", f"one of {kinds}", self.kind)
         if isinstance(self.max_turns, bool) or not isinstance(self.max_turns, int) or self.max_turns < 1:
             raise ConfigError(f"{prefix}.max_turns", "an integer >= 1", self.max_turns)
+        if self.kind != SINGLE_TURN and self.max_turns < 2:
+            raise ConfigError(f"{prefix}.max_turns", f"an integer >= 2 for the multi-turn kind {self.kind!r} "
+                              "(a tool call and the answer to its observation)", self.max_turns)
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
+            raise ConfigError(f"{prefix}.workers", "an integer >= 1", self.workers)
+        if self.domains and self.kind == SINGLE_TURN:
+            raise ConfigError(f"{prefix}.domains", f"empty for kind {SINGLE_TURN} (every domain is single-turn)",
+                              self.domains)
+        if any(not isinstance(d, str) or not d for d in self.domains):
+            raise ConfigError(f"{prefix}.domains", "data domain names (non-empty strings)", self.domains)
         if self.tasks and self.kind == SINGLE_TURN:
             raise ConfigError(
                 f"{prefix}.tasks",
@@ -115,3 +129,10 @@ class EnvConfig:
             except ValueError as exc:
                 raise ConfigError(f"{prefix}.tasks[{i}]", f"a valid {self.kind} task ({exc})", path) from None
         self.sandbox.validate(f"{prefix}.sandbox")
+
+    @property
+    def episode_domains(self) -> set[str]:
+        """The data domains played as multi-turn episodes of `kind`."""
+        if self.kind == SINGLE_TURN:
+            return set()
+        return set(self.domains) or {self.kind}

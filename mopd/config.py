@@ -295,6 +295,9 @@ def validate_static(job: JobConfig) -> None:
                           "off-policy: the importance mask of mopd/grpo would discard them)", "teacher")
     if job.rollout.sample_from == "teacher" and not job.teachers:
         raise ConfigError("teachers", "at least one teacher when rollout.sample_from=teacher", {})
+    if job.rollout.sample_from == "teacher" and job.env.kind != "verifiable":
+        raise ConfigError("rollout.sample_from", "student when env.kind is a multi-turn environment (teachers "
+                          "generate single turns only)", "teacher")
     job.rollout.validate("rollout")
     job.trainer.validate("trainer")
     engine_tp = max(job.rollout.gpus_per_engine, 1)  # SGLang's --tp-size: the one place the engines' TP is set

@@ -47,6 +47,7 @@ class Runtime:
     weight_version: int = 0
     sampled_tokens: int = 0
     resources: ExitStack = field(default_factory=ExitStack)
+    agentic: object = None  # mopd.agentic.AgenticEpisodes when env.kind is a multi-turn environment
 
     def close(self) -> None:
         self.resources.close()
@@ -74,6 +75,10 @@ def preflight(job: JobConfig) -> None:
     for file in job.data.train_files:
         domains |= set(job.toy.domains) if pending(file) else scan_domains(job.data, file)
     check_domain_weights(dict(job.data.domain_weights), domains)
+    missing = sorted(job.env.episode_domains - domains)
+    if missing:
+        raise ConfigError("env.domains", f"data domains (the data holds {sorted(domains)}); no row has {missing}",
+                          sorted(job.env.episode_domains))
     if job.uses_teachers:
         TeacherRouter.from_config(job.teachers, job.default_teacher).check_domains(domains)
 
@@ -174,8 +179,15 @@ def start(job: JobConfig, config_dict: dict) -> Runtime:
         if resume_from:
             trainer.load_checkpoint(str(resume_from[0] / "trainer"))
             trainer.push_weights(list(engines.urls), state.weight_version)
+        agentic = None
+        if job.env.episode_domains:
+            from mopd.agentic import AgenticEpisodes
+
+            agentic = AgenticEpisodes(job, tokenizer)
+            stack.callback(agentic.close)
         rollout = RolloutManager(list(engines.urls), job.rollout, eos_token_id=tokenizer.eos_token_id,
-                                 tokenizer=tokenizer, model_path=job.student.model_path, engines=engines)
+                                 tokenizer=tokenizer, model_path=job.student.model_path, engines=engines,
+                                 agent_loops=agentic.agent_loops() if agentic else None)
         asyncio.run(rollout.check_engines())
         logger = RunLogger(run_dir, job.logger, config_dict, total_steps=job.num_steps, start_step=state.step,
                            wandb_id=state.wandb_id)
@@ -185,7 +197,8 @@ def start(job: JobConfig, config_dict: dict) -> Runtime:
         raise
     return Runtime(job=job, run_dir=run_dir, tokenizer=tokenizer, data=data, student_engines=engines,
                    rollout=rollout, teachers=teachers, trainer=trainer, logger=logger, start_step=state.step,
-                   weight_version=state.weight_version, sampled_tokens=state.sampled_tokens, resources=stack)
+                   weight_version=state.weight_version, sampled_tokens=state.sampled_tokens, resources=stack,
+                   agentic=agentic)
 
 
 def _init_ray(job: JobConfig) -> Callable[[], None]:

@@ -21,9 +21,16 @@ def verifier_for(domain: str) -> Verifier:
 
 
 def score_outcomes(samples: list[Sample]) -> None:
-    """Fill `sample.reward`; an aborted response (cut at a step boundary) earns nothing."""
+    """Fill `sample.reward`; an aborted response earns nothing. An episode (rollout/agent_loop.py's tool
+    loop sets `metadata["env_reward"]`) keeps the reward its environment graded, or 0 when a limit cut
+    it before the environment could grade it; the verifier scores only single-turn answers."""
     for sample in samples:
-        if sample.finish_reason == "abort" or sample.label is None:
+        if sample.finish_reason == "abort":
+            sample.reward = 0.0
+        elif "env_reward" in sample.metadata:
+            if not sample.metadata["env_reward"]:
+                sample.reward = 0.0
+        elif sample.label is None:
             sample.reward = 0.0
         else:
             sample.reward = float(verifier_for(sample.domain)(sample.response_text, sample.label))

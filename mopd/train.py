@@ -40,6 +40,8 @@ def generate(rt: job_lib.Runtime) -> list[Sample]:
     samples = rt.data.make_samples(cfg.prompts_per_step, cfg.n_samples_per_prompt)
     if cfg.sample_from == "teacher":
         return asyncio.run(rt.teachers.generate(samples))
+    if rt.agentic is not None:  # sandboxes for this step's episodes, ready before generation starts
+        rt.agentic.prewarm(samples)
     return asyncio.run(rt.rollout.generate(samples))
 
 
@@ -56,7 +58,12 @@ def compute_advantages(rt: job_lib.Runtime, samples: list[Sample]) -> None:
 
 
 def train(rt: job_lib.Runtime, samples: list[Sample]) -> dict[str, float]:
-    return rt.trainer.train_step(samples)
+    """One optimizer step on the samples that carry loss (an aborted episode has none, and may lack routing)."""
+    trainable = [s for s in samples if any(s.loss_mask)]
+    if not trainable:
+        log.warning("no sample of this step carries loss (every episode aborted): no optimizer step")
+        return {}
+    return rt.trainer.train_step(trainable)
 
 
 def push_weights(rt: job_lib.Runtime) -> None:
@@ -93,6 +100,10 @@ def step_metrics(rt: job_lib.Runtime, samples: list[Sample], train_metrics: dict
                 kl_sum[s.teacher] += mu - teacher_lp
                 kl_count[s.teacher] += 1
     metrics.update({f"mopd/reverse_kl/{t}": kl_sum[t] / kl_count[t] for t in kl_count})
+    metrics["rollout/prefill_tokens"] = sum(s.metadata.get("prefill_tokens", 0) for s in samples)
+    metrics["rollout/cached_tokens"] = sum(s.metadata.get("cached_tokens", 0) for s in samples)
+    if rt.agentic is not None:
+        metrics.update(rt.agentic.metrics(samples))  # agent/turns, agent/tool_calls, tool latency p50/p99
     metrics.update(speculative_metrics(samples))  # rollout/spec_accept_len when the engines speculate
     metrics.update(train_metrics)
     metrics.update(timings)

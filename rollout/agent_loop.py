@@ -4,7 +4,8 @@ A loop is `async run(sample, llm)`: it drives the model through `llm` (rollout/t
 every model turn goes through) and leaves the sample filled: response tokens, loss mask (1 on tokens
 the engine sampled, 0 on observations and template glue), rollout logprobs (0.0 where the mask is 0),
 routed experts for the whole conversation, finish reason, metadata, and the environment's reward when
-the episode grades itself (`metadata["env_reward"] = True`: the verifier does not score it again).
+the episode grades itself (`metadata["env_reward"]` True; False when a limit cut the episode: mopd/rewards.py
+then gives 0, the verifier never scores an episode).
 
 - `single_turn`: one model turn (the verifiable single-answer tasks).
 - `tool`: multi-turn tool use against an environment session (`envs.base.EnvSession`, provided by the
@@ -109,7 +110,7 @@ class ToolLoop:
 
     async def run(self, sample: Sample, llm: Trajectory) -> None:
         meta = sample.metadata
-        meta.update(turns=0, tool_calls=0, tool_errors=0, tool_latency_s=[])
+        meta.update(turns=0, tool_calls=0, tool_errors=0, tool_latency_s=[], env_reward=False)
         episode: Episode | None = None
         try:
             episode = await self.open_episode(sample)

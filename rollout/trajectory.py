@@ -43,6 +43,7 @@ class Trajectory:
         self.session: EngineSession | None = None
         self.texts: list[str] = []  # the engine's text of each model turn
         self.prefill_tokens = 0  # tokens the engines had to compute (not served from a cache)
+        self.cached_tokens = 0  # context tokens an engine served from its cache
         self.requests = 0
         self.sessions_lost = 0  # turns resent in full because the session's engine failed
         sample.response_ids, sample.loss_mask, sample.rollout_logprobs, sample.weight_versions = [], [], [], []
@@ -67,6 +68,7 @@ class Trajectory:
         self.sample.finish_reason = response.finish_reason
         self.texts.append(response.text)
         self.prefill_tokens += response.prompt_tokens - response.cached_tokens
+        self.cached_tokens += response.cached_tokens
         speculative.record(self.sample.metadata, response)  # turns add up
         if response.routed_experts is not None:
             self.rows.append(response.routed_experts)
@@ -146,6 +148,7 @@ class Trajectory:
                                   "trajectory with a model turn, not an observation")
             self.sample.routed_experts = experts[:expected]
         self.sample.metadata["prefill_tokens"] = self.prefill_tokens  # what the conversation cost the engines
+        self.sample.metadata["cached_tokens"] = self.cached_tokens
         self.sample.response_text = (tokenizer.decode(self.sample.response_ids) if tokenizer is not None
                                      else "".join(self.texts))
         self.sample.check()

@@ -207,7 +207,7 @@ async def _ready(episode: Episode) -> Episode:
 def test_limits_end_the_episode_with_a_length_finish_and_no_env_reward(engines):
     sample, _ = asyncio.run(_episode([engines[0].url], ScriptedEnv(done_at=99), prefix_cache=True, max_turns=2))
     assert sample.metadata["turns"] == 2 and sample.metadata["truncated"] == "max_turns"
-    assert sample.finish_reason == "length" and "env_reward" not in sample.metadata
+    assert sample.finish_reason == "length" and sample.metadata["env_reward"] is False
     assert sample.loss_mask[-1] == 1  # ends with the model's turn: the last observation is never appended
 
     # the context: turn 2 gets only the room left, and its observation no longer fits

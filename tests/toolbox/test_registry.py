@@ -80,12 +80,16 @@ def test_unknown_kinds_are_refused_where_they_enter():
         (EnvConfig(kind="nope"), "env.kind"),
         (EnvConfig(kind="swe", max_turns=0), "env.max_turns"),
         (EnvConfig(tasks=[POTATOES]), "env.tasks"),
-        (EnvConfig(kind="toy_tool", tasks=[POTATOES]), "env.tasks"),
+        (EnvConfig(kind="toy_tool", max_turns=3, tasks=[POTATOES]), "env.tasks"),
         (
-            EnvConfig(kind="swe", tasks=[POTATOES, "/no/such/dir"]),
+            EnvConfig(kind="swe", max_turns=20, tasks=[POTATOES, "/no/such/dir"]),
             "env.tasks[1]",
         ),
-        (EnvConfig(kind="swe", tasks=[TASKS_DIR]), "env.tasks[0]"),
+        (EnvConfig(kind="swe", max_turns=20, tasks=[TASKS_DIR]), "env.tasks[0]"),
+        (EnvConfig(kind="toy_tool", max_turns=1), "env.max_turns"),  # no turn left to answer an observation
+        (EnvConfig(kind="toy_tool", max_turns=3, workers=0), "env.workers"),
+        (EnvConfig(domains=["tool"]), "env.domains"),  # verifiable: every domain is single-turn
+        (EnvConfig(kind="toy_tool", max_turns=3, domains=[""]), "env.domains"),
     ],
 )
 def test_env_config_names_the_bad_field(config, field):
@@ -97,4 +101,7 @@ def test_env_config_names_the_bad_field(config, field):
 def test_env_config_accepts_kinds_and_task_dirs():
     EnvConfig().validate()
     EnvConfig(kind="toy_tool", max_turns=4).validate()
+    assert EnvConfig(kind="toy_tool", max_turns=4).episode_domains == {"toy_tool"}
+    assert EnvConfig(kind="toy_tool", max_turns=4, domains=["tool"]).episode_domains == {"tool"}
+    assert EnvConfig().episode_domains == set()
     EnvConfig(kind="swe", max_turns=20, tasks=[POTATOES]).validate()
