@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -14,6 +15,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mopd.core.errors import ConfigError
 from mopd.rewards import verifier_for
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -45,14 +48,24 @@ class EvalConfig:
 
 
 def load_eval_rows(path: str | Path | list, per_domain: int) -> dict[str, list[dict]]:
-    """The first `per_domain` rows of every domain in a JSONL file (or in several, in order)."""
+    """The first `per_domain` rows of every single-turn domain in a JSONL file (or in several, in order).
+
+    Rows of a multi-turn environment (an `env` field, e.g. the toy `tool` domain) are left out: a
+    single generation cannot play an episode, so they would score 0; their reward during training is
+    `rollout/reward/<domain>`."""
     rows: dict[str, list[dict]] = defaultdict(list)
+    episodes: set[str] = set()
     for one in path if isinstance(path, list) else [path]:
         with open(one) as f:
             for line in f:
                 row = json.loads(line)
-                if len(rows[row["domain"]]) < per_domain:
+                if row.get("env"):
+                    episodes.add(row["domain"])
+                elif len(rows[row["domain"]]) < per_domain:
                     rows[row["domain"]].append(row)
+    if episodes:
+        log.info("held-out evaluation: skipping multi-turn domain(s) %s (scored by their environment during "
+                 "training: rollout/reward/<domain>)", sorted(episodes))
     return dict(rows)
 
 
