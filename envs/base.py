@@ -1,4 +1,4 @@
-"""The environment contract (DESIGN.md): ``reset(task) -> observation`` and
+"""The environment contract: ``reset(task) -> observation`` and
 ``step(action) -> (observation, reward, done, info)``.
 
 Async so that many trajectories share one event loop while their sandboxes work.

@@ -8,7 +8,7 @@ import pytest
 from rollout.sglang_api import (GENERATE_KEYS, SGLANG_SAMPLING_KEYS, GenerateRequest, GenerateResponse,
                                 ProtocolError, SessionParams, decode_routed_experts, encode_routed_experts)
 
-# Field names of SGLang 0.5.x GenerateReqInput / SamplingParams that mopd uses (shared/FACTS.md).
+# Field names of SGLang 0.5.x GenerateReqInput / SamplingParams that mopd uses (checked against the real package by tests/contract/).
 SGLANG_GENERATE_FIELDS = {"text", "input_ids", "sampling_params", "return_logprob", "logprob_start_len",
                           "top_logprobs_num", "return_text_in_logprobs", "return_routed_experts",
                           "routed_experts_start_len", "rid", "session_params", "stream"}
