@@ -13,10 +13,10 @@ Endpoints (JSON in/out, ``Authorization: Bearer <token>`` except ``/health``):
 
 Commands start through ``jail.py`` (its sibling file): own session, rlimits, and, when ``--jail``
 asks for them, namespaces, a read-only filesystem, an unprivileged uid and cgroups. By default a
-``--exec-mode forkserver`` (the local backend's choice) keeps one long-lived fork server
-(``forkserver.py``) that forks a fresh jail per command, which saves starting an interpreter per
-call; ``process`` (the default, and what pods run while their ConfigMap ships three files) starts
-``python jail.py`` per command. Either way every command gets the same fresh confinement. After a command ends, times out or floods output,
+``--exec-mode forkserver`` (what the local backend and sandbox pods ask for) keeps one long-lived
+fork server (``forkserver.py``) that forks a fresh jail per command, which saves starting an
+interpreter per call; ``process`` (the default) starts ``python jail.py`` per command. Either way
+every command gets the same fresh confinement. After a command ends, times out or floods output,
 everything it left running is killed.
 """
 

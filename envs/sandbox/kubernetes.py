@@ -48,9 +48,9 @@ def _image_label(image: str) -> str:
 
 
 def agent_configmap(namespace: str) -> k8s.V1ConfigMap:
-    """The agent and jail sources, mounted read-only into every sandbox pod."""
+    """The agent, jail and fork server sources, mounted read-only into every sandbox pod."""
     data = {}
-    for name in ("agent.py", "jail.py", "safe_fs.py"):
+    for name in ("agent.py", "jail.py", "safe_fs.py", "forkserver.py"):
         with open(os.path.join(HERE, name), encoding="utf-8") as f:
             data[name] = f.read()
     return k8s.V1ConfigMap(
@@ -125,6 +125,8 @@ def pod_manifest(
             str(MAX_CALL_TIMEOUT_S),
             "--rlimits",
             rlimits,
+            "--exec-mode",
+            "forkserver",
         ],
         ports=[k8s.V1ContainerPort(container_port=cfg.agent_port, name="agent")],
         resources=k8s.V1ResourceRequirements(requests=dict(resources), limits=dict(resources)),

@@ -82,7 +82,7 @@ def start_pod_agent(pod_dir: str, token: str, args: list[str], sources: dict[str
     for sub in ("opt", "workspace", "run"):
         os.makedirs(os.path.join(pod_dir, sub), exist_ok=True)
     os.chmod(pod_dir, 0o711)
-    for name in ("agent.py", "jail.py", "safe_fs.py"):
+    for name in ("agent.py", "jail.py", "safe_fs.py", "forkserver.py"):
         dst = os.path.join(pod_dir, "opt", name)
         if sources and name in sources:
             with open(dst, "w") as f:
@@ -271,7 +271,10 @@ async def new_pod_sandbox(base_dir: str):
     token = secrets.token_urlsafe(32)
     pod_dir = os.path.join(base_dir, "pod-" + secrets.token_hex(3))
     proc, port, uid = await asyncio.to_thread(
-        start_pod_agent, pod_dir, token, ["--max-output", "65536", "--default-timeout", "30"]
+        start_pod_agent,
+        pod_dir,
+        token,
+        ["--max-output", "65536", "--default-timeout", "30", "--exec-mode", "forkserver"],
     )
 
     async def closer() -> None:
