@@ -45,7 +45,9 @@ class StudentConfig:
 
 @dataclass
 class DataConfig:
-    train_files: list[str] = MISSING  # JSONL rows: {prompt: str | chat messages, domain, label}
+    # JSONL rows: {prompt: str | chat messages, domain, label}; may be empty when env.kind has tasks
+    # (each task is a row of the episode domain: mopd/data.py env_task_rows)
+    train_files: list[str] = field(default_factory=list)
     prompt_key: str = "prompt"
     domain_key: str = "domain"
     label_key: str = "label"
@@ -325,8 +327,8 @@ def _validate_algo(job: JobConfig) -> None:
 
 
 def _validate_data(data: DataConfig) -> None:
-    if not data.train_files or any(not f for f in data.train_files):
-        raise ConfigError("data.train_files", "a non-empty list of JSONL file paths", data.train_files)
+    if any(not f for f in data.train_files):
+        raise ConfigError("data.train_files", "a list of JSONL file paths (non-empty strings)", data.train_files)
     keys = {"prompt_key": data.prompt_key, "domain_key": data.domain_key, "label_key": data.label_key}
     for name, key in keys.items():
         if not key:

@@ -10,13 +10,15 @@ from __future__ import annotations
 import json
 import logging
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
+from envs.config import SINGLE_TURN, EnvConfig
+from envs.registry import env_kind, kind_tasks
 from mopd.config import DataConfig
 from mopd.core.errors import ConfigError
 from mopd.core.types import Sample
@@ -33,23 +35,25 @@ class PromptRow:
     metadata: dict[str, Any]
 
 
-def load_prompts(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, max_prompt_len: int) -> list[PromptRow]:
-    """Read and tokenize every JSONL row; rows with prompts longer than `max_prompt_len` are dropped (logged)."""
+def load_prompts(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, max_prompt_len: int,
+                 task_rows: Sequence[dict] = ()) -> list[PromptRow]:
+    """Tokenize every JSONL row, then `task_rows` (`env_task_rows`); prompts longer than `max_prompt_len`
+    are dropped (logged). The order is fixed, so the scheduler's state resumes the same streams."""
     rows: list[PromptRow] = []
     too_long = 0
-    for file in _train_files(cfg):
-        for row in iter_rows(file, cfg):
-            ids = _prompt_ids(row[cfg.prompt_key], tokenizer)
-            if len(ids) > max_prompt_len:
-                too_long += 1
-                continue
-            meta = {k: v for k, v in row.items() if k not in (cfg.prompt_key, cfg.domain_key, cfg.label_key)}
-            rows.append(PromptRow(ids, str(row[cfg.domain_key]), row.get(cfg.label_key), meta))
+    for row in [*(r for file in cfg.train_files for r in iter_rows(file, cfg)), *task_rows]:
+        ids = _prompt_ids(row[cfg.prompt_key], tokenizer)
+        if len(ids) > max_prompt_len:
+            too_long += 1
+            continue
+        meta = {k: v for k, v in row.items() if k not in (cfg.prompt_key, cfg.domain_key, cfg.label_key)}
+        rows.append(PromptRow(ids, str(row[cfg.domain_key]), row.get(cfg.label_key), meta))
     if too_long:
         log.warning("data: dropped %d prompt(s) longer than %d tokens (rollout.max_context_len - "
                     "rollout.max_new_tokens)", too_long, max_prompt_len)
     if not rows:
-        raise ConfigError("data.train_files", f"at least one prompt of at most {max_prompt_len} tokens", cfg.train_files)
+        raise ConfigError("data.train_files", f"at least one prompt of at most {max_prompt_len} tokens (from "
+                          "these files or the tasks of env.kind)", cfg.train_files)
     return rows
 
 
@@ -91,10 +95,44 @@ def check_domain_weights(weights: dict[str, float], domains: set[str]) -> None:
         raise ConfigError("data.domain_weights", "non-negative weights with a positive sum", dict(weights))
 
 
-def _train_files(cfg: DataConfig) -> list[str]:
-    if not cfg.train_files:
-        raise ConfigError("data.train_files", "a non-empty list of JSONL files", cfg.train_files)
-    return list(cfg.train_files)
+def env_task_rows(env: EnvConfig, cfg: DataConfig) -> list[dict]:
+    """One data row per task of `env.kind` (`env.tasks`, else the kind's built-in tasks), in the
+    episode domain; none for a single-turn kind or one without tasks. The rows make the tasks a data
+    source like a JSONL file, so `data.train_files` may be empty.
+
+    A row is `{prompt: [the env's first observation as the user message], domain, task: the kind's
+    JSON form of the task}`: the episode opens its session on `task` and renders its prompt from the
+    same observation (mopd/agentic.py), so the length filter in `load_prompts` sees that prompt.
+    """
+    if env.kind == SINGLE_TURN or not (env.tasks or env_kind(env.kind).builtin_tasks):
+        return []
+    if len(env.episode_domains) != 1:
+        raise ConfigError("env.domains", f"one domain when env.kind={env.kind} has tasks (the domain of their "
+                          "rows)", sorted(env.episode_domains))
+    domain = next(iter(env.episode_domains))
+    try:
+        tasks = kind_tasks(env.kind, env.tasks)
+    except ValueError as e:
+        raise ConfigError("env.tasks", f"task directories of kind {env.kind} ({e})", list(env.tasks)) from None
+    if not tasks:
+        raise ConfigError("env.tasks", f"at least one task (env.kind={env.kind} ships none)", list(env.tasks))
+    dump = env_kind(env.kind).dump_task
+    return [{cfg.prompt_key: [{"role": "user", "content": first_observation(env, task)}], cfg.domain_key: domain,
+             "task": dump(task)} for task in tasks]
+
+
+def first_observation(env: EnvConfig, task: Any) -> str:
+    """What the env's `reset(task)` answers, without opening a sandbox.
+
+    Only `swe` has tasks today; its wording is SWEEnv.reset's (envs/swe/env.py), which
+    tests/mopd/test_data.py compares against a real reset.
+    """
+    if env.kind != "swe":
+        raise ConfigError("env.kind", "a kind whose first observation mopd/data.py knows (swe) when it has tasks",
+                          env.kind)
+    return (f"Repository {task.repo} is checked out in the current directory.\n\n"
+            f"Issue:\n{task.problem_statement}\n\nTools: bash(command, timeout?), "
+            f"str_replace(path, old, new), finish(). You have {env.max_turns} turns.")
 
 
 def _parse_row(line: str, cfg: DataConfig, where: str) -> dict:

@@ -2,9 +2,9 @@
 
 The order is: static config checks (mopd/config.py) -> `preflight`: the machine, checkpoint paths,
 every data row, domains against weights and teachers (seconds; also what `mopd-train --cfg job`
-runs) -> toy world (if asked; minutes) -> vocabularies and tokenized data -> run directory and
-resume point -> Ray, engines, teachers, trainer -> logger. `Runtime` holds
-what the step loop in `mopd/train.py` needs.
+runs) -> toy world (if asked; minutes) -> vocabularies and tokenized data (the JSONL rows, then one
+row per task of `env.kind`: mopd/data.py env_task_rows) -> run directory and resume point -> Ray,
+engines, teachers, trainer -> logger. `Runtime` holds what the step loop in `mopd/train.py` needs.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from mopd.checkpoint import DriverState, latest_checkpoint
 from mopd.config import JobConfig
 from mopd.core.errors import ConfigError
-from mopd.data import DataScheduler, check_domain_weights, load_prompts, scan_domains
+from mopd.data import DataScheduler, check_domain_weights, env_task_rows, load_prompts, scan_domains
 from mopd.run_logger import RunLogger
 from mopd.teachers import TeacherRouter, TeacherSet, check_teacher_vocabularies
 from mopd.toy.world import ToyWorldSpec, ensure_toy_world, toy_world_ready
@@ -74,6 +74,10 @@ def preflight(job: JobConfig) -> None:
     domains: set[str] = set()
     for file in job.data.train_files:
         domains |= set(job.toy.domains) if pending(file) else scan_domains(job.data, file)
+    domains |= {row[job.data.domain_key] for row in env_task_rows(job.env, job.data)}
+    if not domains:
+        raise ConfigError("data.train_files", "at least one JSONL file, unless env.kind has tasks to train on "
+                          "(env=swe: its built-in tasks or env.tasks)", list(job.data.train_files))
     check_domain_weights(dict(job.data.domain_weights), domains)
     missing = sorted(job.env.episode_domains - domains)
     if missing:
@@ -142,7 +146,8 @@ def prepare(job: JobConfig) -> tuple[PreTrainedTokenizerBase, DataScheduler]:
     tokenizer = AutoTokenizer.from_pretrained(job.student.tokenizer_path or job.student.model_path)
     check_teacher_vocabularies(job.teachers, tokenizer)
     max_prompt_len = job.rollout.max_context_len - job.rollout.max_new_tokens
-    data = DataScheduler(load_prompts(job.data, tokenizer, max_prompt_len), job.data)
+    rows = load_prompts(job.data, tokenizer, max_prompt_len, env_task_rows(job.env, job.data))
+    data = DataScheduler(rows, job.data)
     if job.uses_teachers:
         TeacherRouter.from_config(job.teachers, job.default_teacher).check_domains(data.domains)
     return tokenizer, data
