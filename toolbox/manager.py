@@ -58,14 +58,17 @@ class ToolManager:
         self.timeouts: dict[str, int] = defaultdict(int)
         self._tools: dict[str, dict[str, dict[str, Any]]] = {}  # session id -> its kind's tool schemas
 
-    async def prewarm(self, kind: str, per_worker: int) -> dict[str, int]:
-        """Keep ``per_worker`` ready sandboxes on every worker of ``kind``."""
-        return await self.toolbox.prewarm.remote(kind, per_worker)
+    async def prewarm(self, kind: str, per_worker: int, task: Any = None) -> dict[str, int]:
+        """Keep ``per_worker`` ready sandboxes on every worker of ``kind``; with ``task`` (its task
+        object or JSON form), ``per_worker`` sandboxes that already hold its snapshot, made once."""
+        payload = task if task is None or isinstance(task, dict) else env_kind(kind).dump_task(task)
+        return await self.toolbox.prewarm.remote(kind, per_worker, payload)
 
-    async def prewarm_for(self, kind: str, trajectories: int) -> dict[str, int]:
-        """Pre-warm enough sandboxes for ``trajectories`` sessions about to start (spread over workers)."""
+    async def prewarm_for(self, kind: str, trajectories: int, task: Any = None) -> dict[str, int]:
+        """Pre-warm enough sandboxes for ``trajectories`` sessions about to start (spread over
+        workers), on ``task`` when given."""
         workers = (await self.toolbox.stats.remote())["pools"][kind]["workers"]
-        return await self.prewarm(kind, -(-trajectories // max(1, workers)))
+        return await self.prewarm(kind, -(-trajectories // max(1, workers)), task)
 
     async def start(self, kind: str, task: Any) -> tuple[str, str]:
         """Open a session on a task of ``kind`` (its task object or JSON form); returns (session id,

@@ -66,11 +66,19 @@ class ToolboxSessions:
         self._latencies: list[float] = []
         self._errors = 0
 
-    async def prewarm(self, kind: str, n: int) -> int:
-        """Ready sandboxes for ``n`` episodes of ``kind`` about to start; returns how many are warm."""
+    async def prewarm(self, kind: str, n: int, task: Any = None) -> int:
+        """Ready sandboxes for ``n`` episodes of ``kind`` about to start; returns how many are warm.
+
+        With ``task`` (the episodes' task object or JSON form) the sandboxes already hold its files,
+        so those episodes' first observation skips the upload; a bad task raises ValueError here.
+        """
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"prewarm: n must be an integer >= 0, got {n!r}")
-        return (await self.manager.prewarm_for(kind, n)).get(kind, 0)
+        if task is not None:
+            spec = env_kind(kind)
+            task = task if isinstance(task, dict) else spec.dump_task(task)
+            spec.load_task(task)
+        return (await self.manager.prewarm_for(kind, n, task)).get(kind, 0)
 
     async def open(self, kind: str, task: Any) -> ToolboxSession:
         """Start an episode of ``kind`` on ``task`` (its task object or JSON form).

@@ -109,13 +109,19 @@ class ToolboxImpl:
         s = self.specs[kind]
         return _WorkerActor.remote(kind, s.sandbox, s.max_turns, s.command_timeout)
 
-    async def prewarm(self, kind: str | None = None, per_worker: int | None = None) -> dict[str, int]:
+    async def prewarm(
+        self, kind: str | None = None, per_worker: int | None = None, task: dict[str, Any] | None = None
+    ) -> dict[str, int]:
+        """Ready sandboxes on every worker of ``kind`` (all kinds); with ``task`` (one kind's task
+        in JSON form) they hold its snapshot. Returns the warm sandboxes per kind."""
+        if task is not None and kind is None:
+            raise ValueError("prewarm: a task needs its env kind")
         kinds = [kind] if kind else list(self.workers)
         out = {}
         for k in kinds:
             n = per_worker if per_worker is not None else self.specs[k].warm_per_worker
             sizes = await asyncio.gather(
-                *(w.prewarm.remote(n) for w in self.workers[k]), return_exceptions=True
+                *(w.prewarm.remote(n, task) for w in self.workers[k]), return_exceptions=True
             )
             out[k] = sum(s for s in sizes if isinstance(s, int))
         return out

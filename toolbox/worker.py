@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections import deque
 from typing import Any
 
 from envs.base import Env
@@ -45,8 +46,19 @@ def as_action(payload: Any) -> Any:
     return payload
 
 
+def task_snapshot(task: Any) -> str | None:
+    """The directory a task's workspace starts from (``snapshot_dir`` of SWE tasks), resolved."""
+    snapshot = getattr(task, "snapshot_dir", None)
+    return os.path.realpath(snapshot) if isinstance(snapshot, str) and snapshot else None
+
+
 class SandboxWorker:
-    """Plain class (usable in-process); ``toolbox.toolbox`` makes it a Ray actor."""
+    """Plain class (usable in-process); ``toolbox.toolbox`` makes it a Ray actor.
+
+    Warm sandboxes are pooled by the snapshot they hold (``None``: an empty workspace). A session
+    takes one holding its task's snapshot, else an empty one (its env uploads the files), never one
+    holding another task's; a sandbox leaves the pool when taken and is never pooled again.
+    """
 
     def __init__(
         self,
@@ -54,6 +66,7 @@ class SandboxWorker:
         sandbox: dict[str, Any] | None = None,
         max_turns: int = 30,
         command_timeout: float = 60.0,
+        max_preloaded: int = 64,
     ) -> None:
         self.env_kind = env_kind(kind)  # ValueError naming the registered kinds
         self.kind = kind
@@ -61,7 +74,9 @@ class SandboxWorker:
         self.backend = make_backend(self.config)
         self.options = EnvOptions(max_turns, command_timeout)
         self.sessions: dict[str, Env] = {}
-        self.warm: asyncio.Queue[Sandbox] = asyncio.Queue()
+        # snapshot -> ready sandboxes; a snapshot's key moves to the end when prewarmed again
+        self.warm: dict[str | None, deque[Sandbox]] = {None: deque()}
+        self.max_preloaded = max_preloaded  # snapshot-holding sandboxes kept at most (oldest go)
         self.cold_starts = 0
         self.warm_hits = 0
         self.target_warm = 0
@@ -70,25 +85,61 @@ class SandboxWorker:
     def pid(self) -> int:
         return os.getpid()
 
-    async def prewarm(self, n: int) -> int:
-        """Top the warm pool up to ``n`` ready sandboxes and keep it there; returns the pool size."""
-        self.target_warm = n
-        missing = n - self.warm.qsize()
-        if missing > 0:
-            for sb in await asyncio.gather(*(self.backend.create() for _ in range(missing))):
-                self.warm.put_nowait(sb)
-        return self.warm.qsize()
+    def _snapshot(self, task: Any) -> str | None:
+        """The snapshot a sandbox for ``task`` can be created with (only the local backend preloads)."""
+        return task_snapshot(task) if isinstance(self.backend, LocalSandboxBackend) else None
 
-    async def _sandbox(self) -> Sandbox:
-        while not self.warm.empty():
-            sb = self.warm.get_nowait()
-            if await sb.alive():
-                self.warm_hits += 1
-                self._top_up()
-                return sb
-            await sb.close()
+    async def _create(self, snapshot: str | None) -> Sandbox:
+        return await (self.backend.create(snapshot=snapshot) if snapshot else self.backend.create())
+
+    async def prewarm(self, n: int, task: dict[str, Any] | None = None) -> int:
+        """Top the warm pool up to ``n`` ready sandboxes and keep it there; returns the pool size.
+
+        With ``task`` (its JSON form): ``n`` sandboxes that already hold the task's snapshot, for
+        episodes about to start on it (made once, not refilled), so their first observation skips
+        the upload; a task without one (or a backend that cannot preload) gets empty sandboxes.
+        """
+        if task is None:
+            self.target_warm = n
+            key = None
+        else:
+            key = self._snapshot(self.env_kind.load_task(task))
+        self.warm[key] = self.warm.pop(key, deque())
+        missing = n - len(self.warm[key])
+        made = await asyncio.gather(*(self._create(key) for _ in range(missing)), return_exceptions=True)
+        # the pool is looked up again: it may have been evicted (and dropped) during the await
+        self.warm.setdefault(key, deque()).extend(sb for sb in made if isinstance(sb, Sandbox))
+        await self._evict()
+        failed = [e for e in made if isinstance(e, BaseException)]
+        if failed:
+            raise failed[0]
+        return len(self.warm.get(key, ()))
+
+    async def _evict(self) -> None:
+        """Close the least recently prewarmed snapshot-holding sandboxes beyond ``max_preloaded``."""
+        excess = sum(len(p) for k, p in self.warm.items() if k is not None) - self.max_preloaded
+        for key in [k for k in self.warm if k is not None]:
+            pool = self.warm[key]
+            while excess > 0 and pool:
+                await pool.popleft().close()
+                excess -= 1
+            if not pool:
+                del self.warm[key]
+
+    async def _sandbox(self, snapshot: str | None) -> Sandbox:
+        """A ready sandbox for a task with ``snapshot``: one holding it, else an empty one, else new."""
+        for key in dict.fromkeys((snapshot, None)):
+            pool = self.warm.get(key)
+            while pool:
+                sb = pool.popleft()  # out of the pool before the await: nobody else gets it
+                if await sb.alive():
+                    self.warm_hits += 1
+                    if key is None:
+                        self._top_up()
+                    return sb
+                await sb.close()
         self.cold_starts += 1
-        return await self.backend.create()
+        return await self._create(snapshot)
 
     def _top_up(self) -> None:
         """Refill the warm pool in the background after a sandbox was taken from it."""
@@ -97,9 +148,11 @@ class SandboxWorker:
 
     async def open(self, session_id: str, task: dict[str, Any]) -> str:
         await self.close(session_id)
-        env = make_env(self.kind, self._sandbox, self.options)
+        loaded = self.env_kind.load_task(task)
+        snapshot = self._snapshot(loaded)
+        env = make_env(self.kind, lambda: self._sandbox(snapshot), self.options)
         self.sessions[session_id] = env
-        return await env.reset(self.env_kind.load_task(task))
+        return await env.reset(loaded)
 
     async def step(self, session_id: str, action: dict[str, Any] | str) -> dict[str, Any]:
         """One env step. A lost sandbox is reported as ``{"lost": True}`` so the caller can replay."""
@@ -143,7 +196,8 @@ class SandboxWorker:
     async def stats(self) -> dict[str, Any]:
         return {
             "sessions": len(self.sessions),
-            "warm": self.warm.qsize(),
+            "warm": sum(len(p) for p in self.warm.values()),
+            "warm_preloaded": sum(len(p) for k, p in self.warm.items() if k is not None),
             "cold_starts": self.cold_starts,
             "warm_hits": self.warm_hits,
             "pid": os.getpid(),
@@ -155,5 +209,6 @@ class SandboxWorker:
             self._refill.cancel()
         for sid in list(self.sessions):
             await self.close(sid)
-        while not self.warm.empty():
-            await self.warm.get_nowait().close()
+        for pool in self.warm.values():
+            while pool:
+                await pool.popleft().close()

@@ -8,6 +8,7 @@ the model cannot have tampered with (envs/swe/grading.py).
 from __future__ import annotations
 
 import math
+import os
 import sys
 from typing import Any
 
@@ -83,7 +84,14 @@ class SWEEnv:
         self.task, self.turns, self.done = task, 0, False
         self.sandbox = await self.sandbox_factory()
         if task.snapshot_dir:
-            await self.sandbox.upload(task.snapshot_dir)
+            # a warm sandbox may already hold the task's files (created with ``snapshot=``)
+            held, wanted = self.sandbox.info.get("snapshot"), os.path.realpath(task.snapshot_dir)
+            if held is None:
+                await self.sandbox.upload(task.snapshot_dir)
+            elif held != wanted:
+                raise ValueError(
+                    f"sandbox holds snapshot {held!r}, task {task.instance_id!r} needs {wanted!r}"
+                )
         self.pristine = await pristine_files(self.sandbox, task)
         if self.python is None:
             self.python = self.sandbox.info.get("python") or (
