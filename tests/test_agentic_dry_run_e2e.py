@@ -50,7 +50,7 @@ def _rows(run_dir: Path, step: int) -> list[dict]:
 def run_dir(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("agentic") / "run"
     start = time.monotonic()
-    proc = _train(*SHORT, f"run_dir={run_dir}")
+    proc = _train(*SHORT, f"run_dir={run_dir}", timeout=1500)  # ~3 min alone; 9 min measured on a shared machine
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     (run_dir.parent / "seconds").write_text(f"{time.monotonic() - start:.0f}")
     return run_dir
@@ -184,4 +184,7 @@ def test_agentic_steps_on_kubernetes_pods(run_dir: Path, tmp_path: Path, pod_bas
     # one pod per episode, each through the emulator's API and the agent the kubelet ran; all deleted at the end
     assert len(kubelet.started) >= len(episodes), (kubelet.started, len(episodes))
     assert any(TOOL_MESSAGE in r["response"] for r in episodes)
+    # every episode's task file (its value is the label) was written into a pod's workspace through its agent
+    written = {f.read_text() for pod in kubelet.started for f in (Path(pod_base) / pod / "workspace").iterdir()}
+    assert {str(r["label"]) for r in episodes} <= written, (written, [r["label"] for r in episodes])
     assert pods_left == []
