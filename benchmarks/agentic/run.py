@@ -128,6 +128,7 @@ class TimedLoop:
 
 
 def new_clock() -> dict[str, Any]:
+    """One episode's timers and latencies, kept in its sample's metadata (`bench`)."""
     return {"generate_s": 0.0, "tool_s": 0.0, "episode_s": 0.0, "tool_call_latency_s": [], "answer_latency_s": [],
             "rewards": []}
 
@@ -246,6 +247,7 @@ def run_scenario(name: str, managers: dict[bool, RolloutManager], agentic: Agent
 
 
 def table(results: list[dict[str, Any]]) -> str:
+    """The README's markdown table and one line of ratios and identity checks per scenario."""
     head = ("| scenario | cache | turns/ep | episodes/s | prefill tok/ep | cached tok/ep | tool call p50/p99 ms | "
             "time: generate / tools / other | accuracy |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
