@@ -22,14 +22,18 @@ import time
 import ray
 
 from envs.sandbox.isolation import detect
-from envs.swe.task import builtin_tasks
+from envs.sandbox.local import LocalSandboxBackend
+from envs.swe.task import builtin_tasks, task_to_dict
 from envs.tool_parsing import ToolCall
 from toolbox.manager import ToolManager, percentile
 from toolbox.toolbox import get_or_create_toolbox
 
 CALL = ToolCall("bash", {"command": "grep -c tomat inflection/__init__.py"})
+NOOP = ToolCall("bash", {"command": "true"})
+SETTLE_S = 0.3  # pause between sessions of the first-call runs (the warm pool refills meanwhile)
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
+STARTS = ("cold", "warm", "preloaded")
 SANDBOX_KEYS = ("noop", "tool", "cold", "warm", "warm_preloaded")
 
 
@@ -69,13 +73,22 @@ def _toolbox(name: str, workers: int, warm: int):
     return tb
 
 
-async def first_call_latency(name: str, sessions: int, warm: bool) -> dict[str, float]:
-    """Open a session and make its first tool call; warm: the pool holds a ready sandbox per session."""
-    tb = _toolbox(name, workers=1, warm=sessions if warm else 0)
-    tm = ToolManager(tb)
+async def first_call_latency(name: str, sessions: int, start: str) -> dict[str, float]:
+    """Open a session and make its first tool call, ``sessions`` times one after another.
+
+    ``start``: "cold" (nothing warm), "warm" (a ready sandbox per session with an empty workspace:
+    the env uploads the task's files, the path before snapshot pre-warming), "preloaded" (ready
+    sandboxes that already hold the task's snapshot). Between sessions the pool settles (refills)
+    outside the timed part, so no start is measured against its own refill.
+    """
+    tb = _toolbox(name, workers=1, warm=sessions if start == "warm" else 0)
     task = builtin_tasks()[0]
+    if start == "preloaded":
+        await tb.prewarm.remote("swe", sessions, task_to_dict(task))
+    tm = ToolManager(tb)
     lat, call_lat = [], []
     for _ in range(sessions):  # sequential: latency, not contention
+        await asyncio.sleep(SETTLE_S)
         t0 = time.perf_counter()
         sid, _ = await tm.start("swe", task)
         t1 = time.perf_counter()
@@ -94,6 +107,42 @@ async def first_call_latency(name: str, sessions: int, warm: bool) -> dict[str, 
         "call_p99_s": percentile(call_lat, 99),
         "warm_hits": w["warm_hits"],
         "cold_starts": w["cold_starts"],
+    }
+
+
+async def call_overhead(name: str, calls: int) -> dict[str, dict[str, float]]:
+    """A no-op tool call (``bash true``) at each layer of the path, in one run: the sandbox's agent
+    over HTTP (no Ray), the worker actor (env step, one Ray hop), the Toolbox actor (admission and
+    recovery, two hops) and the ToolManager (the whole path a rollout uses). The layers take turns
+    call by call, so machine load falls on all of them alike."""
+    tb = get_or_create_toolbox(
+        {"swe": {"workers": 1, "warm_per_worker": 0, "max_turns": 4 * calls + 20}}, name=name
+    )
+    tm = ToolManager(tb)
+    sid, _ = await tm.start("swe", builtin_tasks()[0])
+    worker = await tb.session_worker.remote(sid)
+    backend = LocalSandboxBackend()
+    sb = await backend.create()
+    wire = {"name": NOOP.name, "arguments": NOOP.arguments}
+    layers = {
+        "sandbox agent (HTTP, no Ray)": lambda: sb.exec("true"),
+        "worker actor (1 Ray hop)": lambda: worker.step.remote(sid, wire),
+        "Toolbox actor (2 Ray hops)": lambda: tb.step.remote(sid, wire),
+        "ToolManager (whole path)": lambda: tm.step(sid, NOOP),
+    }
+    samples: dict[str, list[float]] = {k: [] for k in layers}
+    for i in range(calls + 3):
+        for layer, call in layers.items():
+            t0 = time.perf_counter()
+            await call()
+            if i >= 3:  # the first calls warm connections and the fork server up
+                samples[layer].append(time.perf_counter() - t0)
+    await sb.close()
+    await tm.close(sid)
+    ray.get(tb.shutdown.remote())
+    ray.kill(tb)
+    return {
+        k: {"p50_s": percentile(v, 50), "p99_s": percentile(v, 99), "n": len(v)} for k, v in samples.items()
     }
 
 
@@ -130,37 +179,51 @@ async def main(args: argparse.Namespace) -> dict:
         },
         "args": vars(args),
     }
-    out["cold"] = await first_call_latency("bench-cold", args.sessions, warm=False)
-    out["warm"] = await first_call_latency("bench-warm", args.sessions, warm=True)
+    out["noop_overhead"] = await call_overhead("bench-noop", args.noop_calls)
+    for start in STARTS:
+        out[start] = await first_call_latency(f"bench-{start}", args.sessions, start)
     out["throughput"] = {}
     for n in [int(x) for x in args.pools.split(",")]:
         out["throughput"][n] = await throughput(f"bench-pool-{n}", n, args.concurrent, args.calls)
-    out["sandbox"] = sandbox_variants(
-        args.rounds, args.baseline_rev, args.sandbox_calls, args.sandbox_sessions
-    )
+    if args.rounds:
+        out["sandbox"] = sandbox_variants(
+            args.rounds, args.baseline_rev, args.sandbox_calls, args.sandbox_sessions
+        )
     return out
 
 
 def table(res: dict) -> str:
+    base = res["noop_overhead"]["sandbox agent (HTTP, no Ray)"]["p50_s"]
     lines = [
-        "| start | first call incl. session open p50 / p99 (s) | tool call alone p50 / p99 (s) | warm hits / cold starts |",
-        "|---|---|---|---|",
+        "| no-op call (`bash true`) at | p50 / p99 (ms) | above the sandbox agent, p50 (ms) |",
+        "|---|---|---|",
     ]
-    for k in ("cold", "warm"):
+    for layer, r in res["noop_overhead"].items():
+        lines.append(
+            f"| {layer} | {r['p50_s'] * 1e3:.1f} / {r['p99_s'] * 1e3:.1f} | {(r['p50_s'] - base) * 1e3:+.1f} |"
+        )
+    lines += [
+        "",
+        "| start | first call incl. session open p50 / p99 (s) | tool call alone p50 / p99 (s) | warm hits / cold starts | cold / this, p50 |",
+        "|---|---|---|---|---|",
+    ]
+    for k in STARTS:
         r = res[k]
         lines.append(
             f"| {k} | {r['p50_s']:.3f} / {r['p99_s']:.3f} | {r['call_p50_s']:.3f} / {r['call_p99_s']:.3f} "
-            f"| {r['warm_hits']} / {r['cold_starts']} |"
+            f"| {r['warm_hits']} / {r['cold_starts']} | {res['cold']['p50_s'] / r['p50_s']:.1f}x |"
         )
     lines += ["", "| workers | calls/s | call p50 / p99 (s) |", "|---|---|---|"]
     for n, r in res["throughput"].items():
         lines.append(f"| {n} | {r['calls_per_s']:.1f} | {r['p50_s']:.3f} / {r['p99_s']:.3f} |")
+    if "sandbox" not in res:
+        return "\n".join(lines)
     lines += [
         "",
         "| local sandbox (ms, p50 / p99) | no-op call | tool call | first obs. cold | warm | warm, snapshot preloaded | cold / warm | cold / preloaded |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for name, r in res["sandbox"].items():
+    for name, r in res.get("sandbox", {}).items():
         cells = [f"{r[k + '_p50'] * 1e3:.1f} / {r[k + '_p99'] * 1e3:.1f}" for k in SANDBOX_KEYS]
         ratios = [f"{r['cold_p50'] / r[k + '_p50']:.1f}x" for k in ("warm", "warm_preloaded")]
         lines.append(f"| {name} | " + " | ".join(cells + ratios) + " |")
@@ -173,7 +236,10 @@ if __name__ == "__main__":
     p.add_argument("--pools", default="1,2,4", help="worker counts for the throughput runs")
     p.add_argument("--concurrent", type=int, default=8, help="concurrent sessions in throughput runs")
     p.add_argument("--calls", type=int, default=6, help="tool calls per session in throughput runs")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the sandbox variants")
+    p.add_argument("--noop-calls", type=int, default=60, help="no-op calls per layer of the path")
+    p.add_argument(
+        "--rounds", type=int, default=3, help="interleaved rounds of the sandbox variants (0: skip them)"
+    )
     p.add_argument("--sandbox-calls", type=int, default=20, help="no-op and tool calls per sandbox round")
     p.add_argument("--sandbox-sessions", type=int, default=4, help="cold/warm sessions per sandbox round")
     p.add_argument(
