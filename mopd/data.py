@@ -1,4 +1,4 @@
-"""Prompt datasets and the data scheduler.
+"""Prompt datasets (JSONL files, and the tasks of a multi-turn env kind) and the data scheduler.
 
 The scheduler hands out each step's prompts from one stream per source (domain): a seeded
 permutation per epoch, so the order is reproducible and the state is one integer per source.

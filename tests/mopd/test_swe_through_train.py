@@ -16,13 +16,21 @@ from envs.swe.task import builtin_tasks
 pytestmark = pytest.mark.slow
 
 
-def test_swe_smoke_trains_two_steps_on_graded_episodes(tmp_path: Path):
-    run_dir = tmp_path / "run"
+def _train(run_dir: Path, *overrides: str) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HYDRA_FULL_ERROR="1")
-    proc = subprocess.run([sys.executable, "-m", "mopd.train", "experiment=swe_smoke", "num_steps=2",
-                           f"run_dir={run_dir}", "logger.progress=false"],
+    proc = subprocess.run([sys.executable, "-m", "mopd.train", "experiment=swe_smoke", f"run_dir={run_dir}",
+                           "logger.progress=false", *overrides],
                           capture_output=True, text=True, timeout=900, env=env, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+
+
+def _samples(run_dir: Path, step: int) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "samples" / f"step_{step}.jsonl").read_text().splitlines()]
+
+
+def test_swe_smoke_trains_two_steps_on_graded_episodes(tmp_path: Path):
+    run_dir = tmp_path / "run"
+    _train(run_dir, "num_steps=2")
 
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [0, 1]
@@ -35,7 +43,7 @@ def test_swe_smoke_trains_two_steps_on_graded_episodes(tmp_path: Path):
 
     statements = {t.problem_statement[:60] for t in builtin_tasks()}  # ASCII: the toy tokenizer keeps it
     for step in (0, 1):
-        samples = [json.loads(line) for line in (run_dir / "samples" / f"step_{step}.jsonl").read_text().splitlines()]
+        samples = _samples(run_dir, step)
         assert len(samples) == 6 and {s["domain"] for s in samples} == {"swe"}
         # every task's prompt is the env's first observation, rendered with the chat template
         assert {p for s in samples for p in statements if p in s["prompt"]} == statements
@@ -43,3 +51,8 @@ def test_swe_smoke_trains_two_steps_on_graded_episodes(tmp_path: Path):
             assert "Repository " in s["prompt"] and "You have 2 turns." in s["prompt"]
             assert s["reward"] in (0.0, 1.0) and s["finish_reason"] != "abort", s
             assert "<|im_start|>user\n<tool_response>\n" in s["response"]  # turn 1: the env's observation
+
+    # resume: the task stream goes on where the checkpoint left it (3 tasks a step, positions 0..8)
+    _train(run_dir, "num_steps=3", "resume=true")
+    positions = [sorted({s["prompt_index"] for s in _samples(run_dir, step)}) for step in range(3)]
+    assert positions == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
