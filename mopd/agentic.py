@@ -85,6 +85,8 @@ class AgenticEpisodes:
             out["agent/turns"] = sum(s.metadata.get("turns", 0) for s in episodes) / len(episodes)
             out["agent/episodes"] = float(len(episodes))
             out["agent/aborted"] = float(sum(s.finish_reason == "abort" for s in episodes))
+            # graded by the environment (the rest were cut by max_turns or the context, or aborted: reward 0)
+            out["agent/env_graded"] = sum(bool(s.metadata.get("env_reward")) for s in episodes) / len(episodes)
         return out
 
     def close(self) -> None:
