@@ -119,11 +119,11 @@ class SandboxWorker:
         """Close the least recently prewarmed snapshot-holding sandboxes beyond ``max_preloaded``."""
         excess = sum(len(p) for k, p in self.warm.items() if k is not None) - self.max_preloaded
         for key in [k for k in self.warm if k is not None]:
-            pool = self.warm[key]
-            while excess > 0 and pool:
-                await pool.popleft().close()
+            pool = self.warm.get(key)  # a concurrent eviction may have dropped it meanwhile
+            while pool and excess > 0:
                 excess -= 1
-            if not pool:
+                await pool.popleft().close()
+            if pool is not None and not pool and self.warm.get(key) is pool:
                 del self.warm[key]
 
     async def _sandbox(self, snapshot: str | None) -> Sandbox:

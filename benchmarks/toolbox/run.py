@@ -30,7 +30,7 @@ from toolbox.toolbox import get_or_create_toolbox
 
 CALL = ToolCall("bash", {"command": "grep -c tomat inflection/__init__.py"})
 NOOP = ToolCall("bash", {"command": "true"})
-SETTLE_S = 0.3  # pause between sessions of the first-call runs (the warm pool refills meanwhile)
+SETTLE_S = 0.3  # pause before each session of the first-call runs (the warm pool refills meanwhile)
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 STARTS = ("cold", "warm", "preloaded")
@@ -73,41 +73,45 @@ def _toolbox(name: str, workers: int, warm: int):
     return tb
 
 
-async def first_call_latency(name: str, sessions: int, start: str) -> dict[str, float]:
-    """Open a session and make its first tool call, ``sessions`` times one after another.
+async def first_call_latency(sessions: int) -> dict[str, dict[str, float]]:
+    """Open a session and make its first tool call, for each way a session can start, the starts
+    taking turns session by session (so machine load falls on all of them alike).
 
-    ``start``: "cold" (nothing warm), "warm" (a ready sandbox per session with an empty workspace:
-    the env uploads the task's files, the path before snapshot pre-warming), "preloaded" (ready
-    sandboxes that already hold the task's snapshot). Between sessions the pool settles (refills)
-    outside the timed part, so no start is measured against its own refill.
+    "cold": nothing warm; "warm": a ready sandbox per session with an empty workspace (the env
+    uploads the task's files: the path before snapshot pre-warming); "preloaded": ready sandboxes
+    that already hold the task's snapshot. Each start has its own one-worker Toolbox; before every
+    session the pools settle (the warm pool refills) outside the timed part.
     """
-    tb = _toolbox(name, workers=1, warm=sessions if start == "warm" else 0)
     task = builtin_tasks()[0]
-    if start == "preloaded":
-        await tb.prewarm.remote("swe", sessions, task_to_dict(task))
-    tm = ToolManager(tb)
-    lat, call_lat = [], []
-    for _ in range(sessions):  # sequential: latency, not contention
-        await asyncio.sleep(SETTLE_S)
-        t0 = time.perf_counter()
-        sid, _ = await tm.start("swe", task)
-        t1 = time.perf_counter()
-        await tm.step(sid, CALL)
-        lat.append(time.perf_counter() - t0)
-        call_lat.append(time.perf_counter() - t1)
-        await tm.close(sid)
-    stats = await tb.stats.remote()
-    ray.get(tb.shutdown.remote())
-    ray.kill(tb)
-    w = stats["workers"]["swe"][0]
-    return {
-        "p50_s": percentile(lat, 50),
-        "p99_s": percentile(lat, 99),
-        "call_p50_s": percentile(call_lat, 50),
-        "call_p99_s": percentile(call_lat, 99),
-        "warm_hits": w["warm_hits"],
-        "cold_starts": w["cold_starts"],
-    }
+    boxes = {s: _toolbox(f"bench-{s}", workers=1, warm=sessions if s == "warm" else 0) for s in STARTS}
+    await boxes["preloaded"].prewarm.remote("swe", sessions, task_to_dict(task))
+    lat: dict[str, list[float]] = {s: [] for s in STARTS}
+    call_lat: dict[str, list[float]] = {s: [] for s in STARTS}
+    for _ in range(sessions):  # one session at a time: latency, not contention
+        for start, tb in boxes.items():
+            tm = ToolManager(tb)
+            await asyncio.sleep(SETTLE_S)
+            t0 = time.perf_counter()
+            sid, _ = await tm.start("swe", task)
+            t1 = time.perf_counter()
+            await tm.step(sid, CALL)
+            lat[start].append(time.perf_counter() - t0)
+            call_lat[start].append(time.perf_counter() - t1)
+            await tm.close(sid)
+    out = {}
+    for start, tb in boxes.items():
+        w = (await tb.stats.remote())["workers"]["swe"][0]
+        ray.get(tb.shutdown.remote())
+        ray.kill(tb)
+        out[start] = {
+            "p50_s": percentile(lat[start], 50),
+            "p99_s": percentile(lat[start], 99),
+            "call_p50_s": percentile(call_lat[start], 50),
+            "call_p99_s": percentile(call_lat[start], 99),
+            "warm_hits": w["warm_hits"],
+            "cold_starts": w["cold_starts"],
+        }
+    return out
 
 
 async def call_overhead(name: str, calls: int) -> dict[str, dict[str, float]]:
@@ -180,8 +184,7 @@ async def main(args: argparse.Namespace) -> dict:
         "args": vars(args),
     }
     out["noop_overhead"] = await call_overhead("bench-noop", args.noop_calls)
-    for start in STARTS:
-        out[start] = await first_call_latency(f"bench-{start}", args.sessions, start)
+    out.update(await first_call_latency(args.sessions))
     out["throughput"] = {}
     for n in [int(x) for x in args.pools.split(",")]:
         out["throughput"][n] = await throughput(f"bench-pool-{n}", n, args.concurrent, args.calls)
