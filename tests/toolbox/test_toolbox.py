@@ -65,6 +65,20 @@ async def test_episode_through_manager_with_async_reward(toolbox):
     assert (await tm.prewarm_for("swe", 4))["swe"] >= 4
 
 
+async def test_prewarm_with_a_task_preloads_its_files(toolbox):
+    tm = ToolManager(toolbox, call_timeout_s=60)
+    assert (await tm.prewarm("swe", 1, TASK))["swe"] == 2  # one per worker, holding the snapshot
+    stats = await toolbox.stats.remote()
+    assert [w["warm_preloaded"] for w in stats["workers"]["swe"]] == [1, 1]
+    sid, obs = await tm.start("swe", TASK)  # takes one of them: no upload, the files are there
+    assert "potato" in obs
+    r = await tm.step(sid, ToolCall("bash", {"command": "grep -c tomat inflection/__init__.py"}))
+    assert r.observation.startswith("1")
+    stats = await toolbox.stats.remote()
+    assert sum(w["warm_preloaded"] for w in stats["workers"]["swe"]) == 1
+    await tm.close(sid)
+
+
 async def test_killed_worker_is_replaced_and_call_retried(toolbox):
     tm = ToolManager(toolbox, call_timeout_s=60)
     sid, _ = await tm.start("swe", TASK)
