@@ -204,11 +204,17 @@ class SandboxWorker:
         }
 
     async def shutdown(self) -> None:
+        """Close every session and warm sandbox; on a backend that can, delete whatever of this
+        worker's run is left (a pod whose create was cancelled mid-request still carries its label)."""
         self.target_warm = 0
-        if self._refill is not None:
+        if self._refill is not None and not self._refill.done():
             self._refill.cancel()
+            await asyncio.gather(self._refill, return_exceptions=True)  # its create cleans up first
         for sid in list(self.sessions):
             await self.close(sid)
         for pool in self.warm.values():
             while pool:
                 await pool.popleft().close()
+        sweep = getattr(self.backend, "sweep", None)  # the Kubernetes backend's, by run label
+        if sweep is not None:
+            await sweep()

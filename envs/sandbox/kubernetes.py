@@ -329,7 +329,21 @@ class KubernetesSandboxBackend:
     async def _start(self, image: str) -> Sandbox:
         await self._ensure_configmap()
         name = f"mopd-sb-{self.run_id}-{secrets.token_hex(4)}"
-        created = await self._create_pod(pod_manifest(self.config, name, self.run_id, image, self.owner))
+        post = asyncio.ensure_future(
+            self._create_pod(pod_manifest(self.config, name, self.run_id, image, self.owner))
+        )
+        try:
+            created = await asyncio.shield(post)
+        except asyncio.CancelledError:
+            # the request runs on in its thread and may still create the pod: wait, then delete it
+            await asyncio.gather(post, return_exceptions=True)
+            await self.delete_pod(name)
+            raise
+        except SandboxError:
+            raise  # the name is another run's pod: not ours to delete
+        except BaseException:
+            await self.delete_pod(name)  # a failed request may still have created it
+            raise
         try:
             token = await self._create_secret(created, secrets.token_urlsafe(32))
             pod = await self._wait_ready(name)

@@ -3,11 +3,15 @@ A test kubelet runs the real agent locally, so the same agent-client code path i
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import pytest
 from kubernetes.client.rest import ApiException
 
 from envs.config import SandboxConfig
 from envs.sandbox.kubernetes import LABEL_RUN, KubernetesSandboxBackend, pod_manifest
+from toolbox.worker import SandboxWorker
 
 pytestmark = pytest.mark.asyncio
 NS = "mopd-sandboxes"
@@ -95,3 +99,51 @@ async def test_swe_episode_on_a_pod(k8s_env):
     await env.close()
     assert result.reward == 1.0, result.info
     assert await backend.sweep() == 0
+
+
+def _slow_create(backend, before: float, after: float) -> None:
+    """The pod POST takes a while, landing ``before`` s after the call and returning ``after`` s later."""
+    create = backend.api.create_namespaced_pod
+
+    def slow(*args, **kwargs):
+        time.sleep(before)
+        pod = create(*args, **kwargs)
+        time.sleep(after)
+        return pod
+
+    backend.api.create_namespaced_pod = slow
+
+
+def _pods(emulator) -> list[str]:
+    return [p.metadata.name for p in emulator.api().list_namespaced_pod(NS).items]
+
+
+async def test_create_cancelled_mid_post_leaves_no_pod(k8s_env):
+    emulator, kubelet = k8s_env
+    backend = _backend(emulator, kubelet)
+    await backend._ensure_configmap()
+    _slow_create(backend, before=0.0, after=0.5)  # the pod exists while the POST is still "running"
+    task = asyncio.ensure_future(backend.create())
+    await asyncio.sleep(0.25)
+    assert len(_pods(emulator)) == 1
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert _pods(emulator) == []
+
+
+async def test_refill_cancelled_by_worker_shutdown_leaves_no_pod(k8s_env):
+    """Shutdown waits for the cancelled refill (the actor is killed right after), whose create waits
+    for its POST to land and then deletes the pod."""
+    emulator, kubelet = k8s_env
+    worker = SandboxWorker("swe")
+    worker.backend = _backend(emulator, kubelet)
+    await worker.backend._ensure_configmap()
+    _slow_create(worker.backend, before=0.4, after=0.0)  # lands after shutdown cancelled the refill
+    worker.target_warm = 1
+    worker._top_up()
+    await asyncio.sleep(0.1)
+    await worker.shutdown()
+    assert worker._refill.done() and _pods(emulator) == []
+    await asyncio.sleep(0.5)  # past the moment the POST would land
+    assert _pods(emulator) == []
