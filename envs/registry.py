@@ -65,6 +65,8 @@ class EnvKind:
     # a task from a path a user names (raises ValueError saying what is wrong); None: no task files
     read_task: Callable[[str], Any] | None = None
     builtin_tasks: Callable[[], list[Any]] | None = None  # the tasks shipped with the kind
+    # what ``reset(task)`` answers, without a sandbox (a task's prompt row is this text); None: unknown
+    first_observation: Callable[[Any, EnvOptions], str] | None = None
 
 
 _KINDS: dict[str, EnvKind] = {}
@@ -78,6 +80,7 @@ def register_env(
     dump_task: Callable[[Any], dict[str, Any]] = _as_dict,
     read_task: Callable[[str], Any] | None = None,
     builtin_tasks: Callable[[], list[Any]] | None = None,
+    first_observation: Callable[[Any, EnvOptions], str] | None = None,
 ) -> Callable[[EnvFactory], EnvFactory]:
     """Decorator: register ``factory`` as the builder of env kind ``kind`` (one factory per kind)."""
     if not isinstance(kind, str) or not kind.isidentifier():
@@ -87,7 +90,8 @@ def register_env(
         old = _KINDS.get(kind)
         if old is not None and old.build is not factory:
             raise ValueError(f"env kind {kind!r} is already registered by {old.build!r}")
-        _KINDS[kind] = EnvKind(kind, factory, load_task, dict(tools), dump_task, read_task, builtin_tasks)
+        _KINDS[kind] = EnvKind(kind, factory, load_task, dict(tools), dump_task, read_task, builtin_tasks,
+                               first_observation)
         return factory
 
     return register

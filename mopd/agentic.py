@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
@@ -25,6 +26,7 @@ from rollout.chat_render import ObservationRenderer
 from toolbox.manager import ToolManager
 from toolbox.session import ToolboxSessions
 from toolbox.toolbox import get_or_create_toolbox
+from toolbox.worker import task_snapshot
 
 
 def tool_specs(kind: str) -> list[dict[str, Any]]:
@@ -40,7 +42,7 @@ def tool_specs(kind: str) -> list[dict[str, Any]]:
 
 def episode_task(sample: Sample) -> Any:
     """The task a sample's data row carries: its `task` field, else its label."""
-    return sample.metadata["task"] if "task" in sample.metadata else sample.label
+    return sample.metadata.get("task", sample.label)
 
 
 class AgenticEpisodes:
@@ -48,6 +50,7 @@ class AgenticEpisodes:
 
     def __init__(self, job: JobConfig, tokenizer: PreTrainedTokenizerBase) -> None:
         env = job.env
+        self.env = env
         self.kind = env.kind
         self.domains = env.episode_domains
         self.tokenizer = tokenizer
@@ -72,10 +75,29 @@ class AgenticEpisodes:
         messages = [{"role": "user", "content": first_observation}]
         return ObservationRenderer(self.tokenizer, messages, tools=self.tools)
 
-    def prewarm(self, samples: list[Sample]) -> int:
-        """Ready a sandbox for each of this step's episodes before generation starts."""
-        n = sum(s.domain in self.domains for s in samples)
-        return asyncio.run(self.sessions.prewarm(self.kind, n)) if n else 0
+    def prewarm(self, samples: list[Sample]) -> None:
+        """Ready a sandbox for each of this step's episodes before generation starts: one already holding
+        its task's files where the task has a snapshot (SWE; local sandboxes), else an empty one."""
+        plain = 0
+        by_task: dict[str, tuple[Any, int]] = {}
+        for sample in samples:
+            if sample.domain not in self.domains:
+                continue
+            task = episode_task(sample)
+            if self.env.sandbox.backend == "local" and task_snapshot(env_kind(self.kind).load_task(task)):
+                key = json.dumps(task, sort_keys=True, default=str)
+                by_task[key] = (task, by_task.get(key, (task, 0))[1] + 1)
+            else:
+                plain += 1
+
+        async def run() -> None:
+            calls = [self.sessions.prewarm(self.kind, n, task) for task, n in by_task.values()]
+            if plain:
+                calls.append(self.sessions.prewarm(self.kind, plain))
+            await asyncio.gather(*calls)
+
+        if plain or by_task:
+            asyncio.run(run())
 
     def metrics(self, samples: list[Sample]) -> dict[str, float]:
         """Per-step agent metrics: turns per episode, tool calls, errors and latency through the whole path."""

@@ -18,7 +18,7 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from envs.config import SINGLE_TURN, EnvConfig
-from envs.registry import env_kind, kind_tasks
+from envs.registry import EnvOptions, env_kind, kind_tasks
 from mopd.config import DataConfig
 from mopd.core.errors import ConfigError
 from mopd.core.types import Sample
@@ -122,17 +122,12 @@ def env_task_rows(env: EnvConfig, cfg: DataConfig) -> list[dict]:
 
 
 def first_observation(env: EnvConfig, task: Any) -> str:
-    """What the env's `reset(task)` answers, without opening a sandbox.
-
-    Only `swe` has tasks today; its wording is SWEEnv.reset's (envs/swe/env.py), which
-    tests/mopd/test_data.py compares against a real reset.
-    """
-    if env.kind != "swe":
-        raise ConfigError("env.kind", "a kind whose first observation mopd/data.py knows (swe) when it has tasks",
-                          env.kind)
-    return (f"Repository {task.repo} is checked out in the current directory.\n\n"
-            f"Issue:\n{task.problem_statement}\n\nTools: bash(command, timeout?), "
-            f"str_replace(path, old, new), finish(). You have {env.max_turns} turns.")
+    """What the env's `reset(task)` answers, without opening a sandbox (the kind registers it)."""
+    answer = env_kind(env.kind).first_observation
+    if answer is None:
+        raise ConfigError("env.kind", "a kind that registers its first observation (envs/registry.py) when its "
+                          "tasks are the data", env.kind)
+    return answer(task, EnvOptions(max_turns=env.max_turns))
 
 
 def _parse_row(line: str, cfg: DataConfig, where: str) -> dict:

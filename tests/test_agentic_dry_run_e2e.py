@@ -201,12 +201,6 @@ def test_agentic_steps_on_kubernetes_pods(pod_run: PodRun):
     assert {str(r["label"]) for r in episodes} <= written, (written, [r["label"] for r in episodes])
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "intermittent (1 of 4 runs left one pod): toolbox/worker.py SandboxWorker.shutdown cancels the warm-pool "
-    "refill (_refill) without awaiting it, and envs/sandbox/kubernetes.py KubernetesSandboxBackend._start calls "
-    "_create_pod outside its try/delete_pod, so a create cancelled while its POST runs in a thread leaves a pod "
-    "nobody deletes; the worker is then ray.kill'ed and the backend's atexit sweep never runs. Fix: _create_pod "
-    "inside the try; shutdown awaits the cancelled refill, then `await self.backend.sweep()` when it has one"))
 def test_no_pod_outlives_the_job(pod_run: PodRun):
     assert pod_run.proc.returncode == 0
     workspaces = {pod: sorted(p.name for p in (pod_run.pod_base / pod / "workspace").iterdir())

@@ -97,11 +97,7 @@ class SWEEnv:
             self.python = self.sandbox.info.get("python") or (
                 "python3" if self.sandbox.info.get("backend") != "local" else sys.executable
             )
-        return (
-            f"Repository {task.repo} is checked out in the current directory.\n\n"
-            f"Issue:\n{task.problem_statement}\n\nTools: bash(command, timeout?), "
-            f"str_replace(path, old, new), finish(). You have {self.max_turns} turns."
-        )
+        return first_observation(task, self.max_turns)
 
     def _usage(self) -> str:
         if self.tool_format == "mimo":
@@ -182,6 +178,15 @@ def _load_swe_task(obj: dict[str, Any]) -> SWETask:
     return task_from_dict(obj, source="swe task")
 
 
+def first_observation(task: SWETask, max_turns: int) -> str:
+    """What ``reset`` answers: the repository, the issue and the tools (also a task's prompt row)."""
+    return (
+        f"Repository {task.repo} is checked out in the current directory.\n\n"
+        f"Issue:\n{task.problem_statement}\n\nTools: bash(command, timeout?), "
+        f"str_replace(path, old, new), finish(). You have {max_turns} turns."
+    )
+
+
 @register_env(
     "swe",
     load_task=_load_swe_task,
@@ -189,6 +194,7 @@ def _load_swe_task(obj: dict[str, Any]) -> SWETask:
     dump_task=task_to_dict,
     read_task=load_task,
     builtin_tasks=builtin_tasks,
+    first_observation=lambda task, options: first_observation(task, options.max_turns),
 )
 def make_swe_env(sandbox: SandboxFactory, options: EnvOptions) -> SWEEnv:
     """The registry's builder of kind ``swe`` (envs/registry.py)."""
