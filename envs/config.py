@@ -87,6 +87,7 @@ class EnvConfig:
     # every other domain stays single-turn, rewarded by its verifier. Empty: the domain named like the kind
     domains: list[str] = field(default_factory=list)
     max_turns: int = 1  # model turns per episode
+    max_new_tokens: int = 0  # per model turn of an episode; 0 = rollout.max_new_tokens
     workers: int = 2  # Toolbox worker actors (each a pool of sandboxes) for `kind`
     # task directories (or task files) of a registered kind; empty: the kind's built-in tasks
     tasks: list[str] = field(default_factory=list)
@@ -103,6 +104,9 @@ class EnvConfig:
         if self.kind != SINGLE_TURN and self.max_turns < 2:
             raise ConfigError(f"{prefix}.max_turns", f"an integer >= 2 for the multi-turn kind {self.kind!r} "
                               "(a tool call and the answer to its observation)", self.max_turns)
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
+            raise ConfigError(f"{prefix}.max_new_tokens", "an integer >= 0 (0 = rollout.max_new_tokens)",
+                              self.max_new_tokens)
         if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
             raise ConfigError(f"{prefix}.workers", "an integer >= 1", self.workers)
         if self.domains and self.kind == SINGLE_TURN:

@@ -60,7 +60,8 @@ class AgenticEpisodes:
                             "sandbox": dataclasses.asdict(env.sandbox)}}
         self.toolbox = get_or_create_toolbox(pools)
         self.sessions = ToolboxSessions(ToolManager(self.toolbox, call_timeout_s=env.sandbox.wall_timeout_s + 30))
-        self.loop = ToolLoop(self.open_episode, max_turns=env.max_turns, max_new_tokens=job.rollout.max_new_tokens,
+        self.loop = ToolLoop(self.open_episode, max_turns=env.max_turns,
+                             max_new_tokens=env.max_new_tokens or job.rollout.max_new_tokens,
                              max_context_len=job.rollout.max_context_len)
 
     def agent_loops(self) -> dict[str, AgentLoop]:

@@ -309,6 +309,9 @@ def validate_static(job: JobConfig) -> None:
     job.algo.validate("algo")
     _validate_algo(job)
     job.env.validate("env")
+    if job.env.max_new_tokens >= job.rollout.max_context_len:
+        raise ConfigError("env.max_new_tokens", f"fewer than rollout.max_context_len={job.rollout.max_context_len}",
+                          job.env.max_new_tokens)
     _validate_data(job.data)
     _validate_toy(job)
     if job.eval_interval < 0:

@@ -35,6 +35,22 @@ def test_register_a_teacher_on_the_command_line():
 
 
 @pytest.mark.parametrize("override, field", [
+    ("env.max_new_tokens=4096", "env.max_new_tokens"),  # a turn longer than the whole context
+    ("env.max_turns=1", "env.max_turns"),
+    ("rollout.sample_from=teacher", "rollout.sample_from"),
+    ("env.domains=[chemistry]", None),  # checked against the data at start-up (preflight), not here
+])
+def test_invalid_agentic_values_name_the_field(override, field):
+    cfg = _compose("experiment=agentic_dry_run", override)
+    if field is None:
+        to_job_config(cfg)
+        return
+    with pytest.raises(ConfigError) as err:
+        to_job_config(cfg)
+    assert err.value.field_name == field
+
+
+@pytest.mark.parametrize("override, field", [
     ("trainer.eps_low=3.0", "trainer.eps_low"),
     ("trainer.eps_high=0.5", "trainer.eps_high"),
     ("trainer.loss=ppo", "trainer.loss"),

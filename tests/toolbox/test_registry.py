@@ -88,6 +88,7 @@ def test_unknown_kinds_are_refused_where_they_enter():
         (EnvConfig(kind="swe", max_turns=20, tasks=[TASKS_DIR]), "env.tasks[0]"),
         (EnvConfig(kind="toy_tool", max_turns=1), "env.max_turns"),  # no turn left to answer an observation
         (EnvConfig(kind="toy_tool", max_turns=3, workers=0), "env.workers"),
+        (EnvConfig(kind="toy_tool", max_turns=3, max_new_tokens=-1), "env.max_new_tokens"),
         (EnvConfig(domains=["tool"]), "env.domains"),  # verifiable: every domain is single-turn
         (EnvConfig(kind="toy_tool", max_turns=3, domains=[""]), "env.domains"),
     ],
