@@ -10,7 +10,7 @@ path: RolloutManager(agent_loops=...) -> ToolLoop (rollout/agent_loop.py) -> Too
 (toolbox/session.py) -> ToolManager -> Toolbox (Ray actor pools) -> local sandboxes, with sandboxes
 pre-warmed before each round as mopd/train.py does. Two scenarios:
 
-- `dry_run`: the dry run's tool domain as configured (env.max_turns, rollout.max_new_tokens and
+- `dry_run`: the dry run's tool domain as configured (env.max_turns, env.max_new_tokens and
   rollout.max_context_len of the experiment): the teacher calls `bash` once and answers (2 turns).
 - `keep_asking_<N>`: the same prompts, but every answer is followed by a new question (a fresh
   toy_tool session through the Toolbox on another task of the data), so each episode runs exactly N
@@ -147,10 +147,12 @@ def make_loop(agentic: AgenticEpisodes, job: JobConfig, task_pool: list[Any], ke
             agentic.tokenizer, [{"role": "user", "content": first}], tools=agentic.tools))
 
     if keep_asking is None:
-        loop = ToolLoop(open_episode, max_turns=job.env.max_turns, max_new_tokens=job.rollout.max_new_tokens,
+        loop = ToolLoop(open_episode, max_turns=job.env.max_turns,
+                        max_new_tokens=job.env.max_new_tokens or job.rollout.max_new_tokens,
                         max_context_len=job.rollout.max_context_len)
     else:
-        loop = ToolLoop(open_episode, max_turns=keep_asking, max_new_tokens=job.rollout.max_new_tokens,
+        loop = ToolLoop(open_episode, max_turns=keep_asking,
+                        max_new_tokens=job.env.max_new_tokens or job.rollout.max_new_tokens,
                         max_context_len=POLICY_CONTEXT)
     return TimedLoop(loop)
 
