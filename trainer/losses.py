@@ -11,7 +11,7 @@ The MOPD math itself lives in mopd.core.algo; this module only wires it to the t
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -45,6 +45,9 @@ class LossOutput:
     is_masked_tokens: float  # loss-mask tokens the IS mask zeroed
     kl_rollout_sum: float  # sum over loss-mask tokens of log mu - log pi_theta
     mask_tokens: float
+    # further ratio metrics of the loss: name -> (numerator, denominator), summed over microbatches and ranks
+    # and logged as train/<name> = sum(numerator) / sum(denominator) (trainer/rank.py)
+    ratios: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
 @dataclass

@@ -29,6 +29,19 @@ from trainer.optim import Optimizer
 _STATS = ("loss", "is_masked_tokens", "kl_rollout", "mask_tokens", "entropy", "mtp_loss")
 
 
+def _sum_over_ranks(ratios: dict[str, list[float]]) -> dict[str, list[float]]:
+    """Sum ratio statistics over ranks; their names may differ by rank (a rank may see no token of a kind)."""
+    gathered: list[dict[str, list[float]] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, ratios)
+    total: dict[str, list[float]] = {}
+    for part in gathered:
+        for name, (num, den) in (part or {}).items():
+            acc = total.setdefault(name, [0.0, 0.0])
+            acc[0] += num
+            acc[1] += den
+    return dict(sorted(total.items()))
+
+
 class TrainerRank:
     """Model, optimizer and scheduler of one data-parallel rank."""
 
@@ -118,6 +131,7 @@ class TrainerRank:
         self.optim.zero_grad()
         teacher_term = loss_spec(self.cfg.loss).needs_teacher  # its reward reads untempered log pi_theta
         stats = torch.zeros(len(_STATS), dtype=torch.float64)  # sums over this rank's microbatches
+        ratios: dict[str, list[float]] = {}  # LossOutput.ratios summed: name -> [numerator, denominator]
         for mb in self._microbatches(samples):
             chosen = [samples[i] for i in mb.indices]
             with routing_replay.replaying(self.model, self._replay_data(chosen, mb.tokens.shape[1])):
@@ -138,9 +152,14 @@ class TrainerRank:
                          "kl_rollout": out.kl_rollout_sum, "mask_tokens": out.mask_tokens,
                          "entropy": (view.entropy * mb.inputs.loss_mask).sum().item(), "mtp_loss": mtp_sum.item()}
             stats += torch.tensor([step_sums[name] for name in _STATS], dtype=torch.float64)
+            for name, (num, den) in out.ratios.items():
+                acc = ratios.setdefault(name, [0.0, 0.0])
+                acc[0] += num
+                acc[1] += den
         self._allreduce_grads()
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(stats)
+            ratios = _sum_over_ranks(ratios)
         grad_norm, lr = self.optim.step()
         self.step += 1
         summed = dict(zip(_STATS, stats.tolist()))
@@ -157,6 +176,7 @@ class TrainerRank:
         }
         if self.mtp.active:
             metrics["train/mtp_loss"] = summed["mtp_loss"] / num_global_samples
+        metrics.update({f"train/{name}": num / den for name, (num, den) in ratios.items() if den > 0})
         return metrics
 
     def _allreduce_grads(self) -> None:
