@@ -6,11 +6,14 @@ answers written round by round, where each round transforms the previous one, so
 sinks the whole answer (exposure bias: a student trained only on correct prefixes never saw its own
 slips). `tool` is multi-turn: the answer is a random value in a file of the episode's sandbox, so
 only a tool call can find it; its rows carry the env kind and task, and the env grades the episode
-(envs/toy_tool.py). All are small enough for a tiny character-level model on CPU.
+(envs/toy_tool.py). `echo` writes a word back whose length is lognormal (median 6, capped at 8x that), so
+response lengths are heavy-tailed by nature: the workload of the rollout-scheduler benchmark
+(benchmarks/scheduler). All are small enough for a tiny character-level model on CPU.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -68,6 +71,14 @@ def _rot(rng: random.Random) -> tuple[str, str]:
     return f"rot:{start}", _rounds(start, lambda c: str((int(c) + 3) % 10))
 
 
+def _echo(rng: random.Random) -> tuple[str, str]:
+    """A word of lognormal length written back, `echo:kqzt` -> `kqzt`: most answers are short, a few are 8x the
+    median (a step's slowest sample is one of those)."""
+    n = min(ECHO_MAX, max(1, round(rng.lognormvariate(math.log(ECHO_MEDIAN), ECHO_SIGMA))))
+    word = "".join(rng.choice(LETTERS) for _ in range(n))
+    return f"echo:{word}", word
+
+
 def tool_question(file: str) -> str:
     """The `tool` prompt: which sandbox file holds the answer (envs/toy_tool.py writes it there)."""
     return f"read {file}"
@@ -85,12 +96,15 @@ def _tool_task(question: str, answer: str) -> dict[str, Any]:
 
 LETTERS, DIGITS = "abcdefghijklmnopqrstuvwxyz", "0123456789"
 WIDTH, ROUNDS = 6, 5  # long-answer domains: 5 rounds of 6 characters = 34-character answers
+# echo: lognormal word length; sigma 1 puts ~1% of words at the cap and the longest of 16 prompts at ~30 characters
+ECHO_MEDIAN, ECHO_SIGMA, ECHO_MAX = 6, 1.0, 48
 TOY_DOMAINS: dict[str, ToyDomain] = {d.name: d for d in (
     ToyDomain("arith", _arith),
     ToyDomain("reverse", _reverse),
     ToyDomain("sort", _sort),
     ToyDomain("shift", _shift),
     ToyDomain("rot", _rot),
+    ToyDomain("echo", _echo),
     ToyDomain("tool", _tool, env="toy_tool", task=_tool_task, teacher_steps=800, teacher_batch=16),
 )}
 LONG_ANSWER_DOMAINS = ("shift", "rot")
