@@ -68,6 +68,23 @@ def _per_token(values: list[float] | None, row: int, start: int, out: torch.Tens
         out[row, start:start + len(values)] = torch.as_tensor(values, dtype=torch.float32)
 
 
+def token_staleness(sample: Sample, index: int) -> list[int]:
+    """policy_version - weight version of each response token: how many weight pushes behind the policy being
+    trained (metadata["policy_version"], set by the driver) the sampling weights were. A sample without that
+    version or without weight_versions counts as fresh (all 0). A token newer than the trained policy cannot
+    exist; it is refused, naming the sample."""
+    version = sample.metadata.get("policy_version")
+    if version is None or not sample.weight_versions:
+        return [0] * len(sample.response_ids)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise TypeError(f"sample {index}: metadata['policy_version'] must be an integer, got {version!r}")
+    staleness = [version - v for v in sample.weight_versions]
+    if min(staleness) < 0:
+        raise ValueError(f"sample {index}: Sample.weight_versions has version {max(sample.weight_versions)}, newer "
+                         f"than metadata['policy_version'] = {version} (the weights being trained)")
+    return staleness
+
+
 def collate(samples: list[Sample], indices: list[int]) -> MicroBatch:
     """Build the padded tensors of one microbatch (samples given in the caller's order)."""
     chosen = [samples[i] for i in indices]
@@ -79,6 +96,7 @@ def collate(samples: list[Sample], indices: list[int]) -> MicroBatch:
     has_teacher = all(s.teacher_logprobs is not None for s in chosen)
     mu = torch.zeros(B, S - 1) if has_mu else None
     teacher = torch.zeros(B, S - 1) if has_teacher else None
+    staleness = torch.zeros(B, S - 1, dtype=torch.long)
     for b, s in enumerate(chosen):
         tokens[b, :lengths[b]] = torch.as_tensor(s.tokens, dtype=torch.long)
         start, n = len(s.prompt_ids) - 1, len(s.response_ids)
@@ -86,6 +104,7 @@ def collate(samples: list[Sample], indices: list[int]) -> MicroBatch:
         loss_mask[b, start:start + n] = torch.as_tensor(mask, dtype=torch.float32)
         _per_token(s.rollout_logprobs, b, start, mu)
         _per_token(s.teacher_logprobs, b, start, teacher)
+        staleness[b, start:start + n] = torch.as_tensor(token_staleness(s, indices[b]), dtype=torch.long)
     orm = torch.as_tensor([float(s.orm_advantage) for s in chosen], dtype=torch.float32)
     # teachers.NAME.coef of each sample's teacher (mopd.teachers.TeacherSet.score records it; default 1)
     coef = torch.as_tensor([float(s.metadata.get("teacher_coef", 1.0)) for s in chosen], dtype=torch.float32)
@@ -95,7 +114,8 @@ def collate(samples: list[Sample], indices: list[int]) -> MicroBatch:
         position_ids=torch.arange(S, dtype=torch.long).unsqueeze(0).expand(B, S).contiguous(),
         targets=tokens[:, 1:].contiguous(),
         inputs=LossInputs(loss_mask=loss_mask, rollout_logprobs=mu, teacher_logprobs=teacher, orm_advantage=orm,
-                          teacher_top_ids=top_ids, teacher_top_logprobs=top_lps, teacher_coef=coef),
+                          teacher_top_ids=top_ids, teacher_top_logprobs=top_lps, teacher_coef=coef,
+                          staleness=staleness),
         prompt_lengths=[len(s.prompt_ids) for s in chosen],
     )
 

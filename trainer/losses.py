@@ -37,6 +37,9 @@ class LossInputs:
     teacher_top_logprobs: torch.Tensor | None = None  # [B, N, k] their log pi_teacher
     # [B] per-sequence multiplier of the teacher term: teachers.NAME.coef of the teacher that scored it
     teacher_coef: torch.Tensor | None = None
+    # [B, N] int64: weight versions between the policy being trained and the one that sampled each token
+    # (trainer/batching.py token_staleness); None = all 0
+    staleness: torch.Tensor | None = None
 
 
 @dataclass
@@ -56,7 +59,7 @@ class LossContext:
     student's other views of the microbatch (trainer/losses.py: StudentLogprobs)."""
 
     adv: AdvantageConfig
-    eps_low: float  # trainer.eps_low / eps_high: the IS mask's bounds
+    eps_low: float  # trainer.eps_low / eps_high: the IS mask's bounds (eps_high: the truncation cap)
     eps_high: float
     student_top_logprobs: torch.Tensor | None = None  # [B, N, k] log pi_theta^1 of the teacher's top-k tokens
     untempered_logprobs: torch.Tensor | None = None  # [B, N] log pi_theta^1(y_t)
@@ -128,7 +131,12 @@ def _rollout_stats(logprobs: torch.Tensor, inputs: LossInputs) -> tuple[float, f
 def pg_loss(logprobs: torch.Tensor, inputs: LossInputs, adv: AdvantageConfig, *, eps_low: float,
             eps_high: float, teacher_coef: float, student_top_logprobs: torch.Tensor | None = None,
             untempered_logprobs: torch.Tensor | None = None) -> LossOutput:
-    """-sum_seq (1/|y|) sum_t w_t (A_t log pi_theta(y_t) - teacher_coef * c_seq * D_t); w_t the IS mask.
+    """-sum_seq (1/|y|) sum_t w_t (A_t log pi_theta(y_t) - teacher_coef * c_seq * D_t); w_t the behaviour weight.
+
+    w_t = sg(pi_theta / mu) bounded by algo.is_correction (mask: 0 outside [eps_low, eps_high]; truncate:
+    min(., eps_high)) and 0 for tokens staler than algo.max_token_staleness (mopd.core.algo.importance_weights,
+    where the comment above it says why per-token mu makes sequences mixed from several weight versions correct).
+    A zeroed token still counts in |y|: the weight removes its gradient, not its share of the sequence.
 
     Temperature. `logprobs` are the student's at the rollout temperature T (what mu sampled from), so the
     IS weight w_t = pi_theta^T / mu and the policy-gradient term use them. The teacher term compares the
@@ -160,7 +168,9 @@ def pg_loss(logprobs: torch.Tensor, inputs: LossInputs, adv: AdvantageConfig, *,
     student = untempered_logprobs if untempered_logprobs is not None else logprobs
     advantages = token_advantages(teacher, student.detach(), orm.unsqueeze(-1), mask, alpha=adv.alpha,
                                   teacher_coef=sampled_coef * per_seq_coef, reward_clip=adv.teacher_reward_clip)
-    weights = importance_weights(logprobs, mu, mask, eps_low=eps_low, eps_high=eps_high)
+    weights = importance_weights(logprobs, mu, mask, eps_low=eps_low, eps_high=eps_high,
+                                 correction=adv.is_correction, staleness=inputs.staleness,
+                                 max_staleness=adv.max_token_staleness)
     objective = weights * advantages * logprobs
     if top_k:
         teacher_top = _require(inputs.teacher_top_logprobs, "teacher_top_logprobs", "mopd with teacher_top_k")
@@ -173,7 +183,28 @@ def pg_loss(logprobs: torch.Tensor, inputs: LossInputs, adv: AdvantageConfig, *,
     per_seq = per_sequence_token_mean(objective, mask)
     kl, _ = _rollout_stats(logprobs, inputs)
     return LossOutput(loss_sum=-per_seq.sum(), is_masked_tokens=float(((weights == 0) & (mask > 0)).sum().item()),
-                      kl_rollout_sum=kl, mask_tokens=float(mask.sum().item()))
+                      kl_rollout_sum=kl, mask_tokens=float(mask.sum().item()),
+                      ratios=staleness_ratios(weights, mask, inputs.staleness))
+
+
+_STALENESS_BUCKETS = ("0", "1", "2plus")
+
+
+def staleness_ratios(weights: torch.Tensor, mask: torch.Tensor,
+                     staleness: torch.Tensor | None) -> dict[str, tuple[float, float]]:
+    """The IS-masked fraction and the mean IS weight of the loss-mask tokens, by staleness (0, 1, 2 or more
+    versions old): whether stale tokens are the ones the correction cuts (train/is_masked_frac/staleness_k,
+    train/is_weight_mean/staleness_k)."""
+    on = mask > 0
+    stale = staleness if staleness is not None else torch.zeros_like(weights, dtype=torch.long)
+    buckets = (stale == 0, stale == 1, stale >= 2)
+    ratios: dict[str, tuple[float, float]] = {}
+    for name, bucket in zip(_STALENESS_BUCKETS, buckets):
+        tokens = on & bucket
+        count = float(tokens.sum().item())
+        ratios[f"is_masked_frac/staleness_{name}"] = (float((tokens & (weights == 0)).sum().item()), count)
+        ratios[f"is_weight_mean/staleness_{name}"] = (float(weights[tokens].sum().item()), count)
+    return ratios
 
 
 def sft_loss(logprobs: torch.Tensor, inputs: LossInputs) -> LossOutput:

@@ -3,7 +3,9 @@
 Per response token t of a sample whose prompt belongs to teacher T:
 
     A_t = sg[ log pi_T(y_t) - log pi_theta(y_t) ] * teacher_coef * coef_T + alpha * A_ORM
-    w_t = sg[ pi_theta(y_t) / mu(y_t) ]   if eps_low <= pi_theta/mu <= eps_high, else 0
+    w_t = sg[ pi_theta(y_t) / mu(y_t) ]   if eps_low <= pi_theta/mu <= eps_high, else 0   (algo.is_correction=mask)
+    w_t = sg[ min(pi_theta(y_t) / mu(y_t), eps_high) ]                                    (algo.is_correction=truncate)
+    w_t = 0 whenever the token is more than algo.max_token_staleness weight versions old (-1 = no bound)
 
 A_ORM is the GRPO outcome advantage of the sample within its prompt group; teacher_coef is
 algo.teacher_coef and coef_T the scoring teacher's own teachers.T.coef (1 unless set). Tokens with
@@ -21,6 +23,7 @@ import torch
 from mopd.core.errors import ConfigError
 
 DIVERGENCES = ("reverse_kl", "forward_kl")
+IS_CORRECTIONS = ("mask", "truncate")
 
 
 @dataclass
@@ -39,6 +42,13 @@ class AdvantageConfig:
     # differentiated exactly instead of estimated from the one sampled token (lower variance).
     teacher_top_k: int = 0
     top_k_divergence: str = "reverse_kl"  # reverse_kl: KL(pi_theta || pi_T) | forward_kl: KL(pi_T || pi_theta)
+    # how the behaviour-policy weight w_t = pi_theta/mu is bounded (see importance_weights): mask (MiMo report:
+    # tokens outside [trainer.eps_low, trainer.eps_high] get 0) | truncate (min(ratio, trainer.eps_high), no token
+    # zeroed: truncated IS)
+    is_correction: str = "mask"
+    # tokens sampled more than this many weight versions before the policy being trained get w_t = 0 (-1 = no
+    # bound); a second guard behind the rollout scheduler's rollout.max_staleness, per token instead of per sequence
+    max_token_staleness: int = -1
 
     def validate(self, prefix: str = "algo") -> None:
         if self.alpha < 0:
@@ -50,6 +60,12 @@ class AdvantageConfig:
                               self.teacher_top_k)
         if self.top_k_divergence not in DIVERGENCES:
             raise ConfigError(f"{prefix}.top_k_divergence", f"one of {DIVERGENCES}", self.top_k_divergence)
+        if self.is_correction not in IS_CORRECTIONS:
+            raise ConfigError(f"{prefix}.is_correction", f"one of {IS_CORRECTIONS}", self.is_correction)
+        if isinstance(self.max_token_staleness, bool) or not isinstance(self.max_token_staleness, int) \
+                or self.max_token_staleness < -1:
+            raise ConfigError(f"{prefix}.max_token_staleness", "an integer >= 0, or -1 for no bound",
+                              self.max_token_staleness)
         if self.teacher_reward_clip < 0:
             raise ConfigError(f"{prefix}.teacher_reward_clip", "a number >= 0 (0 = unbounded)",
                               self.teacher_reward_clip)
@@ -89,11 +105,59 @@ def token_advantages(teacher_logprobs: torch.Tensor, student_logprobs: torch.Ten
     return advantages * loss_mask.to(advantages.dtype)
 
 
+# Why a per-token behaviour logprob is enough with partial rollout, and how this relates to decoupled PPO.
+#
+# A sequence continued across weight pushes has tokens from several versions: y_t was drawn from
+# mu_t(. | y_<t), the distribution the engine sampled from at that moment, and rollout_logprobs[t] is that
+# distribution's log-probability of y_t, recorded as it was sampled (rollout/trajectory.py). The sequence's
+# behaviour probability is therefore prod_t mu_t(y_t | y_<t) whatever versions were involved, and the per-token
+# ratio pi_theta(y_t | y_<t) / mu_t(y_t | y_<t) corrects each token choice for exactly the policy that made it.
+# Nothing in the correction needs the version numbers: it does not even matter whether mu_t was "version v" in
+# a clean sense (a continuation's prefix may have been prefilled under older weights); what matters is that
+# rollout_logprobs holds the probability the sampler actually used. As in PPO, GRPO and the MiMo report, the
+# estimator is token-level: it corrects each token choice, not the distribution of the prefix (the states).
+# Staleness therefore does not bias the correction; it moves the ratios away from 1 (older weights are further
+# from pi_theta), which raises the variance of the unbounded weight and the share of tokens the bounds
+# below cut. Hence the per-staleness metrics (trainer/losses.py) and the optional hard bound max_staleness.
+#
+# Decoupled PPO (Hilton et al. 2021; AReaL) separates the behaviour policy mu from a proximal policy pi_prox,
+# the weights at the start of the update:
+#     J(theta) = E_{y ~ mu}[ sg(pi_prox / mu) * min(r_t A_t, clip(r_t, 1 - e, 1 + e) A_t) ],  r_t = pi_theta / pi_prox.
+# At theta = theta_prox, r_t = 1 lies inside the clip range, both branches of the min equal A_t and have the
+# gradient A_t grad r_t = A_t grad log pi_theta, so grad J = E_mu[ sg(pi_prox / mu) A_t grad log pi_theta ],
+# and pi_prox / mu equals pi_theta / mu in value: the gradient of -w_t A_t log pi_theta with the unbounded
+# w_t = sg(pi_theta / mu). This holds exactly when (a) every gradient is taken at theta_prox: one optimizer
+# step per rollout batch with all microbatches accumulated before it (trainer/rank.py train_step), and (b) the
+# pi_prox of the ratio is the very forward that is differentiated (same weights, routing replay, temperature,
+# numerics), which is the case when pi_prox is not computed separately. With several optimizer steps per
+# batch (PPO epochs or minibatches) theta leaves theta_prox after the first step, pi_prox must be stored
+# from a forward before it, and the clip becomes active; then the two differ. The loss values differ even
+# here (-(pi_theta/mu) A vs -sg(w) A log pi_theta); only the gradients agree. So with one step per batch
+# decoupled PPO adds nothing over this module's weight, and its clip never acts; the stabiliser is how w_t is
+# bounded: the mask drops tokens whose ratio leaves [eps_low, eps_high] (no gradient from them, the rest
+# unbiased), truncated IS (as in verl and slime, C = eps_high here) keeps every token with min(ratio, C), which
+# bounds the variance at the cost of a bias against tokens the trainer now prefers over the sampler, and keeps
+# the tokens with small ratios that the mask would drop. For the top-k divergence term (pg_loss in
+# trainer/losses.py) D_t depends on the prefix only, not on y_t, so there w_t acts as this trust-region
+# mask rather than as a correction.
 def importance_weights(logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, loss_mask: torch.Tensor,
-                       *, eps_low: float, eps_high: float) -> torch.Tensor:
-    """w_t = pi_theta/mu inside [eps_low, eps_high], else 0 (masked, not clipped); detached."""
+                       *, eps_low: float, eps_high: float, correction: str = "mask",
+                       staleness: torch.Tensor | None = None, max_staleness: int = -1) -> torch.Tensor:
+    """The behaviour-policy weight w_t (detached); 0 on tokens outside the loss mask.
+
+    mask: pi_theta/mu inside [eps_low, eps_high], else 0 (masked, not clipped). truncate: min(pi_theta/mu,
+    eps_high), eps_low unused. `staleness` (same shape, versions between the trained policy and the one that
+    sampled the token) with `max_staleness` >= 0 zeroes tokens staler than that in either mode."""
     ratio = torch.exp((logprobs - rollout_logprobs).detach())
-    keep = (ratio >= eps_low) & (ratio <= eps_high) & loss_mask.bool()
+    keep = loss_mask.bool()
+    if correction == "mask":
+        keep = keep & (ratio >= eps_low) & (ratio <= eps_high)
+    elif correction == "truncate":
+        ratio = ratio.clamp(max=eps_high)
+    else:
+        raise ValueError(f"importance_weights: correction={correction!r}; expected one of {IS_CORRECTIONS}")
+    if staleness is not None and max_staleness >= 0:
+        keep = keep & (staleness <= max_staleness)
     return torch.where(keep, ratio, torch.zeros_like(ratio))
 
 
