@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
+from typing import Any
 
 from mopd.core.errors import ConfigError
 from trainer.losses import loss_spec
@@ -27,10 +28,12 @@ class TrainerConfig:
     adam_beta2: float = 0.999
     grad_clip: float = 1.0
     max_tokens_per_microbatch: int = 4096  # packing budget; gradient accumulation over microbatches
-    dp_size: int = 1  # data-parallel trainer ranks (Ray actors)
-    tp_size: int = 1
-    pp_size: int = 1
-    ep_size: int = 1
+    # Megatron's layout: dp_size * tp_size * pp_size ranks (Ray actors, `world_size`); experts are split
+    # over ep_size of the data-parallel ranks (ep_size divides dp_size, as in Megatron)
+    dp_size: int = 1  # data-parallel replicas (each sees its own share of the batch)
+    tp_size: int = 1  # tensor parallel: heads, MLP columns and the vocabulary split over tp_size ranks
+    pp_size: int = 1  # pipeline stages (not implemented yet: must be 1)
+    ep_size: int = 1  # expert parallel: the routed experts split over ep_size ranks
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "float32"  # float32 | bfloat16
     weight_sync: str = "tensor"  # tensor | disk | distributed
@@ -86,10 +89,15 @@ class TrainerConfig:
         for name in ("dp_size", "tp_size", "pp_size", "ep_size", "max_tokens_per_microbatch"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{prefix}.{name}", "an integer >= 1", getattr(self, name))
-        for name in ("tp_size", "pp_size", "ep_size"):  # trainer/engine.py refuses them once started
-            if getattr(self, name) != 1:
-                raise ConfigError(f"{prefix}.{name}", "1 (only data parallelism, trainer.dp_size, is "
-                                  "implemented)", getattr(self, name))
+        if self.pp_size != 1:
+            raise ConfigError(f"{prefix}.pp_size", "1 (pipeline parallelism is not implemented yet; use "
+                              "trainer.tp_size / ep_size)", self.pp_size)
+        if self.dp_size % self.ep_size:
+            raise ConfigError(f"{prefix}.ep_size", f"a divisor of trainer.dp_size={self.dp_size} (experts are split "
+                              "over data-parallel ranks)", self.ep_size)
+        if self.mtp_loss_coef > 0 and self.tp_size > 1:
+            raise ConfigError(f"{prefix}.mtp_loss_coef", "0 when trainer.tp_size > 1 (the MTP loss reads full "
+                              "logits)", self.mtp_loss_coef)
         if self.weight_sync_format not in ("auto", "sglang", "safetensors"):
             raise ConfigError(f"{prefix}.weight_sync_format", "one of auto, sglang, safetensors",
                               self.weight_sync_format)
@@ -111,6 +119,34 @@ class TrainerConfig:
         if self.mtp_loss_coef < 0:
             raise ConfigError(f"{prefix}.mtp_loss_coef", "a number >= 0 (0 turns the MTP loss off)",
                               self.mtp_loss_coef)
+
+    @property
+    def world_size(self) -> int:
+        """Trainer ranks (Ray actors): one per (data, tensor, pipeline) coordinate."""
+        return self.dp_size * self.tp_size * self.pp_size
+
+    def check_model(self, hf_config: Any, prefix: str = "trainer") -> None:
+        """What the layout asks of the model (an HF config): each split must be even."""
+        heads, kv = hf_config.num_attention_heads, getattr(hf_config, "num_key_value_heads", None)
+        kv = kv or heads
+        experts = getattr(hf_config, "num_experts", None) or getattr(hf_config, "n_routed_experts", None) or 0
+        model_type = getattr(hf_config, "model_type", "?")
+        if model_type == "mimo_v2_flash" and (self.tp_size, self.ep_size) != (1, 1):
+            raise ConfigError(f"{prefix}.tp_size/ep_size", "1 for mimo_v2_flash (its sharded layout is not yet "
+                              "checked against the single-rank run)", (self.tp_size, self.ep_size))
+        ffn = [(getattr(hf_config, name, None), name) for name in ("intermediate_size", "moe_intermediate_size")]
+        for count, what in [(heads, "num_attention_heads"), (kv, "num_key_value_heads"),
+                            (hf_config.vocab_size, "vocab_size"), *[(n, w) for n, w in ffn if n]]:
+            if count % self.tp_size:
+                raise ConfigError(f"{prefix}.tp_size", f"a divisor of the model's {what}={count}", self.tp_size)
+        if hf_config.num_hidden_layers % self.pp_size:
+            raise ConfigError(f"{prefix}.pp_size", f"a divisor of the model's num_hidden_layers="
+                              f"{hf_config.num_hidden_layers}", self.pp_size)
+        if self.ep_size > 1 and not experts:
+            raise ConfigError(f"{prefix}.ep_size", f"1: the model ({model_type}) has no routed experts", self.ep_size)
+        if experts and experts % self.ep_size:
+            raise ConfigError(f"{prefix}.ep_size", f"a divisor of the model's number of experts={experts}",
+                              self.ep_size)
 
     def check_devices(self, cuda_available: bool, prefix: str = "trainer") -> None:
         """What needs this machine: CUDA for device=cuda and for NCCL weight sync (embedded clusters)."""

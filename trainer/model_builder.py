@@ -15,7 +15,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from transformers import AutoConfig
 
-from trainer import cpu_compat
+from trainer import cpu_compat, parallel
 from trainer.models import Architecture, get_architecture
 
 # local-spec name -> TE-spec name (TE fuses the pre-attention/pre-MLP norms into the next linear)
@@ -68,6 +68,7 @@ def build_model(hf_config: Any, *, device: str = "auto", dtype: str = "float32",
     kwargs.update(params_dtype=torch_dtype, bf16=torch_dtype == torch.bfloat16)
     if activation_recompute:
         kwargs.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    kwargs.update(parallel.config_sizes())
     config = arch.config_class(**kwargs)
     use_te = not on_cpu and _have_te()
     with cpu_compat.cuda_device_is_cpu() if on_cpu else contextlib.nullcontext():
@@ -103,11 +104,13 @@ def align_to_model(state: dict[str, torch.Tensor], model: torch.nn.Module) -> di
 
 
 def canonical_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's weights under local-spec names (TE extra state dropped)."""
+    """The model's weights under local-spec names (TE extra state dropped); under TP/EP the full
+    weights gathered from every rank (a collective then: all ranks call it)."""
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    if parallel.model_parallel():
+        state = parallel.gather_state(model, state)
     out = {}
-    for key, value in model.state_dict().items():
-        if key.endswith("_extra_state"):
-            continue
+    for key, value in state.items():
         for local, te in _TE_ALIASES.items():
             if key.endswith(te):
                 key = key[: -len(te)] + local
@@ -145,6 +148,8 @@ def hf_to_model(model: torch.nn.Module, arch: Architecture, hf_config: Any,
     built = len(mtp.layers) if mtp is not None else 0
     converted = {k: v for k, v in converted.items()
                  if not k.startswith("mtp.layers.") or int(k.split(".")[2]) < built}
+    if parallel.model_parallel():  # this rank's shard of every weight
+        converted = parallel.shard_state(align_to_model(converted, model), model)
     load_megatron_state(model, converted)
 
 

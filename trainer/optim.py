@@ -2,7 +2,7 @@
 
 torch AdamW rather than Megatron's get_megatron_optimizer: with TP=PP=EP=1 it is exact, its
 state_dict round-trips bit for bit (exact resume), and it needs neither Megatron's DDP grad
-buffers nor CUDA. For a bf16 model the optimizer steps fp32 copies of the parameters (as
+buffers nor CUDA (under TP/EP the gradient norm is summed over ranks, trainer.parallel.grad_norm_sq). For a bf16 model the optimizer steps fp32 copies of the parameters (as
 Megatron's mixed-precision optimizer does) and copies them back, so small updates are not lost.
 """
 
@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from trainer import parallel
 from trainer.config import TrainerConfig
 
 
@@ -63,7 +64,10 @@ class Optimizer:
             for p, m in zip(self.params, self.masters):
                 m.grad = p.grad.float()
         max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.masters, max_norm).item()
+        if parallel.model_parallel():
+            grad_norm = self._clip_sharded(max_norm)
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.masters, max_norm).item()
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
@@ -72,6 +76,16 @@ class Optimizer:
                 for p, m in zip(self.params, self.masters):
                     p.copy_(m)
         return grad_norm, lr
+
+    def _clip_sharded(self, max_norm: float) -> float:
+        """clip_grad_norm_ when each rank holds part of the weights: the norm is over the whole model."""
+        norm = parallel.grad_norm_sq(self.masters, self.params).sqrt().item()
+        coef = max_norm / (norm + 1e-6)
+        if coef < 1.0:
+            for m in self.masters:
+                if m.grad is not None:
+                    m.grad.mul_(coef)
+        return norm
 
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),

@@ -2,7 +2,9 @@
 
 Ray-free so it can be unit-tested in-process; trainer.actor wraps it in a Ray actor. The
 optimizer (trainer.optim) is torch AdamW; data-parallel gradients are all-reduced explicitly
-here (one coalesced all_reduce), so the same code runs on gloo and NCCL.
+here (trainer.parallel.sync_grads: one coalesced all_reduce per data-parallel group), so the same
+code runs on gloo and NCCL. Under tensor parallelism the logits stay vocab-sharded
+(trainer.vocab_parallel); under expert parallelism the experts are split over the data-parallel ranks.
 """
 
 from __future__ import annotations
@@ -12,12 +14,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from megatron.core import parallel_state as ps
 
 from mopd.core.algo import AdvantageConfig
 from mopd.core.errors import ConfigError
 from mopd.core.types import Sample
-from trainer import batching, routing_replay
+from trainer import batching, parallel, routing_replay, vocab_parallel
 from trainer.config import TrainerConfig
 from trainer.hf_io import load_hf_state
 from trainer.losses import StudentLogprobs, compute_loss, loss_spec, needed_fields, student_logprobs
@@ -31,8 +33,8 @@ _STATS = ("loss", "is_masked_tokens", "kl_rollout", "mask_tokens", "entropy", "m
 
 def _sum_over_ranks(ratios: dict[str, list[float]]) -> dict[str, list[float]]:
     """Sum ratio statistics over ranks; their names may differ by rank (a rank may see no token of a kind)."""
-    gathered: list[dict[str, list[float]] | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, ratios)
+    gathered: list[dict[str, list[float]] | None] = [None] * ps.get_data_parallel_world_size()
+    dist.all_gather_object(gathered, ratios, group=ps.get_data_parallel_group())
     total: dict[str, list[float]] = {}
     for part in gathered:
         for name, (num, den) in (part or {}).items():
@@ -49,9 +51,6 @@ class TrainerRank:
                  rollout_temperature: float = 1.0) -> None:
         cfg.validate()
         adv.validate()
-        if (cfg.tp_size, cfg.pp_size, cfg.ep_size) != (1, 1, 1):
-            raise ConfigError("trainer.tp_size/pp_size/ep_size", "1 (only data parallelism is implemented)",
-                              (cfg.tp_size, cfg.pp_size, cfg.ep_size))
         from trainer.cpu_compat import needs_cpu_compat
 
         if cfg.activation_recompute and needs_cpu_compat(cfg.device):
@@ -62,6 +61,14 @@ class TrainerRank:
         self.cfg, self.adv, self.model_path = cfg, adv, model_path
         self.temperature = rollout_temperature
         self.hf_config = load_hf_config(model_path)
+        cfg.check_model(self.hf_config)
+        sizes = (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
+                 ps.get_expert_model_parallel_world_size())
+        if sizes != (cfg.tp_size, cfg.pp_size, cfg.ep_size):
+            raise ValueError(f"Megatron's parallel state has (tp, pp, ep) = {sizes}, the config asks for "
+                             f"{(cfg.tp_size, cfg.pp_size, cfg.ep_size)} (initialise it with trainer.dist)")
+        self.dp_rank = ps.get_data_parallel_rank()
+        self.tp = cfg.tp_size
         self.model, self.arch = build_model(self.hf_config, device=cfg.device, dtype=cfg.dtype,
                                             routing_replay=cfg.routing_replay,
                                             activation_recompute=cfg.activation_recompute)
@@ -95,7 +102,8 @@ class TrainerRank:
         see trainer.losses.pg_loss), the entropy, and log pi_theta of the teacher's top-k tokens (if any)."""
         logits = self.model(mb.tokens.to(self.device), mb.position_ids.to(self.device), None)
         top_ids = mb.inputs.teacher_top_ids
-        out = student_logprobs(logits[:, :-1], mb.targets.to(self.device), self.temperature,
+        views = vocab_parallel.student_logprobs if self.tp > 1 else student_logprobs  # vocab-sharded logits
+        out = views(logits[:, :-1], mb.targets.to(self.device), self.temperature,
                                top_ids.to(self.device) if top_ids is not None else None, need_untempered)
         if self.device.type != "cpu":
             out = StudentLogprobs(*(t.cpu() if t is not None else None
@@ -157,8 +165,8 @@ class TrainerRank:
                 acc[0] += num
                 acc[1] += den
         self._allreduce_grads()
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(stats)
+        if ps.get_data_parallel_world_size() > 1:  # TP ranks of one replica hold the same statistics
+            dist.all_reduce(stats, group=ps.get_data_parallel_group())
             ratios = _sum_over_ranks(ratios)
         grad_norm, lr = self.optim.step()
         self.step += 1
@@ -183,13 +191,8 @@ class TrainerRank:
         for p in self.model.parameters():
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        if not (dist.is_initialized() and dist.get_world_size() > 1):
-            return
-        grads = [p.grad for p in self.model.parameters()]
-        flat = _flatten_dense_tensors(grads)
-        dist.all_reduce(flat)
-        for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
-            g.copy_(synced)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            parallel.sync_grads(self.model)
 
     # ---------------------------------------------------------------- weights and state
     def hf_state(self) -> dict[str, torch.Tensor]:
