@@ -116,30 +116,34 @@ def token_advantages(teacher_logprobs: torch.Tensor, student_logprobs: torch.Ten
 # a clean sense (a continuation's prefix may have been prefilled under older weights); what matters is that
 # rollout_logprobs holds the probability the sampler actually used. As in PPO, GRPO and the MiMo report, the
 # estimator is token-level: it corrects each token choice, not the distribution of the prefix (the states).
-# Staleness therefore does not bias the correction; it moves the ratios away from 1 (older weights are further
-# from pi_theta), which raises the variance of the unbounded weight and the share of tokens the bounds
-# below cut. Hence the per-staleness metrics (trainer/losses.py) and the optional hard bound max_staleness.
+# Staleness adds no new kind of error: the bias of that token-level approximation and the variance of the
+# weights both grow with how far mu is from pi_theta, and older weights are further away. It shows as ratios
+# far from 1, which the bounds below cut; hence the metrics by staleness (trainer/losses.py staleness_ratios)
+# and the optional hard bound algo.max_token_staleness.
 #
 # Decoupled PPO (Hilton et al. 2021; AReaL) separates the behaviour policy mu from a proximal policy pi_prox,
 # the weights at the start of the update:
 #     J(theta) = E_{y ~ mu}[ sg(pi_prox / mu) * min(r_t A_t, clip(r_t, 1 - e, 1 + e) A_t) ],  r_t = pi_theta / pi_prox.
-# At theta = theta_prox, r_t = 1 lies inside the clip range, both branches of the min equal A_t and have the
-# gradient A_t grad r_t = A_t grad log pi_theta, so grad J = E_mu[ sg(pi_prox / mu) A_t grad log pi_theta ],
-# and pi_prox / mu equals pi_theta / mu in value: the gradient of -w_t A_t log pi_theta with the unbounded
-# w_t = sg(pi_theta / mu). This holds exactly when (a) every gradient is taken at theta_prox: one optimizer
-# step per rollout batch with all microbatches accumulated before it (trainer/rank.py train_step), and (b) the
-# pi_prox of the ratio is the very forward that is differentiated (same weights, routing replay, temperature,
-# numerics), which is the case when pi_prox is not computed separately. With several optimizer steps per
-# batch (PPO epochs or minibatches) theta leaves theta_prox after the first step, pi_prox must be stored
-# from a forward before it, and the clip becomes active; then the two differ. The loss values differ even
-# here (-(pi_theta/mu) A vs -sg(w) A log pi_theta); only the gradients agree. So with one step per batch
-# decoupled PPO adds nothing over this module's weight, and its clip never acts; the stabiliser is how w_t is
-# bounded: the mask drops tokens whose ratio leaves [eps_low, eps_high] (no gradient from them, the rest
-# unbiased), truncated IS (as in verl and slime, C = eps_high here) keeps every token with min(ratio, C), which
-# bounds the variance at the cost of a bias against tokens the trainer now prefers over the sampler, and keeps
-# the tokens with small ratios that the mask would drop. For the top-k divergence term (pg_loss in
-# trainer/losses.py) D_t depends on the prefix only, not on y_t, so there w_t acts as this trust-region
-# mask rather than as a correction.
+# Per token, where the min takes the unclipped branch (r_t inside [1 - e, 1 + e], or outside it on the side
+# where r_t A_t is the smaller), the gradient is sg(pi_prox / mu) A_t grad r_t = sg(pi_prox / mu) r_t A_t
+# grad log pi_theta = sg(pi_theta / mu) A_t grad log pi_theta: the gradient of -w_t A_t log pi_theta with the
+# unbounded w_t = sg(pi_theta / mu), whatever pi_prox is. Where the clip binds (A_t > 0 and r_t > 1 + e, or
+# A_t < 0 and r_t < 1 - e) the token gives no gradient. With one optimizer step per rollout batch, all
+# microbatches accumulated before it (trainer/rank.py train_step), every gradient is taken at theta_prox, so
+# r_t = 1 on every token, no clip binds and decoupled PPO's gradient is exactly the unbounded weight's. That
+# needs the pi_prox of the ratio to equal the differentiated forward in value (same weights, routing replay,
+# temperature): true by construction when pi_prox is that forward, detached; a separately recomputed pi_prox
+# would add its numerical noise to r_t. With several optimizer steps per batch (PPO epochs or minibatches)
+# pi_prox must be stored from a forward before the first one, and from the second step on the clip can bind
+# and the two differ. The loss values differ in any case (-(pi_theta / mu) A vs -sg(w) A log pi_theta); only
+# the gradients agree (tests/trainer/test_staleness_is.py checks both cases). So with one step per batch the
+# decoupled objective adds nothing and its clip never acts; what stabilises training is how w_t is bounded:
+# the mask drops tokens whose ratio leaves [eps_low, eps_high] (they give no gradient, the kept ones are
+# weighted exactly); truncated IS (as in verl and slime, C = eps_high here) keeps every token with
+# min(ratio, C), which bounds the variance at the cost of a bias against tokens the trainer now prefers over
+# the sampler, and keeps the small-ratio tokens the mask would drop. For the top-k divergence term (pg_loss in
+# trainer/losses.py) D_t depends on the prefix only, not on y_t, so there w_t acts as this trust-region mask
+# rather than as a correction.
 def importance_weights(logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, loss_mask: torch.Tensor,
                        *, eps_low: float, eps_high: float, correction: str = "mask",
                        staleness: torch.Tensor | None = None, max_staleness: int = -1) -> torch.Tensor:

@@ -71,6 +71,24 @@ def test_importance_mask_keeps_ratio_inside_band_and_zeroes_outside():
     assert w.tolist() == pytest.approx([1.0, 2.5, 0.5 / 0.9, 0.0])
 
 
+def test_truncated_weights_cap_without_zeroing_and_the_staleness_bound_zeroes_in_both_modes():
+    logp = torch.log(torch.tensor([0.5, 0.5, 0.5, 0.5]))
+    mu = torch.log(torch.tensor([0.5, 0.2, 0.9, 0.4]))  # ratios 1.0, 2.5, 0.555.., 1.25
+    mask = torch.tensor([1, 1, 1, 0])
+    w = importance_weights(logp, mu, mask, eps_low=0.6, eps_high=2.0, correction="truncate")
+    assert w.tolist() == pytest.approx([1.0, 2.0, 0.5 / 0.9, 0.0])  # 2.5 capped at 2, 0.56 kept, last masked
+    staleness = torch.tensor([3, 0, 2, 0])
+    w = importance_weights(logp, mu, mask, eps_low=0.5, eps_high=3.0, staleness=staleness, max_staleness=2)
+    assert w.tolist() == pytest.approx([0.0, 2.5, 0.5 / 0.9, 0.0])  # 3 versions old > 2
+    w = importance_weights(logp, mu, mask, eps_low=0.5, eps_high=2.0, correction="truncate", staleness=staleness,
+                           max_staleness=1)
+    assert w.tolist() == pytest.approx([0.0, 2.0, 0.0, 0.0])
+    w = importance_weights(logp, mu, mask, eps_low=0.5, eps_high=3.0, staleness=staleness, max_staleness=-1)
+    assert w.tolist() == pytest.approx([1.0, 2.5, 0.5 / 0.9, 0.0])  # -1: no bound
+    with pytest.raises(ValueError, match="correction='clip'"):
+        importance_weights(logp, mu, mask, eps_low=0.5, eps_high=2.0, correction="clip")
+
+
 def test_per_sequence_token_mean_counts_only_loss_tokens():
     values = torch.tensor([[1.0, 2.0, 100.0, 3.0], [4.0, 0.0, 0.0, 0.0]])
     mask = torch.tensor([[1, 1, 0, 1], [1, 0, 0, 0]])

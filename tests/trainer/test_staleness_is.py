@@ -12,7 +12,7 @@ from mopd.core.algo import AdvantageConfig
 from mopd.core.errors import ConfigError
 from mopd.core.types import Sample
 from trainer.batching import collate, token_staleness
-from trainer.losses import compute_loss
+from trainer.losses import LossInputs, compute_loss
 
 PROMPT = [11, 12, 13]
 RESPONSE = [21, 22, 23, 24]
@@ -176,3 +176,50 @@ def test_train_step_logs_the_masked_fraction_by_staleness(moe_path, dist_env):
     assert metrics["train/is_weight_mean/staleness_0"] == pytest.approx(1.0, abs=1e-5)
     trained = [sum(s.loss_mask) for s in samples]
     assert metrics["train/is_mask_frac"] == pytest.approx((trained[2] + trained[3]) / sum(trained))
+
+
+def _decoupled_ppo_loss(lp: torch.Tensor, prox: torch.Tensor, mu: torch.Tensor, adv: torch.Tensor,
+                        eps: float = 0.2) -> torch.Tensor:
+    """Decoupled PPO written out: -(1/|y|) sum_t sg(pi_prox/mu) min(r A, clip(r, 1-e, 1+e) A), r = pi_theta/pi_prox."""
+    r = torch.exp(lp - prox)
+    surrogate = torch.minimum(r * adv, r.clamp(1 - eps, 1 + eps) * adv)
+    return -(torch.exp(prox - mu) * surrogate).mean()
+
+
+def test_decoupled_ppo_gradient_is_the_unbounded_weight_wherever_the_ppo_clip_does_not_bind():
+    """The claim next to mopd.core.algo.importance_weights: decoupled PPO's gradient is that of
+    -sg(pi_theta/mu) A log pi_theta on every token whose PPO clip does not bind, in particular on all tokens at
+    pi_theta = pi_prox (one optimizer step per batch); a token whose clip binds gets no gradient from it."""
+    logits = torch.tensor([[1.0, 0.0, -1.0], [0.3, 0.2, -0.5], [-1.0, 2.0, 0.0], [0.0, 0.0, 0.0]])
+    targets = torch.tensor([0, 2, 1, 1])
+    mu = torch.log(torch.tensor([0.5, 0.4, 0.6, 0.2]))  # behaviour probabilities of the sampled tokens
+    a = torch.tensor([1.0, -0.5, 2.0, -1.0])
+
+    def token_lp(x: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(x, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+    def grads(x: torch.Tensor, prox: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x1 = x.clone().requires_grad_(True)
+        _decoupled_ppo_loss(token_lp(x1), prox, mu, a).backward()
+        x2 = x.clone().requires_grad_(True)
+        lp = token_lp(x2).unsqueeze(0)
+        # A_t = a_t through the MOPD teacher term with alpha = 0: teacher logprob = log pi_theta + a_t
+        inputs = LossInputs(loss_mask=torch.ones(1, 4), rollout_logprobs=mu.unsqueeze(0),
+                            teacher_logprobs=lp.detach() + a, orm_advantage=torch.zeros(1))
+        adv = AdvantageConfig(alpha=0.0, teacher_coef=1.0)
+        # w_t unbounded: eps_low = 0, eps_high = inf
+        compute_loss("mopd", lp, inputs, adv, eps_low=0.0, eps_high=math.inf).loss_sum.backward()
+        return x1.grad, x2.grad
+
+    prox = token_lp(logits).detach()
+    decoupled, ours = grads(logits, prox)  # at pi_prox: r = 1 on every token
+    assert torch.allclose(decoupled, ours, atol=1e-6)
+    # a step away from pi_prox (kept at the old weights): token 0 (A = 1) rises from p = e / (e + 1 + 1/e) = 0.665
+    # to e^2 / (e^2 + 1 + 1/e) = 0.844, r = 1.27 > 1 + 0.2, so its clip binds; token 1 moves inside the band
+    # (r = 1.08), token 3 (A = -1) rises to r = 1.21, where the pessimistic min keeps the unclipped branch
+    moved = logits + torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 0.1], [0.0, 0.0, 0.0], [0.0, 0.3, 0.0]])
+    r = torch.exp(token_lp(moved) - prox)
+    assert r[0] > 1.2 and 0.8 < r[1] < 1.2 and r[3] > 1.2
+    decoupled, ours = grads(moved, prox)
+    assert torch.allclose(decoupled[1:], ours[1:], atol=1e-6)
+    assert torch.equal(decoupled[0], torch.zeros(3)) and ours[0].abs().sum() > 0.1
