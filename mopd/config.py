@@ -34,6 +34,7 @@ from trainer.config import TrainerConfig
 from trainer.losses import loss_spec
 
 WANDB_MODES = ("offline", "online", "disabled")
+LOOPS = ("sync", "overlap")
 TOY_ARCHS = ("qwen3_moe", "qwen3", "mimo_v2_flash")
 
 
@@ -55,6 +56,25 @@ class DataConfig:
     seed: int = 0
     # per-domain share of each step's prompts (sampling weights); empty = as the data comes
     domain_weights: dict[str, float] = field(default_factory=dict)
+    # Prompts always or never solved teach little: with pass_rate_weighting, a prompt whose mean reward over
+    # at least pass_rate_min_samples responses is <= pass_rate_low or >= pass_rate_high is drawn only with
+    # chance pass_rate_keep when its turn comes (seeded; the rewards seen are part of the checkpoint)
+    pass_rate_weighting: bool = False
+    pass_rate_low: float = 0.0
+    pass_rate_high: float = 1.0
+    pass_rate_min_samples: int = 4
+    pass_rate_keep: float = 0.25
+
+
+@dataclass
+class DynamicSamplingConfig:
+    """Groups without learning signal are filtered and replaced by further groups (mopd/dynamic_sampling.py);
+    needs rollout.scheduler=sequence, which draws the replacements."""
+
+    filter_groups: bool = False
+    # a group of equal rewards is still kept while its mean teacher reverse KL per token (MOPD) is at least
+    # this many nats: the teacher still has something to teach
+    filter_kl_threshold: float = 0.05
 
 
 @dataclass
@@ -95,6 +115,9 @@ class JobConfig:
     default_teacher: str | None = None  # scores prompts whose domain no teacher lists
     ray_address: str | None = None  # None = start an embedded Ray cluster
     ray_num_cpus: int | None = None  # embedded cluster only; None = what the job needs
+    # sync: generate, then train (mopd/train.py); overlap: generation keeps running while the trainer trains
+    # (mopd/train_async.py; needs rollout.scheduler=sequence, bounded by rollout.max_staleness)
+    loop: str = "sync"
     student: StudentConfig = field(default_factory=StudentConfig)
     teachers: dict[str, TeacherConfig] = field(default_factory=dict)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -105,6 +128,7 @@ class JobConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     toy: ToyConfig = field(default_factory=ToyConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    dynamic_sampling: DynamicSamplingConfig = field(default_factory=DynamicSamplingConfig)
 
     @property
     def uses_teachers(self) -> bool:
@@ -313,6 +337,7 @@ def validate_static(job: JobConfig) -> None:
         raise ConfigError("env.max_new_tokens", f"fewer than rollout.max_context_len={job.rollout.max_context_len}",
                           job.env.max_new_tokens)
     _validate_data(job.data)
+    _validate_loop(job)
     _validate_toy(job)
     if job.eval_interval < 0:
         raise ConfigError("eval_interval", "an integer >= 0 (0 = no evaluation during training)", job.eval_interval)
@@ -343,6 +368,40 @@ def _validate_data(data: DataConfig) -> None:
     weights = data.domain_weights
     if any(w < 0 for w in weights.values()) or (weights and sum(weights.values()) <= 0):
         raise ConfigError("data.domain_weights", "non-negative weights with a positive sum", dict(weights))
+    if not data.pass_rate_low < data.pass_rate_high:
+        raise ConfigError("data.pass_rate_high", f"a number > data.pass_rate_low={data.pass_rate_low}",
+                          data.pass_rate_high)
+    if data.pass_rate_min_samples < 1:
+        raise ConfigError("data.pass_rate_min_samples", "an integer >= 1", data.pass_rate_min_samples)
+    if not 0 < data.pass_rate_keep <= 1:
+        raise ConfigError("data.pass_rate_keep", "a number in (0, 1] (0 would never draw such a prompt again)",
+                          data.pass_rate_keep)
+
+
+def _validate_loop(job: JobConfig) -> None:
+    """Which loop, scheduler, partial rollout and staleness bound go together."""
+    rollout = job.rollout
+    if job.loop not in LOOPS:
+        raise ConfigError("loop", f"one of {LOOPS}", job.loop)
+    sequence = rollout.scheduler == "sequence"
+    if job.loop == "overlap" and not sequence:
+        raise ConfigError("loop", "sync unless rollout.scheduler=sequence (the overlap loop generates while the "
+                          "trainer trains, sequence by sequence)", job.loop)
+    if rollout.partial_rollout and not sequence:
+        raise ConfigError("rollout.partial_rollout", "false unless rollout.scheduler=sequence (batches keep no "
+                          "sequence in flight)", True)
+    if job.dynamic_sampling.filter_groups and not sequence:
+        raise ConfigError("dynamic_sampling.filter_groups", "false unless rollout.scheduler=sequence (it draws the "
+                          "groups that replace filtered ones)", True)
+    if sequence and rollout.sample_from != "student":
+        raise ConfigError("rollout.scheduler", "batch when rollout.sample_from=teacher (teachers generate whole "
+                          "batches)", rollout.scheduler)
+    if (rollout.partial_rollout or job.loop == "overlap") and rollout.max_staleness < 1:
+        raise ConfigError("rollout.max_staleness", "an integer >= 1 with rollout.partial_rollout or loop=overlap "
+                          "(their tokens are sampled by weights at least one version old)", rollout.max_staleness)
+    if job.dynamic_sampling.filter_kl_threshold < 0:
+        raise ConfigError("dynamic_sampling.filter_kl_threshold", "a number >= 0",
+                          job.dynamic_sampling.filter_kl_threshold)
 
 
 def _validate_toy(job: JobConfig) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,9 +169,15 @@ def _prompt_ids(prompt: str | list[dict], tokenizer: PreTrainedTokenizerBase) ->
 
 
 class DataScheduler:
-    """Per-source prompt streams with per-step quotas; the state is `{source: prompts consumed}`."""
+    """Per-source prompt streams with per-step quotas; the state is `{source: prompts consumed}` plus, with
+    `data.pass_rate_weighting`, the rewards seen per prompt row.
 
-    def __init__(self, rows: list[PromptRow], cfg: DataConfig) -> None:
+    It is also the GroupSource of rollout/scheduler.py (`quota`, `next_group`, `source_of`): the sequence
+    scheduler draws one prompt group at a time from the same streams the batch path uses. The streams may be
+    read from the scheduler's thread while the driver saves a checkpoint, hence the lock.
+    """
+
+    def __init__(self, rows: list[PromptRow], cfg: DataConfig, group_size: int = 1) -> None:
         self.cfg = cfg
         domains = sorted({r.domain for r in rows})
         check_domain_weights(dict(cfg.domain_weights), set(domains))
@@ -182,7 +189,11 @@ class DataScheduler:
             self.sources = {ALL_SOURCES: list(range(len(rows)))}
             self.weights = {ALL_SOURCES: 1.0}
         self.rows = rows
+        self.group_size = group_size  # samples per prompt in `next_group` (rollout.n_samples_per_prompt)
         self.consumed = {s: 0 for s in self.sources}
+        self.outcomes: dict[int, list[float]] = {}  # row index -> [sum of rewards, responses seen]
+        self._order: dict[str, tuple[int, list[int]]] = {}  # source -> (epoch, its row order), the last one used
+        self._lock = threading.Lock()
 
     @property
     def domains(self) -> set[str]:
@@ -191,30 +202,15 @@ class DataScheduler:
     def next_prompts(self, n: int) -> list[tuple[int, PromptRow]]:
         """The next `n` prompts as (stream position, row); positions are unique across sources."""
         out = []
-        for source, count in self._quota(n).items():
+        for source, count in self.quota(n).items():
             for _ in range(count):
                 out.append(self._take(source))
         return out
 
     def make_samples(self, n_prompts: int, n_per_prompt: int) -> list[Sample]:
-        samples = []
-        for position, row in self.next_prompts(n_prompts):
-            for _ in range(n_per_prompt):
-                samples.append(Sample(prompt_index=position, group_index=position, domain=row.domain,
-                                      prompt_ids=list(row.prompt_ids), label=row.label,
-                                      metadata=dict(row.metadata)))
-        return samples
+        return [s for position, row in self.next_prompts(n_prompts) for s in _group(position, row, n_per_prompt)]
 
-    def state_dict(self) -> dict[str, int]:
-        return dict(self.consumed)
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        if set(state) != set(self.consumed):
-            raise ValueError(f"data state has sources {sorted(state)}, the scheduler has {sorted(self.consumed)}; "
-                             "was data.domain_weights changed since the checkpoint?")
-        self.consumed = {k: int(v) for k, v in state.items()}
-
-    def _quota(self, n: int) -> dict[str, int]:
+    def quota(self, n: int) -> dict[str, int]:
         """Largest-remainder split of n by weight, ties broken by source name for determinism."""
         total = sum(self.weights.values())
         exact = {s: n * w / total for s, w in self.weights.items()}
@@ -224,14 +220,80 @@ class DataScheduler:
             quota[s] += 1
         return quota
 
+    def next_group(self, source: str) -> list[Sample]:
+        """The next prompt of `source` as `group_size` fresh samples sharing one group_index."""
+        return _group(*self._take(source), self.group_size)
+
+    def source_of(self, sample: Sample) -> str:
+        return ALL_SOURCES if ALL_SOURCES in self.sources else sample.domain
+
+    def record_outcomes(self, samples: list[Sample]) -> None:
+        """Remember each prompt row's rewards (its pass rate) for `data.pass_rate_weighting`."""
+        if not self.cfg.pass_rate_weighting:
+            return
+        with self._lock:
+            for sample in samples:
+                seen = self.outcomes.setdefault(self._row_at_position(sample.prompt_index), [0.0, 0])
+                seen[0] += sample.reward
+                seen[1] += 1
+
+    def pass_rate(self, row: int) -> float | None:
+        """Mean reward of the row's responses so far; None until `data.pass_rate_min_samples` were seen."""
+        total, count = self.outcomes.get(row, (0.0, 0))
+        return total / count if count >= self.cfg.pass_rate_min_samples else None
+
+    def state_dict(self) -> dict[str, Any]:
+        with self._lock:
+            return {"consumed": dict(self.consumed),
+                    "outcomes": {str(row): list(seen) for row, seen in sorted(self.outcomes.items())}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a `state_dict`; a checkpoint written before pass rates were kept holds only the counts."""
+        consumed = state.get("consumed", state)
+        if set(consumed) != set(self.consumed):
+            raise ValueError(f"data state has sources {sorted(consumed)}, the scheduler has {sorted(self.consumed)}; "
+                             "was data.domain_weights changed since the checkpoint?")
+        with self._lock:
+            self.consumed = {k: int(v) for k, v in consumed.items()}
+            self.outcomes = {int(row): [float(total), int(n)] for row, (total, n) in state.get("outcomes", {}).items()}
+
     def _take(self, source: str) -> tuple[int, PromptRow]:
+        """The source's next prompt; with pass-rate weighting, a prompt always or never solved is passed over
+        (consumed, not drawn) except with chance `data.pass_rate_keep`, decided by a seeded coin per position."""
+        with self._lock:
+            while True:
+                k = self.consumed[source]
+                self.consumed[source] = k + 1
+                row = self._row_at(source, k)
+                if self._wanted(source, k, row):
+                    # position: unique per (source, k) so GRPO groups never collide across sources
+                    return k * len(self.sources) + sorted(self.sources).index(source), self.rows[row]
+
+    def _wanted(self, source: str, k: int, row: int) -> bool:
+        cfg = self.cfg
+        rate = self.pass_rate(row) if cfg.pass_rate_weighting else None
+        if rate is None or cfg.pass_rate_low < rate < cfg.pass_rate_high:
+            return True
+        return random.Random(f"{cfg.seed}:keep:{source}:{k}").random() < cfg.pass_rate_keep
+
+    def _row_at(self, source: str, k: int) -> int:
+        """The row index of the source's k-th draw: a seeded permutation per epoch."""
         indices = self.sources[source]
-        k = self.consumed[source]
         epoch, offset = divmod(k, len(indices))
-        order = list(indices)
-        if self.cfg.shuffle:
-            random.Random(f"{self.cfg.seed}:{source}:{epoch}").shuffle(order)
-        self.consumed[source] = k + 1
-        # position: unique per (source, k) so GRPO groups never collide across sources
-        position = k * len(self.sources) + sorted(self.sources).index(source)
-        return position, self.rows[order[offset]]
+        cached = self._order.get(source)
+        if cached is None or cached[0] != epoch:
+            order = list(indices)
+            if self.cfg.shuffle:
+                random.Random(f"{self.cfg.seed}:{source}:{epoch}").shuffle(order)
+            cached = self._order[source] = (epoch, order)
+        return cached[1][offset]
+
+    def _row_at_position(self, position: int) -> int:
+        """Inverse of the position numbering in `_take`: which row a sample's prompt_index came from."""
+        k, source_number = divmod(position, len(self.sources))
+        return self._row_at(sorted(self.sources)[source_number], k)
+
+
+def _group(position: int, row: PromptRow, n: int) -> list[Sample]:
+    return [Sample(prompt_index=position, group_index=position, domain=row.domain, prompt_ids=list(row.prompt_ids),
+                   label=row.label, metadata=dict(row.metadata)) for _ in range(n)]

@@ -4,7 +4,7 @@ The order is: static config checks (mopd/config.py) -> `preflight`: the machine,
 every data row, domains against weights and teachers (seconds; also what `mopd-train --cfg job`
 runs) -> toy world (if asked; minutes) -> vocabularies and tokenized data (the JSONL rows, then one
 row per task of `env.kind`: mopd/data.py env_task_rows) -> run directory and resume point -> Ray,
-engines, teachers, trainer -> logger. `Runtime` holds what the step loop in `mopd/train.py` needs.
+engines, teachers, trainer -> the sequence scheduler (rollout.scheduler=sequence) -> logger. `Runtime` holds what the step loop in `mopd/train.py` needs.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from mopd.checkpoint import DriverState, latest_checkpoint
+from mopd.checkpoint import SCHEDULER_FILE, DriverState, latest_checkpoint
 from mopd.config import JobConfig
 from mopd.core.errors import ConfigError
 from mopd.data import DataScheduler, check_domain_weights, env_task_rows, load_prompts, scan_domains
@@ -48,6 +48,7 @@ class Runtime:
     sampled_tokens: int = 0
     resources: ExitStack = field(default_factory=ExitStack)
     agentic: object = None  # mopd.agentic.AgenticEpisodes when env.kind is a multi-turn environment
+    scheduler: object = None  # mopd.sequences.SequenceRollout when rollout.scheduler=sequence
 
     def close(self) -> None:
         self.resources.close()
@@ -147,7 +148,7 @@ def prepare(job: JobConfig) -> tuple[PreTrainedTokenizerBase, DataScheduler]:
     check_teacher_vocabularies(job.teachers, tokenizer)
     max_prompt_len = job.rollout.max_context_len - job.rollout.max_new_tokens
     rows = load_prompts(job.data, tokenizer, max_prompt_len, env_task_rows(job.env, job.data))
-    data = DataScheduler(rows, job.data)
+    data = DataScheduler(rows, job.data, group_size=job.rollout.n_samples_per_prompt)
     if job.uses_teachers:
         TeacherRouter.from_config(job.teachers, job.default_teacher).check_domains(data.domains)
     return tokenizer, data
@@ -164,6 +165,9 @@ def start(job: JobConfig, config_dict: dict) -> Runtime:
     state = resume_from[1] if resume_from else DriverState(step=0)
     if resume_from:
         data.load_state_dict(state.data)
+        if job.rollout.scheduler != "sequence" and (resume_from[0] / SCHEDULER_FILE).is_file():
+            raise ConfigError("rollout.scheduler", f"sequence: the checkpoint {resume_from[0]} holds sequences in "
+                              "flight, which the batch path would lose", job.rollout.scheduler)
 
     from rollout.engines import launch_engines
     from rollout.rollout_manager import RolloutManager
@@ -194,6 +198,13 @@ def start(job: JobConfig, config_dict: dict) -> Runtime:
                                  tokenizer=tokenizer, model_path=job.student.model_path, engines=engines,
                                  agent_loops=agentic.agent_loops() if agentic else None)
         asyncio.run(rollout.check_engines())
+        scheduler = None
+        if job.rollout.scheduler == "sequence":
+            from mopd.sequences import SequenceRollout
+
+            scheduler = SequenceRollout.create(job, rollout, data, teachers)
+            stack.callback(scheduler.close)
+            scheduler.start(state.weight_version, resume_from[0] if resume_from else None)
         logger = RunLogger(run_dir, job.logger, config_dict, total_steps=job.num_steps, start_step=state.step,
                            wandb_id=state.wandb_id)
         stack.callback(logger.close)
@@ -203,7 +214,7 @@ def start(job: JobConfig, config_dict: dict) -> Runtime:
     return Runtime(job=job, run_dir=run_dir, tokenizer=tokenizer, data=data, student_engines=engines,
                    rollout=rollout, teachers=teachers, trainer=trainer, logger=logger, start_step=state.step,
                    weight_version=state.weight_version, sampled_tokens=state.sampled_tokens, resources=stack,
-                   agentic=agentic)
+                   agentic=agentic, scheduler=scheduler)
 
 
 def _init_ray(job: JobConfig) -> Callable[[], None]:
