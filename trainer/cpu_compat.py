@@ -2,7 +2,7 @@
 
 Kept in one module so the GPU path never sees it: `needs_cpu_compat()` decides, the model builder
 applies `patch_layer_specs`, `transformer_config_overrides` and `patch_routers` only when it is true.
-The pieces: the stock DotProductAttention allocates on the current CUDA
+The pieces (plus `cuda_device_is_cpu`, which the trainer enters around model code): the stock DotProductAttention allocates on the current CUDA
 device (replaced by trainer.core_attention.TorchCoreAttention), TopKRouter's expert-bias buffers
 are allocated there too (`cuda_device_is_cpu` while building), the alltoall dispatcher creates a
 CUDA stream, Router.gating moves its weight to CUDA, and RotaryEmbedding.get_emb moves inv_freq
@@ -33,11 +33,13 @@ SDPACoreAttention = TorchCoreAttention
 
 @contextlib.contextmanager
 def cuda_device_is_cpu() -> Iterator[None]:
-    """While a model is built on CPU, `torch.cuda.current_device()` answers "cpu".
+    """While a model is built or run on CPU, `torch.cuda.current_device()` answers "cpu".
 
     Some Megatron modules allocate buffers there even with `use_cpu_initialization` (TopKRouter's
     `expert_bias` / `local_tokens_per_expert` with `moe_router_enable_expert_bias`, which
-    MiMo-V2-Flash's score-correction bias needs). Scoped to construction, never on a GPU machine.
+    MiMo-V2-Flash's score-correction bias needs), and the gathers of tensor_parallel.mappings (used by
+    the MoE allgather dispatcher under TP/EP) allocate their outputs there. Scoped to construction and
+    to the trainer's forward/backward, never on a GPU machine.
     """
     original = torch.cuda.current_device
     torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment]
@@ -47,10 +49,42 @@ def cuda_device_is_cpu() -> Iterator[None]:
         torch.cuda.current_device = original  # type: ignore[assignment]
 
 
+class TorchNorm:
+    """Megatron's WrappedTorchNorm (torch RMSNorm / LayerNorm) that also runs under sequence parallelism.
+
+    The stock wrapper refuses sequence_parallel, which Megatron requires for MoE under TP. A torch norm
+    is exact on a slice of the tokens; it only has to mark its weights `sequence_parallel` so their
+    gradients are summed over the TP ranks (trainer.parallel.sync_grads, like Megatron's TE norms)."""
+
+    def __new__(cls, config: Any, hidden_size: int, eps: float = 1e-5, **_: Any) -> torch.nn.Module:
+        norm_cls = {"RMSNorm": torch.nn.RMSNorm, "LayerNorm": torch.nn.LayerNorm}[config.normalization]
+        norm = norm_cls(hidden_size, eps=eps)
+        for param in norm.parameters():
+            param.sequence_parallel = config.sequence_parallel
+        return norm
+
+
+def _swap_norms(submodules: Any) -> None:
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    for name in ("input_layernorm", "pre_mlp_layernorm", "q_layernorm", "k_layernorm", "layer_norm"):
+        if getattr(submodules, name, None) is WrappedTorchNorm:
+            setattr(submodules, name, TorchNorm)
+
+
 def patch_layer_specs(layer_specs: list) -> None:
-    """Swap the core attention of every layer spec for SDPACoreAttention (in place)."""
+    """Swap the core attention of every layer spec for SDPACoreAttention and its norms for TorchNorm
+    (in place)."""
     for spec in layer_specs:
         spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
+        _swap_norms(spec.submodules)
+        _swap_norms(spec.submodules.self_attention.submodules)
+
+
+def patch_block_spec(block_spec: Any) -> None:
+    """patch_layer_specs plus the block's final norm."""
+    patch_layer_specs(block_spec.layer_specs)
+    _swap_norms(block_spec)
 
 
 def transformer_config_overrides(is_moe: bool) -> dict[str, Any]:
@@ -94,7 +128,18 @@ def patch_rotary(model: torch.nn.Module) -> None:
             module.get_emb = types.MethodType(_cpu_rope_emb, module)
 
 
+def patch_rng_tracker() -> None:
+    """Under TP/SP Megatron forks its CUDA RNG tracker around dropout (the embedding's, under sequence
+    parallelism) and the tracker reads CUDA RNG state: without CUDA the fork is a no-op (no RNG is
+    drawn there: the trainer's dropout is 0)."""
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    tracker = get_cuda_rng_tracker()
+    tracker.fork = lambda *args, **kwargs: contextlib.nullcontext()
+
+
 def patch_model(model: torch.nn.Module) -> None:
     """All instance-level CPU patches of a built model."""
     patch_routers(model)
     patch_rotary(model)
+    patch_rng_tracker()

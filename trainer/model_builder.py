@@ -69,6 +69,8 @@ def build_model(hf_config: Any, *, device: str = "auto", dtype: str = "float32",
     if activation_recompute:
         kwargs.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     kwargs.update(parallel.config_sizes())
+    # sequence parallelism with TP (Megatron requires it for MoE; norms and dropout see 1/tp of the tokens)
+    kwargs["sequence_parallel"] = kwargs["tensor_model_parallel_size"] > 1
     config = arch.config_class(**kwargs)
     use_te = not on_cpu and _have_te()
     with cpu_compat.cuda_device_is_cpu() if on_cpu else contextlib.nullcontext():
@@ -77,7 +79,7 @@ def build_model(hf_config: Any, *, device: str = "auto", dtype: str = "float32",
         else:
             block_spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te, normalization="RMSNorm")
             if on_cpu:
-                cpu_compat.patch_layer_specs(block_spec.layer_specs)
+                cpu_compat.patch_block_spec(block_spec)
             from trainer.models.common import gpt_model_kwargs
 
             model = GPTModel(config=config, transformer_layer_spec=block_spec, pre_process=True, post_process=True,

@@ -9,18 +9,21 @@ code runs on gloo and NCCL. Under tensor parallelism the logits stay vocab-shard
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from megatron.core import parallel_state as ps
 
 from mopd.core.algo import AdvantageConfig
 from mopd.core.errors import ConfigError
 from mopd.core.types import Sample
-from trainer import batching, parallel, routing_replay, vocab_parallel
+from trainer import batching, cpu_compat, parallel, routing_replay, vocab_parallel
 from trainer.config import TrainerConfig
+from trainer.cpu_compat import needs_cpu_compat
 from trainer.hf_io import load_hf_state
 from trainer.losses import StudentLogprobs, compute_loss, loss_spec, needed_fields, student_logprobs
 from trainer.model_builder import build_model, hf_to_model, load_hf_config, model_to_hf
@@ -51,8 +54,6 @@ class TrainerRank:
                  rollout_temperature: float = 1.0) -> None:
         cfg.validate()
         adv.validate()
-        from trainer.cpu_compat import needs_cpu_compat
-
         if cfg.activation_recompute and needs_cpu_compat(cfg.device):
             raise ConfigError("trainer.activation_recompute", "false on CPU (Megatron's recompute saves and "
                               "restores the CUDA RNG state)", True)
@@ -74,6 +75,7 @@ class TrainerRank:
                                             activation_recompute=cfg.activation_recompute)
         hf_to_model(self.model, self.arch, self.hf_config, load_hf_state(model_path))
         self.device = next(self.model.parameters()).device
+        self._on_cpu = needs_cpu_compat(cfg.device)
         self.moe_layers = self.arch.moe_layers(self.hf_config)
         self.mtp = MTPLoss(self.model, cfg.mtp_loss_coef)  # inactive when the coefficient is 0
         self.optim = Optimizer(self.model, cfg, cfg.total_steps or num_steps)
@@ -100,7 +102,11 @@ class TrainerRank:
     def _forward(self, mb: batching.MicroBatch, need_untempered: bool = True) -> StudentLogprobs:
         """log pi_theta of the targets at the rollout temperature and untempered (the teacher term's view,
         see trainer.losses.pg_loss), the entropy, and log pi_theta of the teacher's top-k tokens (if any)."""
-        logits = self.model(mb.tokens.to(self.device), mb.position_ids.to(self.device), None)
+        tokens, positions = mb.tokens.to(self.device), mb.position_ids.to(self.device)
+        extra = self._model_len(mb) - tokens.shape[1]
+        if extra:  # sequence parallelism splits the sequence over TP ranks: pad it at the end (causal: harmless)
+            tokens, positions = F.pad(tokens, (0, extra)), F.pad(positions, (0, extra))
+        logits = self.model(tokens, positions, None)[:, :mb.tokens.shape[1]]
         top_ids = mb.inputs.teacher_top_ids
         views = vocab_parallel.student_logprobs if self.tp > 1 else student_logprobs  # vocab-sharded logits
         out = views(logits[:, :-1], mb.targets.to(self.device), self.temperature,
@@ -110,19 +116,31 @@ class TrainerRank:
                                     for t in (out.tempered, out.entropy, out.untempered, out.top)))
         return out
 
+    def _model_len(self, mb: batching.MicroBatch) -> int:
+        """The sequence length the model runs at: a multiple of the TP size under sequence parallelism."""
+        return -(-mb.tokens.shape[1] // self.tp) * self.tp
+
     def _microbatches(self, samples: list[Sample]) -> list[batching.MicroBatch]:
         plan = batching.plan_microbatches([len(s.tokens) for s in samples], self.cfg.max_tokens_per_microbatch)
         return [batching.collate(samples, idx) for idx in plan]
 
+    def _model_scope(self) -> contextlib.AbstractContextManager:
+        """Around model code: on CPU, Megatron's collectives allocate on the "current CUDA device"."""
+        return cpu_compat.cuda_device_is_cpu() if self._on_cpu else contextlib.nullcontext()
+
     @torch.no_grad()
     def compute_logprobs(self, samples: list[Sample]) -> list[np.ndarray]:
         """log pi_theta of every response token (float32), with routing replay when available."""
+        with self._model_scope():
+            return self._compute_logprobs(samples)
+
+    def _compute_logprobs(self, samples: list[Sample]) -> list[np.ndarray]:
         batching.validate_samples(samples, vocab_size=self.hf_config.vocab_size)
         self.model.eval()
         out: list[np.ndarray | None] = [None] * len(samples)
         for mb in self._microbatches(samples):
             chosen = [samples[i] for i in mb.indices]
-            with routing_replay.replaying(self.model, self._replay_data(chosen, mb.tokens.shape[1])):
+            with routing_replay.replaying(self.model, self._replay_data(chosen, self._model_len(mb))):
                 lp = self._forward(mb, need_untempered=False).tempered
             for b, i in enumerate(mb.indices):
                 start = mb.prompt_lengths[b] - 1
@@ -132,6 +150,10 @@ class TrainerRank:
     # ---------------------------------------------------------------- train
     def train_step(self, samples: list[Sample], num_global_samples: int) -> dict[str, float]:
         """Accumulate gradients over this rank's microbatches, all-reduce over DP, clip, step."""
+        with self._model_scope():
+            return self._train_step(samples, num_global_samples)
+
+    def _train_step(self, samples: list[Sample], num_global_samples: int) -> dict[str, float]:
         if num_global_samples < 1:
             raise ValueError(f"train_step needs at least one sample in the global batch, got {num_global_samples}")
         batching.validate_samples(samples, vocab_size=self.hf_config.vocab_size, need=needed_fields(self.cfg.loss, self.adv))
@@ -142,7 +164,7 @@ class TrainerRank:
         ratios: dict[str, list[float]] = {}  # LossOutput.ratios summed: name -> [numerator, denominator]
         for mb in self._microbatches(samples):
             chosen = [samples[i] for i in mb.indices]
-            with routing_replay.replaying(self.model, self._replay_data(chosen, mb.tokens.shape[1])):
+            with routing_replay.replaying(self.model, self._replay_data(chosen, self._model_len(mb))):
                 with self.mtp.capture():
                     view = self._forward(mb, need_untempered=teacher_term)
                 if self.cfg.activation_recompute and self.cfg.routing_replay and self.moe_layers:

@@ -11,7 +11,6 @@ import torch
 import torch.multiprocessing as mp
 
 from mopd.core.algo import AdvantageConfig
-from mopd.core.errors import ConfigError
 from tests.trainer.conftest import make_samples
 from trainer import parallel
 from trainer.config import TrainerConfig
@@ -102,3 +101,12 @@ def test_tp2_dense_mopd_top_k_equals_single_rank(dense_path, dist_env, tmp_path)
     samples = _with_top_k(make_samples(5, seed=31))
     _compare(dense_path, _cfg(tp_size=2), samples, tmp_path, adv=AdvantageConfig(alpha=0.5, teacher_top_k=3),
              temperature=0.8)
+
+
+def test_ep2_moe_equals_single_rank(moe_path, dist_env, tmp_path):
+    """Experts split over two data-parallel ranks (allgather dispatcher); each rank trains on its own samples."""
+    _compare(moe_path, _cfg(dp_size=2, ep_size=2), make_samples(6, seed=32), tmp_path)
+
+
+def test_tp2_moe_equals_single_rank(moe_path, dist_env, tmp_path):
+    _compare(moe_path, _cfg(tp_size=2), make_samples(5, seed=33), tmp_path)
