@@ -11,13 +11,13 @@ import torch
 
 from mopd.core.algo import AdvantageConfig
 from mopd.core.types import Sample
-from trainer import checkpoint, weight_sync
+from trainer import checkpoint, parallel, weight_sync
 from trainer.config import TrainerConfig
 
 
 @ray.remote
 class TrainerActor:
-    """Rank `rank` of `world_size` data-parallel ranks (TP=PP=EP=1)."""
+    """Rank `rank` of `world_size` trainer ranks (Megatron's layout: TP fastest, then DP)."""
 
     def __init__(self, rank: int, world_size: int) -> None:
         self.rank, self.world_size = rank, world_size
@@ -46,6 +46,10 @@ class TrainerActor:
         self.cfg, self.model_path = cfg, model_path
         self.trainer = TrainerRank(model_path, cfg, adv, num_steps=num_steps, rollout_temperature=rollout_temperature)
 
+    def dp_rank(self) -> int:
+        """Which share of a batch this rank trains on (ranks of one TP group share one)."""
+        return self.trainer.dp_rank
+
     def compute_logprobs(self, samples: list[Sample]) -> list[np.ndarray]:
         return self.trainer.compute_logprobs(samples)
 
@@ -56,6 +60,8 @@ class TrainerActor:
         """Push to every engine; the weights are on disk and recorded first, so an engine that restarts
         (even mid-push) loads them, and one that came back with older weights is pushed to again."""
         if self.rank != 0:
+            if parallel.model_parallel():  # the gather of full weights needs every rank
+                self.trainer.hf_state()
             return
         named = self.trainer.hf_state()
         if self.cfg.weight_sync == "distributed":
@@ -71,11 +77,17 @@ class TrainerActor:
         weight_sync.push_recoverable(named, urls, version, self.cfg, self.model_path, self.snapshots)
 
     def save_checkpoint(self, path: str) -> None:
-        state = self.trainer.state_dict() if self.rank == 0 else None
-        checkpoint.save_trainer_state(path, state, self.rank)
+        sharded = parallel.model_parallel()  # each rank holds its own part of the weights and optimizer
+        state = self.trainer.state_dict() if self.rank == 0 or sharded else None
+        checkpoint.save_trainer_state(path, state, self.rank, layout=self._layout() if sharded else None)
+
+    def _layout(self) -> dict[str, int]:
+        return {"world_size": self.world_size, "tp_size": self.cfg.tp_size, "pp_size": self.cfg.pp_size,
+                "ep_size": self.cfg.ep_size}
 
     def load_checkpoint(self, path: str) -> None:
-        state, rng = checkpoint.load_trainer_state(path, self.rank)
+        state, rng = checkpoint.load_trainer_state(path, self.rank,
+                                                   layout=self._layout() if parallel.model_parallel() else None)
         self.trainer.load_state_dict(state)
         if rng is not None:
             checkpoint.set_rng_state(rng)
@@ -83,6 +95,8 @@ class TrainerActor:
     def export_hf(self, path: str) -> None:
         if self.rank == 0:
             checkpoint.export_hf(path, self.trainer.hf_state(), self.model_path)
+        elif parallel.model_parallel():  # the gather of full weights needs every rank
+            self.trainer.hf_state()
 
     def shutdown(self) -> None:
         from trainer.dist import shutdown_distributed

@@ -6,6 +6,7 @@ import logging
 
 import numpy as np
 import ray
+from transformers import AutoConfig
 
 from mopd.core.algo import AdvantageConfig
 from mopd.core.types import Sample
@@ -42,9 +43,11 @@ def _gather(refs: list, what: str) -> list:
 
 
 class TrainerGroup:
-    """`cfg.dp_size` Ray actors training one Megatron model with data parallelism.
+    """`cfg.world_size` (dp x tp x pp) Ray actors training one Megatron model.
 
-    CPU: each actor asks for `cfg.cpus_per_rank` CPUs and uses gloo; GPU: one GPU each and NCCL.
+    Each data-parallel share of a batch goes to every rank of its TP group (the ranks say which share
+    is theirs once Megatron's groups exist). CPU: each actor asks for `cfg.cpus_per_rank` CPUs and uses
+    gloo; GPU: one GPU each and NCCL.
     """
 
     def __init__(self, model_path: str, cfg: TrainerConfig, adv: AdvantageConfig, *, num_steps: int,
@@ -54,16 +57,19 @@ class TrainerGroup:
 
         cfg.validate()
         adv.validate()
+        cfg.check_model(AutoConfig.from_pretrained(model_path))  # before any rank starts
         if not ray.is_initialized():
             raise RuntimeError("TrainerGroup needs a running Ray (call ray.init first)")
         self.cfg = cfg
         on_cpu = cpu_compat.needs_cpu_compat(cfg.device)
         options = {"num_cpus": cfg.cpus_per_rank} if on_cpu else {"num_cpus": cfg.cpus_per_rank, "num_gpus": 1}
-        self.actors = [TrainerActor.options(**options).remote(r, cfg.dp_size) for r in range(cfg.dp_size)]
+        world = cfg.world_size
+        self.actors = [TrainerActor.options(**options).remote(r, world) for r in range(world)]
         try:
             addr, port = ray.get(self.actors[0].master_address.remote())
             ray.get([a.setup.remote(addr, port, model_path, cfg, adv, num_steps, rollout_temperature)
                      for a in self.actors])
+            self.dp_ranks: list[int] = ray.get([a.dp_rank.remote() for a in self.actors])
         except BaseException:
             for a in self.actors:  # do not leak ranks (and their CPUs/GPUs) when setup fails
                 ray.kill(a)
@@ -71,12 +77,12 @@ class TrainerGroup:
 
     def compute_logprobs(self, samples: list[Sample]) -> list[np.ndarray]:
         """log pi_theta per response token, in the order of `samples`."""
-        shards = split_by_tokens(samples, len(self.actors))
-        results = _gather([a.compute_logprobs.remote([samples[i] for i in idx])
-                           for a, idx in zip(self.actors, shards)], "compute_logprobs")
+        shards = split_by_tokens(samples, self.cfg.dp_size)
+        results = _gather([a.compute_logprobs.remote([samples[i] for i in shards[d]])
+                           for a, d in zip(self.actors, self.dp_ranks)], "compute_logprobs")
         out: list[np.ndarray | None] = [None] * len(samples)
-        for idx, res in zip(shards, results):
-            for i, lp in zip(idx, res):
+        for d, res in zip(self.dp_ranks, results):  # the TP ranks of one share return the same values
+            for i, lp in zip(shards[d], res):
                 out[i] = lp
         return out  # type: ignore[return-value]
 
@@ -84,9 +90,9 @@ class TrainerGroup:
         """One optimizer step over all samples; metrics are global (all-reduced over ranks)."""
         if not samples:
             raise ValueError("train_step got an empty list of samples; expected at least one")
-        shards = split_by_tokens(samples, len(self.actors))
-        metrics = _gather([a.train_step.remote([samples[i] for i in idx], len(samples))
-                           for a, idx in zip(self.actors, shards)], "train_step")
+        shards = split_by_tokens(samples, self.cfg.dp_size)
+        metrics = _gather([a.train_step.remote([samples[i] for i in shards[d]], len(samples))
+                           for a, d in zip(self.actors, self.dp_ranks)], "train_step")
         return metrics[0]
 
     def push_weights(self, urls: list[str], version: int) -> None:

@@ -4,6 +4,7 @@ the same logprobs, loss, gradient norm and weights after one step, and the same 
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import torch
 import torch.multiprocessing as mp
 
 from mopd.core.algo import AdvantageConfig
+from mopd.core.errors import ConfigError
 from tests.trainer.conftest import make_samples
 from trainer import parallel
 from trainer.config import TrainerConfig
@@ -110,3 +112,30 @@ def test_ep2_moe_equals_single_rank(moe_path, dist_env, tmp_path):
 
 def test_tp2_moe_equals_single_rank(moe_path, dist_env, tmp_path):
     _compare(moe_path, _cfg(tp_size=2), make_samples(5, seed=33), tmp_path)
+
+
+@pytest.mark.parametrize("sizes, expected", [
+    ({"ep_size": 2}, "trainer.ep_size`: expected a divisor of trainer.dp_size=1"),
+    ({"pp_size": 2}, "trainer.pp_size`: expected 1 (pipeline parallelism is not implemented"),
+    ({"tp_size": 2, "mtp_loss_coef": 0.1}, "trainer.mtp_loss_coef"),
+])
+def test_layout_checks_without_the_model(sizes, expected):
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        TrainerConfig(**sizes).validate()
+
+
+@pytest.mark.parametrize("model, sizes, expected", [
+    ("dense", {"tp_size": 3}, "trainer.tp_size`: expected a divisor of the model's num_attention_heads=4"),
+    ("dense", {"tp_size": 4}, "trainer.tp_size`: expected a divisor of the model's num_key_value_heads=2"),
+    ("dense", {"dp_size": 2, "ep_size": 2}, "trainer.ep_size`: expected 1: the model (qwen3) has no routed experts"),
+    ("moe", {"dp_size": 8, "ep_size": 8}, "trainer.ep_size`: expected a divisor of the model's number of experts=4"),
+])
+def test_layout_checks_against_the_model(dense_path, moe_path, model, sizes, expected):
+    """What TrainerGroup checks before any rank starts (and TrainerRank again): every split must be even."""
+    from transformers import AutoConfig
+
+    cfg = TrainerConfig(**sizes)
+    cfg.validate()
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        cfg.check_model(AutoConfig.from_pretrained(dense_path if model == "dense" else moe_path))
+    TrainerConfig(dp_size=4, ep_size=4, tp_size=2).check_model(AutoConfig.from_pretrained(moe_path))  # a valid one

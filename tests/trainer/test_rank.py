@@ -77,7 +77,9 @@ def test_clear_errors(moe_path, dist_env):
     s[0].teacher_logprobs = s[0].teacher_logprobs + [0.0]
     with pytest.raises(ValueError, match=r"outside the vocabulary \[0, 128\)"):
         engine.compute_logprobs(s)
-    with pytest.raises(ConfigError, match="tp_size"):
+    with pytest.raises(ConfigError, match="tp_size.*num_attention_heads=4"):  # the tiny model's 4 heads
+        TrainerRank(moe_path, TrainerConfig(tp_size=3), AdvantageConfig(), num_steps=1)
+    with pytest.raises(ValueError, match=r"parallel state has \(tp, pp, ep\) = \(1, 1, 1\)"):
         TrainerRank(moe_path, TrainerConfig(tp_size=2), AdvantageConfig(), num_steps=1)
     with pytest.raises(ConfigError, match="activation_recompute"):
         TrainerRank(moe_path, TrainerConfig(activation_recompute=True), AdvantageConfig(), num_steps=1)
