@@ -122,7 +122,9 @@ class Agent:
         # request); the command's environment travels in the spec and is set at exec time
         self.jail_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
         self.forkserver = (
-            _sibling("forkserver").ForkServer(self.jail_env) if args.exec_mode == "forkserver" else None
+            _sibling("forkserver").ForkServer(self.jail_env, self.jail.get("cgroups"))
+            if args.exec_mode == "forkserver"
+            else None
         )
 
     # -- paths: every file operation goes through safe_fs (no link, FIFO or device is followed) ----
@@ -266,8 +268,9 @@ class Agent:
             others = self.active - {pgid}
         if others:  # sweeping the cgroups or the uid would kill a concurrent command of this sandbox
             return
+        server = self.forkserver.pid if self.forkserver is not None else None
         for cg in self.jail.get("cgroups", []):
-            jail.kill_cgroup(cg)
+            jail.kill_cgroup(cg, spare=server)  # the fork server lives in them (forkserver.py)
         if self.uid is not None and self.uid != os.getuid():
             kill_uid(self.uid)
 

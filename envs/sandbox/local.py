@@ -232,8 +232,9 @@ class LocalSandboxBackend:
     def _cgroups(self, name: str) -> list[str]:
         out = []
         iso, cfg = self.isolation, self.config
+        server = int(self.exec_mode == "forkserver")  # the fork server lives in them (forkserver.py)
         for parent, files in (
-            (iso.pids_cgroup, {"pids.max": str(cfg.max_procs)}),
+            (iso.pids_cgroup, {"pids.max": str(cfg.max_procs + server)}),
             (
                 iso.memory_cgroup,
                 {"memory.max" if iso.cgroup_v2 else "memory.limit_in_bytes": str(cfg.memory_mb << 20)},

@@ -107,6 +107,36 @@ async def test_one_long_lived_fork_server_restarted_when_killed(sandbox_config):
         await sb.close()
 
 
+def _pids_max(cgroup: str) -> int:
+    with open(os.path.join(cgroup, "pids.max")) as f:
+        return int(f.read())
+
+
+async def test_fork_server_lives_in_the_cgroups_and_survives_the_sweeps(sandbox_config):
+    """Jails are born in the sandbox's cgroups (no per-call join, envs/sandbox/forkserver.py); the
+    fork server does not count against max_procs, and the sweep after a killed call spares it."""
+    from envs.sandbox.jail import cgroup_pids
+
+    sb = await LocalSandboxBackend(sandbox_config).create()
+    try:
+        cgroups = sb.info["jail"]["cgroups"]
+        if not cgroups:
+            pytest.skip("no writable pids or memory cgroup on this host")
+        await sb.exec("true", timeout=20)
+        (server,) = _forkservers(sb.info["agent_pid"])
+        assert all(cgroup_pids(cg) == [server] for cg in cgroups)
+        r = await sb.exec("cat /proc/self/cgroup", timeout=20)
+        assert all(cg.rsplit("/", 1)[1] in r.output for cg in cgroups), r
+        limits = [_pids_max(cg) for cg in cgroups if os.path.exists(os.path.join(cg, "pids.max"))]
+        assert all(n == sandbox_config.max_procs + 1 for n in limits), limits
+        killed = await sb.exec("(sleep 60 &); sleep 60", timeout=1)
+        assert killed.killed_reason == "timeout"
+        assert _forkservers(sb.info["agent_pid"]) == [server]
+        assert all(cgroup_pids(cg) == [server] for cg in cgroups)
+    finally:
+        await sb.close()
+
+
 async def test_warm_sandbox_created_with_the_task_snapshot(sandbox_config):
     """A warm pool can start sandboxes that already hold a task's files: no upload at session start."""
     from envs.swe.task import builtin_tasks
