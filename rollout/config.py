@@ -98,6 +98,13 @@ class RolloutConfig(EngineConfig, SamplingConfig):
     # MTP self-speculative decoding: K draft tokens per verify from the model's MTP layers (0 = off);
     # SGLang's --speculative-num-steps (engines get rollout.speculative.engine_args)
     speculative_num_steps: int = 0
+    # how generation is scheduled: batch (each step's prompts generated together, the step waits for its
+    # slowest sample) | sequence (rollout/scheduler.py: sequences kept in flight per engine, partial rollout)
+    scheduler: str = "batch"
+    in_flight_per_engine: int = 0  # sequence: sequences in flight per engine (0 = a step's samples / engines)
+    partial_rollout: bool = False  # sequence: sequences cut by a step end continue later from their prefix
+    max_staleness: int = 1  # sequence: oldest weight version a trained token may have, in versions behind
+    stale_policy: str = "drop"  # sequence: a group past max_staleness is dropped | regenerated from scratch
 
     @classmethod
     def combine(cls, engine: EngineConfig, sampling: SamplingConfig, **features: Any) -> RolloutConfig:
@@ -113,6 +120,25 @@ class RolloutConfig(EngineConfig, SamplingConfig):
         if not isinstance(self.speculative_num_steps, int) or not 0 <= self.speculative_num_steps <= 8:
             raise ConfigError(f"{prefix}.speculative_num_steps", "an integer in [0, 8] (0 = no speculative decoding; "
                               "at most the model's MTP layers)", self.speculative_num_steps)
+        self._validate_scheduler(prefix)
         if self.max_new_tokens >= self.max_context_len:
             raise ConfigError(f"{prefix}.max_new_tokens", f"fewer than max_context_len={self.max_context_len}",
                               self.max_new_tokens)
+
+    def _validate_scheduler(self, prefix: str) -> None:
+        if self.scheduler not in ("batch", "sequence"):
+            raise ConfigError(f"{prefix}.scheduler", "one of batch, sequence", self.scheduler)
+        if self.stale_policy not in ("drop", "regenerate"):
+            raise ConfigError(f"{prefix}.stale_policy", "one of drop, regenerate", self.stale_policy)
+        for name in ("in_flight_per_engine", "max_staleness"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"{prefix}.{name}", "an integer >= 0", value)
+        if not isinstance(self.partial_rollout, bool):
+            raise ConfigError(f"{prefix}.partial_rollout", "true or false", self.partial_rollout)
+
+    def in_flight_target(self, num_engines: int) -> int:
+        """Sequences the sequence scheduler keeps in flight over `num_engines` engines."""
+        per_engine = self.in_flight_per_engine or math.ceil(
+            self.prompts_per_step * self.n_samples_per_prompt / max(num_engines, 1))
+        return per_engine * max(num_engines, 1)

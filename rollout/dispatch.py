@@ -69,6 +69,33 @@ class EngineSession:
     last_rid: str | None = None
 
 
+class Gate:
+    """Open while the engines may generate. `close` (before a weight push) bumps `epoch`, so a request that
+    comes back aborted knows whether a pause caused it (then it is continued, not given up)."""
+
+    def __init__(self) -> None:
+        self._open = asyncio.Event()
+        self._open.set()
+        self.epoch = 0
+
+    @property
+    def is_open(self) -> bool:
+        return self._open.is_set()
+
+    def close(self) -> None:
+        if self._open.is_set():
+            self.epoch += 1
+            self._open.clear()
+
+    def open(self) -> None:
+        self._open.set()
+
+    async def wait(self) -> None:
+        """Return only while open: whoever sends right after this (no await between) sends before any pause."""
+        while not self._open.is_set():
+            await self._open.wait()
+
+
 class _StopAfterFaultWindow(stop_base):
     """Stop once `window_s` have passed since the request's first fault (not since its first try, which may
     have generated for minutes before the engine died)."""
@@ -89,7 +116,7 @@ class Dispatcher:
 
     def __init__(self, urls: list[str], *, timeout_s: float = 300.0, max_retries: int = 3,
                  retry_window_s: float = 300.0, backoff_s: float = 0.2, max_backoff_s: float = 5.0,
-                 num_layers: int | None = None, top_k: int | None = None) -> None:
+                 num_layers: int | None = None, top_k: int | None = None, gate: Gate | None = None) -> None:
         if not urls:
             raise ValueError("Dispatcher needs at least one engine URL")
         # The dispatcher owns retrying (it can fail over to another engine); each client sends once.
@@ -103,6 +130,9 @@ class Dispatcher:
         self.sticky: dict[str, int] = {}
         self.failovers = 0  # requests re-sent after a fault (cumulative over this dispatcher)
         self.attempts = 0  # requests sent, first tries included
+        self._busy_since: list[float | None] = [None] * len(urls)  # an engine has >= 1 request in flight since
+        self._busy_s = [0.0] * len(urls)
+        self.gate = gate  # while closed (a weight push), no request is sent, first tries and re-sends alike
 
     @property
     def urls(self) -> list[str]:
@@ -142,10 +172,12 @@ class Dispatcher:
                 with attempt:
                     if tried:
                         engines_back = await self._wait_for_an_engine(window.first_fault or start)
+                    if self.gate is not None:
+                        await self.gate.wait()
                     index = self.pick(key, self._recently_failed(tried))
                     tried.append(index)
                     self.attempts += 1
-                    self.in_flight[index] += 1
+                    self._started(index)
                     try:
                         result = await call(self.clients[index])
                     except BaseException as e:
@@ -154,7 +186,7 @@ class Dispatcher:
                             self._fault(index, key, e)
                         raise
                     finally:
-                        self.in_flight[index] -= 1
+                        self._ended(index)
                     self.failed[index] = False
                     return result
         except RetryError:
@@ -167,6 +199,36 @@ class Dispatcher:
             hint = f"{self.retry_window_s:g}s since the first fault spent (rollout.startup_timeout_s)"
         raise EngineUnavailable(sorted({self.clients[i].url for i in tried}), len(tried),
                                 time.monotonic() - start, last, hint) from last
+
+    def _started(self, index: int) -> None:
+        if self.in_flight[index] == 0:
+            self._busy_since[index] = time.monotonic()
+        self.in_flight[index] += 1
+
+    def _ended(self, index: int) -> None:
+        self.in_flight[index] -= 1
+        since = self._busy_since[index]
+        if self.in_flight[index] == 0 and since is not None:
+            self._busy_s[index] += time.monotonic() - since
+            self._busy_since[index] = None
+
+    def busy_seconds(self) -> list[float]:
+        """Per engine, the seconds so far during which it had at least one of this dispatcher's requests in
+        flight (the engine busy fraction of rollout/scheduler.py)."""
+        now = time.monotonic()
+        return [total + (now - since if since is not None else 0.0)
+                for total, since in zip(self._busy_s, self._busy_since)]
+
+    async def abort_in_flight(self) -> None:
+        """Ask every engine with requests of this dispatcher in flight to abort them all (they come back with
+        finish_reason abort and what they generated so far); a dead engine has nothing left to abort."""
+        async def abort(client: EngineClient) -> None:
+            try:
+                await client.abort()
+            except Exception as e:  # engine faults only; anything else is a bug and raises
+                if not is_engine_fault(e):
+                    raise
+        await asyncio.gather(*(abort(c) for c, n in zip(self.clients, self.in_flight) if n))
 
     def _recently_failed(self, tried: list[int]) -> set[int]:
         """Avoid the engines this request already failed on while others are left to try."""
@@ -239,8 +301,10 @@ class Dispatcher:
             log.info("closing session %s on %s failed: %s", session.id, self.clients[session.index].url, e)
 
     async def _once(self, index: int, key: str, call: Callable[[EngineClient], Awaitable[T]]) -> T:
+        if self.gate is not None:
+            await self.gate.wait()
         self.attempts += 1
-        self.in_flight[index] += 1
+        self._started(index)
         try:
             result = await call(self.clients[index])
         except Exception as e:
@@ -249,7 +313,7 @@ class Dispatcher:
             self._fault(index, key, e)
             raise SessionLost(self.clients[index].url, f"session engine failed ({type(e).__name__}: {e})") from e
         finally:
-            self.in_flight[index] -= 1
+            self._ended(index)
         self.failed[index] = False
         return result
 

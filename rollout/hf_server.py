@@ -273,8 +273,10 @@ class HFServer:
         if mode not in ("abort", "in_place", "retract") or not isinstance(mode, str):
             raise check.FieldError("mode", '"abort", "in_place" or "retract"', mode)
         self.sched.pause()
-        if mode == "abort":
+        if mode == "abort":  # as SGLang: answer once every request has come back aborted
             self.sched.abort(all_requests=True)
+            while self.sched.running:
+                await asyncio.sleep(0.005)
         return web.json_response({"success": True, "message": f"generation paused ({mode})"})
 
     async def continue_generation(self, _request: web.Request) -> web.Response:

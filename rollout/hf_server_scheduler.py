@@ -113,9 +113,8 @@ def build_sampling(p: dict[str, Any], eos_ids: set[int]) -> Sampling:
     """A request's Sampling from parameters `hf_server_validation.sampling_params` has checked."""
     seed = p["sampling_seed"]
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
-    stop_ids = set(p["stop_token_ids"])
-    if not p["ignore_eos"]:
-        stop_ids |= eos_ids
+    # as SGLang (Req._check_token_based_finish): ignore_eos turns off every token stop, stop_token_ids included
+    stop_ids = set() if p["ignore_eos"] else set(p["stop_token_ids"]) | eos_ids
     return Sampling(max_new_tokens=p["max_new_tokens"], min_new_tokens=p["min_new_tokens"],
                     temperature=p["temperature"], top_p=p["top_p"], top_k=p["top_k"], stop_ids=stop_ids,
                     ignore_eos=p["ignore_eos"], skip_special_tokens=p["skip_special_tokens"],

@@ -19,10 +19,12 @@ from mopd.core.model_shape import read_model_shape
 from mopd.core.types import Sample
 from rollout.agent_loop import AgentLoop, SingleTurnLoop
 from rollout.config import RolloutConfig
-from rollout.dispatch import Dispatcher
+from rollout.dispatch import Dispatcher, Gate
 from rollout.engine_client import EngineClient
 from rollout.sglang_api import GenerateRequest
 from rollout.trajectory import Trajectory
+
+SAMPLE_OVERRIDES = ("max_new_tokens", "ignore_eos")  # what a Sample's metadata["sampling_params"] may set
 
 
 class RolloutManager:
@@ -47,6 +49,28 @@ class RolloutManager:
         if self.eos_token_id is not None:
             params["stop_token_ids"] = [self.eos_token_id]
         return params
+
+    def sample_params(self, sample: Sample) -> dict[str, Any]:
+        """The sampling parameters of one sample: rollout's, with the sample's own `metadata["sampling_params"]`
+        merged in (a shorter max_new_tokens or ignore_eos, e.g. a benchmark's heavy-tailed lengths)."""
+        params = self.sampling_params()
+        overrides = sample.metadata.get("sampling_params")
+        if overrides is None:
+            return params
+        where = f'sample {sample.prompt_index}: metadata["sampling_params"]'
+        if not isinstance(overrides, dict):
+            raise TypeError(f"{where}: expected a dict, got {type(overrides).__name__}")
+        unknown = sorted(set(overrides) - set(SAMPLE_OVERRIDES))
+        if unknown:
+            raise ValueError(f"{where}: unknown key(s) {unknown}; allowed: {list(SAMPLE_OVERRIDES)}")
+        if "max_new_tokens" in overrides:
+            value = overrides["max_new_tokens"]
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= self.cfg.max_new_tokens:
+                raise ValueError(f"{where}.max_new_tokens: expected an integer in [1, rollout.max_new_tokens="
+                                 f"{self.cfg.max_new_tokens}], got {value!r}")
+        if "ignore_eos" in overrides and not isinstance(overrides["ignore_eos"], bool):
+            raise ValueError(f"{where}.ignore_eos: expected true or false, got {overrides['ignore_eos']!r}")
+        return {**params, **overrides}
 
     def dispatcher(self) -> Dispatcher:
         """Bounded failover: rollout.max_retries re-sends per request, within rollout.startup_timeout_s (long
@@ -80,13 +104,24 @@ class RolloutManager:
         return samples
 
     async def _generate_one(self, dispatcher: Dispatcher, sample: Sample) -> None:
-        loop = self.agent_loops.get(sample.domain, self.single_turn)
+        await self.run_sample(self.trajectory(dispatcher, sample))
+
+    def loop_of(self, sample: Sample) -> AgentLoop:
+        return self.agent_loops.get(sample.domain, self.single_turn)
+
+    def trajectory(self, dispatcher: Dispatcher, sample: Sample, *, gate: Gate | None = None,
+                   resume: bool = False) -> Trajectory:
+        """The trajectory one sample is generated through (see rollout/trajectory.py for `gate` and `resume`)."""
         # a single turn has nothing to reuse between requests: no engine session for it
-        trajectory = Trajectory(dispatcher, sample, self.sampling_params(),
-                                prefix_cache=self.cfg.prefix_cache and loop.multi_turn,
-                                routing_replay=self.routing_replay)
+        return Trajectory(dispatcher, sample, self.sample_params(sample),
+                          prefix_cache=self.cfg.prefix_cache and self.loop_of(sample).multi_turn,
+                          routing_replay=self.routing_replay, gate=gate, resume=resume)
+
+    async def run_sample(self, trajectory: Trajectory) -> Sample:
+        """Run one sequence (a single-turn sample or an agent episode) to its end: what the batch path does
+        per sample and the sequence scheduler (rollout/scheduler.py) does per submitted sequence."""
         try:
-            await loop.run(sample, trajectory)
-            trajectory.to_sample(self.tokenizer)
+            await self.loop_of(trajectory.sample).run(trajectory.sample, trajectory)
+            return trajectory.to_sample(self.tokenizer)
         finally:
             await trajectory.close()
