@@ -177,3 +177,38 @@ def grad_norm_sq(params: list[Tensor], model_params: list[Tensor]) -> Tensor:
         total += p.grad.detach().double().pow(2).sum() / copies
     dist.all_reduce(total)
     return total
+
+
+def lockstep_shapes(shapes: list[tuple[int, int]], tp: int) -> list[tuple[int, int]]:
+    """The (sequence, batch) size each microbatch slot runs at on this rank.
+
+    Sequences are padded to a multiple of the TP size (sequence parallelism splits them). Under expert
+    parallelism the allgather dispatcher gathers equal-sized token blocks from every rank of the EP group
+    in every MoE layer, forward and backward, so those ranks run the same number of microbatches at the
+    same shapes: each slot takes the largest shape any of them has there, and a rank with fewer
+    microbatches runs idle ones (`shapes` beyond its own)."""
+    padded = [(-(-s // tp) * tp, b) for s, b in shapes]
+    if ps.get_expert_model_parallel_world_size() == 1:
+        return padded
+    group = ps.get_expert_model_parallel_group()
+    count = torch.tensor([len(padded)])
+    dist.all_reduce(count, op=dist.ReduceOp.MAX, group=group)
+    table = torch.zeros(int(count), 2, dtype=torch.long)
+    if padded:
+        table[: len(padded)] = torch.tensor(padded)
+    dist.all_reduce(table, op=dist.ReduceOp.MAX, group=group)
+    return [(int(s), int(b)) for s, b in table.tolist()]
+
+
+def pad_replay(per_layer: list[Tensor], seq_len: int, batch: int, padded_batch: int) -> list[Tensor]:
+    """Routing-replay tensors ([seq_len * batch, k], token s * batch + b) widened to `padded_batch`
+    rows; the added rows (padding the model never scores) take experts 0..k-1."""
+    if padded_batch == batch:
+        return per_layer
+    out = []
+    for idx in per_layer:
+        k = idx.shape[-1]
+        wide = torch.arange(k, dtype=idx.dtype, device=idx.device).expand(seq_len, padded_batch, k).clone()
+        wide[:, :batch] = idx.view(seq_len, batch, k)
+        out.append(wide.reshape(seq_len * padded_batch, k))
+    return out

@@ -82,7 +82,8 @@ class TrainerRank:
         self.step = 0
 
     # ---------------------------------------------------------------- forward
-    def _replay_data(self, samples: list[Sample], seq_len: int) -> list[torch.Tensor] | None:
+    def _replay_data(self, samples: list[Sample], shape: tuple[int, int]) -> list[torch.Tensor] | None:
+        """Per MoE layer, the rollout's routing of `samples` laid out for a model input of `shape` (S, B)."""
         if not (self.cfg.routing_replay and self.moe_layers):
             return None
         have = [s.routed_experts is not None for s in samples]
@@ -95,18 +96,20 @@ class TrainerRank:
         for i, s in enumerate(samples):
             routing_replay.check_routed_experts(s, i, num_layers=h.num_hidden_layers, top_k=h.num_experts_per_tok,
                                                 num_experts=self.arch.num_experts(h))
+        seq_len, batch = shape
         tensors = routing_replay.replay_tensors(samples, seq_len, self.moe_layers, num_layers=h.num_hidden_layers,
                                                 top_k=h.num_experts_per_tok, num_experts=self.arch.num_experts(h))
-        return [t.to(self.device) for t in tensors]
+        return [t.to(self.device) for t in parallel.pad_replay(tensors, seq_len, len(samples), batch)]
 
-    def _forward(self, mb: batching.MicroBatch, need_untempered: bool = True) -> StudentLogprobs:
+    def _forward(self, mb: batching.MicroBatch, shape: tuple[int, int], need_untempered: bool = True,
+                 ) -> StudentLogprobs:
         """log pi_theta of the targets at the rollout temperature and untempered (the teacher term's view,
-        see trainer.losses.pg_loss), the entropy, and log pi_theta of the teacher's top-k tokens (if any)."""
+        see trainer.losses.pg_loss), the entropy, and log pi_theta of the teacher's top-k tokens (if any).
+        The model runs at `shape` (trainer.parallel.lockstep_shapes): padding at the end (causal: harmless)."""
         tokens, positions = mb.tokens.to(self.device), mb.position_ids.to(self.device)
-        extra = self._model_len(mb) - tokens.shape[1]
-        if extra:  # sequence parallelism splits the sequence over TP ranks: pad it at the end (causal: harmless)
-            tokens, positions = F.pad(tokens, (0, extra)), F.pad(positions, (0, extra))
-        logits = self.model(tokens, positions, None)[:, :mb.tokens.shape[1]]
+        (seq_len, batch), (s, b) = shape, tokens.shape[::-1]
+        pad = (0, seq_len - s, 0, batch - b)
+        logits = self.model(F.pad(tokens, pad), F.pad(positions, pad), None)[:b, :s]
         top_ids = mb.inputs.teacher_top_ids
         views = vocab_parallel.student_logprobs if self.tp > 1 else student_logprobs  # vocab-sharded logits
         out = views(logits[:, :-1], mb.targets.to(self.device), self.temperature,
@@ -116,13 +119,21 @@ class TrainerRank:
                                     for t in (out.tempered, out.entropy, out.untempered, out.top)))
         return out
 
-    def _model_len(self, mb: batching.MicroBatch) -> int:
-        """The sequence length the model runs at: a multiple of the TP size under sequence parallelism."""
-        return -(-mb.tokens.shape[1] // self.tp) * self.tp
-
-    def _microbatches(self, samples: list[Sample]) -> list[batching.MicroBatch]:
+    def _microbatches(self, samples: list[Sample]) -> tuple[list[batching.MicroBatch], list[tuple[int, int]]]:
+        """This rank's microbatches and the (S, B) of every slot the model runs (more slots than
+        microbatches: idle passes that keep the EP group in step)."""
         plan = batching.plan_microbatches([len(s.tokens) for s in samples], self.cfg.max_tokens_per_microbatch)
-        return [batching.collate(samples, idx) for idx in plan]
+        mbs = [batching.collate(samples, idx) for idx in plan]
+        shapes = parallel.lockstep_shapes([(mb.tokens.shape[1], mb.tokens.shape[0]) for mb in mbs], self.tp)
+        return mbs, shapes
+
+    def _idle_pass(self, shape: tuple[int, int], backward: bool) -> None:
+        """A forward (and backward) on padding only: its collectives pair with another rank's microbatch."""
+        seq_len, batch = shape
+        positions = torch.arange(seq_len, device=self.device).expand(batch, seq_len)
+        logits = self.model(torch.zeros(batch, seq_len, dtype=torch.long, device=self.device), positions, None)
+        if backward:
+            (logits.float().sum() * 0.0).backward()
 
     def _model_scope(self) -> contextlib.AbstractContextManager:
         """Around model code: on CPU, Megatron's collectives allocate on the "current CUDA device"."""
@@ -138,13 +149,16 @@ class TrainerRank:
         batching.validate_samples(samples, vocab_size=self.hf_config.vocab_size)
         self.model.eval()
         out: list[np.ndarray | None] = [None] * len(samples)
-        for mb in self._microbatches(samples):
+        mbs, shapes = self._microbatches(samples)
+        for mb, shape in zip(mbs, shapes):
             chosen = [samples[i] for i in mb.indices]
-            with routing_replay.replaying(self.model, self._replay_data(chosen, self._model_len(mb))):
-                lp = self._forward(mb, need_untempered=False).tempered
+            with routing_replay.replaying(self.model, self._replay_data(chosen, shape)):
+                lp = self._forward(mb, shape, need_untempered=False).tempered
             for b, i in enumerate(mb.indices):
                 start = mb.prompt_lengths[b] - 1
                 out[i] = lp[b, start:start + len(samples[i].response_ids)].float().numpy().copy()
+        for shape in shapes[len(mbs):]:  # idle slots come last (trainer.parallel.lockstep_shapes)
+            self._idle_pass(shape, backward=False)
         return out  # type: ignore[return-value]
 
     # ---------------------------------------------------------------- train
@@ -162,11 +176,12 @@ class TrainerRank:
         teacher_term = loss_spec(self.cfg.loss).needs_teacher  # its reward reads untempered log pi_theta
         stats = torch.zeros(len(_STATS), dtype=torch.float64)  # sums over this rank's microbatches
         ratios: dict[str, list[float]] = {}  # LossOutput.ratios summed: name -> [numerator, denominator]
-        for mb in self._microbatches(samples):
+        mbs, shapes = self._microbatches(samples)
+        for mb, shape in zip(mbs, shapes):
             chosen = [samples[i] for i in mb.indices]
-            with routing_replay.replaying(self.model, self._replay_data(chosen, self._model_len(mb))):
+            with routing_replay.replaying(self.model, self._replay_data(chosen, shape)):
                 with self.mtp.capture():
-                    view = self._forward(mb, need_untempered=teacher_term)
+                    view = self._forward(mb, shape, need_untempered=teacher_term)
                 if self.cfg.activation_recompute and self.cfg.routing_replay and self.moe_layers:
                     routing_replay.switch_to_backward(self.model)
                 out = compute_loss(self.cfg.loss, view.tempered, mb.inputs, self.adv, eps_low=self.cfg.eps_low,
@@ -186,6 +201,8 @@ class TrainerRank:
                 acc = ratios.setdefault(name, [0.0, 0.0])
                 acc[0] += num
                 acc[1] += den
+        for shape in shapes[len(mbs):]:  # idle slots come last (trainer.parallel.lockstep_shapes)
+            self._idle_pass(shape, backward=True)
         self._allreduce_grads()
         if ps.get_data_parallel_world_size() > 1:  # TP ranks of one replica hold the same statistics
             dist.all_reduce(stats, group=ps.get_data_parallel_group())

@@ -41,6 +41,41 @@ def _with_top_k(samples, k: int = 3, vocab: int = 100, seed: int = 0):
     return out
 
 
+def _with_routing(samples, num_layers: int = 2, moe_layer: int = 1, num_experts: int = 4, top_k: int = 2,
+                  seed: int = 0):
+    """Rollout routing as SGLang returns it ([T-1, layers, top_k], garbage in the dense layer 0)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for s in samples:
+        arr = np.full((len(s.tokens) - 1, num_layers, top_k), 77, dtype=np.int32)
+        arr[:, moe_layer] = [rng.choice(num_experts, top_k, replace=False) for _ in range(len(s.tokens) - 1)]
+        out.append(dataclasses.replace(s, routed_experts=arr))
+    return out
+
+
+def _check_replayed_routing(trainer: TrainerRank, samples) -> None:
+    """The experts each router chose are the rollout's, token for token (maps are [S * B, experts] per
+    model pass, passes in microbatch order)."""
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    maps: list[torch.Tensor] = []
+    routers = [m for m in trainer.model.modules() if isinstance(m, TopKRouter)]
+    handles = [r.register_forward_hook(lambda mod, inp, out: maps.append(out[1].detach().clone())) for r in routers]
+    try:
+        trainer.compute_logprobs(samples)
+    finally:
+        for h in handles:
+            h.remove()
+    mbs, shapes = trainer._microbatches(samples)
+    for mb, (seq_len, batch), routing in zip(mbs, shapes, maps):
+        for b, i in enumerate(mb.indices):
+            s = samples[i]
+            n = len(s.tokens) - 1
+            got = routing.view(seq_len, batch, -1)[:n, b]
+            want = torch.zeros_like(got).scatter_(1, torch.from_numpy(s.routed_experts[:, 1]).long(), True)
+            assert torch.equal(got, want), f"sample {i}: replayed routing differs from the rollout's"
+
+
 def _worker(rank: int, world: int, port: int, model_path: str, cfg: TrainerConfig, adv: AdvantageConfig,
             temperature: float, samples, out_dir: str) -> None:
     from trainer.dist import init_distributed, shutdown_distributed
@@ -51,6 +86,8 @@ def _worker(rank: int, world: int, port: int, model_path: str, cfg: TrainerConfi
         trainer = TrainerRank(model_path, cfg, adv, num_steps=2, rollout_temperature=temperature)
         shard = split_by_tokens(samples, cfg.dp_size)[trainer.dp_rank]
         mine = [samples[i] for i in shard]
+        if samples[0].routed_experts is not None:
+            _check_replayed_routing(trainer, mine)
         lps = dict(zip(shard, trainer.compute_logprobs(mine)))
         metrics = trainer.train_step(mine, len(samples))
         grads = parallel.gather_state(trainer.model, {n: p.grad for n, p in trainer.model.named_parameters()})
@@ -108,6 +145,14 @@ def test_tp2_dense_mopd_top_k_equals_single_rank(dense_path, dist_env, tmp_path)
 def test_ep2_moe_equals_single_rank(moe_path, dist_env, tmp_path):
     """Experts split over two data-parallel ranks (allgather dispatcher); each rank trains on its own samples."""
     _compare(moe_path, _cfg(dp_size=2, ep_size=2), make_samples(6, seed=32), tmp_path)
+
+
+def test_r3_replay_at_ep2_equals_rollout_routing(moe_path, dist_env, tmp_path):
+    """R3 under EP: every rank replays its samples' global expert ids (checked token for token in the
+    workers) and the replayed step equals the single rank replaying the same routing. The ranks get one and
+    two microbatches: the first runs an idle pass, forward and backward, to keep the dispatcher in step."""
+    samples = _with_routing(make_samples(3, seed=40))
+    _compare(moe_path, _cfg(dp_size=2, ep_size=2, max_tokens_per_microbatch=24), samples, tmp_path)
 
 
 def test_tp2_moe_equals_single_rank(moe_path, dist_env, tmp_path):
