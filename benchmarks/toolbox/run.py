@@ -1,8 +1,10 @@
-"""Toolbox benchmark: first-tool-call latency from a warm pool vs a cold start, throughput as the
-worker pool grows, and the local sandbox side by side with its per-call-process path and with the
-code of an older commit. One run, one table; nothing here is asserted (see README.md for results).
+"""Toolbox benchmark: a no-op call at each layer of the tool path, a session's first observation
+pre-warmed vs cold (this tree side by side with the tree before, ``first_observation.py``),
+throughput as the worker pool grows, and the local sandbox side by side with its per-call-process
+path and with the code of an older commit. One run, one table; nothing here is asserted (see
+README.md for results).
 
-    python benchmarks/toolbox/run.py --sessions 16 --pools 1,2,4 --calls 6 --baseline-rev 988a8fe^
+    python benchmarks/toolbox/run.py --sessions 8 --pools 1,2,4 --calls 6 --today-rev 53c611a
 """
 
 from __future__ import annotations
@@ -23,17 +25,15 @@ import ray
 
 from envs.sandbox.isolation import detect
 from envs.sandbox.local import LocalSandboxBackend
-from envs.swe.task import builtin_tasks, task_to_dict
+from envs.swe.task import builtin_tasks
 from envs.tool_parsing import ToolCall
 from toolbox.manager import ToolManager, percentile
 from toolbox.toolbox import get_or_create_toolbox
 
 CALL = ToolCall("bash", {"command": "grep -c tomat inflection/__init__.py"})
 NOOP = ToolCall("bash", {"command": "true"})
-SETTLE_S = 0.3  # pause before each session of the first-call runs (the warm pool refills meanwhile)
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-STARTS = ("cold", "warm", "preloaded")
 SANDBOX_KEYS = ("noop", "tool", "cold", "warm", "warm_preloaded")
 
 
@@ -73,45 +73,31 @@ def _toolbox(name: str, workers: int, warm: int):
     return tb
 
 
-async def first_call_latency(sessions: int) -> dict[str, dict[str, float]]:
-    """Open a session and make its first tool call, for each way a session can start, the starts
-    taking turns session by session (so machine load falls on all of them alike).
-
-    "cold": nothing warm; "warm": a ready sandbox per session with an empty workspace (the env
-    uploads the task's files: the path before snapshot pre-warming); "preloaded": ready sandboxes
-    that already hold the task's snapshot. Each start has its own one-worker Toolbox; before every
-    session the pools settle (the warm pool refills) outside the timed part.
-    """
-    task = builtin_tasks()[0]
-    boxes = {s: _toolbox(f"bench-{s}", workers=1, warm=sessions if s == "warm" else 0) for s in STARTS}
-    await boxes["preloaded"].prewarm.remote("swe", sessions, task_to_dict(task))
-    lat: dict[str, list[float]] = {s: [] for s in STARTS}
-    call_lat: dict[str, list[float]] = {s: [] for s in STARTS}
-    for _ in range(sessions):  # one session at a time: latency, not contention
-        for start, tb in boxes.items():
-            tm = ToolManager(tb)
-            await asyncio.sleep(SETTLE_S)
-            t0 = time.perf_counter()
-            sid, _ = await tm.start("swe", task)
-            t1 = time.perf_counter()
-            await tm.step(sid, CALL)
-            lat[start].append(time.perf_counter() - t0)
-            call_lat[start].append(time.perf_counter() - t1)
-            await tm.close(sid)
-    out = {}
-    for start, tb in boxes.items():
-        w = (await tb.stats.remote())["workers"]["swe"][0]
-        ray.get(tb.shutdown.remote())
-        ray.kill(tb)
-        out[start] = {
-            "p50_s": percentile(lat[start], 50),
-            "p99_s": percentile(lat[start], 99),
-            "call_p50_s": percentile(call_lat[start], 50),
-            "call_p99_s": percentile(call_lat[start], 99),
-            "warm_hits": w["warm_hits"],
-            "cold_starts": w["cold_starts"],
+def first_observation_trees(rounds: int, sessions: int, today_rev: str) -> dict[str, dict]:
+    """first_observation.py for this tree and for the tree at ``today_rev`` (the path before this
+    change), the trees taking turns round by round; per tree and start: p50/p99 of the session open
+    and of open + first tool call, warm hits and cold starts."""
+    with tempfile.TemporaryDirectory() as tmp:
+        trees = {"this tree": []}
+        if today_rev:
+            trees = {f"before ({today_rev})": ["--tree", _checkout(today_rev, tmp)], **trees}
+        samples: dict[str, dict[str, dict[str, list[float]]]] = {t: {} for t in trees}
+        for _ in range(rounds):
+            for name, extra in trees.items():
+                cmd = [sys.executable, os.path.join(HERE, "first_observation.py"), *extra]
+                cmd += ["--sessions", str(sessions)]
+                got = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+                for start, values in got.items():
+                    for k, v in values.items():
+                        samples[name].setdefault(start, {}).setdefault(k, []).extend(v)
+    return {
+        name: {
+            start: {f"{k}_p{q}": percentile(v[k], q) for k in ("open", "first_call") for q in (50, 99)}
+            | {"warm_hits": sum(v["hits"]), "cold_starts": sum(v["cold_starts"]), "n": len(v["open"])}
+            for start, v in per_start.items()
         }
-    return out
+        for name, per_start in samples.items()
+    }
 
 
 async def call_overhead(name: str, calls: int) -> dict[str, dict[str, float]]:
@@ -184,7 +170,6 @@ async def main(args: argparse.Namespace) -> dict:
         "args": vars(args),
     }
     out["noop_overhead"] = await call_overhead("bench-noop", args.noop_calls)
-    out.update(await first_call_latency(args.sessions))
     out["throughput"] = {}
     for n in [int(x) for x in args.pools.split(",")]:
         out["throughput"][n] = await throughput(f"bench-pool-{n}", n, args.concurrent, args.calls)
@@ -205,17 +190,23 @@ def table(res: dict) -> str:
         lines.append(
             f"| {layer} | {r['p50_s'] * 1e3:.1f} / {r['p99_s'] * 1e3:.1f} | {(r['p50_s'] - base) * 1e3:+.1f} |"
         )
-    lines += [
-        "",
-        "| start | first call incl. session open p50 / p99 (s) | tool call alone p50 / p99 (s) | warm hits / cold starts | cold / this, p50 |",
-        "|---|---|---|---|---|",
-    ]
-    for k in STARTS:
-        r = res[k]
-        lines.append(
-            f"| {k} | {r['p50_s']:.3f} / {r['p99_s']:.3f} | {r['call_p50_s']:.3f} / {r['call_p99_s']:.3f} "
-            f"| {r['warm_hits']} / {r['cold_starts']} | {res['cold']['p50_s'] / r['p50_s']:.1f}x |"
-        )
+    for tree, starts in res.get("first_observation", {}).items():
+        lines += [
+            "",
+            (
+                f"| {tree}: start | session open p50 / p99 (ms) | open + first tool call p50 / p99 (ms) "
+                "| warm hits / cold starts | cold / this, open | cold / this, open + call |"
+            ),
+            "|---|---|---|---|---|---|",
+        ]
+        cold = starts["cold"]
+        for start, r in starts.items():
+            lines.append(
+                f"| {start} | {r['open_p50'] * 1e3:.1f} / {r['open_p99'] * 1e3:.1f} "
+                f"| {r['first_call_p50'] * 1e3:.1f} / {r['first_call_p99'] * 1e3:.1f} "
+                f"| {r['warm_hits']} / {r['cold_starts']} | {cold['open_p50'] / r['open_p50']:.1f}x "
+                f"| {cold['first_call_p50'] / r['first_call_p50']:.1f}x |"
+            )
     lines += ["", "| workers | calls/s | call p50 / p99 (s) |", "|---|---|---|"]
     for n, r in res["throughput"].items():
         lines.append(f"| {n} | {r['calls_per_s']:.1f} | {r['p50_s']:.3f} / {r['p99_s']:.3f} |")
@@ -235,7 +226,13 @@ def table(res: dict) -> str:
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sessions", type=int, default=16, help="sessions for the cold/warm latency runs")
+    p.add_argument("--sessions", type=int, default=8, help="sessions per start and round, first observations")
+    p.add_argument(
+        "--first-obs-rounds", type=int, default=3, help="rounds of the first-observation runs (0: skip them)"
+    )
+    p.add_argument(
+        "--today-rev", default="53c611a", help="first observations also on this git revision ('': skip)"
+    )
     p.add_argument("--pools", default="1,2,4", help="worker counts for the throughput runs")
     p.add_argument("--concurrent", type=int, default=8, help="concurrent sessions in throughput runs")
     p.add_argument("--calls", type=int, default=6, help="tool calls per session in throughput runs")
@@ -250,11 +247,16 @@ if __name__ == "__main__":
     )
     p.add_argument("--out", default="", help="write the JSON result here")
     a = p.parse_args()
+    first = (  # first: each run starts its own Ray cluster, none of this process's may idle beside it
+        first_observation_trees(a.first_obs_rounds, a.sessions, a.today_rev) if a.first_obs_rounds else None
+    )
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, namespace="mopd")
     try:
         result = asyncio.run(main(a))
     finally:
         ray.shutdown()
+    if first is not None:
+        result["first_observation"] = first
     if a.out:
         with open(a.out, "w") as f:
             json.dump(result, f, indent=1)
