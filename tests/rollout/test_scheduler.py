@@ -4,6 +4,8 @@ partial rollout across real weight pushes, staleness, exact resume from its stat
 from __future__ import annotations
 
 import asyncio
+import json
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +20,7 @@ from rollout.config import RolloutConfig
 from rollout.engine_client import EngineClient
 from rollout.rollout_manager import RolloutManager
 from rollout.scheduler import Batch, SequenceScheduler
+from rollout.sglang_api import GenerateRequest
 from tests.rollout.conftest import ServerProc
 
 N = 2  # samples per prompt
@@ -71,8 +74,9 @@ def engines(tiny_models: dict[str, Path]) -> Iterator[list[ServerProc]]:
 
 
 def _cfg(**kw: object) -> RolloutConfig:
-    base = dict(num_engines=2, max_new_tokens=200, max_context_len=256, prompts_per_step=4, n_samples_per_prompt=N,
-                scheduler="sequence", in_flight_per_engine=8, request_timeout_s=60, max_retries=1)
+    base = {"num_engines": 2, "max_new_tokens": 200, "max_context_len": 256, "prompts_per_step": 4,
+            "n_samples_per_prompt": N, "scheduler": "sequence", "in_flight_per_engine": 8, "request_timeout_s": 60,
+            "max_retries": 1}
     return RolloutConfig(**{**base, **kw})
 
 
@@ -156,9 +160,12 @@ def test_partial_rollout_continues_on_new_weights_with_consistent_tokens(schedul
         assert batch.stats["rollout/staleness_max"] <= 2 and batch.stats["rollout/stale_dropped"] == 0
         new = [s for s in batch.samples if len(set(s.weight_versions)) > 1]
         assert batch.stats["rollout/partial_samples"] >= len(new)
-        # the tokens of the current version were sampled by the weights the engines hold now, from the prefix
+        # the tokens of the current version were sampled by the weights the engines hold now, from the prefix,
+        # and their routing rows are those weights' routing of that prefix
         scored = asyncio.run(_score_new_part(engines[0].url, new, version))
-        for s, scores in zip(new, scored):
+        for s, (scores, rows) in zip(new, scored):
+            first = len(s.prompt_ids) + s.weight_versions.index(version) - 1
+            np.testing.assert_array_equal(rows, s.routed_experts[first:])
             np.testing.assert_allclose(scores, s.rollout_logprobs[s.weight_versions.index(version):], atol=2e-3,
                                        err_msg=f"{version} {s.prompt_index} {s.weight_versions}")
         mixed += new
@@ -174,11 +181,20 @@ def test_partial_rollout_continues_on_new_weights_with_consistent_tokens(schedul
         assert s.routed_experts.shape == (len(s.prompt_ids) + n - 1, 2, 2)
 
 
-async def _score_new_part(url: str, samples: list[Sample], version: int) -> list[list[float]]:
-    """log p of each sample's tokens of `version` under the engine's current weights, given all before them."""
-    async with EngineClient(url) as client:
-        return [(await client.score_top_k(s.tokens, len(s.prompt_ids) + s.weight_versions.index(version), 0)
-                 ).logprobs for s in samples]
+async def _score_new_part(url: str, samples: list[Sample], version: int
+                          ) -> list[tuple[list[float], np.ndarray]]:
+    """Under the engine's current weights, each sample's tokens of `version` given all before them: their log p,
+    and the routing rows from the position before the first of them on."""
+    out = []
+    async with EngineClient(url, num_layers=2, top_k=2) as client:
+        for s in samples:
+            start = len(s.prompt_ids) + s.weight_versions.index(version)
+            scores = await client.score_top_k(s.tokens, start, 0)
+            routed = await client.generate(GenerateRequest(
+                input_ids=s.tokens, sampling_params={"max_new_tokens": 0}, return_routed_experts=True,
+                routed_experts_start_len=start - 1))
+            out.append((scores.logprobs, routed.routed_experts))
+    return out
 
 
 @pytest.mark.parametrize("policy", ["drop", "regenerate"])
@@ -206,3 +222,103 @@ def test_stale_groups_are_dropped_or_regenerated(scheduler_for, engines, tiny_mo
         assert not stale & set(seen)
     else:
         assert stale <= set(seen)
+
+
+def _json_round_trip(state: dict) -> dict:
+    """What a checkpoint does with the state: JSON for everything but the numpy arrays (kept as lists here)."""
+    return json.loads(json.dumps(state, default=lambda a: a.tolist()))
+
+
+def test_state_dict_resumes_in_a_new_scheduler_with_no_prompt_lost_or_repeated(scheduler_for):
+    cfg = _cfg(partial_rollout=True, max_staleness=2)
+    source = Source({"short": 1, "long": 1}, tail=60)
+    first = scheduler_for(source, cfg)
+    first.start(0)
+    seen = _indices(first.next_batch(2, 0))
+    state = first.state_dict()
+    partial = {(g["originals"][0]["prompt_index"], j): saved["sample"]["response_ids"]
+               for g in state["groups"] for j, saved in enumerate(g["samples"])
+               if saved is not None and not saved["finished"]}
+    assert partial and state["done"]  # cut sequences and finished groups waiting for the next batch
+    first.close()
+    # a new process: the data source goes on after the prompts it had handed out, the scheduler has them
+    resumed = Source({"short": 1, "long": 1}, tail=60, start=source.next_index)
+    second = scheduler_for(resumed, cfg)
+    second.load_state_dict(_json_round_trip(state))
+    second.start(0)
+    continued = 0
+    for _ in range(8):
+        batch = second.next_batch(2, 0)
+        _check_batch(batch, resumed.quota(2))
+        seen += _indices(batch)
+        for group in batch.groups:
+            for j, s in enumerate(group):
+                prefix = partial.get((s.prompt_index, j))
+                if prefix is not None:  # continued from the saved tokens, not regenerated
+                    assert s.response_ids[:len(prefix)] == prefix
+                    continued += 1
+        if set(source.drawn) <= set(seen):
+            break
+    assert set(source.drawn) <= set(seen) and len(seen) == len(set(seen)) and continued == len(partial)
+
+
+def test_filtered_groups_are_counted_and_replaced(scheduler_for):
+    judged: list[int] = []
+
+    async def hook(group: list[Sample]) -> bool:
+        await asyncio.sleep(0)
+        judged.append(group[0].prompt_index)
+        return group[0].prompt_index % 3 != 0
+
+    source = Source({"short": 1})
+    scheduler = scheduler_for(source, _cfg(), group_hook=hook)
+    scheduler.start(0)
+    filtered = 0
+    for _ in range(2):
+        batch = scheduler.next_batch(4, 0)
+        _check_batch(batch, {"short": 4})
+        assert all(i % 3 for i in _indices(batch))
+        filtered += batch.stats["rollout/filtered_groups"]
+    assert filtered >= 2 and filtered == sum(1 for i in judged if i % 3 == 0)
+
+
+def test_continuous_mode_generates_between_batches_within_the_staleness_bound(scheduler_for, engines, tiny_models):
+    source = Source({"short": 1, "long": 1}, tail=60)
+    scheduler = scheduler_for(source, _cfg(partial_rollout=True, max_staleness=1), continuous=True)
+    scheduler.start(0)
+    seen: list[int] = []
+    for version in range(3):
+        batch = scheduler.next_batch(2, version)
+        _check_batch(batch, source.quota(2))
+        assert batch.stats["rollout/staleness_max"] <= 1
+        seen += _indices(batch)
+        time.sleep(0.5)  # training: generation goes on meanwhile
+        scheduler.pause()
+        state = scheduler.state_dict()
+        assert state["done"] and len(state["done"]) + len(state["groups"]) <= 2  # at most max_staleness batches
+        _push(engines, tiny_models["moe_b" if version % 2 == 0 else "moe"], version + 1)
+        scheduler.resume(version + 1)
+    assert len(seen) == len(set(seen))
+
+
+def test_config_fields_and_per_sample_overrides_are_validated():
+    assert RolloutConfig().scheduler == "batch"
+    for name, value in (("scheduler", "fast"), ("stale_policy", "keep"), ("in_flight_per_engine", -1),
+                        ("max_staleness", -1), ("partial_rollout", "yes")):
+        with pytest.raises(ConfigError, match=f"rollout.{name}"):
+            _cfg(**{name: value}).validate()
+    assert _cfg().in_flight_target(2) == 16 and _cfg(in_flight_per_engine=0).in_flight_target(2) == 8
+    manager = RolloutManager(["http://127.0.0.1:9"], _cfg(max_new_tokens=32), eos_token_id=0)
+
+    def params(overrides: object) -> dict:
+        return manager.sample_params(Sample(0, 0, "d", [1, 2], metadata={"sampling_params": overrides}))
+
+    expected = {**manager.sampling_params(), "max_new_tokens": 5, "ignore_eos": True}
+    assert params({"max_new_tokens": 5, "ignore_eos": True}) == expected
+    for bad, match in (({"max_new_tokens": 33}, "max_new_tokens"), ({"max_new_tokens": True}, "max_new_tokens"),
+                       ({"max_new_tokens": 0}, "max_new_tokens"), ({"temperature": 0.1}, "unknown"),
+                       ({"ignore_eos": "yes"}, "ignore_eos")):
+        with pytest.raises(ValueError, match=match):
+            params(bad)
+    with pytest.raises(TypeError, match="sampling_params"):
+        params([5])
