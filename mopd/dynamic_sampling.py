@@ -13,6 +13,7 @@ Every scored group's rewards also go to the data scheduler's per-prompt pass rat
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import defaultdict
 
@@ -21,6 +22,9 @@ from mopd.core.types import Sample
 from mopd.data import DataScheduler
 from mopd.rewards import score_outcomes
 from mopd.teachers import TeacherSet
+
+log = logging.getLogger(__name__)
+WARN_EVERY = 500  # consecutive filtered groups between warnings that a batch may never fill
 
 
 def group_reverse_kl(group: list[Sample]) -> float | None:
@@ -57,6 +61,7 @@ class GroupScorer:
         self.teacher_top_k = teacher_top_k
         self._rewards: dict[str, list[float]] = defaultdict(list)  # domain -> rewards scored since `metrics`
         self._lock = threading.Lock()  # the scheduler's thread scores while the driver reads metrics
+        self._filtered_in_a_row = 0
 
     async def __call__(self, group: list[Sample]) -> bool:
         score_outcomes(group)
@@ -66,7 +71,14 @@ class GroupScorer:
         with self._lock:
             for sample in group:
                 self._rewards[sample.domain].append(sample.reward)
-        return not self.cfg.filter_groups or has_signal(group, self.teachers is not None, self.cfg.filter_kl_threshold)
+        keep = not self.cfg.filter_groups or has_signal(group, self.teachers is not None, self.cfg.filter_kl_threshold)
+        self._filtered_in_a_row = 0 if keep else self._filtered_in_a_row + 1
+        if self._filtered_in_a_row and self._filtered_in_a_row % WARN_EVERY == 0:
+            log.warning("dynamic sampling filtered the last %d groups (equal rewards, teacher reverse KL below "
+                        "dynamic_sampling.filter_kl_threshold=%g): the batch may never fill; lower the threshold "
+                        "or set dynamic_sampling.filter_groups=false", self._filtered_in_a_row,
+                        self.cfg.filter_kl_threshold)
+        return keep
 
     def metrics(self) -> dict[str, float]:
         """`rollout/pass_rate/<domain>`: mean reward of every group scored since the last call, the filtered

@@ -129,3 +129,13 @@ def test_a_checkpoint_of_counts_only_still_loads(tmp_path):
     data = _scheduler(tmp_path)
     data.load_state_dict({"arith": 4, "reverse": 2})  # written before pass rates were kept
     assert data.state_dict() == {"consumed": {"arith": 4, "reverse": 2}, "outcomes": {}}
+
+
+def test_a_long_run_of_filtered_groups_is_warned_about(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr("mopd.dynamic_sampling.WARN_EVERY", 3)
+    data = _scheduler(tmp_path)
+    scorer = GroupScorer(data, None, DynamicSamplingConfig(filter_groups=True))
+    verdicts = [asyncio.run(scorer(_answered(data, "arith", correct=0))) for _ in range(5)]
+    assert verdicts == [False] * 5
+    assert len([r for r in caplog.records if "filtered the last 3 groups" in r.getMessage()]) == 1
+    assert asyncio.run(scorer(_answered(data, "arith", correct=1))) is True and scorer._filtered_in_a_row == 0
