@@ -82,8 +82,10 @@ class TrainerRank:
         self.step = 0
 
     # ---------------------------------------------------------------- forward
-    def _replay_data(self, samples: list[Sample], shape: tuple[int, int]) -> list[torch.Tensor] | None:
-        """Per MoE layer, the rollout's routing of `samples` laid out for a model input of `shape` (S, B)."""
+    def _replay_data(self, samples: list[Sample], seq_len: int, batch: int | None = None,
+                     ) -> list[torch.Tensor] | None:
+        """Per MoE layer, the rollout's routing of `samples` laid out for a model input of [batch, seq_len]
+        (batch: len(samples) unless padded, see trainer.parallel.lockstep_shapes)."""
         if not (self.cfg.routing_replay and self.moe_layers):
             return None
         have = [s.routed_experts is not None for s in samples]
@@ -96,10 +98,9 @@ class TrainerRank:
         for i, s in enumerate(samples):
             routing_replay.check_routed_experts(s, i, num_layers=h.num_hidden_layers, top_k=h.num_experts_per_tok,
                                                 num_experts=self.arch.num_experts(h))
-        seq_len, batch = shape
         tensors = routing_replay.replay_tensors(samples, seq_len, self.moe_layers, num_layers=h.num_hidden_layers,
                                                 top_k=h.num_experts_per_tok, num_experts=self.arch.num_experts(h))
-        return [t.to(self.device) for t in parallel.pad_replay(tensors, seq_len, len(samples), batch)]
+        return [t.to(self.device) for t in parallel.pad_replay(tensors, seq_len, len(samples), batch or len(samples))]
 
     def _forward(self, mb: batching.MicroBatch, shape: tuple[int, int], need_untempered: bool = True,
                  ) -> StudentLogprobs:
@@ -119,11 +120,14 @@ class TrainerRank:
                                     for t in (out.tempered, out.entropy, out.untempered, out.top)))
         return out
 
-    def _microbatches(self, samples: list[Sample]) -> tuple[list[batching.MicroBatch], list[tuple[int, int]]]:
-        """This rank's microbatches and the (S, B) of every slot the model runs (more slots than
-        microbatches: idle passes that keep the EP group in step)."""
+    def _microbatches(self, samples: list[Sample]) -> list[batching.MicroBatch]:
         plan = batching.plan_microbatches([len(s.tokens) for s in samples], self.cfg.max_tokens_per_microbatch)
-        mbs = [batching.collate(samples, idx) for idx in plan]
+        return [batching.collate(samples, idx) for idx in plan]
+
+    def _schedule(self, samples: list[Sample]) -> tuple[list[batching.MicroBatch], list[tuple[int, int]]]:
+        """This rank's microbatches and the (S, B) of every slot the model runs (more slots than
+        microbatches: idle passes that keep the EP group in step); a collective under EP."""
+        mbs = self._microbatches(samples)
         shapes = parallel.lockstep_shapes([(mb.tokens.shape[1], mb.tokens.shape[0]) for mb in mbs], self.tp)
         return mbs, shapes
 
@@ -149,10 +153,10 @@ class TrainerRank:
         batching.validate_samples(samples, vocab_size=self.hf_config.vocab_size)
         self.model.eval()
         out: list[np.ndarray | None] = [None] * len(samples)
-        mbs, shapes = self._microbatches(samples)
+        mbs, shapes = self._schedule(samples)
         for mb, shape in zip(mbs, shapes):
             chosen = [samples[i] for i in mb.indices]
-            with routing_replay.replaying(self.model, self._replay_data(chosen, shape)):
+            with routing_replay.replaying(self.model, self._replay_data(chosen, *shape)):
                 lp = self._forward(mb, shape, need_untempered=False).tempered
             for b, i in enumerate(mb.indices):
                 start = mb.prompt_lengths[b] - 1
@@ -176,10 +180,10 @@ class TrainerRank:
         teacher_term = loss_spec(self.cfg.loss).needs_teacher  # its reward reads untempered log pi_theta
         stats = torch.zeros(len(_STATS), dtype=torch.float64)  # sums over this rank's microbatches
         ratios: dict[str, list[float]] = {}  # LossOutput.ratios summed: name -> [numerator, denominator]
-        mbs, shapes = self._microbatches(samples)
+        mbs, shapes = self._schedule(samples)
         for mb, shape in zip(mbs, shapes):
             chosen = [samples[i] for i in mb.indices]
-            with routing_replay.replaying(self.model, self._replay_data(chosen, shape)):
+            with routing_replay.replaying(self.model, self._replay_data(chosen, *shape)):
                 with self.mtp.capture():
                     view = self._forward(mb, shape, need_untempered=teacher_term)
                 if self.cfg.activation_recompute and self.cfg.routing_replay and self.moe_layers:

@@ -66,7 +66,7 @@ def _check_replayed_routing(trainer: TrainerRank, samples) -> None:
     finally:
         for h in handles:
             h.remove()
-    mbs, shapes = trainer._microbatches(samples)
+    mbs, shapes = trainer._schedule(samples)
     for mb, (seq_len, batch), routing in zip(mbs, shapes, maps):
         for b, i in enumerate(mb.indices):
             s = samples[i]
