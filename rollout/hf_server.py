@@ -275,7 +275,7 @@ class HFServer:
         self.sched.pause()
         if mode == "abort":  # as SGLang: answer once every request has come back aborted
             self.sched.abort(all_requests=True)
-            while self.sched.running:
+            while self.sched.running and self.sched.alive:
                 await asyncio.sleep(0.005)
         return web.json_response({"success": True, "message": f"generation paused ({mode})"})
 

@@ -16,12 +16,14 @@ import pytest
 from mopd.core.errors import ConfigError
 from mopd.core.types import Sample
 from mopd.toy.tokenizer import build_char_tokenizer
+from rollout.agent_loop import ToolLoop
 from rollout.config import RolloutConfig
 from rollout.engine_client import EngineClient
 from rollout.rollout_manager import RolloutManager
 from rollout.scheduler import Batch, SequenceScheduler
 from rollout.sglang_api import GenerateRequest
 from tests.rollout.conftest import ServerProc
+from tests.rollout.test_agent_loop import TURNS, ScriptedEnv, episodes
 
 N = 2  # samples per prompt
 
@@ -322,3 +324,40 @@ def test_config_fields_and_per_sample_overrides_are_validated():
             params(bad)
     with pytest.raises(TypeError, match="sampling_params"):
         params([5])
+
+
+def test_an_agent_episode_paused_across_pushes_ends_as_if_never_paused(engines, tiny_models):
+    """Greedy tool-use episodes under repeated pause -> push (same weights, new version) -> resume: turns cut
+    mid-way continue from their prefix (the engine session dropped and the context resent), the sandbox stays
+    open across the pauses, and the episode is token for token the one generated without any pause."""
+    _push(engines, tiny_models["moe"], 0)
+    envs = [ScriptedEnv() for _ in range(40)]
+    loop = ToolLoop(episodes(envs), max_turns=8, max_new_tokens=100, max_context_len=500)
+    cfg = _cfg(temperature=0.0, partial_rollout=True, max_staleness=100, prompts_per_step=1, in_flight_per_engine=1)
+    tok = build_char_tokenizer()
+    manager = RolloutManager([e.url for e in engines], cfg, eos_token_id=tok.eos_token_id, tokenizer=tok,
+                             model_path=str(tiny_models["moe"]), agent_loops={"agent": loop})
+    source = Source({"agent": 1})
+    reference = asyncio.run(manager.generate(source.next_group("agent")))
+    assert all(s.finish_reason != "abort" and s.metadata["turns"] == TURNS for s in reference)
+    scheduler = SequenceScheduler(manager, source, cfg, continuous=True)
+    try:
+        scheduler.start(0)
+        for version in range(1, 16):
+            time.sleep(0.03)
+            scheduler.pause()
+            saved = scheduler.state_dict()["groups"]  # an episode in flight is saved by its prompt only
+            assert all(x is None or x["finished"] for g in saved for x in g["samples"])
+            _push(engines, tiny_models["moe"], version)
+            scheduler.resume(version)
+        batch = scheduler.next_batch(1, version)
+    finally:
+        scheduler.close()
+    (group,) = batch.groups
+    assert any(s.metadata.get("preemptions", 0) >= 1 for s in group)
+    for s, ref in zip(group, reference):
+        assert s.response_ids == ref.response_ids and s.loss_mask == ref.loss_mask and s.reward == ref.reward
+        np.testing.assert_allclose(s.rollout_logprobs, ref.rollout_logprobs, atol=1e-4)
+        np.testing.assert_array_equal(s.routed_experts, ref.routed_experts)
+    assert any(len({v for v, m in zip(s.weight_versions, s.loss_mask) if m}) > 1 for s in group)
+    assert all(env.closed for env in envs[:2 * len(source.drawn)] if env.turn)
