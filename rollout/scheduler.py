@@ -85,7 +85,6 @@ class SequenceScheduler:
         self._queue: deque[Group] = deque()  # prompts to start before new ones (restored or restarted)
         self._running: dict[int, Group] = {}  # started, not yet accepted or filtered
         self._done: dict[str, deque[Group]] = {}  # accepted, waiting for a batch
-        self._version = 0
         self._k = cfg.prompts_per_step
         self._quota: dict[str, int] = {}
         self._started = self._in_batch = False
@@ -147,7 +146,7 @@ class SequenceScheduler:
     async def _start(self, weight_version: int) -> None:
         if self._started:
             raise RuntimeError("SequenceScheduler.start: already started")
-        self._started, self._version = True, weight_version
+        self._started = True
         self._mark = (time.monotonic(), self.dispatcher.busy_seconds())
         await self._drop_stale(weight_version)
         if self.continuous:
@@ -160,7 +159,8 @@ class SequenceScheduler:
         self._k, self._quota = k, self.source.quota(k)
         self._in_batch = True
         try:
-            self._gate.open()
+            if not self.continuous:  # sync: generation runs only in here (continuous: from start/resume on)
+                self._gate.open()
             while True:
                 self._raise_error()
                 await self._drop_stale(policy_version, running=False)
@@ -195,10 +195,8 @@ class SequenceScheduler:
         return True
 
     def _pop(self, source: str, q: int, policy_version: int) -> list[Group]:
-        """The source's q finished groups with the oldest tokens (first come first within a version)."""
-        if q == 0:
-            return []
-        queue = list(self._done[source])
+        """The source's q finished groups: due ones first, then first finished first."""
+        queue = list(self._done.get(source, ()))
         order = sorted(range(len(queue)), key=lambda i: (not self._due(queue[i], policy_version), i))[:q]
         taken = set(order)
         self._done[source] = deque(g for i, g in enumerate(queue) if i not in taken)
@@ -215,7 +213,6 @@ class SequenceScheduler:
             await self._restart_unfinished()
 
     async def _resume(self, weight_version: int) -> None:
-        self._version = weight_version
         await self._drop_stale(weight_version)
         if self.continuous:
             self._gate.open()
