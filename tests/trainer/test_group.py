@@ -93,9 +93,57 @@ def test_dp2_resume_and_export(ray_session, moe_path, dist_env, tmp_path):
 def test_failed_setup_releases_ranks(ray_session, tmp_path):
     import time
 
-    with pytest.raises(Exception, match="config.json|model_type|not a valid model"):
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')  # passes the layout checks, fails in the rank
+    with pytest.raises(Exception, match="model_type='gpt2' is not supported"):
         TrainerGroup(str(tmp_path), _cfg(dp_size=1), AdvantageConfig(), num_steps=1)
     deadline = time.time() + 20
     while ray.available_resources().get("CPU", 0) < 2 and time.time() < deadline:
         time.sleep(0.2)
     assert ray.available_resources().get("CPU", 0) == 2
+
+
+def test_tp2_group_resume_and_export(ray_session, dense_path, dist_env, tmp_path):
+    """Two Ray ranks of one TP group: logprobs and the step equal one rank, per-rank checkpoints resume
+    exactly, and the export (gathered from both shards) equals the single rank's bit for bit."""
+    adv = AdvantageConfig(alpha=0.5)
+    batch1, batch2 = make_samples(5, seed=41), make_samples(4, seed=42)
+    cfg = _cfg(dp_size=1, tp_size=2)
+    group = TrainerGroup(dense_path, cfg, adv, num_steps=4)
+    try:
+        group.export_hf(str(tmp_path / "step_0" / "hf"))
+        lps = group.compute_logprobs(batch1)
+        m1 = group.train_step(batch1)
+        group.save_checkpoint(str(tmp_path / "step_1" / "trainer"))
+        m2 = group.train_step(batch2)
+    finally:
+        group.shutdown()
+    assert (tmp_path / "step_1" / "trainer" / "state_rank1.pt").exists()
+    resumed = TrainerGroup(dense_path, cfg, adv, num_steps=4)
+    try:
+        resumed.load_checkpoint(str(tmp_path / "step_1" / "trainer"))
+        m2b = resumed.train_step(batch2)
+    finally:
+        resumed.shutdown()
+    assert abs(m2b["train/loss"] - m2["train/loss"]) < 1e-6
+    from trainer.checkpoint import load_trainer_state
+
+    with pytest.raises(FileNotFoundError, match="resharding"):  # another layout is refused, not misread
+        load_trainer_state(tmp_path / "step_1" / "trainer", 0)
+    with pytest.raises(ValueError, match="resharding"):
+        load_trainer_state(tmp_path / "step_1" / "trainer", 0, layout={"world_size": 2, "tp_size": 1, "pp_size": 1,
+                                                                       "ep_size": 2})
+
+    from safetensors.torch import load_file
+
+    from trainer.checkpoint import export_hf
+
+    single = TrainerRank(dense_path, _cfg(dp_size=1), adv, num_steps=4)
+    export_hf(tmp_path / "single", single.hf_state(), dense_path)
+    ours = load_file(tmp_path / "step_0" / "hf" / "model.safetensors")
+    ref = load_file(tmp_path / "single" / "model.safetensors")
+    assert set(ours) == set(ref) and all(torch.equal(ours[k], ref[k]) for k in ref)
+    for a, b in zip(single.compute_logprobs(batch1), lps):
+        assert a.shape == b.shape and np.abs(a - b).max() < 1e-5
+    s1 = single.train_step(batch1, len(batch1))
+    for key in ("train/loss", "train/grad_norm", "train/entropy", "train/is_mask_frac", "train/kl_rollout"):
+        assert s1[key] == pytest.approx(m1[key], rel=1e-5, abs=1e-6), key
