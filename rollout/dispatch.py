@@ -12,6 +12,10 @@ A multi-turn trajectory may instead hold a session on its engine (`open_session`
 `generate_in_session` / `close_session`): the engine keeps the conversation's KV cache, so a session
 request is tried once, on that engine only; an engine fault raises `SessionLost`, and the caller resends
 the whole context through `generate`, which fails over like any other request.
+
+With a `Gate` (rollout/scheduler.py closes it for a weight push) no request is sent while it is closed, re-sends
+included; `in_flight` and `busy_seconds` tell the scheduler when every request has come back and how busy
+each engine was.
 """
 
 from __future__ import annotations

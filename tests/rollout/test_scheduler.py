@@ -18,6 +18,7 @@ from mopd.core.types import Sample
 from mopd.toy.tokenizer import build_char_tokenizer
 from rollout.agent_loop import ToolLoop
 from rollout.config import RolloutConfig
+from rollout.dispatch import Dispatcher, Gate
 from rollout.engine_client import EngineClient
 from rollout.rollout_manager import RolloutManager
 from rollout.scheduler import Batch, SequenceScheduler
@@ -361,3 +362,21 @@ def test_an_agent_episode_paused_across_pushes_ends_as_if_never_paused(engines, 
         np.testing.assert_array_equal(s.routed_experts, ref.routed_experts)
     assert any(len({v for v, m in zip(s.weight_versions, s.loss_mask) if m}) > 1 for s in group)
     assert all(env.closed for env in envs[:2 * len(source.drawn)] if env.turn)
+
+
+def test_a_closed_gate_holds_requests_back_and_busy_time_is_counted(engines):
+    async def go() -> None:
+        gate = Gate()
+        gate.close()
+        dispatcher = Dispatcher([engines[0].url], gate=gate)
+        request = GenerateRequest(input_ids=[1, 2, 3], sampling_params={"max_new_tokens": 4, "ignore_eos": True})
+        task = asyncio.create_task(dispatcher.generate(request))
+        await asyncio.sleep(0.3)
+        assert not task.done() and dispatcher.in_flight == [0] and dispatcher.busy_seconds() == [0.0]
+        gate.open()
+        response = await task
+        assert len(response.output_ids) == 4 and dispatcher.in_flight == [0]
+        assert 0 < dispatcher.busy_seconds()[0] < 10
+        await dispatcher.close()
+
+    asyncio.run(go())
