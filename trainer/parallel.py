@@ -200,15 +200,15 @@ def lockstep_shapes(shapes: list[tuple[int, int]], tp: int) -> list[tuple[int, i
     return [(int(s), int(b)) for s, b in table.tolist()]
 
 
-def pad_replay(per_layer: list[Tensor], seq_len: int, batch: int, padded_batch: int) -> list[Tensor]:
-    """Routing-replay tensors ([seq_len * batch, k], token s * batch + b) widened to `padded_batch`
-    rows; the added rows (padding the model never scores) take experts 0..k-1."""
-    if padded_batch == batch:
-        return per_layer
+def replay_for_rank(per_layer: list[Tensor], seq_len: int, batch: int, padded_batch: int) -> list[Tensor]:
+    """Routing-replay tensors ([seq_len * batch, k], token s * batch + b) as this rank's routers see them:
+    widened to `padded_batch` rows (the added ones, padding never scored, take experts 0..k-1) and, under
+    sequence parallelism, cut to this TP rank's slice of the sequence."""
+    tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     out = []
     for idx in per_layer:
         k = idx.shape[-1]
         wide = torch.arange(k, dtype=idx.dtype, device=idx.device).expand(seq_len, padded_batch, k).clone()
         wide[:, :batch] = idx.view(seq_len, batch, k)
-        out.append(wide.reshape(seq_len * padded_batch, k))
+        out.append(wide.chunk(tp, dim=0)[rank].reshape(-1, k))
     return out

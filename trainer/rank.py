@@ -100,7 +100,7 @@ class TrainerRank:
                                                 num_experts=self.arch.num_experts(h))
         tensors = routing_replay.replay_tensors(samples, seq_len, self.moe_layers, num_layers=h.num_hidden_layers,
                                                 top_k=h.num_experts_per_tok, num_experts=self.arch.num_experts(h))
-        return [t.to(self.device) for t in parallel.pad_replay(tensors, seq_len, len(samples), batch or len(samples))]
+        return [t.to(self.device) for t in parallel.replay_for_rank(tensors, seq_len, len(samples), batch or len(samples))]
 
     def _forward(self, mb: batching.MicroBatch, shape: tuple[int, int], need_untempered: bool = True,
                  ) -> StudentLogprobs:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from megatron.core import parallel_state as ps
 
 from mopd.core.algo import AdvantageConfig
 from mopd.core.errors import ConfigError
@@ -67,12 +68,18 @@ def _check_replayed_routing(trainer: TrainerRank, samples) -> None:
         for h in handles:
             h.remove()
     mbs, shapes = trainer._schedule(samples)
+    tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     for mb, (seq_len, batch), routing in zip(mbs, shapes, maps):
+        local = seq_len // tp  # sequence parallelism: this rank's routers see positions [start, start + local)
+        start = tp_rank * local
         for b, i in enumerate(mb.indices):
             s = samples[i]
-            n = len(s.tokens) - 1
-            got = routing.view(seq_len, batch, -1)[:n, b]
-            want = torch.zeros_like(got).scatter_(1, torch.from_numpy(s.routed_experts[:, 1]).long(), True)
+            n = min(len(s.tokens) - 1, start + local) - start
+            if n <= 0:
+                continue
+            got = routing.view(local, batch, -1)[:n, b]
+            rows = torch.from_numpy(s.routed_experts[start:start + n, 1]).long()
+            want = torch.zeros_like(got).scatter_(1, rows, True)
             assert torch.equal(got, want), f"sample {i}: replayed routing differs from the rollout's"
 
 
@@ -184,3 +191,11 @@ def test_layout_checks_against_the_model(dense_path, moe_path, model, sizes, exp
     with pytest.raises(ConfigError, match=re.escape(expected)):
         cfg.check_model(AutoConfig.from_pretrained(dense_path if model == "dense" else moe_path))
     TrainerConfig(dp_size=4, ep_size=4, tp_size=2).check_model(AutoConfig.from_pretrained(moe_path))  # a valid one
+
+
+@pytest.mark.slow
+def test_dp2_tp2_ep2_four_ranks_equal_single_rank(moe_path, dist_env, tmp_path):
+    """All three at once on four ranks: two data-parallel TP groups, experts split over them and over TP."""
+    samples = _with_top_k(_with_routing(make_samples(6, seed=37)))
+    _compare(moe_path, _cfg(dp_size=2, tp_size=2, ep_size=2), samples, tmp_path,
+             adv=AdvantageConfig(alpha=0.5, teacher_top_k=3), temperature=0.9)
