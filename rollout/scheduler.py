@@ -177,14 +177,17 @@ class SequenceScheduler:
         return Batch([g.samples for g in groups], self._stats(groups, policy_version))
 
     def _due(self, group: Group, policy_version: int) -> bool:
-        """Whether the group would be past max_staleness after the next push (so it must be trained now)."""
+        """Whether the group must be in this batch: it would be past max_staleness after the next push, or it
+        was thrown away once already (without this a long sequence could be restarted at every step end)."""
+        if group.restarts:
+            return True
         oldest = group.oldest_version()
         return oldest is not None and policy_version + 1 - oldest > self.cfg.max_staleness
 
     def _ready(self, policy_version: int) -> bool:
-        """Every source has its quota of finished groups, and no group of it that is due (partial rollout) is
-        still running unless the quota is already filled with due groups: a long sequence is finished and
-        trained before it goes stale instead of being dropped, so partial rollout does not favour short ones."""
+        """Every source has its quota of finished groups, and no group of it that is due is still running unless
+        the quota is already filled with due groups: a long sequence is finished and trained before it goes
+        stale or is thrown away a second time, so the scheduler does not favour short sequences."""
         for source, q in self._quota.items():
             done = self._done.get(source, ())
             if len(done) < q:
