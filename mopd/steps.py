@@ -82,13 +82,14 @@ def step_metrics(rt: job_lib.Runtime, samples: list[Sample], train_metrics: dict
                  timings: dict[str, float]) -> dict[str, float]:
     """Rollout, reward and per-teacher reverse-KL statistics of one step."""
     tokens = sum(s.num_response_tokens for s in samples)
+    # the overlap loop generates the whole step long, not only while the driver waits for the batch
+    generate_s = timings["time/generate_s"] if "time/generate_s" in timings else timings["time/step_s"]
     metrics: dict[str, float] = {
         "rollout/tokens": tokens,
         "rollout/samples": len(samples),
         "rollout/reward": sum(s.reward for s in samples) / max(len(samples), 1),
         "rollout/response_len": tokens / max(len(samples), 1),
-        # overlap loop: generation runs the whole step, not only while the driver waits for it
-        "rollout/tokens_per_s": tokens / max(timings.get("time/generate_s", timings["time/step_s"]), 1e-9),
+        "rollout/tokens_per_s": tokens / max(generate_s, 1e-9),
         "rollout/abort_frac": sum(s.finish_reason == "abort" for s in samples) / max(len(samples), 1),
         "rollout/weight_version": rt.weight_version,
         "rollout/total_tokens": rt.sampled_tokens + tokens,
@@ -113,8 +114,6 @@ def step_metrics(rt: job_lib.Runtime, samples: list[Sample], train_metrics: dict
     if rt.agentic is not None:
         metrics.update(rt.agentic.metrics(samples))  # agent/turns, agent/tool_calls, tool latency p50/p99
     metrics.update(speculative_metrics(samples))  # rollout/spec_accept_len when the engines speculate
-    if rt.scheduler is not None:  # staleness, filtered groups, partial samples, pass rates...
-        metrics.update(rt.scheduler.metrics())
     metrics.update(train_metrics)
     metrics.update(timings)
     return metrics
@@ -169,6 +168,8 @@ def end_step(rt: job_lib.Runtime, step: int, samples: list[Sample], train_metric
     """After the push: metrics, [held-out evaluation], log, [sample dump], [checkpoint]."""
     job = rt.job
     metrics = step_metrics(rt, samples, train_metrics, timings)
+    if rt.scheduler is not None:  # staleness, filtered groups, partial samples, pass rates...
+        metrics.update(rt.scheduler.metrics())
     rt.sampled_tokens += sum(s.num_response_tokens for s in samples)
     if eval_due(job, step) or (heldout and finished(rt, step + 1)):
         with timed(metrics, "eval"):
