@@ -1,11 +1,15 @@
 """A session's first observation through the whole tool path (ToolManager -> Toolbox actor -> worker
-actor -> local sandbox), cold vs pre-warmed, on its own embedded Ray cluster. Prints one JSON object
-of samples (seconds); ``run.py`` runs it once per tree and round, the trees taking turns.
+actor -> local sandbox), cold vs pre-warmed, on its own embedded Ray cluster.
+
+Driven over stdin/stdout by ``run.py``, which runs one of these per tree and lets the trees take
+turns session by session (same machine load for both): after start-up it prints ``READY``; each
+``session`` line runs one session per start and prints their samples (seconds) as one JSON line;
+``stop`` prints the workers' warm hits and cold starts and exits.
 
 ``--tree DIR`` imports the project from DIR (a ``git archive`` of another revision), so today's path
 and an older one are measured by the same script on the same machine in the same run.
 
-    python benchmarks/toolbox/first_observation.py [--tree DIR] [--sessions 8]
+    python benchmarks/toolbox/first_observation.py [--tree DIR]
 """
 
 from __future__ import annotations
@@ -20,17 +24,20 @@ import time
 STARTS = ("cold", "warm", "preloaded")
 SETTLE_S = 0.3  # pause before each session (outside the timing): the warm pool refills meanwhile
 GREP = "grep -c tomat inflection/__init__.py"  # the tool call of sandbox_latency.py
+BATCH = 4  # preloaded sandboxes made at a time, outside the timing, as mopd/agentic.py does per step
 
 
-async def measure(sessions: int) -> dict[str, dict[str, list[float]]]:
-    """Per start, the session open (``reset``'s first observation) and open + first tool call.
+async def _command() -> str:
+    return (await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)).strip()
 
-    "cold": a session opened on demand, nothing pre-warmed (the sandbox starts inside ``open``);
-    "warm": a ready sandbox with an empty workspace per session (the env uploads the task's files);
-    "preloaded": ready sandboxes that hold the task's snapshot, made by ``ToolManager.prewarm`` with
-    the task before the sessions start (how mopd/agentic.py pre-warms a step's episodes). Each start
-    has its own one-worker Toolbox; the starts take turns session by session (same load for all).
-    """
+
+async def serve() -> None:
+    """Per ``session``: each start opens a session (``reset``'s first observation) and makes its
+    first tool call. "cold": opened on demand, nothing pre-warmed (the sandbox starts inside
+    ``open``); "warm": a ready sandbox with an empty workspace (the env uploads the task's files);
+    "preloaded": a ready sandbox holding the task's snapshot, made by ``ToolManager.prewarm`` with the
+    task before the sessions start (how mopd/agentic.py pre-warms a step's episodes). Each start has
+    its own one-worker Toolbox."""
     import ray
 
     from envs.swe.task import builtin_tasks
@@ -41,13 +48,18 @@ async def measure(sessions: int) -> dict[str, dict[str, list[float]]]:
     task, call = builtin_tasks()[0], ToolCall("bash", {"command": GREP})
     managers = {}
     for start in STARTS:
-        warm = sessions if start == "warm" else 0
-        tb = get_or_create_toolbox({"swe": {"workers": 1, "warm_per_worker": warm}}, name=f"fo-{start}")
+        pool = {"workers": 1, "warm_per_worker": 2 if start == "warm" else 0}
+        tb = get_or_create_toolbox({"swe": pool}, name=f"fo-{start}-{os.getpid()}")
         await tb.prewarm.remote()
         managers[start] = ToolManager(tb)
-    await managers["preloaded"].prewarm("swe", sessions, task)
-    out: dict[str, dict[str, list[float]]] = {s: {"open": [], "first_call": []} for s in STARTS}
-    for _ in range(sessions):
+    preloaded = 0
+    print("READY", flush=True)
+    while (line := await _command()) == "session":
+        if preloaded == 0:
+            await managers["preloaded"].prewarm("swe", BATCH, task)
+            preloaded = BATCH
+        preloaded -= 1
+        out = {}
         for start, tm in managers.items():
             await asyncio.sleep(SETTLE_S)
             t0 = time.perf_counter()
@@ -57,24 +69,25 @@ async def measure(sessions: int) -> dict[str, dict[str, list[float]]]:
             t2 = time.perf_counter()
             if not result.observation.startswith("1\n"):
                 raise RuntimeError(f"{start}: unexpected tool observation {result.observation!r}")
-            out[start]["open"].append(t1 - t0)
-            out[start]["first_call"].append(t2 - t0)
+            out[start] = {"open": t1 - t0, "first_call": t2 - t0}
             await tm.close(sid)
+        print(json.dumps(out), flush=True)
+    if line != "stop":
+        raise ValueError(f"expected `session` or `stop`, got {line!r}")
+    stats = {}
     for start, tm in managers.items():
-        stats = (await tm.toolbox.stats.remote())["workers"]["swe"][0]
-        out[start]["hits"] = [stats["warm_hits"]]
-        out[start]["cold_starts"] = [stats["cold_starts"]]
+        worker = (await tm.toolbox.stats.remote())["workers"]["swe"][0]
+        stats[start] = {"warm_hits": worker["warm_hits"], "cold_starts": worker["cold_starts"]}
         await tm.toolbox.shutdown.remote()
         ray.kill(tm.toolbox)
-    return out
+    print(json.dumps(stats), flush=True)
 
 
-def main() -> None:
+if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
         "--tree", default="", help="import the project from this directory (default: this checkout)"
     )
-    p.add_argument("--sessions", type=int, default=8, help="sessions per start")
     args = p.parse_args()
     if args.tree:
         sys.path.insert(0, os.path.abspath(args.tree))  # Ray's workers get the driver's sys.path
@@ -82,11 +95,6 @@ def main() -> None:
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="mopd")
     try:
-        result = asyncio.run(measure(args.sessions))
+        asyncio.run(serve())
     finally:
         ray.shutdown()
-    print(json.dumps(result))
-
-
-if __name__ == "__main__":
-    main()

@@ -73,27 +73,58 @@ def _toolbox(name: str, workers: int, warm: int):
     return tb
 
 
-def first_observation_trees(rounds: int, sessions: int, today_rev: str) -> dict[str, dict]:
+def _reply(proc: subprocess.Popen) -> str:
+    """The next protocol line of a first_observation.py child (anything else it prints is skipped)."""
+    while line := proc.stdout.readline():
+        if line.startswith(("READY", "{")):
+            return line
+    raise RuntimeError(f"first_observation.py exited with {proc.wait()}")
+
+
+def first_observation_trees(sessions: int, today_rev: str) -> dict[str, dict]:
     """first_observation.py for this tree and for the tree at ``today_rev`` (the path before this
-    change), the trees taking turns round by round; per tree and start: p50/p99 of the session open
-    and of open + first tool call, warm hits and cold starts."""
+    change), both running, taking turns session by session; per tree and start: p50/p99 of the
+    session open and of open + first tool call, warm hits and cold starts."""
     with tempfile.TemporaryDirectory() as tmp:
         trees = {"this tree": []}
         if today_rev:
             trees = {f"before ({today_rev})": ["--tree", _checkout(today_rev, tmp)], **trees}
-        samples: dict[str, dict[str, dict[str, list[float]]]] = {t: {} for t in trees}
-        for _ in range(rounds):
-            for name, extra in trees.items():
-                cmd = [sys.executable, os.path.join(HERE, "first_observation.py"), *extra]
-                cmd += ["--sessions", str(sessions)]
-                got = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
-                for start, values in got.items():
-                    for k, v in values.items():
-                        samples[name].setdefault(start, {}).setdefault(k, []).extend(v)
+        procs = {
+            name: subprocess.Popen(
+                [sys.executable, os.path.join(HERE, "first_observation.py"), *extra],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            for name, extra in trees.items()
+        }
+        try:
+            for proc in procs.values():
+                _reply(proc)  # READY
+            samples = {name: {} for name in procs}
+            for _ in range(sessions):
+                for name, proc in procs.items():
+                    proc.stdin.write("session\n")
+                    proc.stdin.flush()
+                    for start, values in json.loads(_reply(proc)).items():
+                        for k, v in values.items():
+                            samples[name].setdefault(start, {}).setdefault(k, []).append(v)
+            counts = {}
+            for name, proc in procs.items():
+                proc.stdin.write("stop\n")
+                proc.stdin.flush()
+                counts[name] = json.loads(_reply(proc))
+                proc.wait(timeout=120)
+        finally:
+            for proc in procs.values():
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
     return {
         name: {
             start: {f"{k}_p{q}": percentile(v[k], q) for k in ("open", "first_call") for q in (50, 99)}
-            | {"warm_hits": sum(v["hits"]), "cold_starts": sum(v["cold_starts"]), "n": len(v["open"])}
+            | counts[name][start]
+            | {"n": len(v["open"])}
             for start, v in per_start.items()
         }
         for name, per_start in samples.items()
@@ -226,9 +257,8 @@ def table(res: dict) -> str:
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sessions", type=int, default=8, help="sessions per start and round, first observations")
     p.add_argument(
-        "--first-obs-rounds", type=int, default=3, help="rounds of the first-observation runs (0: skip them)"
+        "--sessions", type=int, default=24, help="first observations per start and tree (0: skip them)"
     )
     p.add_argument(
         "--today-rev", default="53c611a", help="first observations also on this git revision ('': skip)"
@@ -248,7 +278,7 @@ if __name__ == "__main__":
     p.add_argument("--out", default="", help="write the JSON result here")
     a = p.parse_args()
     first = (  # first: each run starts its own Ray cluster, none of this process's may idle beside it
-        first_observation_trees(a.first_obs_rounds, a.sessions, a.today_rev) if a.first_obs_rounds else None
+        first_observation_trees(a.sessions, a.today_rev) if a.sessions else None
     )
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, namespace="mopd")
     try:

@@ -20,7 +20,7 @@ def _run_module():
 
 def test_first_observation_counts_cold_starts_and_warm_hits():
     bench = _run_module()
-    res = bench.first_observation_trees(rounds=1, sessions=2, today_rev="")
+    res = bench.first_observation_trees(sessions=2, today_rev="")
     assert list(res) == ["this tree"]
     starts = res["this tree"]
     assert list(starts) == ["cold", "warm", "preloaded"]
