@@ -32,7 +32,7 @@ class TrainerConfig:
     # over ep_size of the data-parallel ranks (ep_size divides dp_size, as in Megatron)
     dp_size: int = 1  # data-parallel replicas (each sees its own share of the batch)
     tp_size: int = 1  # tensor parallel: heads, MLP columns and the vocabulary split over tp_size ranks
-    pp_size: int = 1  # pipeline stages (not implemented yet: must be 1)
+    pp_size: int = 1  # pipeline stages: contiguous runs of layers, one microbatch at a time through them
     ep_size: int = 1  # expert parallel: the routed experts split over ep_size ranks
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "float32"  # float32 | bfloat16
@@ -89,9 +89,9 @@ class TrainerConfig:
         for name in ("dp_size", "tp_size", "pp_size", "ep_size", "max_tokens_per_microbatch"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{prefix}.{name}", "an integer >= 1", getattr(self, name))
-        if self.pp_size != 1:
-            raise ConfigError(f"{prefix}.pp_size", "1 (pipeline parallelism is not implemented yet; use "
-                              "trainer.tp_size / ep_size)", self.pp_size)
+        if self.pp_size > 1 and (self.tp_size, self.ep_size) != (1, 1):
+            raise ConfigError(f"{prefix}.pp_size", "1 when trainer.tp_size or ep_size > 1 (pipeline stages combined "
+                              "with TP/EP are not yet checked against the single-rank run)", self.pp_size)
         if self.dp_size % self.ep_size:
             raise ConfigError(f"{prefix}.ep_size", f"a divisor of trainer.dp_size={self.dp_size} (experts are split "
                               "over data-parallel ranks)", self.ep_size)
@@ -131,9 +131,12 @@ class TrainerConfig:
         kv = kv or heads
         experts = getattr(hf_config, "num_experts", None) or getattr(hf_config, "n_routed_experts", None) or 0
         model_type = getattr(hf_config, "model_type", "?")
-        if model_type == "mimo_v2_flash" and (self.tp_size, self.ep_size) != (1, 1):
-            raise ConfigError(f"{prefix}.tp_size/ep_size", "1 for mimo_v2_flash (its sharded layout is not yet "
-                              "checked against the single-rank run)", (self.tp_size, self.ep_size))
+        if model_type == "mimo_v2_flash" and (self.tp_size, self.pp_size, self.ep_size) != (1, 1, 1):
+            raise ConfigError(f"{prefix}.tp_size/pp_size/ep_size", "1 for mimo_v2_flash (its sharded layout is not "
+                              "yet checked against the single-rank run)", (self.tp_size, self.pp_size, self.ep_size))
+        if self.pp_size > 1 and getattr(hf_config, "tie_word_embeddings", False):
+            raise ConfigError(f"{prefix}.pp_size", "1 for a model with tie_word_embeddings (the embedding and the "
+                              "output layer would live on different stages)", self.pp_size)
         ffn = [(getattr(hf_config, name, None), name) for name in ("intermediate_size", "moe_intermediate_size")]
         for count, what in [(heads, "num_attention_heads"), (kv, "num_key_value_heads"),
                             (hf_config.vocab_size, "vocab_size"), *[(n, w) for n, w in ffn if n]]:

@@ -11,6 +11,7 @@ import contextlib
 from typing import Any
 
 import torch
+from megatron.core import parallel_state as ps
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from transformers import AutoConfig
@@ -65,7 +66,7 @@ def build_model(hf_config: Any, *, device: str = "auto", dtype: str = "float32",
     elif is_moe:
         kwargs["moe_token_dispatcher_type"] = "alltoall"
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-    kwargs.update(params_dtype=torch_dtype, bf16=torch_dtype == torch.bfloat16)
+    kwargs.update(params_dtype=torch_dtype, bf16=torch_dtype == torch.bfloat16, pipeline_dtype=torch_dtype)
     if activation_recompute:
         kwargs.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     kwargs.update(parallel.config_sizes())
@@ -82,7 +83,8 @@ def build_model(hf_config: Any, *, device: str = "auto", dtype: str = "float32",
                 cpu_compat.patch_block_spec(block_spec)
             from trainer.models.common import gpt_model_kwargs
 
-            model = GPTModel(config=config, transformer_layer_spec=block_spec, pre_process=True, post_process=True,
+            model = GPTModel(config=config, transformer_layer_spec=block_spec,  # stages: embedding first, head last
+                             pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
                              **gpt_model_kwargs(hf_config))
     if on_cpu:
         cpu_compat.patch_model(model)

@@ -23,6 +23,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 Tensor = torch.Tensor
 _EXPERT = re.compile(r"^(.*\.experts\.local_experts\.)(\d+)(\..*)$")
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
 
 
 def _is_gated_fc1(key: str, model: torch.nn.Module) -> bool:
@@ -38,18 +39,29 @@ def _tp(key: str) -> tuple[int, int, dist.ProcessGroup | None]:
         ps.get_tensor_model_parallel_group()
 
 
-def full_key(local_key: str, num_local_experts: int) -> str:
-    """The TP=EP=1 name of a local weight (local expert j of EP rank r is expert r * local + j)."""
+def full_key(local_key: str, num_local_experts: int, layer_offset: int = 0, ep_rank: int | None = None) -> str:
+    """The single-rank name of a local weight: local expert j of EP rank r is expert r * local + j, and
+    local layer i of a pipeline stage is layer layer_offset + i."""
     m = _EXPERT.match(local_key)
-    if m is None:
+    if m is not None:
+        rank = ps.get_expert_model_parallel_rank() if ep_rank is None else ep_rank
+        local_key = f"{m.group(1)}{rank * num_local_experts + int(m.group(2))}{m.group(3)}"
+    layer = _LAYER.match(local_key)
+    if layer is None or not layer_offset:
         return local_key
-    global_id = ps.get_expert_model_parallel_rank() * num_local_experts + int(m.group(2))
-    return f"{m.group(1)}{global_id}{m.group(3)}"
+    return f"decoder.layers.{layer_offset + int(layer.group(1))}.{layer.group(2)}"
 
 
 def num_local_experts(model: torch.nn.Module) -> int:
     n = getattr(model.config, "num_moe_experts", None) or 0
     return n // ps.get_expert_model_parallel_world_size()
+
+
+def layer_offset(model: torch.nn.Module) -> int:
+    """Index of this pipeline stage's first decoder layer."""
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    return get_transformer_layer_offset(model.config) if ps.get_pipeline_model_parallel_world_size() > 1 else 0
 
 
 def _cut(full: Tensor, param: Tensor, key: str, model: torch.nn.Module) -> Tensor:
@@ -66,12 +78,12 @@ def _cut(full: Tensor, param: Tensor, key: str, model: torch.nn.Module) -> Tenso
 def shard_state(full: dict[str, Tensor], model: torch.nn.Module) -> dict[str, Tensor]:
     """This rank's part of a full (TP=EP=1) Megatron state, under the model's local names."""
     params = dict(model.named_parameters())
-    local = num_local_experts(model)
+    local, offset = num_local_experts(model), layer_offset(model)
     out = {}
     for key in model.state_dict():
         if key.endswith("_extra_state"):
             continue
-        name = full_key(key, local)
+        name = full_key(key, local, offset)
         if name not in full:
             raise ValueError(f"converted state has no weight {name!r} (local {key!r} of this rank)")
         out[key] = _cut(full[name], params[key], key, model) if key in params else full[name]
@@ -92,21 +104,27 @@ def _join_tp(local: Tensor, param: Tensor, key: str, model: torch.nn.Module) -> 
 
 def gather_state(model: torch.nn.Module, state: dict[str, Tensor]) -> dict[str, Tensor]:
     """The full (TP=EP=1) Megatron state from every rank's `state` (the model's local names);
-    a collective: every rank of the model-parallel groups calls it and gets the whole state."""
+    a collective: every rank of the model-parallel groups calls it and gets the whole state (pipeline
+    stages exchange theirs as objects, on the CPU)."""
     params = dict(model.named_parameters())
     ep, ep_group = ps.get_expert_model_parallel_world_size(), ps.get_expert_model_parallel_group()
-    local = num_local_experts(model)
+    local, offset = num_local_experts(model), layer_offset(model)
     out: dict[str, Tensor] = {}
     for key, value in state.items():
         whole = _join_tp(value, params[key], key, model) if key in params else value
-        m = _EXPERT.match(key)
-        if m is None or ep == 1:
-            out[full_key(key, local)] = whole
+        if _EXPERT.match(key) is None or ep == 1:
+            out[full_key(key, local, offset)] = whole
             continue
         pieces = [torch.empty_like(whole) for _ in range(ep)]
         dist.all_gather(pieces, whole.contiguous(), group=ep_group)
         for r, piece in enumerate(pieces):
-            out[f"{m.group(1)}{r * local + int(m.group(2))}{m.group(3)}"] = piece
+            out[full_key(key, local, offset, ep_rank=r)] = piece
+    pp = ps.get_pipeline_model_parallel_world_size()
+    if pp > 1:
+        stages: list[dict[str, Tensor] | None] = [None] * pp
+        dist.all_gather_object(stages, {k: v.cpu() for k, v in out.items()},
+                               group=ps.get_pipeline_model_parallel_group())
+        out = {k: v for stage in stages for k, v in (stage or {}).items()}
     return out
 
 

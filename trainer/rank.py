@@ -21,7 +21,7 @@ from megatron.core import parallel_state as ps
 from mopd.core.algo import AdvantageConfig
 from mopd.core.errors import ConfigError
 from mopd.core.types import Sample
-from trainer import batching, cpu_compat, parallel, routing_replay, vocab_parallel
+from trainer import batching, cpu_compat, parallel, parallel_pipeline, routing_replay, vocab_parallel
 from trainer.config import TrainerConfig
 from trainer.cpu_compat import needs_cpu_compat
 from trainer.hf_io import load_hf_state
@@ -76,7 +76,10 @@ class TrainerRank:
         hf_to_model(self.model, self.arch, self.hf_config, load_hf_state(model_path))
         self.device = next(self.model.parameters()).device
         self._on_cpu = needs_cpu_compat(cfg.device)
-        self.moe_layers = self.arch.moe_layers(self.hf_config)
+        first = parallel.layer_offset(self.model)  # this pipeline stage's layers: [first, first + len(layers))
+        self.moe_layers = [i for i in self.arch.moe_layers(self.hf_config)
+                           if first <= i < first + len(self.model.decoder.layers)]
+        self.stage = parallel_pipeline.Stage(self.model) if cfg.pp_size > 1 else None
         self.mtp = MTPLoss(self.model, cfg.mtp_loss_coef)  # inactive when the coefficient is 0
         self.optim = Optimizer(self.model, cfg, cfg.total_steps or num_steps)
         self.step = 0
@@ -103,14 +106,22 @@ class TrainerRank:
         return [t.to(self.device) for t in parallel.replay_for_rank(tensors, seq_len, len(samples), batch or len(samples))]
 
     def _forward(self, mb: batching.MicroBatch, shape: tuple[int, int], need_untempered: bool = True,
-                 ) -> StudentLogprobs:
+                 ) -> StudentLogprobs | None:
         """log pi_theta of the targets at the rollout temperature and untempered (the teacher term's view,
         see trainer.losses.pg_loss), the entropy, and log pi_theta of the teacher's top-k tokens (if any).
-        The model runs at `shape` (trainer.parallel.lockstep_shapes): padding at the end (causal: harmless)."""
+        The model runs at `shape` (trainer.parallel.lockstep_shapes): padding at the end (causal: harmless).
+        None on pipeline stages before the last (they hand their activations on)."""
         tokens, positions = mb.tokens.to(self.device), mb.position_ids.to(self.device)
         (seq_len, batch), (s, b) = shape, tokens.shape[::-1]
         pad = (0, seq_len - s, 0, batch - b)
-        logits = self.model(F.pad(tokens, pad), F.pad(positions, pad), None)[:b, :s]
+        tokens, positions = F.pad(tokens, pad), F.pad(positions, pad)
+        if self.stage is not None:
+            logits = self.stage.forward(tokens, positions)
+            if not self.stage.last:
+                return None
+        else:
+            logits = self.model(tokens, positions, None)
+        logits = logits[:b, :s]
         top_ids = mb.inputs.teacher_top_ids
         views = vocab_parallel.student_logprobs if self.tp > 1 else student_logprobs  # vocab-sharded logits
         out = views(logits[:, :-1], mb.targets.to(self.device), self.temperature,
@@ -157,13 +168,16 @@ class TrainerRank:
         for mb, shape in zip(mbs, shapes):
             chosen = [samples[i] for i in mb.indices]
             with routing_replay.replaying(self.model, self._replay_data(chosen, *shape)):
-                lp = self._forward(mb, shape, need_untempered=False).tempered
+                view = self._forward(mb, shape, need_untempered=False)
+            if view is None:  # an earlier pipeline stage: the last one has the results
+                continue
+            lp = view.tempered
             for b, i in enumerate(mb.indices):
                 start = mb.prompt_lengths[b] - 1
                 out[i] = lp[b, start:start + len(samples[i].response_ids)].float().numpy().copy()
         for shape in shapes[len(mbs):]:  # idle slots come last (trainer.parallel.lockstep_shapes)
             self._idle_pass(shape, backward=False)
-        return out  # type: ignore[return-value]
+        return parallel_pipeline.from_last_stage(out)  # type: ignore[no-any-return]
 
     # ---------------------------------------------------------------- train
     def train_step(self, samples: list[Sample], num_global_samples: int) -> dict[str, float]:
@@ -186,6 +200,9 @@ class TrainerRank:
             with routing_replay.replaying(self.model, self._replay_data(chosen, *shape)):
                 with self.mtp.capture():
                     view = self._forward(mb, shape, need_untempered=teacher_term)
+                if view is None:  # an earlier pipeline stage: backward when the next stage sends the gradient
+                    self.stage.backward_from_next()
+                    continue
                 if self.cfg.activation_recompute and self.cfg.routing_replay and self.moe_layers:
                     routing_replay.switch_to_backward(self.model)
                 out = compute_loss(self.cfg.loss, view.tempered, mb.inputs, self.adv, eps_low=self.cfg.eps_low,
@@ -197,6 +214,8 @@ class TrainerRank:
                     mtp_sum = self.mtp.loss_sum(mb.tokens.to(self.device), mb.inputs.loss_mask.to(self.device))
                     total = total + self.cfg.mtp_loss_coef * mtp_sum
                 (total / num_global_samples).backward()
+                if self.stage is not None:
+                    self.stage.send_input_grad()
             step_sums = {"loss": out.loss_sum.item(), "is_masked_tokens": out.is_masked_tokens,
                          "kl_rollout": out.kl_rollout_sum, "mask_tokens": out.mask_tokens,
                          "entropy": (view.entropy * mb.inputs.loss_mask).sum().item(), "mtp_loss": mtp_sum.item()}
@@ -211,6 +230,7 @@ class TrainerRank:
         if ps.get_data_parallel_world_size() > 1:  # TP ranks of one replica hold the same statistics
             dist.all_reduce(stats, group=ps.get_data_parallel_group())
             ratios = _sum_over_ranks(ratios)
+        stats, ratios = parallel_pipeline.from_last_stage((stats, ratios))  # the loss lives on the last stage
         grad_norm, lr = self.optim.step()
         self.step += 1
         summed = dict(zip(_STATS, stats.tolist()))

@@ -119,7 +119,7 @@ def _run_parallel(model_path: str, cfg: TrainerConfig, adv: AdvantageConfig, tem
 def _compare(model_path: str, cfg: TrainerConfig, samples, tmp_path, *, adv: AdvantageConfig = ADV,
              temperature: float = 1.0) -> None:
     lps, rank0 = _run_parallel(model_path, cfg, adv, temperature, samples, tmp_path)
-    single = TrainerRank(model_path, dataclasses.replace(cfg, dp_size=1, tp_size=1, ep_size=1), adv, num_steps=2,
+    single = TrainerRank(model_path, dataclasses.replace(cfg, dp_size=1, tp_size=1, pp_size=1, ep_size=1), adv, num_steps=2,
                          rollout_temperature=temperature)
     ref_lps = single.compute_logprobs(samples)
     ref = single.train_step(samples, len(samples))
@@ -134,7 +134,7 @@ def _compare(model_path: str, cfg: TrainerConfig, samples, tmp_path, *, adv: Adv
     ref_hf = single.hf_state()
     assert set(rank0["hf"]) == set(ref_hf)
     weight_err = max((rank0["hf"][k] - ref_hf[k]).abs().max().item() for k in ref_hf)
-    print(f"tp={cfg.tp_size} ep={cfg.ep_size} dp={cfg.dp_size}: max gradient error (relative to the tensor's "
+    print(f"tp={cfg.tp_size} pp={cfg.pp_size} ep={cfg.ep_size} dp={cfg.dp_size}: max gradient error (relative to the tensor's "
           f"largest) {grad_err:.1e}, max |weight diff| after one AdamW step {weight_err:.1e}")
     assert grad_err < 1e-5
     # AdamW's first step moves a weight by about lr * g / (|g| + 1e-8): a gradient element near 1e-8 turns
@@ -162,13 +162,25 @@ def test_r3_replay_at_ep2_equals_rollout_routing(moe_path, dist_env, tmp_path):
     _compare(moe_path, _cfg(dp_size=2, ep_size=2, max_tokens_per_microbatch=24), samples, tmp_path)
 
 
+def test_pp2_dense_mopd_top_k_equals_single_rank(dense_path, dist_env, tmp_path):
+    """Two pipeline stages (one layer each; embedding on the first, head on the last)."""
+    samples = _with_top_k(make_samples(5, seed=38))
+    _compare(dense_path, _cfg(pp_size=2), samples, tmp_path, adv=AdvantageConfig(alpha=0.5, teacher_top_k=3),
+             temperature=0.8)
+
+
+def test_r3_replay_at_pp2_equals_rollout_routing(moe_path, dist_env, tmp_path):
+    """R3 under PP: the second stage holds the MoE layer (global index 1) and replays its routing."""
+    _compare(moe_path, _cfg(pp_size=2), _with_routing(make_samples(4, seed=39)), tmp_path)
+
+
 def test_tp2_moe_equals_single_rank(moe_path, dist_env, tmp_path):
     _compare(moe_path, _cfg(tp_size=2), make_samples(5, seed=33), tmp_path)
 
 
 @pytest.mark.parametrize("sizes, expected", [
     ({"ep_size": 2}, "trainer.ep_size`: expected a divisor of trainer.dp_size=1"),
-    ({"pp_size": 2}, "trainer.pp_size`: expected 1 (pipeline parallelism is not implemented"),
+    ({"pp_size": 2, "tp_size": 2}, "trainer.pp_size`: expected 1 when trainer.tp_size or ep_size > 1"),
     ({"tp_size": 2, "mtp_loss_coef": 0.1}, "trainer.mtp_loss_coef"),
 ])
 def test_layout_checks_without_the_model(sizes, expected):
@@ -179,6 +191,7 @@ def test_layout_checks_without_the_model(sizes, expected):
 @pytest.mark.parametrize("model, sizes, expected", [
     ("dense", {"tp_size": 3}, "trainer.tp_size`: expected a divisor of the model's num_attention_heads=4"),
     ("dense", {"tp_size": 4}, "trainer.tp_size`: expected a divisor of the model's num_key_value_heads=2"),
+    ("dense", {"pp_size": 3}, "trainer.pp_size`: expected a divisor of the model's num_hidden_layers=2"),
     ("dense", {"dp_size": 2, "ep_size": 2}, "trainer.ep_size`: expected 1: the model (qwen3) has no routed experts"),
     ("moe", {"dp_size": 8, "ep_size": 8}, "trainer.ep_size`: expected a divisor of the model's number of experts=4"),
 ])
