@@ -180,7 +180,7 @@ def test_tp2_moe_equals_single_rank(moe_path, dist_env, tmp_path):
 
 @pytest.mark.parametrize("sizes, expected", [
     ({"ep_size": 2}, "trainer.ep_size`: expected a divisor of trainer.dp_size=1"),
-    ({"pp_size": 2, "tp_size": 2}, "trainer.pp_size`: expected 1 when trainer.tp_size or ep_size > 1"),
+    ({"pp_size": 2, "dp_size": 2, "ep_size": 2}, "trainer.pp_size`: expected 1 when trainer.ep_size > 1"),
     ({"tp_size": 2, "mtp_loss_coef": 0.1}, "trainer.mtp_loss_coef"),
 ])
 def test_layout_checks_without_the_model(sizes, expected):
@@ -212,3 +212,11 @@ def test_dp2_tp2_ep2_four_ranks_equal_single_rank(moe_path, dist_env, tmp_path):
     samples = _with_top_k(_with_routing(make_samples(6, seed=37)))
     _compare(moe_path, _cfg(dp_size=2, tp_size=2, ep_size=2), samples, tmp_path,
              adv=AdvantageConfig(alpha=0.5, teacher_top_k=3), temperature=0.9)
+
+
+@pytest.mark.slow
+def test_tp2_pp2_four_ranks_equal_single_rank(moe_path, dist_env, tmp_path):
+    """TP inside each of two pipeline stages (sequence-parallel activations on the wire), MoE with R3."""
+    samples = _with_top_k(_with_routing(make_samples(5, seed=44)))
+    _compare(moe_path, _cfg(tp_size=2, pp_size=2), samples, tmp_path, adv=AdvantageConfig(alpha=0.5, teacher_top_k=3),
+             temperature=0.9)
