@@ -45,8 +45,8 @@ def summarize_run(run_dir: Path, budget: int) -> dict:
         "steps": len(rows), "window_s": window, "samples_per_s": samples / window, "tokens_per_s": tokens / window,
         "engine_busy_frac": statistics.fmean(busy),
         "engine_running_mean": statistics.fmean(loads) if loads else 0.0,
-        "tokens_per_forward": tokens / forwards if forwards > 0 else math.nan,
-        "scheduler_busy_frac": _mean(measured, "rollout/engine_busy_frac"),
+        "tokens_per_forward": tokens / forwards if forwards > 0 else None,
+        "scheduler_busy_frac": _mean(measured, "rollout/engine_busy_frac", default=None),  # its own view, if any
         "trainer_idle_frac": 1.0 - train_s / window,
         "staleness_mean": _mean(measured, "rollout/staleness_mean", default=0.0),
         "staleness_max": max((m.get("rollout/staleness_max", 0.0) for m in measured), default=0.0),
@@ -57,7 +57,7 @@ def summarize_run(run_dir: Path, budget: int) -> dict:
     }
 
 
-def _mean(rows: list[dict], key: str, default: float = math.nan) -> float:
+def _mean(rows: list[dict], key: str, default: float | None = math.nan) -> float | None:
     values = [m[key] for m in rows if key in m and m[key] is not None]
     return statistics.fmean(values) if values else default
 
@@ -76,6 +76,12 @@ def tail_points(runs: list[dict], key: int, budget: int) -> list[float]:
     return [p[key] for r in runs for p in r["curve"] if p[0] >= (1 - TAIL) * budget]
 
 
+def avg(runs: list[dict], key: str) -> float:
+    """Mean of one number over a mode's repeats (NaN when no run has it)."""
+    values = [r[key] for r in runs if r.get(key) is not None]
+    return statistics.fmean(values) if values else math.nan
+
+
 COLUMNS = [("samples/s", "samples_per_s", "{:.1f}"), ("tokens/s", "tokens_per_s", "{:.0f}"),
            ("engine busy", "engine_busy_frac", "{:.2f}"), ("tokens/forward", "tokens_per_forward", "{:.1f}"),
            ("trainer idle", "trainer_idle_frac", "{:.2f}"), ("staleness mean", "staleness_mean", "{:.2f}")]
@@ -83,16 +89,16 @@ COLUMNS = [("samples/s", "samples_per_s", "{:.1f}"), ("tokens/s", "tokens_per_s"
 
 def table(names: dict[str, str], runs: dict[str, list[dict]], budget: int) -> str:
     """Markdown: throughput columns (mean over repeats), ratios against the first mode, learning in the last quarter."""
-    base = statistics.fmean(r["samples_per_s"] for r in next(iter(runs.values())))
+    base = avg(next(iter(runs.values())), "samples_per_s")
     head = ["mode", "runs", *[c[0] for c in COLUMNS[:1]], "vs (a)", *[c[0] for c in COLUMNS[1:]],
             "reverse KL, last 25% of tokens", "reward, last 25% of tokens"]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for slug, rs in runs.items():
         cells = [names[slug], str(len(rs))]
         for i, (_, key, fmt) in enumerate(COLUMNS):
-            cells.append(fmt.format(statistics.fmean(r[key] for r in rs)))
+            cells.append("n/a" if math.isnan(avg(rs, key)) else fmt.format(avg(rs, key)))
             if i == 0:
-                cells.append(f"{statistics.fmean(r['samples_per_s'] for r in rs) / base:.2f}x")
+                cells.append(f"{avg(rs, 'samples_per_s') / base:.2f}x")
         for key in (1, 2):
             mean, half = mean_ci(tail_points(rs, key, budget))
             cells.append(f"{mean:.3f} ± {half:.3f}")
@@ -123,7 +129,7 @@ def plot(names: dict[str, str], runs: dict[str, list[dict]], path: Path) -> Path
     axes[0].set(xlabel="sampled tokens", ylabel="reverse KL to the teacher (nats/token)", title="learning: reverse KL")
     axes[1].set(xlabel="sampled tokens", ylabel="reward (exact match)", title="learning: reward")
     axes[0].legend(fontsize=8)
-    sps = [statistics.fmean(r["samples_per_s"] for r in rs) for rs in runs.values()]
+    sps = [avg(rs, "samples_per_s") for rs in runs.values()]
     axes[2].bar(range(len(runs)), sps, color=[colors[i % len(colors)] for i in range(len(runs))])
     axes[2].set_xticks(range(len(runs)), [names[s].split(")")[0] + ")" for s in runs])
     axes[2].set(ylabel="samples/s", title="throughput (measured steps)")

@@ -17,7 +17,6 @@ import json
 import logging
 import math
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -28,7 +27,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.scheduler.probe import Probe
-from benchmarks.scheduler.report import KL, mean_ci, plot, summarize_run, table, tail_points
+from benchmarks.scheduler.report import KL, avg, mean_ci, plot, summarize_run, table, tail_points
 from benchmarks.scheduler.world import FULL_WORLD, QUICK_WORLD, World, build_world
 
 log = logging.getLogger("scheduler_bench")
@@ -83,7 +82,7 @@ def train_run(world: World, run_dir: Path, overrides: list[str], setup: dict, se
 
 def verdict(names: dict[str, str], runs: dict[str, list[dict]], budget: int) -> dict:
     """The issue's targets: the fastest of (c)/(d) against (a) in samples/s, and their learning at equal tokens."""
-    sps = {s: statistics.fmean(r["samples_per_s"] for r in rs) for s, rs in runs.items()}
+    sps = {s: avg(rs, "samples_per_s") for s, rs in runs.items()}
     if "a" not in runs or not {"c", "d"} & set(runs):
         return {}
     fast = max((s for s in ("c", "d") if s in runs), key=sps.__getitem__)
