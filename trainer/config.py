@@ -89,9 +89,6 @@ class TrainerConfig:
         for name in ("dp_size", "tp_size", "pp_size", "ep_size", "max_tokens_per_microbatch"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{prefix}.{name}", "an integer >= 1", getattr(self, name))
-        if self.pp_size > 1 and self.ep_size > 1:
-            raise ConfigError(f"{prefix}.pp_size", "1 when trainer.ep_size > 1 (the idle passes that keep EP ranks in "
-                              "step do not run through pipeline stages yet)", self.pp_size)
         if self.dp_size % self.ep_size:
             raise ConfigError(f"{prefix}.ep_size", f"a divisor of trainer.dp_size={self.dp_size} (experts are split "
                               "over data-parallel ranks)", self.ep_size)

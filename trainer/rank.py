@@ -146,9 +146,19 @@ class TrainerRank:
         """A forward (and backward) on padding only: its collectives pair with another rank's microbatch."""
         seq_len, batch = shape
         positions = torch.arange(seq_len, device=self.device).expand(batch, seq_len)
-        logits = self.model(torch.zeros(batch, seq_len, dtype=torch.long, device=self.device), positions, None)
+        tokens = torch.zeros(batch, seq_len, dtype=torch.long, device=self.device)
+        if self.stage is None:
+            logits = self.model(tokens, positions, None)
+        else:
+            logits = self.stage.forward(tokens, positions)
+            if not self.stage.last:
+                if backward:
+                    self.stage.backward_from_next()
+                return
         if backward:
             (logits.float().sum() * 0.0).backward()
+            if self.stage is not None:
+                self.stage.send_input_grad()
 
     def _model_scope(self) -> contextlib.AbstractContextManager:
         """Around model code: on CPU, Megatron's collectives allocate on the "current CUDA device"."""

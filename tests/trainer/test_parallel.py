@@ -180,7 +180,6 @@ def test_tp2_moe_equals_single_rank(moe_path, dist_env, tmp_path):
 
 @pytest.mark.parametrize("sizes, expected", [
     ({"ep_size": 2}, "trainer.ep_size`: expected a divisor of trainer.dp_size=1"),
-    ({"pp_size": 2, "dp_size": 2, "ep_size": 2}, "trainer.pp_size`: expected 1 when trainer.ep_size > 1"),
     ({"tp_size": 2, "mtp_loss_coef": 0.1}, "trainer.mtp_loss_coef"),
 ])
 def test_layout_checks_without_the_model(sizes, expected):
@@ -220,3 +219,11 @@ def test_tp2_pp2_four_ranks_equal_single_rank(moe_path, dist_env, tmp_path):
     samples = _with_top_k(_with_routing(make_samples(5, seed=44)))
     _compare(moe_path, _cfg(tp_size=2, pp_size=2), samples, tmp_path, adv=AdvantageConfig(alpha=0.5, teacher_top_k=3),
              temperature=0.9)
+
+
+@pytest.mark.slow
+def test_dp2_pp2_ep2_four_ranks_equal_single_rank(moe_path, dist_env, tmp_path):
+    """EP across two pipelines: the ranks get one and two microbatches, so idle passes run through the
+    stages too (forward and backward), with R3 on the MoE stage."""
+    samples = _with_routing(make_samples(3, seed=40))
+    _compare(moe_path, _cfg(dp_size=2, pp_size=2, ep_size=2, max_tokens_per_microbatch=24), samples, tmp_path)
