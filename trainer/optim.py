@@ -2,7 +2,8 @@
 
 torch AdamW rather than Megatron's get_megatron_optimizer: with TP=PP=EP=1 it is exact, its
 state_dict round-trips bit for bit (exact resume), and it needs neither Megatron's DDP grad
-buffers nor CUDA (under TP/EP the gradient norm is summed over ranks, trainer.parallel.grad_norm_sq). For a bf16 model the optimizer steps fp32 copies of the parameters (as
+buffers nor CUDA (under TP/PP/EP the gradient norm is summed over ranks, trainer.parallel.grad_norm_sq).
+For a bf16 model the optimizer steps fp32 copies of the parameters (as
 Megatron's mixed-precision optimizer does) and copies them back, so small updates are not lost.
 """
 

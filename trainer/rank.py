@@ -4,7 +4,9 @@ Ray-free so it can be unit-tested in-process; trainer.actor wraps it in a Ray ac
 optimizer (trainer.optim) is torch AdamW; data-parallel gradients are all-reduced explicitly
 here (trainer.parallel.sync_grads: one coalesced all_reduce per data-parallel group), so the same
 code runs on gloo and NCCL. Under tensor parallelism the logits stay vocab-sharded
-(trainer.vocab_parallel); under expert parallelism the experts are split over the data-parallel ranks.
+(trainer.vocab_parallel); under expert parallelism the experts are split over the data-parallel ranks,
+which then run their microbatches in lockstep (trainer.parallel.lockstep_shapes); pipeline stages pass
+activations point to point (trainer.parallel_pipeline) and the last one computes the loss.
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ def _sum_over_ranks(ratios: dict[str, list[float]]) -> dict[str, list[float]]:
 
 
 class TrainerRank:
-    """Model, optimizer and scheduler of one data-parallel rank."""
+    """Model shard, optimizer and scheduler of one trainer rank (Megatron's parallel state says which
+    part of the model and which data-parallel share of each batch it holds: `dp_rank`)."""
 
     def __init__(self, model_path: str, cfg: TrainerConfig, adv: AdvantageConfig, *, num_steps: int,
                  rollout_temperature: float = 1.0) -> None:
