@@ -10,11 +10,11 @@ session is dropped and the whole context is resent to another engine (rollout/di
 sample stays consistent: the tokens, logprobs and routing rows of earlier turns are kept as they were.
 
 Preemption (partial rollout, rollout/scheduler.py): with a `Gate`, a turn whose request comes back aborted
-because the gate was closed meanwhile (the scheduler paused the engines for a weight push) keeps its partial
-tokens, logprobs, routing rows and their weight version; once the gate opens again the same turn continues
-from that prefix with the rest of its max_new_tokens, so one model turn may span weight versions. The engine
-session is dropped then (its KV cache was computed with the old weights) and the next request resends the
-whole context.
+because the gate was closed meanwhile (the scheduler aborted the requests in flight for a weight push) keeps its
+partial tokens, logprobs, routing rows and their weight version; once the gate opens again the same turn
+continues from that prefix with the rest of its max_new_tokens, so one model turn may span weight versions.
+The engine session is dropped then (its KV cache was computed with the old weights) and the next request
+resends the whole context.
 """
 
 from __future__ import annotations
