@@ -51,7 +51,7 @@ def test_summary_measures_the_window_between_the_first_and_last_step_records(tmp
     s = summarize_run(_fake_run(tmp_path), budget=240)
     assert s["window_s"] == 4.0 and s["samples_per_s"] == 16 / 4 and s["tokens_per_s"] == 160 / 4
     assert s["engine_busy_frac"] == pytest.approx(2 / 3) and s["engine_running_mean"] == 6.0
-    assert s["tokens_per_forward"] == 160 / 40
+    assert s["tokens_per_forward"] == 160 / 40 and s["ms_per_forward"] == pytest.approx(1000 * (2 / 3) * 4 / 40)
     assert s["trainer_idle_frac"] == 1 - 1.0 / 4 and s["staleness_mean"] == 0.5
     assert s["kl_tail"] == pytest.approx(0.8) and s["reward_tail"] == pytest.approx(0.2)  # the step at >= 180 tokens
     md = table({"a": "(a)", "c": "(c)"}, {"a": [s], "c": [{**s, "samples_per_s": 8.0}]}, budget=240)

@@ -46,6 +46,9 @@ def summarize_run(run_dir: Path, budget: int) -> dict:
         "engine_busy_frac": statistics.fmean(busy),
         "engine_running_mean": statistics.fmean(loads) if loads else 0.0,
         "tokens_per_forward": tokens / forwards if forwards > 0 else None,
+        # how long one engine forward took while busy: rises when the engines share the CPU with driver and trainer
+        "ms_per_forward": 1000 * statistics.fmean(busy) * window * len(ticks[-1]["forward_steps"]) / forwards
+        if forwards > 0 else None,
         "scheduler_busy_frac": _mean(measured, "rollout/engine_busy_frac", default=None),  # its own view, if any
         "trainer_idle_frac": 1.0 - train_s / window,
         "staleness_mean": _mean(measured, "rollout/staleness_mean", default=0.0),
@@ -84,6 +87,7 @@ def avg(runs: list[dict], key: str) -> float:
 
 COLUMNS = [("samples/s", "samples_per_s", "{:.1f}"), ("tokens/s", "tokens_per_s", "{:.0f}"),
            ("engine busy", "engine_busy_frac", "{:.2f}"), ("tokens/forward", "tokens_per_forward", "{:.1f}"),
+           ("ms/forward", "ms_per_forward", "{:.1f}"),
            ("trainer idle", "trainer_idle_frac", "{:.2f}"), ("staleness mean", "staleness_mean", "{:.2f}")]
 
 
