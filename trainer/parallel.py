@@ -209,11 +209,12 @@ def lockstep_shapes(shapes: list[tuple[int, int]], tp: int) -> list[tuple[int, i
     if ps.get_expert_model_parallel_world_size() == 1:
         return padded
     group = ps.get_expert_model_parallel_group()
-    count = torch.tensor([len(padded)])
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else None
+    count = torch.tensor([len(padded)], device=device)
     dist.all_reduce(count, op=dist.ReduceOp.MAX, group=group)
-    table = torch.zeros(int(count), 2, dtype=torch.long)
+    table = torch.zeros(int(count), 2, dtype=torch.long, device=device)
     if padded:
-        table[: len(padded)] = torch.tensor(padded)
+        table[: len(padded)] = torch.tensor(padded, device=device)
     dist.all_reduce(table, op=dist.ReduceOp.MAX, group=group)
     return [(int(s), int(b)) for s, b in table.tolist()]
 
