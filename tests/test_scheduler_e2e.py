@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 BASE = ["experiment=dry_run", "toy.teacher_steps=60", "logger.progress=false", "rollout.scheduler=sequence",
         "rollout.partial_rollout=true", "rollout.max_staleness=1", "rollout.stale_policy=regenerate"]
-STEPS = 14
+STEPS = 20  # as the batch dry run (tests/test_dry_run_e2e.py): the toy KL is noisy over fewer steps
 STOP = 5  # the first partial run stops here, with sequences in flight
 GROUP = 4  # dry_run's rollout.n_samples_per_prompt
 
@@ -102,5 +102,5 @@ def test_reverse_kl_falls_in_at_least_one_mode(partial_run, overlap_run):
         metrics = _metrics(run_dir)
         for teacher in ("arith", "reverse"):
             kl = [m[f"mopd/reverse_kl/{teacher}"] for m in metrics]
-            falls[name, teacher] = sum(kl[:4]) / 4 - sum(kl[-4:]) / 4
+            falls[name, teacher] = sum(kl[:5]) / 5 - sum(kl[-5:]) / 5
     assert any(all(falls[name, t] > 0.3 for t in ("arith", "reverse")) for name in ("partial", "overlap")), falls
