@@ -77,17 +77,17 @@ class TrainerActor:
         weight_sync.push_recoverable(named, urls, version, self.cfg, self.model_path, self.snapshots)
 
     def save_checkpoint(self, path: str) -> None:
-        sharded = parallel.model_parallel()  # each rank holds its own part of the weights and optimizer
-        state = self.trainer.state_dict() if self.rank == 0 or sharded else None
-        checkpoint.save_trainer_state(path, state, self.rank, layout=self._layout() if sharded else None)
-
-    def _layout(self) -> dict[str, int]:
-        return {"world_size": self.world_size, "tp_size": self.cfg.tp_size, "pp_size": self.cfg.pp_size,
-                "ep_size": self.cfg.ep_size}
+        if self.rank == 0:
+            state = self.trainer.state_dict()
+        elif parallel.model_parallel():  # gathering the sharded state needs every rank
+            self.trainer.state_dict()
+            state = None
+        else:
+            state = None
+        checkpoint.save_trainer_state(path, state, self.rank)
 
     def load_checkpoint(self, path: str) -> None:
-        state, rng = checkpoint.load_trainer_state(path, self.rank,
-                                                   layout=self._layout() if parallel.model_parallel() else None)
+        state, rng = checkpoint.load_trainer_state(path, self.rank)
         self.trainer.load_state_dict(state)
         if rng is not None:
             checkpoint.set_rng_state(rng)

@@ -2,9 +2,9 @@
 state: `TrainerGroup.save_checkpoint(step_N/trainer)`) and `hf/` (`TrainerGroup.export_hf(step_N/hf)`).
 
 Model, optimizer and scheduler are identical on every data-parallel rank, so rank 0 writes them
-once (`state.pt`); under tensor/expert parallelism each rank holds its own part and writes
-`state_rank<r>.pt`, tagged with the layout, which a resume must match (no resharding yet).
-Each rank writes its own RNG state (`rng_rank<r>.pt`). Writes go to a temp
+once (`state.pt`); under TP/PP/EP the ranks first gather them under single-rank names
+(trainer.parallel_checkpoint), so any layout resumes them. Each rank writes its own RNG state
+(`rng_rank<r>.pt`). Writes go to a temp
 name first so a crash never leaves a half-written file under the final name.
 """
 
@@ -43,32 +43,22 @@ def _atomic_save(obj: Any, path: Path) -> None:
     tmp.replace(path)
 
 
-def save_trainer_state(path: str | Path, rank_state: dict[str, Any] | None, rank: int, *,
-                       layout: dict[str, int] | None = None) -> None:
-    """rank_state (TrainerRank.state_dict) from rank 0 only (None elsewhere), or from every rank with its
-    `layout` (sizes) when the model is sharded; every rank saves its RNG."""
+def save_trainer_state(path: str | Path, rank_state: dict[str, Any] | None, rank: int) -> None:
+    """rank_state (TrainerRank.state_dict) only from rank 0 (None elsewhere); every rank saves its RNG."""
     d = Path(path)
     d.mkdir(parents=True, exist_ok=True)
     if rank_state is not None:
-        name = "state.pt" if layout is None else f"state_rank{rank}.pt"
-        _atomic_save({"format_version": FORMAT_VERSION, "layout": layout, **rank_state}, d / name)
+        _atomic_save({"format_version": FORMAT_VERSION, **rank_state}, d / "state.pt")
     _atomic_save(rng_state(), d / f"rng_rank{rank}.pt")
 
 
-def load_trainer_state(path: str | Path, rank: int, *, layout: dict[str, int] | None = None,
-                       ) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """This rank's state; `layout` (the sizes of a sharded model, None when unsharded) must be the saved one."""
+def load_trainer_state(path: str | Path, rank: int) -> tuple[dict[str, Any], dict[str, Any] | None]:
     d = Path(path)
-    file = d / ("state.pt" if layout is None else f"state_rank{rank}.pt")
-    if not file.exists():
-        raise FileNotFoundError(f"no trainer state at {file} (expected a dir written by save_checkpoint with the "
-                                f"same trainer layout {layout or 'tp=pp=ep=1'}; resharding is not supported yet)")
-    state = torch.load(file, map_location="cpu", weights_only=False)
+    if not (d / "state.pt").exists():
+        raise FileNotFoundError(f"no trainer state at {d / 'state.pt'} (expected a dir written by save_checkpoint)")
+    state = torch.load(d / "state.pt", map_location="cpu", weights_only=False)
     if state.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{file}: format_version {state.get('format_version')}, expected {FORMAT_VERSION}")
-    if state.get("layout") != layout:
-        raise ValueError(f"{file}: saved with trainer layout {state.get('layout')}, this run has {layout} "
-                         "(resharding a checkpoint is not supported yet: resume with the saved layout)")
+        raise ValueError(f"{d / 'state.pt'}: format_version {state.get('format_version')}, expected {FORMAT_VERSION}")
     rng_file = d / f"rng_rank{rank}.pt"
     rng = torch.load(rng_file, weights_only=False) if rng_file.exists() else None
     return state, rng

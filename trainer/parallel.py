@@ -75,12 +75,13 @@ def _cut(full: Tensor, param: Tensor, key: str, model: torch.nn.Module) -> Tenso
     return full.chunk(size, dim=param.partition_dim)[rank]
 
 
-def shard_state(full: dict[str, Tensor], model: torch.nn.Module) -> dict[str, Tensor]:
-    """This rank's part of a full (TP=EP=1) Megatron state, under the model's local names."""
+def shard_state(full: dict[str, Tensor], model: torch.nn.Module, params_only: bool = False) -> dict[str, Tensor]:
+    """This rank's part of a full (TP=EP=1) Megatron state, under the model's local names (of every
+    weight and buffer, or of the parameters only: optimizer moments)."""
     params = dict(model.named_parameters())
     local, offset = num_local_experts(model), layer_offset(model)
     out = {}
-    for key in model.state_dict():
+    for key in params if params_only else model.state_dict():
         if key.endswith("_extra_state"):
             continue
         name = full_key(key, local, offset)

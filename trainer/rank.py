@@ -23,7 +23,15 @@ from megatron.core import parallel_state as ps
 from mopd.core.algo import AdvantageConfig
 from mopd.core.errors import ConfigError
 from mopd.core.types import Sample
-from trainer import batching, cpu_compat, parallel, parallel_pipeline, routing_replay, vocab_parallel
+from trainer import (
+    batching,
+    cpu_compat,
+    parallel,
+    parallel_checkpoint,
+    parallel_pipeline,
+    routing_replay,
+    vocab_parallel,
+)
 from trainer.config import TrainerConfig
 from trainer.cpu_compat import needs_cpu_compat
 from trainer.hf_io import load_hf_state
@@ -276,10 +284,18 @@ class TrainerRank:
         return model_to_hf(self.model, self.arch, self.hf_config)
 
     def state_dict(self) -> dict[str, Any]:
+        """The exact training state; under TP/PP/EP gathered from every rank under single-rank names
+        (a collective), so that any layout can resume it."""
+        if parallel.model_parallel():
+            return parallel_checkpoint.gather_training_state(self)
         return {"model": {k: v for k, v in self.model.state_dict().items() if not k.endswith("_extra_state")},
                 "optim": self.optim.state_dict(), "step": self.step}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """A state from `state_dict` (same unsharded layout) or a gathered one (any layout: it reshards)."""
+        if state.get("layout") == parallel_checkpoint.FULL:
+            parallel_checkpoint.load_training_state(self, state)
+            return
         missing, unexpected = self.model.load_state_dict(state["model"], strict=False)
         missing = [k for k in missing if not k.endswith("_extra_state")]
         if missing or unexpected:
