@@ -137,8 +137,11 @@ def plot(names: dict[str, str], runs: dict[str, list[dict]], path: Path) -> Path
     axes[2].bar(range(len(runs)), sps, color=[colors[i % len(colors)] for i in range(len(runs))])
     axes[2].set_xticks(range(len(runs)), [names[s].split(")")[0] + ")" for s in runs])
     axes[2].set(ylabel="samples/s", title="throughput (measured steps)")
-    for i, v in enumerate(sps):
-        axes[2].text(i, v, f"{v:.1f}", ha="center", va="bottom")
+    for i, (v, rs) in enumerate(zip(sps, runs.values())):
+        axes[2].scatter([i] * len(rs), [r["samples_per_s"] for r in rs], color="black", s=12, zorder=3,
+                        label="one run" if i == 0 else None)
+        axes[2].text(i + 0.42, v, f"{v:.1f}", ha="right", va="bottom")
+    axes[2].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

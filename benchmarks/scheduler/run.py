@@ -116,6 +116,8 @@ def main(argv: list[str] | None = None) -> dict:
     if not slugs:
         p.error(f"--modes: none of {args.modes!r} is a mode; expected a subset of {','.join(MODES)}")
     t0 = time.time()
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                          check=False).stdout  # the tree may hold uncommitted work too
     world = build_world(args.out / "world", setup["world"])
     runs: dict[str, list[dict]] = {s: [] for s in slugs}
     for seed in range(setup["repeats"]):
@@ -125,7 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
             runs[slug].append(summarize_run(run_dir, setup["budget"]))
     names = {s: MODES[s][0] for s in slugs}
     text = table(names, runs, setup["budget"])
-    result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "quick": args.quick,
+    result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "quick": args.quick, "git_head": head.strip(),
               "command": " ".join(["run.py", *(argv if argv is not None else sys.argv[1:])]),
               "setup": {k: (asdict(v) if k == "world" else v) for k, v in setup.items()},
               "modes": {s: {"name": names[s], "overrides": MODES[s][1], "runs": runs[s]} for s in slugs},
