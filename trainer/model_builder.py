@@ -74,6 +74,9 @@ def build_model(hf_config: Any, *, device: str = "auto", dtype: str = "float32",
     kwargs["sequence_parallel"] = kwargs["tensor_model_parallel_size"] > 1
     config = arch.config_class(**kwargs)
     use_te = not on_cpu and _have_te()
+    if not on_cpu and not use_te and config.sequence_parallel:
+        raise ValueError("trainer.tp_size > 1 on GPU needs Transformer Engine: Megatron's local-spec norms refuse "
+                         "the sequence parallelism that TP runs with (on CPU trainer.cpu_compat supplies its own)")
     with cpu_compat.cuda_device_is_cpu() if on_cpu else contextlib.nullcontext():
         if arch.build is not None:
             model = arch.build(config, hf_config, use_te=use_te, mtp_num_layers=mtp_num_layers)
