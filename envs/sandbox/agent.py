@@ -202,6 +202,16 @@ class Agent:
             if result is None or result["killed_reason"] is not None:
                 self.kill_orphans()  # a jail that exited by itself had killed everything below it
 
+    def prepare_next(self) -> None:
+        """Have the fork server build the next command's jail while nothing runs (its namespaces and
+        mounts then cost the next call nothing: forkserver.py). Never while a command runs: the
+        sweeps after a command must not meet a ready jail (it is in the sandbox's cgroups)."""
+        if self.forkserver is None:
+            return
+        with self.lock:
+            if not self.active:
+                self.forkserver.prepare(self.jail)
+
     def _start(self, spec: dict, argv: list[str]) -> Any:
         """A started command (``Process``, or the fork server's ``Started``: same attributes)."""
         if self.forkserver is not None:
@@ -371,6 +381,7 @@ class Handler(BaseHTTPRequestHandler):
                 raise AgentError(400, "request body must be a JSON object")
             if route == "/exec":
                 self._reply(200, self.agent.exec(body))
+                self.agent.prepare_next()  # after the reply: off the caller's critical path
             elif route == "/read":
                 self._reply(200, self.agent.read(body))
             elif route == "/write":
@@ -449,6 +460,7 @@ def main(argv: list[str] | None = None) -> None:
     Handler.agent = Agent(args, token)
     if Handler.agent.forkserver is not None:
         Handler.agent.forkserver.ensure()  # it starts up while we bind and report READY
+        threading.Thread(target=Handler.agent.prepare_next, daemon=True).start()  # the first jail
     server = ThreadingHTTPServer((args.host, args.port), Handler)
     server.daemon_threads = True
     if args.parent_pid:

@@ -16,6 +16,15 @@ not. The agent spares the server when it sweeps the cgroups after a command (``A
 and the local backend adds one to ``pids.max`` for it. A server that cannot join leaves the join to
 each jail, which fails the command if it cannot join either.
 
+Ready jails: while no command runs, the agent asks for the next command's jail ahead of time
+(``{"prepare": spec}``, ``Agent.prepare_next``). The server forks a jail that builds everything
+that does not depend on the command (session, namespaces, mounts, hostname) and waits, still root,
+on a socket only the server holds; the next command with the same spec is handed to it (argv, env,
+cwd and its output pipe), and the jail goes on exactly as a fresh one: rlimits, the sandbox uid,
+no_new_privs, ``exec``. A command never shares a jail: one is made per command, ahead of time or on
+demand (when none is ready, or the ready one is gone). Sweeps after a command never meet a ready jail
+(none is made while a command runs, and the next command takes it).
+
 Protocol (standard library only, like ``agent.py`` and ``jail.py``): a request is a 4-byte
 big-endian length and a JSON ``{"spec": ..., "argv": [...]}``, sent with two descriptors (SCM_RIGHTS):
 the write end of the command's output pipe and the write end of a status pipe. The reply is the
@@ -54,14 +63,19 @@ def _jail():
 jail = _jail()
 
 
-def send_request(sock: socket.socket, spec: dict, argv: list[str], out_fd: int, status_fd: int) -> int:
-    """Ask the server to start `argv` confined by `spec`; the jail's pid (negative: -errno)."""
-    payload = json.dumps({"spec": spec, "argv": argv}).encode()
+def _send(sock: socket.socket, obj: dict, fds: list[int]) -> None:
+    """One length-prefixed JSON message, with `fds` attached (SCM_RIGHTS)."""
+    payload = json.dumps(obj).encode()
     data = HEADER.pack(len(payload)) + payload
-    sent = sock.sendmsg(
-        [data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("ii", out_fd, status_fd))]
-    )
+    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))] if fds else []
+    sent = sock.sendmsg([data], anc)
     sock.sendall(data[sent:])
+
+
+def send_request(sock: socket.socket, request: dict, fds: list[int]) -> int:
+    """Ask the server to start a command (``{"spec", "argv"}`` with its output and status pipes) or to
+    build a ready jail (``{"prepare": spec}``, no descriptors); a pid (negative: -errno)."""
+    _send(sock, request, fds)
     reply = _recv_exact(sock, PID.size)
     if reply is None:
         raise ConnectionError("the sandbox fork server closed its socket")
@@ -117,7 +131,10 @@ class ForkServer:
         return self.proc.pid if self.proc is not None else None
 
     def ensure(self) -> None:
-        """Start the server unless it runs (it imports in the background while the agent goes on)."""
+        """Start the server unless it runs (it imports in the background while the agent goes on).
+
+        From a thread that outlives it: the server's parent-death signal follows the starting thread.
+        """
         with self._lock:
             if self.proc is None or self.proc.poll() is not None:
                 self._start()
@@ -146,7 +163,7 @@ class ForkServer:
                     if self.proc is None or self.proc.poll() is not None:
                         self._start()
                     try:
-                        pid = send_request(self._sock, spec, argv, out_w, status_w)
+                        pid = send_request(self._sock, {"spec": spec, "argv": argv}, [out_w, status_w])
                         break
                     except OSError:
                         if attempt:
@@ -164,6 +181,20 @@ class ForkServer:
             os.close(status_r)
             raise OSError(-pid, f"the sandbox fork server could not fork: {os.strerror(-pid)}")
         return Started(pid, out_r, status_r)
+
+    def prepare(self, spec: dict) -> None:
+        """Have the server build a ready jail for `spec` now, so the next command skips that work.
+
+        Call it only while no command of this sandbox runs: a ready jail is root, in the sandbox's
+        cgroups, and the sweeps after a command (``Agent.kill_group``, ``kill_orphans``) would kill it.
+        """
+        with self._lock:
+            if self.proc is None or self.proc.poll() is not None:
+                self._start()
+            try:
+                send_request(self._sock, {"prepare": spec}, [])
+            except OSError:
+                pass  # the next command's jail is built from scratch, as without one
 
     def _kill(self) -> None:
         if self.proc is not None:
@@ -213,11 +244,67 @@ def _recv_request(sock: socket.socket) -> tuple[dict, list[int]] | None:
         return None
     (size,) = HEADER.unpack(data + rest)
     payload = _recv_exact(sock, size) if size <= MAX_REQUEST else None
-    if payload is None or len(fds) != 2:
+    request = json.loads(payload) if payload is not None else None
+    if not isinstance(request, dict) or len(fds) != (0 if "prepare" in request else 2):
         for fd in fds:
             os.close(fd)
         return None  # a broken request from our own agent: stop rather than guess
-    return json.loads(payload), fds
+    return request, fds
+
+
+def _base(spec: dict) -> str:
+    """What a ready jail is built for: the spec without the command's cwd and environment."""
+    return json.dumps({k: v for k, v in spec.items() if k not in ("cwd", "env")}, sort_keys=True)
+
+
+def _await_command(sock: socket.socket) -> tuple[list[str], dict, str]:
+    """In a ready jail: wait for the command, make its output pipe stdout and stderr."""
+    data, anc, _, _ = sock.recvmsg(HEADER.size, socket.CMSG_SPACE(4))
+    fds = [struct.unpack("i", raw[:4])[0] for lvl, kind, raw in anc if kind == socket.SCM_RIGHTS]
+    rest = _recv_exact(sock, HEADER.size - len(data)) if data and len(data) < HEADER.size else b""
+    payload = _recv_exact(sock, HEADER.unpack(data + rest)[0]) if data and rest is not None else None
+    if payload is None or len(fds) != 1:
+        os._exit(0)  # the server closed the socket (it died, or it retired this jail)
+    os.dup2(fds[0], 1)
+    os.dup2(fds[0], 2)
+    os.close(fds[0])
+    sock.close()
+    msg = json.loads(payload)
+    return msg["argv"], msg["env"] or dict(os.environ), msg["cwd"]
+
+
+def _ready_jail(spec: dict, keep_closed: list[int]) -> tuple[int, socket.socket]:
+    """Fork a jail that builds its confinement now and waits for its command (``jail.run`` standby)."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            signal.set_wakeup_fd(-1)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            for fd in [*keep_closed, ours.fileno()]:
+                os.close(fd)
+            null = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(null, fd)
+            os.close(null)
+            os.chdir(spec["root"])
+            jail.run(spec, [], standby=lambda: _await_command(theirs))
+        finally:
+            os._exit(126)
+    theirs.close()
+    return pid, ours
+
+
+def _hand_over(ready: socket.socket, request: dict, out_fd: int) -> bool:
+    """Give a ready jail its command; False if it is gone (the caller starts one from scratch)."""
+    spec = request["spec"]
+    try:
+        _send(ready, {"argv": request["argv"], "env": spec.get("env"), "cwd": spec.get("cwd")}, [out_fd])
+        return True
+    except OSError:
+        return False
+    finally:
+        ready.close()
 
 
 def _child(request: dict, out_fd: int, keep_closed: list[int]) -> None:
@@ -263,6 +350,7 @@ def serve(sock_fd: int, cgroups: list[str]) -> None:
     signal.signal(signal.SIGCHLD, lambda *_: None)
     signal.set_wakeup_fd(wake_w)
     waiting: dict[int, int] = {}  # jail pid -> write end of its status pipe
+    ready: dict[str, tuple[int, socket.socket]] = {}  # at most one ready jail: base spec -> (pid, socket)
     poller = select.poll()
     poller.register(sock.fileno(), select.POLLIN)
     poller.register(wake_r, select.POLLIN)
@@ -274,20 +362,48 @@ def serve(sock_fd: int, cgroups: list[str]) -> None:
             got = _recv_request(sock)
             if got is None:
                 os._exit(0)  # our children die with us (their parent-death signal)
-            request, (out_fd, status_fd) = got
-            try:
-                pid = os.fork()
-            except OSError as exc:
-                pid = -(exc.errno or 1)
+            request, fds = got
+            ours = [sock.fileno(), wake_r, wake_w, *waiting.values()]
+            if "prepare" in request:
+                sock.sendall(PID.pack(_prepare(ready, request["prepare"], ours)))
+                continue
+            out_fd, status_fd = fds
+            pid = 0
+            taken = ready.pop(_base(request["spec"]), None)
+            if taken is not None and _hand_over(taken[1], request, out_fd):
+                pid = taken[0]
             if pid == 0:
-                _child(request, out_fd, [sock.fileno(), wake_r, wake_w, status_fd, *waiting.values()])
+                for other in ready.values():
+                    ours.append(other[1].fileno())
+                try:
+                    pid = os.fork()
+                except OSError as exc:
+                    pid = -(exc.errno or 1)
+                if pid == 0:
+                    _child(request, out_fd, [*ours, status_fd])
             os.close(out_fd)
             if pid > 0:
                 waiting[pid] = status_fd
             else:
                 os.close(status_fd)
             sock.sendall(PID.pack(pid))
-        _reap(waiting)
+        _reap(waiting, ready)
+
+
+def _prepare(ready: dict[str, tuple[int, socket.socket]], spec: dict, keep_closed: list[int]) -> int:
+    """Keep one ready jail for `spec` (replacing one for another spec); its pid, or -errno."""
+    key = _base(spec)
+    if key in ready:
+        return ready[key][0]
+    for pid, old in ready.values():
+        old.close()  # it exits when it sees the socket close; _reap collects it
+    ready.clear()
+    try:
+        pid, ours = _ready_jail(spec, keep_closed)
+    except OSError as exc:
+        return -(exc.errno or 1)
+    ready[key] = (pid, ours)
+    return pid
 
 
 def _drain(fd: int) -> None:
@@ -298,8 +414,9 @@ def _drain(fd: int) -> None:
         pass
 
 
-def _reap(waiting: dict[int, int]) -> None:
-    """Collect every ended child; report the jails' statuses on their status pipes."""
+def _reap(waiting: dict[int, int], ready: dict[str, tuple[int, socket.socket]]) -> None:
+    """Collect every ended child; report the jails' statuses on their status pipes, forget a ready
+    jail that died before it got a command."""
     while True:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
@@ -307,6 +424,10 @@ def _reap(waiting: dict[int, int]) -> None:
             return
         if pid == 0:
             return
+        for key, (ready_pid, ready_sock) in list(ready.items()):
+            if ready_pid == pid:
+                ready_sock.close()
+                del ready[key]
         fd = waiting.pop(pid, None)
         if fd is not None:
             try:

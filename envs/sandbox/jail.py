@@ -313,8 +313,15 @@ def _relay(status: int) -> None:
     os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 1)
 
 
-def run(spec: dict, argv: list[str]) -> None:
-    """Confine and run `argv` as described in the module docstring; never returns."""
+def run(
+    spec: dict, argv: list[str], standby: Callable[[], tuple[list[str], dict, str]] | None = None
+) -> None:
+    """Confine and run `argv` as described in the module docstring; never returns.
+
+    With ``standby`` (forkserver.py's ready jails), the jail is built before its command is known:
+    the child calls ``standby()`` once namespaces and mounts are in place, still root, and gets the
+    command's (argv, env, cwd) from it; resource limits, the uid switch and ``exec`` follow as usual.
+    """
     parent = os.getppid()
     _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # the agent dies: so do we, and the command
     if os.getppid() != parent:
@@ -338,16 +345,19 @@ def run(spec: dict, argv: list[str]) -> None:
         _fail("unshare (namespaces)")
     if _libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
         _fail("child subreaper")
-    env = spec.get("env") or dict(os.environ)
     report_r, report_w = os.pipe() if pid_ns else (-1, -1)
     pid = os.fork()
     if pid == 0:
+        _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # again after setuid, in _drop
         if fs:
             _filesystem(spec, new_proc=pid_ns)
         if pid_ns:
             _libc.sethostname(b"sandbox", 7)
+        argv, env, cwd = (
+            standby() if standby else (argv, spec.get("env") or dict(os.environ), spec.get("cwd"))
+        )
         _drop(spec)
-        os.chdir(spec.get("cwd") or spec["root"])
+        os.chdir(cwd or spec["root"])
         if pid_ns:
             os.close(report_r)
             _init(argv, env, report_w)
