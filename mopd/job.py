@@ -65,6 +65,7 @@ def preflight(job: JobConfig) -> None:
     if not pending(job.student.model_path):
         _require_checkpoint("student.model_path", job.student.model_path)
         _check_context_len(job)
+        _check_trainer_layout(job)
     for name, teacher in job.teachers.items():
         if teacher.backend in ("local", "sglang") and not pending(teacher.model_path):
             _require_checkpoint(f"teachers.{name}.model_path", teacher.model_path)
@@ -117,7 +118,7 @@ def cpus_requested(job: JobConfig) -> float:
     """CPUs the job's Ray actors ask for: student engines, local teachers, trainer ranks."""
     return (job.rollout.num_engines * job.rollout.cpus_per_engine
             + sum(t.num_engines * t.cpus_per_engine for t in job.teachers.values() if t.backend != "remote")
-            + job.trainer.dp_size * job.trainer.cpus_per_rank)
+            + job.trainer.world_size * job.trainer.cpus_per_rank)
 
 
 def toy_spec(job: JobConfig) -> ToyWorldSpec:
@@ -239,6 +240,14 @@ def _init_ray(job: JobConfig) -> Callable[[], None]:
         ray.shutdown()
         ray.init(**options)
     return ray.shutdown
+
+
+def _check_trainer_layout(job: JobConfig) -> None:
+    """The trainer's TP/PP/EP split must divide the student's heads, layers and experts: checked before any
+    engine starts (TrainerGroup checks again before its ranks, for a toy student built later)."""
+    from transformers import AutoConfig
+
+    job.trainer.check_model(AutoConfig.from_pretrained(job.student.model_path), "trainer")
 
 
 def _check_context_len(job: JobConfig) -> None:

@@ -70,7 +70,7 @@ def test_invalid_agentic_values_name_the_field(override, field):
     ("rollout.cpus_per_engine=-1", "rollout.cpus_per_engine"),
     ("rollout.request_timeout_s=0", "rollout.request_timeout_s"),
     ("ray_num_cpus=-4", "ray_num_cpus"),
-    ("trainer.tp_size=2", "trainer.tp_size"),
+    ("trainer.tp_size=0", "trainer.tp_size"),
     ("trainer.ep_size=4", "trainer.ep_size"),
     ("trainer.weight_sync=distributed", "trainer.weight_sync"),
     ("toy.domains=[arith,chemistry]", "toy.domains"),
@@ -146,3 +146,20 @@ def test_teacher_yaml_files_are_valid_teacher_configs():
         job = to_job_config(_compose("experiment=dry_run", f"+teacher@teachers.extra_{name}={name}",
                                      f"teachers.extra_{name}.domains=[d_{name}]"))
         assert job.teachers[f"extra_{name}"].backend in ("local", "sglang", "remote")
+
+
+def test_trainer_layout_is_checked_against_the_student_before_anything_starts(tmp_path):
+    """tp_size=3 cannot split a model with 4 attention heads: refused by the start-up checks, naming the field."""
+    from transformers import Qwen3Config
+
+    from mopd.job import preflight
+
+    model = tmp_path / "student"
+    Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=8).save_pretrained(model)
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"prompt": "1+1", "domain": "arith", "label": "2"}\n')
+    job = to_job_config(_compose("student=hf", f"student.model_path={model}", "data=jsonl",
+                                 f"data.train_files=[{data}]", "trainer.loss=grpo", "trainer.tp_size=3"))
+    with pytest.raises(ConfigError, match="trainer.tp_size"):
+        preflight(job)

@@ -95,10 +95,10 @@ CASES: list[tuple[str, str | None, str]] = [
     ("logger.wandb_mode=sometimes", None, "logger.wandb_mode"),
     ("trainer.loss=ppo", None, "trainer.loss"),
     ("default_teacher=chemistry", None, "default_teacher"),
-    # parallel sizes the trainer does not implement
-    ("trainer.tp_size=2", None, "trainer.tp_size"),
+    # invalid parallel sizes
+    ("trainer.tp_size=0", None, "trainer.tp_size"),
     ("trainer.ep_size=4", None, "trainer.ep_size"),
-    ("trainer.pp_size=2", None, "trainer.pp_size"),
+    ("trainer.pp_size=0", None, "trainer.pp_size"),
     # the machine: NCCL weight sync, CUDA, CPUs
     ("trainer.weight_sync=distributed", None, "trainer.weight_sync"),
     ("rollout=sglang trainer.weight_sync_engine_tp=1", None, "trainer.weight_sync_engine_tp"),  # engines TP 2
@@ -148,7 +148,7 @@ if not CUDA:
     ]
 
 # run through the real CLI too: one per kind (type, unknown key, NaN, parallel size, data row, toy, teacher file)
-SUBPROCESS = ["rollout.num_engines=many", "+rollout.not_a_field=1", "trainer.eps_high=nan", "trainer.tp_size=2",
+SUBPROCESS = ["rollout.num_engines=many", "+rollout.not_a_field=1", "trainer.eps_high=nan", "trainer.tp_size=0",
               "toy.domains=[arith]", "+teacher@teachers.chem=typo"]
 SUBPROCESS_DATA = ("data.train_files=[{data}]", "[1, 2]\n")
 
