@@ -9,6 +9,7 @@ is restarted on the next call, with the work dir intact.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import json
 import os
@@ -146,6 +147,41 @@ async def test_fork_server_lives_in_the_cgroups_and_survives_the_sweeps(sandbox_
             left = cgroup_pids(cg)
             assert server in left and set(left) <= {server, *descendants(server)}, left
             assert sb.info["uid"] not in _owners(left), left  # ready jails are root until their command
+    finally:
+        await sb.close()
+
+
+async def test_ready_jail_is_used_once_and_a_lost_one_is_replaced(sandbox_config):
+    """The fork server builds the next command's jail ahead of time (envs/sandbox/forkserver.py):
+    each command gets its own; killing a ready jail costs nothing but the head start."""
+    from envs.sandbox.jail import descendants
+
+    sb = await LocalSandboxBackend(sandbox_config).create()
+    try:
+        first = await sb.exec("echo $$ > pid1; touch marker", timeout=20)
+        assert first.ok, first
+        (server,) = _forkservers(sb.info["agent_pid"])
+        for _ in range(100):  # the next jail is built after the reply
+            ready = descendants(server)
+            if len(ready) == 2:  # the jail and its child waiting for the command
+                break
+            await asyncio.sleep(0.05)
+        assert len(ready) == 2 and _owners(ready) == {0}, ready
+        second = await sb.exec("ls; id -u", timeout=20)
+        assert second.ok and "marker" in second.output and second.output.split()[-1] == str(sb.info["uid"])
+        for pid in ready:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        for _ in range(100):  # the ready jail built after the second call: kill it too
+            again = [p for p in descendants(server) if p not in ready]
+            if len(again) == 2:
+                break
+            await asyncio.sleep(0.05)
+        for pid in again:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        third = await sb.exec("cat marker && echo ok", timeout=20)
+        assert third.ok and third.output == "ok\n", third
     finally:
         await sb.close()
 
