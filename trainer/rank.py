@@ -249,7 +249,9 @@ class TrainerRank:
             self._idle_pass(shape, backward=True)
         self._allreduce_grads()
         if ps.get_data_parallel_world_size() > 1:  # TP ranks of one replica hold the same statistics
+            stats = stats.to(self.device)  # NCCL reduces device tensors only
             dist.all_reduce(stats, group=ps.get_data_parallel_group())
+            stats = stats.cpu()
             ratios = _sum_over_ranks(ratios)
         stats, ratios = parallel_pipeline.from_last_stage((stats, ratios))  # the loss lives on the last stage
         grad_norm, lr = self.optim.step()
