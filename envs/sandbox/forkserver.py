@@ -189,11 +189,11 @@ class ForkServer:
         cgroups, and the sweeps after a command (``Agent.kill_group``, ``kill_orphans``) would kill it.
         """
         with self._lock:
-            if self.proc is None or self.proc.poll() is not None:
-                self._start()
             try:
+                if self.proc is None or self.proc.poll() is not None:
+                    self._start()
                 send_request(self._sock, {"prepare": spec}, [])
-            except OSError:
+            except OSError:  # ConnectionError included: never an error for the caller's reply
                 pass  # the next command's jail is built from scratch, as without one
 
     def _kill(self) -> None:
