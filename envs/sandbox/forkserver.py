@@ -50,6 +50,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 HEADER = struct.Struct("!I")
 PID = struct.Struct("!i")
 MAX_REQUEST = 64 << 20
+HANDOVER_TIMEOUT_S = 10.0  # a ready jail waits in recvmsg: it answers at once unless it is gone
 
 
 def _jail():
@@ -268,6 +269,7 @@ def _await_command(sock: socket.socket) -> tuple[list[str], dict, str]:
     os.dup2(fds[0], 1)
     os.dup2(fds[0], 2)
     os.close(fds[0])
+    sock.sendall(b"\x01")  # taken: from here on the command's fate is this jail's
     sock.close()
     msg = json.loads(payload)
     return msg["argv"], msg["env"] or dict(os.environ), msg["cwd"]
@@ -295,16 +297,26 @@ def _ready_jail(spec: dict, keep_closed: list[int]) -> tuple[int, socket.socket]
     return pid, ours
 
 
-def _hand_over(ready: socket.socket, request: dict, out_fd: int) -> bool:
-    """Give a ready jail its command; False if it is gone (the caller starts one from scratch)."""
+def _hand_over(ready: tuple[int, socket.socket], request: dict, out_fd: int) -> bool:
+    """Give a ready jail its command and wait until it has taken it; False (and the jail killed) if
+    it is gone or does not answer: the caller then starts one from scratch, so a ready jail that died
+    meanwhile never turns into a command that did not run."""
+    pid, sock = ready
     spec = request["spec"]
     try:
-        _send(ready, {"argv": request["argv"], "env": spec.get("env"), "cwd": spec.get("cwd")}, [out_fd])
-        return True
-    except OSError:
-        return False
+        _send(sock, {"argv": request["argv"], "env": spec.get("env"), "cwd": spec.get("cwd")}, [out_fd])
+        sock.settimeout(HANDOVER_TIMEOUT_S)
+        if sock.recv(1) == b"\x01":
+            return True
+    except OSError:  # socket.timeout included
+        pass
     finally:
-        ready.close()
+        sock.close()
+    try:
+        os.kill(pid, signal.SIGKILL)  # our unreaped child: the pid cannot have been reused
+    except ProcessLookupError:
+        pass
+    return False
 
 
 def _child(request: dict, out_fd: int, keep_closed: list[int]) -> None:
@@ -370,7 +382,7 @@ def serve(sock_fd: int, cgroups: list[str]) -> None:
             out_fd, status_fd = fds
             pid = 0
             taken = ready.pop(_base(request["spec"]), None)
-            if taken is not None and _hand_over(taken[1], request, out_fd):
+            if taken is not None and _hand_over(taken, request, out_fd):
                 pid = taken[0]
             if pid == 0:
                 for other in ready.values():
