@@ -67,8 +67,11 @@ def test_every_step_logs_agent_cache_reward_and_kl_metrics(run_dir: Path):
         assert 0 <= m["agent/tool_latency_p50_s"] <= m["agent/tool_latency_p99_s"], m
         assert m["rollout/prefill_tokens"] > 0
     # turns after the first re-send the conversation so far: the request-level prefix cache serves it
-    # (measured: 700-1800 cached tokens per step)
-    assert all(m["rollout/cached_tokens"] > 0 for m in metrics), [m["rollout/cached_tokens"] for m in metrics]
+    # (measured: 700-1800 cached tokens per step). A step whose episodes all ended after one turn (the model
+    # answered without a tool call) has nothing to serve from the cache.
+    cached = [(m["agent/turns"], m["rollout/cached_tokens"]) for m in metrics]
+    assert all(tokens > 0 for turns, tokens in cached if turns > 1), cached
+    assert sum(tokens > 0 for _, tokens in cached) >= len(cached) // 2, cached
     # issue 13's budget: >= 20 steps from a fresh toy world in <= 5 minutes on the 2-core CPU (recorded, not
     # asserted: timings belong to benchmarks/)
     print(f"agentic dry run: {(run_dir.parent / 'seconds').read_text()} s")
