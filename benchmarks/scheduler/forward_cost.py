@@ -6,8 +6,9 @@ The local server (rollout/hf_server_model.py: ModelRunner.step) runs a batch as 
 request is padded to the longest new input of the step. Batch mode prefills all of a step's prompts in one
 forward and then only decodes; a sequence scheduler refills as sequences finish, so a prompt's prefill joins
 running decodes again and again, and each such forward is as wide as that prompt for every request. This
-times, interleaved and repeated (median): B decodes; B-1 decodes plus one prefill of P tokens in the same
-forward; and the same work split into a decode forward and a prefill forward.
+times, interleaved and repeated (median): 1, 8 and B decodes (how a forward's cost grows with its batch on
+CPU); B-1 decodes plus one prefill of P tokens in the same forward; and the same work split into a decode
+forward and a prefill forward.
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     decodes = [StepInput(kv=o.kv, kv_len=args.context, new_ids=[12]) for o in first]
     joining = StepInput(kv=None, kv_len=0, new_ids=[10 + i % 60 for i in range(args.prefill)])
     cases: dict[str, Callable[[], object]] = {
+        "1 decode": lambda: runner.step(decodes[:1]),
+        "8 decodes": lambda: runner.step(decodes[:8]),
         f"{args.batch} decodes": lambda: runner.step(decodes),
         f"{args.batch - 1} decodes + 1 prefill of {args.prefill}, one padded forward":
             lambda: runner.step([*decodes[:-1], joining]),
