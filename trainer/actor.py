@@ -11,7 +11,7 @@ import torch
 
 from mopd.core.algo import AdvantageConfig
 from mopd.core.types import Sample
-from trainer import checkpoint, parallel, weight_sync
+from trainer import checkpoint, parallel, weight_push
 from trainer.config import TrainerConfig
 
 
@@ -22,8 +22,7 @@ class TrainerActor:
     def __init__(self, rank: int, world_size: int) -> None:
         self.rank, self.world_size = rank, world_size
         self.trainer: Any = None
-        self.pusher: Any = None
-        self.snapshots: weight_sync.WeightSnapshots | None = None
+        self.pusher: weight_push.Pusher | None = None
         torch.set_num_threads(1)  # CPU is shared; on GPU the host threads do little
 
     def master_address(self) -> tuple[str, int]:
@@ -57,24 +56,19 @@ class TrainerActor:
         return self.trainer.train_step(samples, num_global_samples)
 
     def push_weights(self, urls: list[str], version: int) -> None:
-        """Push to every engine; the weights are on disk and recorded first, so an engine that restarts
-        (even mid-push) loads them, and one that came back with older weights is pushed to again."""
+        """Push to every engine from rank 0, gathering the model one bucket at a time (every rank takes
+        part in the gather under TP/PP/EP); the weights are on disk and recorded for engines that restart,
+        and one that came back with older weights is pushed to again (trainer/weight_sync.py)."""
+        if self.rank != 0 and not parallel.model_parallel():
+            return
+        stream = self.trainer.hf_buckets(self.cfg.weight_sync_bucket_mb * 2**20, keep=self.rank == 0)
         if self.rank != 0:
-            if parallel.model_parallel():  # the gather of full weights needs every rank
-                self.trainer.hf_state()
+            for _ in stream:  # the gather's collectives; rank 0 sends
+                pass
             return
-        named = self.trainer.hf_state()
-        if self.cfg.weight_sync == "distributed":
-            if self.snapshots is None:
-                self.snapshots = weight_sync.WeightSnapshots(self.cfg)
-            weight_sync.record_pushed_weights(urls, self.snapshots.write(named, version, self.model_path), version)
-            if self.pusher is None or self.pusher.urls != urls:
-                self.pusher = weight_sync.DistributedPusher(urls, self.cfg)
-            self.pusher.push(named, version)
-            return
-        if self.snapshots is None and self.cfg.weight_sync == "tensor":
-            self.snapshots = weight_sync.WeightSnapshots(self.cfg)
-        weight_sync.push_recoverable(named, urls, version, self.cfg, self.model_path, self.snapshots)
+        if self.pusher is None:
+            self.pusher = weight_push.Pusher(self.cfg, self.model_path)
+        self.pusher.push(stream, urls, version)
 
     def save_checkpoint(self, path: str) -> None:
         if self.rank == 0:
@@ -101,8 +95,8 @@ class TrainerActor:
     def shutdown(self) -> None:
         from trainer.dist import shutdown_distributed
 
-        if self.snapshots is not None:
-            self.snapshots.close()
+        if self.pusher is not None:
+            self.pusher.close()
         shutdown_distributed()
 
     def pid(self) -> int:

@@ -39,6 +39,16 @@ def _tp(key: str) -> tuple[int, int, dist.ProcessGroup | None]:
         ps.get_tensor_model_parallel_group()
 
 
+def is_expert(key: str) -> bool:
+    """Whether a local weight belongs to a routed expert (split over the expert-parallel ranks)."""
+    return _EXPERT.match(key) is not None
+
+
+def tp_size_of(key: str) -> int:
+    """How many tensor-parallel ranks split this weight when it is split (experts: expert TP)."""
+    return _tp(key)[0]
+
+
 def full_key(local_key: str, num_local_experts: int, layer_offset: int = 0, ep_rank: int | None = None) -> str:
     """The single-rank name of a local weight: local expert j of EP rank r is expert r * local + j, and
     local layer i of a pipeline stage is layer layer_offset + i."""
@@ -103,23 +113,27 @@ def _join_tp(local: Tensor, param: Tensor, key: str, model: torch.nn.Module) -> 
     return torch.cat(pieces, dim=param.partition_dim)
 
 
+def gather_weight(model: torch.nn.Module, key: str, value: Tensor, params: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The full tensor(s) of one local weight under single-rank names: its TP shards joined, and under EP
+    local expert j of every EP rank (a collective over this stage's TP and EP groups)."""
+    local, offset = num_local_experts(model), layer_offset(model)
+    whole = _join_tp(value, params[key], key, model) if key in params else value
+    ep = ps.get_expert_model_parallel_world_size()
+    if _EXPERT.match(key) is None or ep == 1:
+        return {full_key(key, local, offset): whole}
+    pieces = [torch.empty_like(whole) for _ in range(ep)]
+    dist.all_gather(pieces, whole.contiguous(), group=ps.get_expert_model_parallel_group())
+    return {full_key(key, local, offset, ep_rank=r): piece for r, piece in enumerate(pieces)}
+
+
 def gather_state(model: torch.nn.Module, state: dict[str, Tensor]) -> dict[str, Tensor]:
     """The full (TP=EP=1) Megatron state from every rank's `state` (the model's local names);
     a collective: every rank of the model-parallel groups calls it and gets the whole state (pipeline
     stages exchange theirs as objects, on the CPU)."""
     params = dict(model.named_parameters())
-    ep, ep_group = ps.get_expert_model_parallel_world_size(), ps.get_expert_model_parallel_group()
-    local, offset = num_local_experts(model), layer_offset(model)
     out: dict[str, Tensor] = {}
     for key, value in state.items():
-        whole = _join_tp(value, params[key], key, model) if key in params else value
-        if _EXPERT.match(key) is None or ep == 1:
-            out[full_key(key, local, offset)] = whole
-            continue
-        pieces = [torch.empty_like(whole) for _ in range(ep)]
-        dist.all_gather(pieces, whole.contiguous(), group=ep_group)
-        for r, piece in enumerate(pieces):
-            out[full_key(key, local, offset, ep_rank=r)] = piece
+        out.update(gather_weight(model, key, value, params))
     pp = ps.get_pipeline_model_parallel_world_size()
     if pp > 1:
         stages: list[dict[str, Tensor] | None] = [None] * pp

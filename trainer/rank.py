@@ -39,6 +39,7 @@ from trainer.losses import StudentLogprobs, compute_loss, loss_spec, needed_fiel
 from trainer.model_builder import build_model, hf_to_model, load_hf_config, model_to_hf
 from trainer.mtp_loss import MTPLoss
 from trainer.optim import Optimizer
+from trainer.weight_gather import GatheredBuckets
 
 # What train_step sums over microbatches (and all-reduces over ranks, as one tensor in this order).
 _STATS = ("loss", "is_masked_tokens", "kl_rollout", "mask_tokens", "entropy", "mtp_loss")
@@ -284,6 +285,12 @@ class TrainerRank:
     def hf_state(self) -> dict[str, torch.Tensor]:
         """Student weights under HF names (what engines and the HF export consume)."""
         return model_to_hf(self.model, self.arch, self.hf_config)
+
+    def hf_buckets(self, bucket_bytes: int, *, keep: bool) -> GatheredBuckets:
+        """The student's HF weights gathered one bucket at a time (trainer/weight_gather.py): the push's
+        source, about one bucket of extra memory instead of the whole model. Every rank iterates it;
+        ranks with keep=False only take part in the collectives."""
+        return GatheredBuckets(self.model, self.arch, self.hf_config, bucket_bytes, keep=keep)
 
     def state_dict(self) -> dict[str, Any]:
         """The exact training state; under TP/PP/EP gathered from every rank under single-rank names
