@@ -231,7 +231,9 @@ def _init_ray(job: JobConfig) -> Callable[[], None]:
         return ray.shutdown
     needed = cpus_requested(job)
     num_cpus = job.ray_num_cpus or max(int(needed + 0.999), os.cpu_count() or 1)
-    options = {"num_cpus": num_cpus, "include_dashboard": False, "log_to_driver": False,
+    # address="local": a new embedded cluster even when another Ray instance runs on this machine (ray.init()
+    # alone would join the one `ray start` last recorded and then refuse num_cpus); joining is ray_address=auto.
+    options = {"address": "local", "num_cpus": num_cpus, "include_dashboard": False, "log_to_driver": False,
                "runtime_env": {"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}}}
     try:
         ray.init(**options)
