@@ -11,6 +11,11 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
+# Megatron's rank order, TP fastest: a TP group is `tp_size` consecutive global ranks, which is what
+# trainer/placement.py packs onto one node. Pinned here so that a change of Megatron's default cannot
+# silently split TP groups over nodes.
+RANK_ORDER = "tp-cp-ep-dp-pp"
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -30,7 +35,7 @@ def init_distributed(rank: int, world_size: int, master_addr: str, master_port: 
                                 timeout=timedelta(minutes=30))
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                                 expert_model_parallel_size=ep)
+                                                 expert_model_parallel_size=ep, order=RANK_ORDER)
     if use_cuda:
         model_parallel_cuda_manual_seed(seed)
 

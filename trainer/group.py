@@ -11,6 +11,7 @@ from transformers import AutoConfig
 from mopd.core.algo import AdvantageConfig
 from mopd.core.types import Sample
 from trainer.config import TrainerConfig
+from trainer.placement import DEFAULT_TIMEOUT_S, place_trainer
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +48,12 @@ class TrainerGroup:
 
     Each data-parallel share of a batch goes to every rank of its TP group (the ranks say which share
     is theirs once Megatron's groups exist). CPU: each actor asks for `cfg.cpus_per_rank` CPUs and uses
-    gloo; GPU: one GPU each and NCCL.
+    gloo; GPU: one GPU each and NCCL. The ranks run in placement groups (trainer/placement.py): each TP
+    group on one node, the ranks of a node consecutive; `placement_timeout_s` bounds the wait for them.
     """
 
     def __init__(self, model_path: str, cfg: TrainerConfig, adv: AdvantageConfig, *, num_steps: int,
-                 rollout_temperature: float = 1.0) -> None:
+                 rollout_temperature: float = 1.0, placement_timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         from trainer import cpu_compat
         from trainer.actor import TrainerActor
 
@@ -61,11 +63,13 @@ class TrainerGroup:
         if not ray.is_initialized():
             raise RuntimeError("TrainerGroup needs a running Ray (call ray.init first)")
         self.cfg = cfg
-        on_cpu = cpu_compat.needs_cpu_compat(cfg.device)
-        options = {"num_cpus": cfg.cpus_per_rank} if on_cpu else {"num_cpus": cfg.cpus_per_rank, "num_gpus": 1}
         world = cfg.world_size
-        self.actors = [TrainerActor.options(**options).remote(r, world) for r in range(world)]
+        self.placement = place_trainer(cfg, use_gpu=not cpu_compat.needs_cpu_compat(cfg.device),
+                                       timeout_s=placement_timeout_s)
+        self.actors: list = []
         try:
+            self.actors = [TrainerActor.options(**self.placement.actor_options(r)).remote(r, world)
+                           for r in range(world)]
             addr, port = ray.get(self.actors[0].master_address.remote())
             ray.get([a.setup.remote(addr, port, model_path, cfg, adv, num_steps, rollout_temperature)
                      for a in self.actors])
@@ -73,6 +77,7 @@ class TrainerGroup:
         except BaseException:
             for a in self.actors:  # do not leak ranks (and their CPUs/GPUs) when setup fails
                 ray.kill(a)
+            self.placement.remove()
             raise
 
     def compute_logprobs(self, samples: list[Sample]) -> list[np.ndarray]:
@@ -122,3 +127,4 @@ class TrainerGroup:
             for a in self.actors:
                 ray.kill(a)
             self.actors = []
+            self.placement.remove()
