@@ -59,6 +59,7 @@ class ModelRunner:
     top_k: int
     capture_routing: bool
     forward_steps: int = 0
+    weights_version: int = 0  # counts weight loads: copies made from the weights (the MTP draft's) rebuild
     mtp: MTPHead | None = None  # MiMo-V2-Flash's MTP layers (`model.mtp.*`), the speculative draft
     _captured: dict[int, torch.Tensor] = field(default_factory=dict)
     _hidden: list[torch.Tensor] = field(default_factory=list)
@@ -246,6 +247,7 @@ class ModelRunner:
                 raise ValueError(f"checkpoint is missing tensor(s): {missing[:8]}")
         for view, tensor in plan:
             view.copy_(tensor)
+        self.weights_version += 1
         return len(plan)
 
     def _all_parameters(self) -> dict[str, torch.Tensor]:

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from rollout.hf_server_model import StepInput, StepOutput, _log_softmax, sample_token, sampling_probs
+from rollout.mtp_draft import MTPDrafter
 from rollout.speculative import cli_args  # noqa: F401 - re-exported: the flags this module parses
 
 if TYPE_CHECKING:
@@ -96,6 +97,7 @@ class SpeculativeDecoder:
             raise SystemExit(f"--speculative-num-steps {k} exceeds the checkpoint's {len(runner.mtp)} MTP layers")
         self.runner, self.k = runner, k
         self.window = runner.mtp.receptive_field(k)
+        self.drafter = MTPDrafter(runner, k)
 
     def depth(self, req: Request) -> int:
         """Draft tokens for this step: 0 while prefilling, without hidden states, or at the length limit."""
@@ -105,13 +107,15 @@ class SpeculativeDecoder:
 
     def step(self, sched: Scheduler, batch: list[Request]) -> list[tuple[Request, Exception]]:
         """Model thread: draft for the decoding requests, one verify/prefill forward, accept per request."""
+        self.drafter.retain(batch)
         ks = [self.depth(r) for r in batch]
         drafts: list[list[int]] = [[] for _ in batch]
         qs: list[list[torch.Tensor]] = [[] for _ in batch]
         rows = [i for i, k in enumerate(ks) if k > 0]
         if rows:
             try:
-                d, q = self._draft([batch[i] for i in rows], max(ks[i] for i in rows))
+                reqs = [batch[i] for i in rows]
+                d, q = self.drafter.draft(reqs, max(ks[i] for i in rows), self._pick(reqs))
                 for j, i in enumerate(rows):
                     drafts[i], qs[i] = d[j][:ks[i]], [x[j] for x in q[:ks[i]]]
             except Exception:
@@ -142,23 +146,8 @@ class SpeculativeDecoder:
                 failed.append((req, e))
         return failed
 
-    def _draft(self, reqs: list[Request], depth: int) -> tuple[list[list[int]], list[torch.Tensor]]:
-        """Chain the MTP layers on each request's last hidden states; drafts and draft logits per depth."""
-        S = min(self.window, max(r.hidden.shape[0] for r in reqs))
-        dev = self.runner.device
-        H = reqs[0].hidden.shape[1]
-        hidden = torch.zeros(len(reqs), S, H, dtype=reqs[0].hidden.dtype, device=dev)
-        ids = torch.zeros(len(reqs), S, dtype=torch.long)
-        pos = torch.zeros(len(reqs), S, dtype=torch.long)
-        valid = torch.zeros(len(reqs), S, dtype=torch.bool)
-        for b, r in enumerate(reqs):
-            m = min(S, r.hidden.shape[0])
-            first = r.kv_len - m  # hidden rows are positions [kv_len - len, kv_len)
-            hidden[b, S - m:] = r.hidden[-m:]
-            ids[b, S - m:] = torch.tensor(r.tokens[first + 1:r.kv_len + 1])
-            pos[b, S - m:] = torch.arange(first, r.kv_len)
-            valid[b, S - m:] = True
-
+    def _pick(self, reqs: list[Request]) -> Any:
+        """Each depth's draft token per request: the argmax at T = 0, else a sample of softmax(logits / T)."""
         def pick(_k: int, logits: torch.Tensor) -> list[int]:
             out = []
             for b, r in enumerate(reqs):
@@ -166,13 +155,10 @@ class SpeculativeDecoder:
                 if t <= 0:
                     out.append(int(torch.argmax(logits[b])))
                 else:
-                    q = torch.softmax(logits[b] / t, dim=-1)
+                    q = torch.softmax(logits[b].cpu() / t, dim=-1)
                     out.append(int(torch.multinomial(q, 1, generator=r.sampling.generator)))
             return out
-
-        drafts, logits = self.runner.mtp.draft(self.runner.model, hidden, ids.to(dev), pos.to(dev), valid.to(dev),
-                                               depth, pick)
-        return drafts, [lg.cpu() for lg in logits]
+        return pick
 
     def _verify(self, _sched: Scheduler, req: Request, out: StepOutput, drafts: list[int],
                 q_logits: list[torch.Tensor]) -> None:

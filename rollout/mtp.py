@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import copy
 import re
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 MTP_PREFIX = "model.mtp.layers."
@@ -74,6 +76,8 @@ class MTPHead(nn.Module):
         self.config = config
         self.window = int(config.sliding_window)
         self.layers = nn.ModuleList(MTPLayer(config) for _ in range(num_layers))
+        self._fast: list[LayerWeights] = []
+        self._fast_version: int | None = None
 
     def __len__(self) -> int:
         return len(self.layers)
@@ -138,29 +142,85 @@ class MTPHead(nn.Module):
             out.append(model.lm_head(layer.final_layernorm(hidden)).float())
         return out
 
-    @torch.no_grad()
-    def draft(self, model: Any, hidden: torch.Tensor, last_ids: torch.Tensor, positions: torch.Tensor,
-              valid: torch.Tensor, depths: int, pick: Any) -> tuple[list[list[int]], list[torch.Tensor]]:
-        """Draft `depths` tokens per row at the last position of the window, chaining the MTP layers.
+    def fast_weights(self, version: int) -> list[LayerWeights]:
+        """Per-layer fused copies of the live parameters for `cached_step`, rebuilt when `version` changes
+        (the runner counts weight updates: a stale copy would draft with the old weights)."""
+        if self._fast_version != version:
+            self._fast = [LayerWeights.of(layer) for layer in self.layers]
+            self._fast_version = version
+        return self._fast
 
-        hidden [B, S, H] (h^0 at `positions`), last_ids [B, S] (the token after each position, the
-        last one the newest sampled token). `pick(k, logits [B, V]) -> list[int]` chooses each depth's
-        draft (argmax, or a sample of the draft distribution). Returns the drafts per row and the
-        draft logits [B, V] per depth.
+    @staticmethod
+    def cached_step(w: LayerWeights, emb: torch.Tensor, hidden: torch.Tensor, past_k: torch.Tensor,
+                    past_v: torch.Tensor, mask: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One MTP layer on new positions against cached keys/values: the same math as `MTPLayer.forward`
+        (HF's eager attention with sinks, partial RoPE, value scale, GQA) with fused projections.
+
+        emb, hidden [B, S, H]; past_k [B, Hkv, M, hd], past_v [B, Hkv, M, vd] (keys already rotated,
+        values scaled); mask [B, 1, 1, S, M + S] additive; cos, sin [B, S, rot]. Returns h^k [B, S, H]
+        before the final norm and the new positions' keys and values (to cache).
         """
-        ids = last_ids
-        rope = model.model.rotary_emb(hidden, positions, SLIDING)
-        mask = self.mask(positions, valid, hidden.dtype)
-        drafts: list[list[int]] = [[] for _ in range(hidden.shape[0])]
-        logits_per_depth = []
-        for k in range(depths):
-            layer = self.layers[k]
-            hidden = layer(model.get_input_embeddings()(ids), hidden, mask, rope)
-            logits = model.lm_head(layer.final_layernorm(hidden[:, -1])).float()
-            chosen = pick(k, logits)
-            logits_per_depth.append(logits)
-            for row, tok in zip(drafts, chosen):
-                row.append(int(tok))
-            # next depth: the token after position i is t_{i+k+2}: shift in the draft just made
-            ids = torch.cat([ids[:, 1:], torch.tensor(chosen, dtype=ids.dtype, device=ids.device)[:, None]], dim=1)
-        return drafts, logits_per_depth
+        B, S, H = hidden.shape
+        x = F.rms_norm(torch.stack([emb, hidden], dim=-2), (H,), None, w.eps) * w.eh_norm
+        x = F.linear(x.reshape(B, S, 2 * H), w.eh)
+        y = F.linear(F.rms_norm(x, (H,), w.in_norm, w.eps), w.qkv, w.qkv_bias)
+        nqk = (w.heads + w.kv_heads) * w.head_dim
+        qk = y[..., :nqk].view(B, S, w.heads + w.kv_heads, w.head_dim).transpose(1, 2)
+        v = y[..., nqk:].view(B, S, w.kv_heads, w.v_dim).transpose(1, 2) * w.v_scale
+        r = cos.shape[-1]
+        rot, half = qk[..., :r], r // 2
+        rot = rot * cos[:, None] + torch.cat([-rot[..., half:], rot[..., :half]], dim=-1) * sin[:, None]
+        qk = torch.cat([rot, qk[..., r:]], dim=-1)
+        g = w.heads // w.kv_heads  # query head h reads key head h // g (HF's repeat_kv)
+        q, k = qk[:, :w.heads].reshape(B, w.kv_heads, g * S, w.head_dim), qk[:, w.heads:]
+        keys, values = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
+        scores = (torch.matmul(q, keys.transpose(2, 3)) * w.scaling).view(B, w.kv_heads, g, S, -1) + mask
+        scores = torch.cat([scores, w.sinks.expand(B, -1, -1, S, 1)], dim=-1)
+        probs = torch.softmax(scores, dim=-1)[..., :-1].reshape(B, w.kv_heads, g * S, -1)
+        attn = torch.matmul(probs, values).view(B, w.kv_heads, g, S, w.v_dim).permute(0, 3, 1, 2, 4)
+        x = x + F.linear(attn.reshape(B, S, -1), w.o)
+        gate, up = F.linear(F.rms_norm(x, (H,), w.post_norm, w.eps), w.gate_up).chunk(2, dim=-1)
+        return x + F.linear(w.act(gate) * up, w.down), k, v
+
+
+@dataclass
+class LayerWeights:
+    """One MTP layer's weights laid out for `MTPHead.cached_step` (q/k/v and gate/up fused)."""
+    eh_norm: torch.Tensor  # [2, H]: enorm, hnorm
+    eh: torch.Tensor
+    in_norm: torch.Tensor
+    qkv: torch.Tensor
+    qkv_bias: torch.Tensor | None  # config.attention_bias
+    o: torch.Tensor
+    post_norm: torch.Tensor
+    gate_up: torch.Tensor
+    down: torch.Tensor
+    final_norm: torch.Tensor
+    sinks: torch.Tensor  # [1, Hkv, g, 1, 1]
+    act: Any
+    eps: float
+    heads: int
+    kv_heads: int
+    head_dim: int
+    v_dim: int
+    scaling: float
+    v_scale: float
+
+    @classmethod
+    @torch.no_grad()
+    def of(cls, layer: MTPLayer) -> LayerWeights:
+        attn, mlp = layer.block.self_attn, layer.block.mlp
+        heads = attn.q_proj.out_features // attn.head_dim
+        kv_heads = attn.k_proj.out_features // attn.head_dim
+        return cls(eh_norm=torch.stack([layer.enorm.weight, layer.hnorm.weight]), eh=layer.eh_proj.weight.clone(),
+                   in_norm=layer.block.input_layernorm.weight.clone(),
+                   qkv=torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]),
+                   qkv_bias=(torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
+                             if attn.q_proj.bias is not None else None),
+                   o=attn.o_proj.weight.clone(), post_norm=layer.block.post_attention_layernorm.weight.clone(),
+                   gate_up=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), down=mlp.down_proj.weight.clone(),
+                   final_norm=layer.final_layernorm.weight.clone(),
+                   sinks=attn.sinks.detach().view(1, kv_heads, heads // kv_heads, 1, 1).clone(), act=mlp.act_fn,
+                   eps=layer.enorm.variance_epsilon, heads=heads, kv_heads=kv_heads, head_dim=attn.head_dim,
+                   v_dim=attn.v_head_dim, scaling=attn.scaling, v_scale=attn.v_scale)
