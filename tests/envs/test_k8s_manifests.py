@@ -6,8 +6,10 @@ KubeRay v1 CRD fields this project uses (required fields and types)."""
 
 from __future__ import annotations
 
+import copy
 import glob
 import os
+import shlex
 
 import jsonschema
 import kubernetes_validate
@@ -17,10 +19,12 @@ from kubernetes import client
 
 from envs.config import SandboxConfig
 from envs.sandbox.kubernetes import pod_manifest, secret_manifest
+from mopd import job as job_lib
 
 K8S = os.path.join(os.path.dirname(__file__), "..", "..", "k8s")
 VERSION = "1.30.0"
 CORE_FILES = ["namespace.yaml", "rbac.yaml", "networkpolicy.yaml", "sandbox-pod-template.yaml"]
+RAYJOBS = ["rayjob.yaml", "rayjob-multinode.yaml"]
 
 
 def _docs(name: str) -> list[dict]:
@@ -43,7 +47,7 @@ def test_validation_is_not_vacuous():
 
 def test_every_manifest_file_is_covered():
     assert sorted(os.path.basename(p) for p in glob.glob(os.path.join(K8S, "*.yaml"))) == sorted(
-        CORE_FILES + ["rayjob.yaml"]
+        CORE_FILES + RAYJOBS
     )
 
 
@@ -95,10 +99,11 @@ def test_network_policy_admits_only_labelled_clients():
     (peer,) = rule["from"]
     assert peer["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "mopd"}
     assert peer["podSelector"]["matchLabels"] == {"mopd.io/sandbox-client": "true"}
-    cluster = _docs("rayjob.yaml")[0]["spec"]["rayClusterSpec"]
-    templates = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
-    for tpl in templates:
-        assert tpl["metadata"]["labels"]["mopd.io/sandbox-client"] == "true"
+    for name in RAYJOBS:
+        cluster = _docs(name)[0]["spec"]["rayClusterSpec"]
+        templates = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+        for tpl in templates:
+            assert tpl["metadata"]["labels"]["mopd.io/sandbox-client"] == "true", name
 
 
 _POD_TEMPLATE = {"type": "object", "required": ["spec"], "properties": {"spec": {"type": "object"}}}
@@ -160,8 +165,9 @@ RAYJOB_SCHEMA = {
 }
 
 
-def test_rayjob_structure_and_embedded_pod_templates():
-    job = _docs("rayjob.yaml")[0]
+@pytest.mark.parametrize("name", RAYJOBS)
+def test_rayjob_structure_and_embedded_pod_templates(name):
+    job = _docs(name)[0]
     jsonschema.validate(job, RAYJOB_SCHEMA)
     kubernetes_validate.validate(
         {"apiVersion": "v1", "kind": "ConfigMap", "metadata": job["metadata"]}, VERSION, strict=True
@@ -190,3 +196,100 @@ def test_rayjob_schema_rejects_wrong_structure():
     job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0].pop("groupName")
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(job, RAYJOB_SCHEMA)
+
+
+def _entrypoint_job(job: dict):
+    """The RayJob's `mopd-train` command line, composed and validated as mopd-train does it (Hydra + schema)."""
+    from mopd.config import to_job_config
+    from mopd.train import compose_config
+
+    return to_job_config(compose_config(shlex.split(job["spec"]["entrypoint"])[1:]))
+
+
+def _quantity(value: str) -> float:
+    return float(value[:-1]) / 1000 if str(value).endswith("m") else float(value)
+
+
+def _layout_problems(job: dict) -> list[str]:
+    """What the entrypoint's layout asks of the worker pods that they cannot give (empty: it fits).
+
+    GPU actors are whole units on one node: an engine (gpus_per_engine, SGLang's --tp-size) and a trainer TP
+    group (tp_size ranks, one GPU each; trainer/placement.py packs it onto one node). They are packed first-fit
+    by size onto the GPU pods; CPUs fit wherever GPUs do when no GPU actor asks for more CPUs per GPU than a pod
+    has; and all actors together (mopd.job.cpus_requested) fit the workers' CPUs."""
+    cfg = _entrypoint_job(job)
+    problems = [] if cfg.ray_address else ["ray_address is not set: the driver would not join the RayJob's cluster"]
+    pods = []
+    for g in job["spec"]["rayClusterSpec"]["workerGroupSpecs"]:
+        res = g["template"]["spec"]["containers"][0]["resources"]
+        if res["requests"] != res["limits"]:
+            problems.append(f"{g['groupName']}: requests differ from limits (Ray sizes itself from the limits)")
+        gpus = int(res["limits"].get("nvidia.com/gpu", 0))
+        pods += [(g["groupName"], gpus, _quantity(res["limits"]["cpu"]))] * g["replicas"]
+    units = []  # (what, GPUs, CPUs) of each GPU actor that must sit on one node
+    for what, engines in [("rollout", cfg.rollout), *[(f"teachers.{n}", t) for n, t in cfg.teachers.items()]]:
+        if engines.backend != "remote" and engines.gpus_per_engine > 0:
+            units += [(f"{what} engine", engines.gpus_per_engine, engines.cpus_per_engine)] * engines.num_engines
+    t = cfg.trainer
+    if t.device == "cuda":
+        units += [("trainer TP group", t.tp_size, t.tp_size * t.cpus_per_rank)] * (t.world_size // t.tp_size)
+        for name, gpus, _ in pods:
+            if gpus and gpus % t.tp_size:
+                problems.append(f"trainer.tp_size={t.tp_size} does not divide the {gpus} GPUs of a {name} pod")
+    free = [[name, gpus] for name, gpus, _ in pods if gpus]
+    for what, gpus, cpus in sorted(units, key=lambda u: -u[1]):
+        pod = next((p for p in free if p[1] >= gpus), None)
+        if pod is None:
+            problems.append(f"no GPU pod has {gpus} free GPUs for a {what} (free: {[p[1] for p in free]})")
+            continue
+        pod[1] -= gpus
+        if any(cpus / gpus > pc / pg for name, pg, pc in pods if name == pod[0]):
+            problems.append(f"a {what} asks for {cpus / gpus:g} CPUs per GPU, more than a {pod[0]} pod has per GPU")
+    if job_lib.cpus_requested(cfg) > sum(cpus for _, _, cpus in pods):  # the head runs no actor (num-cpus 0)
+        problems.append(f"the job's actors ask for {job_lib.cpus_requested(cfg):g} CPUs; the workers have "
+                        f"{sum(cpus for _, _, cpus in pods):g}")
+    return problems
+
+
+@pytest.mark.parametrize("name", RAYJOBS)
+def test_rayjob_pods_cover_the_entrypoint_layout(name):
+    """The resources the RayJob's pods request hold every engine, teacher and trainer rank its command line
+    asks for, each TP group on one node; GPU pods have a memory-backed /dev/shm (NCCL, SGLang)."""
+    job = _docs(name)[0]
+    assert _layout_problems(job) == []
+    for g in job["spec"]["rayClusterSpec"]["workerGroupSpecs"]:
+        spec = g["template"]["spec"]
+        if "nvidia.com/gpu" in spec["containers"][0]["resources"]["limits"]:
+            shm = {v["name"] for v in spec["volumes"] if v.get("emptyDir", {}).get("medium") == "Memory"}
+            assert any(m["mountPath"] == "/dev/shm" and m["name"] in shm for m in spec["containers"][0]["volumeMounts"])
+
+
+def test_multinode_rayjob_uses_every_gpu_with_tp_and_pp():
+    job = _docs("rayjob-multinode.yaml")[0]
+    cfg = _entrypoint_job(job)
+    (gpu,) = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    asked = (cfg.trainer.world_size + cfg.rollout.num_engines * cfg.rollout.gpus_per_engine
+             + sum(t.num_engines * t.gpus_per_engine for t in cfg.teachers.values()))
+    assert asked == gpu["replicas"] * int(gpu["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+    assert cfg.trainer.tp_size > 1 and cfg.trainer.pp_size > 1 and cfg.trainer.device == "cuda"
+
+
+def test_layout_check_is_not_vacuous():
+    """One pod fewer, a TP size that does not divide a node, or a missing ray_address: each is reported."""
+    job = _docs("rayjob-multinode.yaml")[0]
+    fewer = copy.deepcopy(job)
+    fewer["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["replicas"] = 1
+    assert any("free GPUs" in p for p in _layout_problems(fewer))
+    odd = copy.deepcopy(job)
+    odd["spec"]["entrypoint"] = odd["spec"]["entrypoint"].replace("trainer.tp_size=4 trainer.pp_size=2",
+                                                                  "trainer.tp_size=8 trainer.pp_size=1")
+    odd["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resources"] = {
+        "requests": {"cpu": "96", "memory": "512Gi", "nvidia.com/gpu": "12"},
+        "limits": {"cpu": "96", "memory": "512Gi", "nvidia.com/gpu": "12"}}
+    assert any("does not divide the 12 GPUs" in p for p in _layout_problems(odd))
+    local = copy.deepcopy(job)
+    local["spec"]["entrypoint"] = local["spec"]["entrypoint"].replace("ray_address=auto ", "")
+    assert any("ray_address" in p for p in _layout_problems(local))
+    greedy = copy.deepcopy(job)
+    greedy["spec"]["entrypoint"] = greedy["spec"]["entrypoint"].replace("trainer.cpus_per_rank=8", "trainer.cpus_per_rank=9")
+    assert any("CPUs per GPU" in p for p in _layout_problems(greedy))
