@@ -73,6 +73,10 @@ class DynamicSamplingConfig:
     # a group of equal rewards is still kept while its mean teacher reverse KL per token (MOPD) is at least
     # this many nats: the teacher still has something to teach
     filter_kl_threshold: float = 0.05
+    # the run stops with an error once this many batches' worth of groups (x rollout.prompts_per_step) are
+    # filtered while one batch is assembled (DAPO's max_num_gen_batches): data with no signal left would
+    # otherwise be drawn forever; 0 = no limit
+    max_filtered_batches: int = 10
 
 
 @dataclass
@@ -328,6 +332,9 @@ def _validate_loop(job: JobConfig) -> None:
     if (rollout.partial_rollout or job.loop == "overlap") and rollout.max_staleness < 1:
         raise ConfigError("rollout.max_staleness", "an integer >= 1 with rollout.partial_rollout or loop=overlap "
                           "(their tokens are sampled by weights at least one version old)", rollout.max_staleness)
+    if not isinstance(job.dynamic_sampling.max_filtered_batches, int) or job.dynamic_sampling.max_filtered_batches < 0:
+        raise ConfigError("dynamic_sampling.max_filtered_batches", "an integer >= 0 (0 = no limit)",
+                          job.dynamic_sampling.max_filtered_batches)
     if job.dynamic_sampling.filter_kl_threshold < 0:
         raise ConfigError("dynamic_sampling.filter_kl_threshold", "a number >= 0",
                           job.dynamic_sampling.filter_kl_threshold)

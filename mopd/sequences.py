@@ -48,7 +48,9 @@ class SequenceRollout:
         scorer = GroupScorer(data, teachers if job.uses_teachers else None, job.dynamic_sampling,
                              teacher_top_k=job.algo.teacher_top_k)
         continuous = job.loop == "overlap"
-        scheduler = SequenceScheduler(rollout, data, job.rollout, group_hook=scorer, continuous=continuous)
+        limit = job.dynamic_sampling.max_filtered_batches * job.rollout.prompts_per_step
+        scheduler = SequenceScheduler(rollout, data, job.rollout, group_hook=scorer, continuous=continuous,
+                                      max_filtered_per_batch=limit)
         return cls(scheduler, scorer, data, continuous=continuous)
 
     def start(self, weight_version: int, checkpoint: Path | None = None) -> None:

@@ -77,9 +77,12 @@ class SequenceScheduler:
     """See the module docstring; `close` must be called (it cancels the sequences and stops the thread)."""
 
     def __init__(self, manager: RolloutManager, source: GroupSource, cfg: RolloutConfig, *,
-                 group_hook: GroupHook | None = None, continuous: bool = False) -> None:
+                 group_hook: GroupHook | None = None, continuous: bool = False,
+                 max_filtered_per_batch: int = 0) -> None:
         self.manager, self.source, self.cfg = manager, source, cfg
         self.group_hook, self.continuous = group_hook, continuous
+        self.max_filtered = max_filtered_per_batch  # 0: no limit
+        self._filtered_since_batch = 0
         self.target = cfg.in_flight_target(len(manager.urls))
         self._ids = itertools.count()
         self._queue: deque[Group] = deque()  # prompts to start before new ones (restored or restarted)
@@ -170,6 +173,7 @@ class SequenceScheduler:
                 self._changed.clear()
                 await self._changed.wait()
             groups = [g for s, q in self._quota.items() for g in self._pop(s, q, policy_version)]
+            self._filtered_since_batch = 0
         finally:
             self._in_batch = False
             if not self.continuous:
@@ -301,6 +305,13 @@ class SequenceScheduler:
             self._done.setdefault(group.source, deque()).append(group)
         else:
             self._counts["filtered_groups"] += 1
+            self._filtered_since_batch += 1
+            if self.max_filtered and self._filtered_since_batch > self.max_filtered and self._error is None:
+                self._error = RuntimeError(
+                    f"dynamic sampling filtered {self._filtered_since_batch} groups while one batch of {self._k} was "
+                    f"assembled (limit dynamic_sampling.max_filtered_batches x rollout.prompts_per_step = "
+                    f"{self.max_filtered}): the groups have equal rewards and teacher KL below "
+                    "dynamic_sampling.filter_kl_threshold; lower the threshold or set filter_groups=false")
         self._changed.set()
         self._refill()
 

@@ -25,6 +25,8 @@ def _job(*overrides: str):
     (["rollout.scheduler=sequence", "loop=overlap", "rollout.max_staleness=0"], "rollout.max_staleness"),
     (["rollout.scheduler=sequence", "dynamic_sampling.filter_kl_threshold=-0.1"],
      "dynamic_sampling.filter_kl_threshold"),
+    (["rollout.scheduler=sequence", "dynamic_sampling.max_filtered_batches=-1"],
+     "dynamic_sampling.max_filtered_batches"),
     (["data.pass_rate_low=0.9", "data.pass_rate_high=0.5"], "data.pass_rate_high"),
     (["data.pass_rate_keep=0"], "data.pass_rate_keep"),
     (["data.pass_rate_min_samples=0"], "data.pass_rate_min_samples"),

@@ -288,6 +288,16 @@ def test_filtered_groups_are_counted_and_replaced(scheduler_for):
     assert filtered >= 2 and filtered == sum(1 for i in judged if i % 3 == 0)
 
 
+def test_a_source_with_no_signal_left_stops_with_an_error_instead_of_drawing_forever(scheduler_for):
+    async def reject(group: list[Sample]) -> bool:
+        return False
+
+    scheduler = scheduler_for(Source({"short": 1}), _cfg(), group_hook=reject, max_filtered_per_batch=6)
+    scheduler.start(0)
+    with pytest.raises(RuntimeError, match="dynamic_sampling.max_filtered_batches"):
+        scheduler.next_batch(4, 0)
+
+
 def test_continuous_mode_generates_between_batches_within_the_staleness_bound(scheduler_for, engines, tiny_models):
     source = Source({"short": 1, "long": 1}, tail=60)
     scheduler = scheduler_for(source, _cfg(partial_rollout=True, max_staleness=1), continuous=True)
