@@ -196,7 +196,8 @@ def _to_all(urls: list[str], request: WeightUpdate, timeout: float) -> None:
         list(pool.map(lambda u: post_weight_update(u, request, timeout), urls))
 
 
-def _failures(urls: list[str], request: WeightUpdate, timeout: float) -> dict[str, Exception]:
+def _failures(pool: ThreadPoolExecutor, urls: list[str], request: WeightUpdate, timeout: float,
+              ) -> dict[str, Exception]:
     """POST to every engine at once; the engines whose request failed, with their error."""
     def one(url: str) -> Exception | None:
         try:
@@ -205,8 +206,7 @@ def _failures(urls: list[str], request: WeightUpdate, timeout: float) -> dict[st
             return e
         return None
 
-    with ThreadPoolExecutor(max_workers=max(1, len(urls))) as pool:
-        return {u: e for u, e in zip(urls, pool.map(one, urls)) if e is not None}
+    return {u: e for u, e in zip(urls, pool.map(one, urls)) if e is not None}
 
 
 def send_tensor_buckets(stream: BucketStream, urls: list[str], version: int, cfg: TrainerConfig, *,
@@ -219,38 +219,42 @@ def send_tensor_buckets(stream: BucketStream, urls: list[str], version: int, cfg
     serialize = serialize_sglang if fmt == "sglang" else serialize_safetensors
     times = times if times is not None else PushTimes()
     live, failed = list(urls), []
-    last, first_sent = len(stream) - 1, None
-    mark = time.perf_counter()
-    for i, bucket in enumerate(stream):
-        now = time.perf_counter()
-        times.gather_s += now - mark
-        times.buckets += 1
-        times.nbytes += sum(t.numel() * t.element_size() for _, t in bucket)
-        if writer is not None:
-            writer.add(bucket)
-            times.write_s += time.perf_counter() - now
-        if live:
-            sent = time.perf_counter()
-            first_sent = sent if first_sent is None else first_sent
-            request = UpdateWeightsFromTensor(serialized_named_tensors=[serialize(bucket)] * max(cfg.weight_sync_engine_tp, 1),
-                                              load_format="safetensors" if fmt == "safetensors" else None,
-                                              flush_cache=i == last, weight_version=str(version))
-            del bucket
-            errors = _failures(live, request, cfg.weight_sync_timeout_s)
-            del request
-            if errors and strict:
-                raise next(iter(errors.values()))
-            for url, err in errors.items():
-                log.warning("weight push v%d: engine %s failed (%s); it gets no more buckets of this push",
-                            version, url, err)
-                live.remove(url)
-                failed.append(url)
-            mark = time.perf_counter()
-            times.send_s += mark - sent
-            times.paused_s = mark - first_sent
-        else:
-            del bucket
-            mark = time.perf_counter()
+    last, first_sent, i = len(stream) - 1, None, -1
+    # one thread per engine for the whole push: a new thread per bucket would add malloc arenas that keep
+    # the freed payloads (seen as tens of MiB of peak RSS)
+    with ThreadPoolExecutor(max_workers=max(1, len(urls))) as pool:
+        mark = time.perf_counter()
+        for bucket in stream:  # not enumerate(): its cached result tuple would keep the bucket alive a round longer
+            i += 1
+            now = time.perf_counter()
+            times.gather_s += now - mark
+            times.buckets += 1
+            times.nbytes += sum(t.numel() * t.element_size() for _, t in bucket)
+            if writer is not None:
+                writer.add(bucket)
+                times.write_s += time.perf_counter() - now
+            if live:
+                sent = time.perf_counter()
+                first_sent = sent if first_sent is None else first_sent
+                request = UpdateWeightsFromTensor(serialized_named_tensors=[serialize(bucket)] * max(cfg.weight_sync_engine_tp, 1),
+                                                  load_format="safetensors" if fmt == "safetensors" else None,
+                                                  flush_cache=i == last, weight_version=str(version))
+                del bucket
+                errors = _failures(pool, live, request, cfg.weight_sync_timeout_s)
+                del request
+                if errors and strict:
+                    raise next(iter(errors.values()))
+                for url, err in errors.items():
+                    log.warning("weight push v%d: engine %s failed (%s); it gets no more buckets of this push",
+                                version, url, err)
+                    live.remove(url)
+                    failed.append(url)
+                mark = time.perf_counter()
+                times.send_s += mark - sent
+                times.paused_s = mark - first_sent
+            else:
+                del bucket
+                mark = time.perf_counter()
     return failed
 
 
@@ -394,8 +398,9 @@ class DistributedPusher:
         first and released before the next one is gathered)."""
         import torch.distributed as dist
 
-        last = len(stream) - 1
-        for i, bucket in enumerate(stream):
+        last, i = len(stream) - 1, -1
+        for bucket in stream:  # not enumerate(): its cached result tuple would keep the bucket alive a round longer
+            i += 1
             if writer is not None:
                 writer.add(bucket)
             request = UpdateWeightsFromDistributed(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import base64
-import importlib.util
+import contextlib
 import json
 import os
 import subprocess
@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import ClassVar
 
@@ -123,26 +124,35 @@ def _engine_logprobs(url: str, sample) -> np.ndarray:
     return np.array([e[0] for e in tail], dtype=np.float64)
 
 
-@pytest.fixture(scope="module")
-def local_server(moe_path):
+@contextlib.contextmanager
+def local_engine(model_path: str) -> Iterator[str]:
+    """rollout's local engine serving `model_path`, as a subprocess; yields its URL."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", SERVER_MODULE, "--model-path", moe_path,
+    proc = subprocess.Popen([sys.executable, "-m", SERVER_MODULE, "--model-path", model_path,
                              "--host", "127.0.0.1", "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 90
-    while True:
-        try:
-            urllib.request.urlopen(url + "/model_info", timeout=2)
-            break
-        except OSError:  # URLError and connection refused are OSErrors
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                raise RuntimeError(f"local server did not start: {proc.stderr.read().decode()[-2000:]}")
-            time.sleep(0.5)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
+    try:
+        while True:
+            try:
+                urllib.request.urlopen(url + "/model_info", timeout=2)
+                break
+            except OSError:  # URLError and connection refused are OSErrors
+                if proc.poll() is not None or time.time() > deadline:
+                    proc.kill()
+                    raise RuntimeError(f"local server did not start: {proc.stderr.read().decode()[-2000:]}")
+                time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def local_server(moe_path):
+    with local_engine(moe_path) as url:
+        yield url
 
 
 @pytest.mark.slow
