@@ -1,5 +1,5 @@
 """The dry run with rollout.scheduler=sequence through the real CLI (Ray, local engines, teachers, Megatron on CPU):
-partial rollout in the sync loop, stopped with sequences in flight and resumed, and the overlap loop. Every
+partial rollout in the sync loop and the overlap loop, each stopped with sequences in flight and resumed. Every
 prompt drawn is trained exactly once or still waits in the scheduler's saved state; staleness stays bounded."""
 
 from __future__ import annotations
@@ -36,10 +36,12 @@ def partial_run(tmp_path_factory) -> tuple[Path, dict]:
 
 @pytest.fixture(scope="module")
 def overlap_run(partial_run) -> Path:
+    """The overlap loop, also stopped at STOP (generation running ahead of the trainer) and resumed."""
     run_dir = partial_run[0].parent / "overlap"
-    proc = _train(*BASE, f"run_dir={run_dir}", f"toy.dir={partial_run[0] / 'toy'}", "loop=overlap",
-                  f"num_steps={STEPS}", "save_interval=0")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    for steps, more in ((STOP, []), (STEPS, ["resume=true"])):
+        proc = _train(*BASE, f"run_dir={run_dir}", f"toy.dir={partial_run[0] / 'toy'}", "loop=overlap",
+                      f"num_steps={steps}", "save_interval=0", *more)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return run_dir
 
 
@@ -78,7 +80,7 @@ def test_stopped_with_sequences_in_flight_and_resumed_without_losing_or_repeatin
     assert held <= later | set(_pending(read_scheduler_state(run_dir / "checkpoints" / f"step_{STEPS}")))
 
 
-def test_overlap_loop_trains_every_prompt_once(overlap_run):
+def test_overlap_loop_stopped_and_resumed_trains_every_prompt_once(overlap_run):
     assert [m["step"] for m in _metrics(overlap_run)] == list(range(STEPS))
     _check_every_prompt_once(overlap_run)
 
