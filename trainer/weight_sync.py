@@ -236,10 +236,11 @@ def send_tensor_buckets(stream: BucketStream, urls: list[str], version: int, cfg
             if live:
                 sent = time.perf_counter()
                 first_sent = sent if first_sent is None else first_sent
-                request = UpdateWeightsFromTensor(serialized_named_tensors=[serialize(bucket)] * max(cfg.weight_sync_engine_tp, 1),
+                payload = [serialize(bucket)] * max(cfg.weight_sync_engine_tp, 1)  # one entry per engine TP rank
+                request = UpdateWeightsFromTensor(serialized_named_tensors=payload,
                                                   load_format="safetensors" if fmt == "safetensors" else None,
                                                   flush_cache=i == last, weight_version=str(version))
-                del bucket
+                del bucket, payload
                 errors = _failures(pool, live, request, cfg.weight_sync_timeout_s)
                 del request
                 if errors and strict:

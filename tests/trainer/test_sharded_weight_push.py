@@ -117,7 +117,8 @@ def _run(model_path: str, cfg: TrainerConfig, samples, bucket_bytes: int, tmp_pa
     print(f"tp={cfg.tp_size} pp={cfg.pp_size} ep={cfg.ep_size}: {rank0['buckets']} buckets of <= {bucket_bytes} B; "
           f"max |engine - trainer logprob| after the push {gap:.1e}")
     assert gap < 1e-4
-    assert set(v1) == set(single) and all(torch.equal(v1[k], single[k]) for k in single), "untrained push != single rank"
+    assert set(v1) == set(single) and all(torch.equal(v1[k], single[k]) for k in single), \
+        "untrained push != single rank"
     assert set(v2) == set(rank0["full"]) and all(torch.equal(v2[k], rank0["full"][k]) for k in v2), \
         "trained push != the whole-model gather"
     for res in results:
