@@ -14,6 +14,7 @@ most `timeout_s` and then names `trainer.tp_size`, what one TP group asks for an
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from mopd.core.errors import ConfigError
 from trainer.config import TrainerConfig
+
+log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 600.0  # a KubeRay cluster may still be pulling images or scaling up when the trainer starts
 
@@ -91,12 +94,17 @@ def place_trainer(cfg: TrainerConfig, *, use_gpu: bool, timeout_s: float = DEFAU
         if pending:
             raise _not_placed(cfg, bundles, len(pending), len(groups), timeout_s)
         group_nodes = [_node_of(pg) for pg in groups]
+        address = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
     except BaseException:
         _remove_all(groups)
         raise
-    address = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
     ranks = rank_bundles([(address.get(node, ""), node) for node in group_nodes], cfg.tp_size)
-    return TrainerPlacement(groups=groups, ranks=ranks, nodes=[group_nodes[g] for g, _ in ranks], use_gpu=use_gpu,
+    nodes = [group_nodes[g] for g, _ in ranks]
+    per_node: dict[str, list[int]] = {}
+    for rank, node in enumerate(nodes):
+        per_node.setdefault(f"{address.get(node, '?')} ({node[:8]})", []).append(rank)
+    log.info("trainer ranks per node (tp=%d pp=%d dp=%d): %s", cfg.tp_size, cfg.pp_size, cfg.dp_size, per_node)
+    return TrainerPlacement(groups=groups, ranks=ranks, nodes=nodes, use_gpu=use_gpu,
                             cpus_per_rank=float(cfg.cpus_per_rank))
 
 
