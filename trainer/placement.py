@@ -15,7 +15,6 @@ most `timeout_s` and then names `trainer.tp_size`, what one TP group asks for an
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -82,15 +81,15 @@ class TrainerPlacement:
 
 def place_trainer(cfg: TrainerConfig, *, use_gpu: bool, timeout_s: float = DEFAULT_TIMEOUT_S) -> TrainerPlacement:
     """Reserve one STRICT_PACK placement group per TP group (dp_size * pp_size of them) and lay the global
-    ranks out on them; ConfigError naming `trainer.tp_size` and the resources if they are not all placed
-    within `timeout_s` seconds (nothing stays reserved then)."""
+    ranks out on them. If they are not all placed within `timeout_s` seconds: a ConfigError naming the field
+    to change (`trainer.tp_size` when no node can hold a TP group) and the resources asked and present;
+    nothing stays reserved then."""
     if timeout_s <= 0:
         raise ValueError(f"the trainer's placement timeout must be > 0 seconds, got {timeout_s!r}")
     bundles = tp_group_bundles(cfg, use_gpu)
     groups = [placement_group(bundles, strategy="STRICT_PACK") for _ in range(cfg.world_size // cfg.tp_size)]
     try:
-        deadline = time.monotonic() + timeout_s
-        pending = [i for i, pg in enumerate(groups) if not pg.wait(max(deadline - time.monotonic(), 0.0))]
+        _, pending = ray.wait([pg.ready() for pg in groups], num_returns=len(groups), timeout=timeout_s)
         if pending:
             raise _not_placed(cfg, bundles, len(pending), len(groups), timeout_s)
         group_nodes = [_node_of(pg) for pg in groups]
