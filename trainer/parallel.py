@@ -105,6 +105,10 @@ def _join_tp(local: Tensor, param: Tensor, key: str, model: torch.nn.Module) -> 
     size, _, group = _tp(key)
     if not getattr(param, "tensor_model_parallel", False) or size == 1:
         return local
+    if param.partition_dim == 0 and not _is_gated_fc1(key, model):  # straight into the full tensor, no copy
+        whole = local.new_empty((size * local.shape[0], *local.shape[1:]))
+        dist.all_gather_into_tensor(whole, local.contiguous(), group=group)
+        return whole
     pieces = [torch.empty_like(local) for _ in range(size)]
     dist.all_gather(pieces, local.contiguous(), group=group)
     if _is_gated_fc1(key, model):

@@ -40,6 +40,8 @@ MB = 2**20
 # The local engine's wire format (base64 of safetensors inside JSON) holds ~8 copies of a bucket on the
 # trainer and several on the engine: a 1 GB bucket over HTTP would need >12 GB on this 23 GB machine.
 HTTP_MAX_BUCKET_MB = 256
+# Its default --max-request-bytes (256 MiB of body) takes buckets up to ~190 MB; raised here for 256 MB ones.
+MAX_REQUEST_BYTES = 2**30
 
 
 def memcpy_gbps(nbytes: int = 512 * MB, repeats: int = 7, threads: int = 1) -> float:
@@ -99,9 +101,10 @@ def engine(model_path: Path) -> Iterator[str]:
     from trainer.dist import free_port
 
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "rollout.hf_server", "--model-path", str(model_path), "--host",
-                             "127.0.0.1", "--port", str(port)], cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    command = [sys.executable, "-m", "rollout.hf_server", "--model-path", str(model_path), "--host", "127.0.0.1",
+               "--port", str(port), "--max-request-bytes", str(MAX_REQUEST_BYTES)]
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 600
     try:
