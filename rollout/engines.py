@@ -345,6 +345,20 @@ class EngineGroup:
             self.placement = None
 
 
+def _wait_placed(placement: PlacementGroup, name: str, n: int, cfg: EngineConfig) -> None:
+    """A placement group the cluster cannot hold stays pending forever: wait startup_timeout_s, then say why."""
+    try:
+        ray.get(placement.ready(), timeout=cfg.startup_timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        remove_placement_group(placement)
+        free = {k: v for k, v in ray.available_resources().items() if k in ("GPU", "CPU")}
+        total = {k: v for k, v in ray.cluster_resources().items() if k in ("GPU", "CPU")}
+        raise RuntimeError(
+            f"{name} engines: {n} x {{GPU: {cfg.gpus_per_engine}, CPU: {cfg.cpus_per_engine}}} (num_engines x "
+            f"gpus_per_engine, cpus_per_engine) not placed within {cfg.startup_timeout_s}s (startup_timeout_s); the "
+            f"cluster has {total}, free now {free}") from None
+
+
 def launch_engines(model_path: str, cfg: EngineConfig, *, name: str, num_engines: int | None = None,
                    routing_replay: bool | None = None) -> EngineGroup:
     """Start (or, for backend=remote, attach to) the engines serving `model_path` (the student's rollout
@@ -360,7 +374,7 @@ def launch_engines(model_path: str, cfg: EngineConfig, *, name: str, num_engines
     if cfg.gpus_per_engine > 0:
         placement = placement_group([{"GPU": cfg.gpus_per_engine, "CPU": cfg.cpus_per_engine}] * n,
                                     strategy="PACK", name=f"{name}-engines")
-        ray.get(placement.ready())
+        _wait_placed(placement, name, n, cfg)
         options = [{"num_cpus": cfg.cpus_per_engine, "num_gpus": cfg.gpus_per_engine,
                     "scheduling_strategy": PlacementGroupSchedulingStrategy(placement, i)} for i in range(n)]
     else:

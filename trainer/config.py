@@ -51,6 +51,9 @@ class TrainerConfig:
     # policy's tokens so MTP speculative decoding keeps up; 0 = off (main loss path unchanged)
     mtp_loss_coef: float = 0.0
     cpus_per_rank: float = 1.0
+    # how long the ranks' placement groups may wait for resources (a KubeRay cluster may still be scaling up);
+    # then the job stops naming what is missing (trainer/placement.py)
+    placement_timeout_s: float = 600.0
     seed: int = 1234
 
     def validate(self, prefix: str = "trainer") -> None:
@@ -70,6 +73,8 @@ class TrainerConfig:
             raise ConfigError(f"{prefix}.eps_low", f"<= eps_high ({self.eps_high})", self.eps_low)
         if self.lr <= 0:
             raise ConfigError(f"{prefix}.lr", "a number > 0", self.lr)
+        if self.placement_timeout_s <= 0:
+            raise ConfigError(f"{prefix}.placement_timeout_s", "a number of seconds > 0", self.placement_timeout_s)
         if self.lr_schedule not in ("constant", "cosine", "linear"):
             raise ConfigError(f"{prefix}.lr_schedule", "one of constant, cosine, linear", self.lr_schedule)
         if self.device not in ("auto", "cpu", "cuda"):

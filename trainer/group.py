@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import numpy as np
 import ray
@@ -11,7 +12,7 @@ from transformers import AutoConfig
 from mopd.core.algo import AdvantageConfig
 from mopd.core.types import Sample
 from trainer.config import TrainerConfig
-from trainer.placement import DEFAULT_TIMEOUT_S, place_trainer
+from trainer.placement import place_trainer, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ class TrainerGroup:
     """
 
     def __init__(self, model_path: str, cfg: TrainerConfig, adv: AdvantageConfig, *, num_steps: int,
-                 rollout_temperature: float = 1.0, placement_timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+                 rollout_temperature: float = 1.0, placement_timeout_s: float | None = None) -> None:
         from trainer import cpu_compat
         from trainer.actor import TrainerActor
 
@@ -62,10 +63,12 @@ class TrainerGroup:
         cfg.check_model(AutoConfig.from_pretrained(model_path))  # before any rank starts
         if not ray.is_initialized():
             raise RuntimeError("TrainerGroup needs a running Ray (call ray.init first)")
+        if cfg.device == "auto":  # the cluster's GPUs decide, not the driver's (a KubeRay head has none)
+            cfg = replace(cfg, device=resolve_device(ray.cluster_resources()))
         self.cfg = cfg
         world = cfg.world_size
         self.placement = place_trainer(cfg, use_gpu=not cpu_compat.needs_cpu_compat(cfg.device),
-                                       timeout_s=placement_timeout_s)
+                                       timeout_s=placement_timeout_s or cfg.placement_timeout_s)
         self.actors: list = []
         try:
             self.actors = [TrainerActor.options(**self.placement.actor_options(r)).remote(r, world)

@@ -36,6 +36,12 @@ log = logging.getLogger(__name__)
 DEFAULT_TIMEOUT_S = 600.0  # a KubeRay cluster may still be pulling images or scaling up when the trainer starts
 
 
+def resolve_device(cluster_resources: dict[str, float]) -> str:
+    """trainer.device=auto: cuda when the Ray cluster has GPUs. The driver's own torch.cuda says nothing
+    about the workers' nodes (a KubeRay head runs without a GPU)."""
+    return "cuda" if cluster_resources.get("GPU", 0) > 0 else "cpu"
+
+
 def rank_bundles(group_nodes: Sequence[Any], tp_size: int) -> list[tuple[int, int]]:
     """Global rank -> (TP placement group, bundle): TP group k of the result (ranks k*tp .. k*tp+tp-1, one
     Megatron TP group) is one placement group, the groups sorted by their node (`group_nodes[g]`, any

@@ -18,7 +18,7 @@ from mopd.core.errors import ConfigError
 from tests.trainer.conftest import make_samples
 from trainer.config import TrainerConfig
 from trainer.dist import RANK_ORDER
-from trainer.placement import place_trainer, rank_bundles
+from trainer.placement import place_trainer, rank_bundles, resolve_device
 
 
 def _tp_groups(tp: int, dp: int, pp: int, ep: int = 1) -> list[list[int]]:
@@ -155,4 +155,26 @@ def test_trainer_group_tp2_dp2_across_nodes(two_nodes, dense_path, dist_env):
     single = TrainerRank(dense_path, _cfg(), adv, num_steps=2)
     for a, b in zip(single.compute_logprobs(batch), lps):
         assert a.shape == b.shape and np.abs(a - b).max() < 1e-5
+    _all_released(4)
+
+
+def test_device_auto_follows_the_clusters_gpus_and_the_timeout_is_validated():
+    assert resolve_device({"CPU": 64.0}) == "cpu"
+    assert resolve_device({"CPU": 64.0, "GPU": 16.0}) == "cuda"
+    with pytest.raises(ConfigError, match="trainer.placement_timeout_s"):
+        _cfg(placement_timeout_s=0).validate()
+
+
+def test_engines_the_cluster_cannot_hold_fail_within_startup_timeout(two_nodes, dense_path):
+    """Rollout engines asking for GPUs on a CPU-only cluster: an error after rollout.startup_timeout_s that
+    says what was asked and what the cluster has, instead of waiting forever; nothing stays reserved."""
+    from rollout.config import RolloutConfig
+    from rollout.engines import launch_engines
+
+    cfg = RolloutConfig(num_engines=2, gpus_per_engine=1, cpus_per_engine=1, startup_timeout_s=2)
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"student engines: 2 x \{GPU: 1, CPU: 1\}.*not placed within 2s.*"
+                                           r"the cluster has \{'CPU': 4.0\}"):
+        launch_engines(str(dense_path), cfg, name="student")
+    assert time.monotonic() - t0 < 15
     _all_released(4)
