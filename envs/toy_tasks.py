@@ -4,7 +4,9 @@ Each domain draws prompts from a seeded RNG and checks an answer exactly, so a r
 not a model's opinion. arith/reverse/sort have 1-5 character answers; `shift` and `rot` have 34-character
 answers written round by round, where each round transforms the previous one, so one early slip
 sinks the whole answer (exposure bias: a student trained only on correct prefixes never saw its own
-slips). `tool` is multi-turn: the answer is a random value in a file of the episode's sandbox, so
+slips). `shiftfix` and `rotfix` are the same rounds in a grammar that lets a model withdraw a slip: `!`
+withdraws the round written since the last `,` (whole or partial) and the round is written again, so a
+slip is recoverable and a corrected answer scores like a clean one (`corrected_match_reward`). `tool` is multi-turn: the answer is a random value in a file of the episode's sandbox, so
 only a tool call can find it; its rows carry the env kind and task, and the env grades the episode
 (envs/toy_tool.py). `echo` writes a word back whose length is lognormal (median 6, capped at 8x that), so
 response lengths are heavy-tailed by nature: the workload of the rollout-scheduler benchmark
@@ -33,6 +35,9 @@ class ToyDomain:
     # model picks up suddenly after a few hundred steps (measured: steps 250-600 over three seeds)
     teacher_steps: int = 0
     teacher_batch: int = 0
+    # the characters of its rounds when the answer grammar allows `!` corrections (graded after applying
+    # them); "" = exact match, no corrections
+    correctable: str = ""
 
 
 def _arith(rng: random.Random) -> tuple[str, str]:
@@ -71,6 +76,18 @@ def _rot(rng: random.Random) -> tuple[str, str]:
     return f"rot:{start}", _rounds(start, lambda c: str((int(c) + 3) % 10))
 
 
+def _shiftfix(rng: random.Random) -> tuple[str, str]:
+    """`shift`'s rounds under the correction grammar: `shiftfix:abcxyz` -> `bcdyza,cdezab,...`."""
+    question, answer = _shift(rng)
+    return question.replace("shift:", "shiftfix:", 1), answer
+
+
+def _rotfix(rng: random.Random) -> tuple[str, str]:
+    """`rot`'s rounds under the correction grammar: `rotfix:471829` -> `704152,037485,...`."""
+    question, answer = _rot(rng)
+    return question.replace("rot:", "rotfix:", 1), answer
+
+
 def _echo(rng: random.Random) -> tuple[str, str]:
     """A word of lognormal length written back, `echo:kqzt` -> `kqzt`: most answers are short, a few are 8x the
     median (a step's slowest sample is one of those)."""
@@ -104,10 +121,14 @@ TOY_DOMAINS: dict[str, ToyDomain] = {d.name: d for d in (
     ToyDomain("sort", _sort),
     ToyDomain("shift", _shift),
     ToyDomain("rot", _rot),
+    ToyDomain("shiftfix", _shiftfix, correctable=LETTERS),
+    ToyDomain("rotfix", _rotfix, correctable=DIGITS),
     ToyDomain("echo", _echo),
     ToyDomain("tool", _tool, env="toy_tool", task=_tool_task, teacher_steps=800, teacher_batch=16),
 )}
 LONG_ANSWER_DOMAINS = ("shift", "rot")
+CORRECTABLE_DOMAINS = ("shiftfix", "rotfix")
+CORRECTION = "!"
 
 
 def make_examples(domain: str, n: int, seed: int) -> list[dict]:
@@ -134,3 +155,49 @@ def extract_answer(response_text: str) -> str:
 
 def exact_match_reward(response_text: str, label: str) -> float:
     return 1.0 if extract_answer(response_text) == str(label).strip() else 0.0
+
+
+def apply_corrections(answer: str) -> str | None:
+    """The rounds an answer leaves once each `!` has withdrawn the round written before it since the last `,`.
+
+    `quvvdy,rvwxez!rvwwez,swxxfa` -> `quvvdy,rvwwez,swxxfa`. None when malformed: a `!` with nothing to
+    withdraw (leading, doubled, or right after a `,`), so a model cannot score by writing only markers."""
+    kept = []
+    for segment in answer.split(","):
+        *withdrawn, final = segment.split(CORRECTION)
+        if any(not part for part in withdrawn):
+            return None
+        kept.append(final)
+    return ",".join(kept)
+
+
+def corrected_match_reward(response_text: str, label: str) -> float:
+    """1.0 when the answer, after its corrections, is exactly the label: clean and corrected answers alike."""
+    final = apply_corrections(extract_answer(response_text))
+    return 1.0 if final is not None and final == str(label).strip() else 0.0
+
+
+def domain_verifier(domain: str) -> Callable[[str, str], float]:
+    """How a single-turn domain is graded: after corrections where its grammar allows them, else exact match
+    (also for domains that are not toy domains)."""
+    spec = TOY_DOMAINS.get(domain)
+    return corrected_match_reward if spec is not None and spec.correctable else exact_match_reward
+
+
+def with_slips(label: str, alphabet: str, prob: float, rng: random.Random) -> list[tuple[str, bool]]:
+    """A correct answer written with slips and their corrections, as (text, is_the_slip) pieces.
+
+    Each round slips with probability `prob`: its correct start up to a random character, a wrong
+    character there (the slip), then `!` and the round from its start. The joined pieces are an answer
+    that grades like `label`; a model trained on them with the loss masked on the slips learns to notice
+    a slip and correct it, never to make one."""
+    pieces: list[tuple[str, bool]] = []
+    for i, word in enumerate(label.split(",")):
+        sep = "," if i else ""
+        if rng.random() < prob:
+            at = rng.randrange(len(word))
+            pieces += [(sep + word[:at], False), (rng.choice([c for c in alphabet if c != word[at]]), True),
+                       (CORRECTION + word, False)]
+        else:
+            pieces.append((sep + word, False))
+    return pieces

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from envs.toy_tasks import exact_match_reward
+from envs.toy_tasks import domain_verifier
 from mopd.core.algo import AdvantageConfig, grpo_advantages
 from mopd.core.types import Sample
 
@@ -15,9 +15,9 @@ Verifier = Callable[[str, Any], float]  # (response text, label) -> reward
 
 
 def verifier_for(domain: str) -> Verifier:
-    """The verifier of a single-turn domain: today every one is graded by exact match against its label
-    (envs/toy_tasks.py); multi-turn episodes are graded by their env instead."""
-    return exact_match_reward
+    """The verifier of a single-turn domain: exact match against its label, after applying `!` corrections
+    in the domains whose grammar allows them (envs/toy_tasks.py); multi-turn episodes are graded by their env."""
+    return domain_verifier(domain)
 
 
 def score_outcomes(samples: list[Sample]) -> None:

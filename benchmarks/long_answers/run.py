@@ -2,6 +2,7 @@
 
     python benchmarks/long_answers/run.py            # the full benchmark (see README for its time)
     python benchmarks/long_answers/run.py --quick    # the same code path, tiny, for the tests
+    python benchmarks/long_answers/run.py --domains fix   # shiftfix/rotfix: slips can be withdrawn with `!`
 
 1. builds the world (world.py): a base student that knows the format of the long-answer domains but slips,
    one expert per domain, train / validation / test prompts;
@@ -27,6 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.long_answers.corrections import correction_stats
 from benchmarks.long_answers.report import (
     STUDENT,
     TEACHER,
@@ -36,7 +38,14 @@ from benchmarks.long_answers.report import (
     plot_curves,
     results_table,
 )
-from benchmarks.long_answers.world import FULL_WORLD, QUICK_WORLD, build_long_world, val_file
+from benchmarks.long_answers.world import (
+    FIX_WORLD,
+    FULL_WORLD,
+    QUICK_FIX_WORLD,
+    QUICK_WORLD,
+    build_long_world,
+    val_file,
+)
 from benchmarks.mopd_vs_baselines.run import MERGE_TASK, build_merges
 from mopd.evaluate import evaluate, load_eval_rows
 
@@ -59,6 +68,7 @@ METHODS: dict[str, tuple[str, list[str]]] = {
     "grpo": ("Mixed-domain GRPO", ["trainer.loss=grpo", "algo.alpha=1.0"]),
 }
 MAX_NEW_TOKENS = 40  # answers are 34 characters + end of turn (configs/experiment/mopd_long.yaml)
+FIX_MAX_NEW_TOKENS = 56  # room for two or three `!` corrections in shiftfix/rotfix (prompt + 56 < max_context_len 96)
 
 # lr grid: measured on seed 0 (README): at 3e-3 the first MOPD step alone took the base student's rot rollouts
 # from 0.56 correct to 0 (end-of-turn suppressed); at 3e-4 it never fell.
@@ -80,8 +90,7 @@ def train_run(world, run_dir: Path, overrides: list[str], budget: int, setup: di
             f"max_sampled_tokens={budget}", f"trainer.total_steps={max(1, budget // setup['tokens_per_step'])}",
             f"trainer.lr={lr}", f"eval_interval={setup['eval_interval']}",
             f"eval.per_domain={setup['val_per_domain']}", f"seed={seed}", f"data.seed={seed}",
-            f"trainer.seed={1234 + seed}", *[f"teachers.{d}.model_path={world.teacher(d)}" for d in domains],
-            *setup["rollout"], *overrides, *extra]
+            f"trainer.seed={1234 + seed}", *teacher_args(world, domains), *setup["rollout"], *overrides, *extra]
     cmd = [sys.executable, "-m", "mopd.train", *args]
     run_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HYDRA_FULL_ERROR="1")
@@ -98,6 +107,22 @@ def train_run(world, run_dir: Path, overrides: list[str], budget: int, setup: di
 
 def world_domains(setup: dict) -> tuple[str, ...]:
     return setup["world"].domains
+
+
+CONFIG_DOMAINS = ("shift", "rot")  # the teachers and domain weights of configs/experiment/mopd_long.yaml
+
+
+def teacher_args(world, domains: list[str]) -> list[str]:
+    """mopd-train overrides that give each domain its world's teacher: the config's own teachers for shift/rot,
+    else those replaced by one local teacher per domain (e.g. shiftfix/rotfix) with equal data weights."""
+    if tuple(domains) == CONFIG_DOMAINS:
+        return [f"teachers.{d}.model_path={world.teacher(d)}" for d in domains]
+    args = [f"~teachers.{d}" for d in CONFIG_DOMAINS] + [f"~data.domain_weights.{d}" for d in CONFIG_DOMAINS]
+    for d in domains:
+        args += [f"+teacher@teachers.{d}=toy_arith", f"teachers.{d}.domains=[{d}]",
+                 f"teachers.{d}.model_path={world.teacher(d)}", f"teachers.{d}.cpus_per_engine=0.25",
+                 f"+data.domain_weights.{d}=1.0"]
+    return args
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -132,10 +157,15 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seeds", type=int, help="seeds per method")
     p.add_argument("--lrs", help="comma-separated learning rates to choose from on the validation split")
     p.add_argument("--budget", type=int, help="sampled response tokens per run (max_sampled_tokens)")
+    p.add_argument("--domains", choices=("long", "fix"), default="long",
+                   help="long: shift/rot (a slip sinks the answer); fix: shiftfix/rotfix (a slip can be withdrawn with `!`)")
     p.add_argument("overrides", nargs="*", help="extra mopd-train overrides shared by every run")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    setup = dict(QUICK if args.quick else FULL)
+    setup = dict(QUICK if args.quick else FULL, max_new_tokens=MAX_NEW_TOKENS)
+    if args.domains == "fix":
+        setup.update(world=QUICK_FIX_WORLD if args.quick else FIX_WORLD, max_new_tokens=FIX_MAX_NEW_TOKENS,
+                     rollout=[*setup["rollout"], f"rollout.max_new_tokens={FIX_MAX_NEW_TOKENS}"])
     setup["budget"] = args.budget or setup["budget"]
     setup["seeds"] = args.seeds or setup["seeds"]
     lrs = [float(x) for x in args.lrs.split(",")] if args.lrs else list(setup["lrs"])
@@ -147,14 +177,18 @@ def main(argv: list[str] | None = None) -> dict:
     domains = list(setup["world"].domains)
     test = load_eval_rows(world.test_file, setup["eval_per_domain"])
     val = load_eval_rows(val_file(world), setup["val_per_domain"])
-    ev = {"max_new_tokens": MAX_NEW_TOKENS, "samples": setup["eval_samples"]}
+    ev = {"max_new_tokens": setup["max_new_tokens"], "samples": setup["eval_samples"]}
     student = evaluate(world.student, test, **ev)
     teachers = {d: evaluate(world.teacher(d), test, **ev) for d in domains}
     teacher = {d: teachers[d][d] for d in domains}
-    student_val = evaluate(world.student, val, samples=0, max_new_tokens=MAX_NEW_TOKENS)
+    student_val = evaluate(world.student, val, samples=0, max_new_tokens=setup["max_new_tokens"])
     start_acc = sum(student_val[d]["greedy"] for d in domains) / len(domains)
-    merged = build_merges(world, domains, args.out, val, max_new_tokens=MAX_NEW_TOKENS)
+    merged = build_merges(world, domains, args.out, val, max_new_tokens=setup["max_new_tokens"])
     merges = {name: evaluate(path, test, **ev) for name, path in merged.items()}
+    cs = {"max_new_tokens": setup["max_new_tokens"], "samples": setup["eval_samples"]}
+    corrections = {} if args.domains != "fix" else {
+        STUDENT: [correction_stats(world.student, test, **cs)],
+        TEACHER: [{d: correction_stats(world.teacher(d), {d: test[d]}, **cs)[d] for d in domains}]}
     times = {"world_and_references_s": time.time() - t0}
 
     selection, runs, curves, wall = {}, {}, {}, {}
@@ -178,12 +212,14 @@ def main(argv: list[str] | None = None) -> dict:
         runs[name] = [evaluate(final_hf(run_dirs[s]), test, seed=s, **ev) for s in sorted(run_dirs)]
         curves[name] = [curve(run_dirs[s], start_acc) for s in sorted(run_dirs)]
         wall[name] = [json.loads((run_dirs[s] / "done.json").read_text())["wall_s"] for s in sorted(run_dirs)]
+        if corrections:
+            corrections[name] = [correction_stats(final_hf(run_dirs[s]), test, seed=s, **cs) for s in sorted(run_dirs)]
         times[f"{slug}_s"] = time.time() - t
         log.info("%s (lr %g): %s", name, best, [{d: r[d]["greedy"] for d in domains} for r in runs[name]])
 
     times["total_s"] = time.time() - t0
     return write_results(args, setup, lrs, domains, student, teacher, teachers, merges, runs, selection, curves,
-                         wall, times, merged, argv)
+                         wall, times, merged, argv, corrections)
 
 
 def runs_dir(out: Path, slug: str, lr: float, seed: int) -> Path:
@@ -195,7 +231,7 @@ def lrs_pick(selection: dict, slug: str) -> float:
 
 
 def write_results(args, setup, lrs, domains, student, teacher, teachers, merges, runs, selection, curves, wall,
-                  times, merged, argv) -> dict:
+                  times, merged, argv, corrections) -> dict:
     """results.md (greedy and sampled tables, selection, paired comparison), results.json, curves.png."""
     out = args.out
     table_rows = {STUDENT: [student], TEACHER: [teacher], **runs, **{n: [r] for n, r in merges.items()}}
@@ -228,6 +264,8 @@ def write_results(args, setup, lrs, domains, student, teacher, teachers, merges,
                   + f" | {sel['lr']:g} |")
     md.append("\nTraining wall-clock per run (s, shared machine): " + ", ".join(
         f"{n}: {sum(w) / len(w):.0f}" for n, w in wall.items()) + "\n")
+    if corrections:
+        md.append(corrections_table(corrections, domains))
     text = "\n".join(md)
     flat = {STUDENT: sum(student[d]["greedy"] for d in domains) / len(domains),
             TEACHER: sum(teacher[d]["greedy"] for d in domains) / len(domains),
@@ -238,13 +276,30 @@ def write_results(args, setup, lrs, domains, student, teacher, teachers, merges,
               "methods": {s: METHODS[s] for s in selection}, "selection": selection, "student": student,
               "teacher": teacher, "teachers_all_domains": teachers, "merges": merges,
               "task_arithmetic_model": merged[MERGE_TASK].name, "runs": runs, "normalized_greedy": score,
-              "paired": comparison, "curves": curves, "wall_s": wall, "times": times,
+              "paired": comparison, "curves": curves, "wall_s": wall, "times": times, "corrections": corrections,
               "command": " ".join(["run.py", *(argv if argv is not None else sys.argv[1:])])}
     (out / "results.json").write_text(json.dumps(result, indent=2))
     (out / "results.md").write_text(text)
     print(text)
     print(f"plot: {plot}\nwall time: {times['total_s'] / 60:.1f} min")
     return result
+
+
+def corrections_table(corrections: dict[str, list[dict]], domains: list[str]) -> str:
+    """Share of answers that withdraw a slip with `!`, and the share of those graded right (mean over seeds)."""
+    title = "Corrections (share of test answers with a `!`, then the share of those that are right; mean over seeds):\n"
+    columns = " | ".join(f"{d} {k} `!` | right" for d in domains for k in ("greedy", "sampled"))
+    lines = [title, f"| Method | {columns} |", "|---|" + "---:|---:|" * 2 * len(domains)]
+    for name, seeds in corrections.items():
+        cells = []
+        for d in domains:
+            for k in ("greedy", "sampled"):
+                per = [s[d][k] for s in seeds if k in s[d]]
+                mean = {f: sum(p[f] for p in per) / len(per) if per else float("nan")
+                        for f in ("with_correction", "corrected_right")}
+                cells += [f"{mean['with_correction']:.3f}", f"{mean['corrected_right']:.3f}"]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

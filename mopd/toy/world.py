@@ -4,7 +4,9 @@ The base student is a random init, optionally warmed up by a short SFT on a mix 
 (`base_steps`); each teacher continues from that base on its own domain only, so each is an expert
 in one domain and MOPD has something real to distil. A multi-turn domain (`tool`) trains on
 expert episodes against its environment, tokenized as the agent loop builds them
-(mopd/toy/conversations.py), for as many steps as it needs (envs/toy_tasks.py). Everything is written
+(mopd/toy/conversations.py), for as many steps as it needs (envs/toy_tasks.py). With `recovery_prob`,
+rounds of the correctable domains (`shiftfix`, `rotfix`) sometimes show a slip, loss-masked, and its `!`
+correction: models that can recover but never slip on purpose. Everything is written
 with `save_pretrained` and read back by path, exactly like real checkpoints.
 """
 
@@ -19,7 +21,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from envs.toy_tasks import TOY_DOMAINS, make_examples
+from envs.toy_tasks import END_OF_TURN, TOY_DOMAINS, make_examples, with_slips
 from mopd.toy.conversations import gold_sequence
 from mopd.toy.models import create_tiny_model
 from mopd.toy.tokenizer import build_char_tokenizer
@@ -41,6 +43,9 @@ class ToyWorldSpec:
     train_prompts_per_domain: int = 2000
     test_prompts_per_domain: int = 200
     seed: int = 0
+    # in SFT (base and teachers) on correctable domains, the probability that a round shows a loss-masked
+    # slip and its `!` correction (envs/toy_tasks.py `with_slips`); 0 = gold answers only
+    recovery_prob: float = 0.0
 
 
 def toy_world_ready(root: str | Path, spec: ToyWorldSpec) -> bool:
@@ -106,9 +111,10 @@ def sft(base: Path, out: Path, domains: tuple[str, ...], steps: int, spec: ToyWo
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.teacher_lr, weight_decay=0.0)
     per_domain = max(1, (batch or spec.teacher_batch) // len(domains))
+    slips = random.Random(f"slips:{seed}")
     for step in range(steps):
         rows = [row for d in domains for row in make_examples(d, per_domain, seed=seed * 100_003 + step)]
-        input_ids, labels = _sft_batch(tokenizer, rows)
+        input_ids, labels = _sft_batch(tokenizer, rows, spec.recovery_prob, slips)
         loss = model(input_ids=input_ids, labels=labels).loss
         optimizer.zero_grad()
         loss.backward()
@@ -128,10 +134,27 @@ def train_teacher(base: Path, out: Path, domain: str, spec: ToyWorldSpec) -> Pat
     return sft(base, out, (domain,), steps, spec, seed=spec.seed + 1, batch=need.teacher_batch or spec.teacher_batch)
 
 
-def _sft_batch(tokenizer: PreTrainedTokenizerBase, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+def recovery_sequence(tokenizer: PreTrainedTokenizerBase, row: dict, prob: float,
+                      rng: random.Random) -> tuple[list[int], list[int]]:
+    """(token ids, loss mask) of a correctable row answered with slips (each round with probability `prob`)
+    and their corrections: the slips carry no loss, the `!` after each and everything else does."""
+    ids, mask = gold_sequence(tokenizer, row)
+    ids, mask = ids[:mask.index(1)], [0] * mask.index(1)
+    pieces = with_slips(row["label"], TOY_DOMAINS[row["domain"]].correctable, prob, rng) + [(END_OF_TURN, False)]
+    for text, slip in pieces:
+        piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids, mask = ids + piece, mask + [0 if slip else 1] * len(piece)
+    return ids, mask
+
+
+def _sft_batch(tokenizer: PreTrainedTokenizerBase, rows: list[dict], recovery_prob: float,
+               rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
     sequences, masks = [], []
     for row in rows:
-        ids, mask = gold_sequence(tokenizer, row)
+        if TOY_DOMAINS[row["domain"]].correctable and recovery_prob > 0:
+            ids, mask = recovery_sequence(tokenizer, row, recovery_prob, rng)
+        else:
+            ids, mask = gold_sequence(tokenizer, row)
         sequences.append(ids)
         masks.append(mask)
     width = max(len(s) for s in sequences)
@@ -147,4 +170,6 @@ def _sft_batch(tokenizer: PreTrainedTokenizerBase, rows: list[dict]) -> tuple[to
 def _spec_dict(spec: ToyWorldSpec) -> dict:
     d = dict(spec.__dict__)
     d["domains"] = list(spec.domains)
+    if not spec.recovery_prob:  # worlds built before the option keep their manifest (and are not rebuilt)
+        del d["recovery_prob"]
     return d
