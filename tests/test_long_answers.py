@@ -78,3 +78,27 @@ def test_quick_benchmark_writes_tables_with_cis_selection_curves_and_plot(tmp_pa
             assert all(0 <= res[d][k] <= 1 for d in res for k in ("greedy", "sampled"))
     png = (out / "curves.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_the_correctable_domains_replace_the_configs_teachers_in_a_valid_job(tmp_path: Path):
+    from benchmarks.long_answers.run import FIX_MAX_NEW_TOKENS, teacher_args
+    from benchmarks.mopd_vs_baselines.world import World
+    from mopd.toy.models import create_tiny_model
+    from mopd.train import check_command_line
+
+    world, tok = World(tmp_path / "world"), build_char_tokenizer()
+    for path in (world.student, world.teacher("shiftfix"), world.teacher("rotfix")):
+        create_tiny_model(path, tok, arch="qwen3_moe", seed=0, hidden_size=32, num_layers=1)
+    world.train_file.parent.mkdir(parents=True)
+    rows = make_examples("shiftfix", 4, seed=0) + make_examples("rotfix", 4, seed=0)
+    for f in (world.train_file, world.test_file):
+        f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    job = check_command_line(["experiment=mopd_long", f"run_dir={tmp_path / 'run'}", f"student.model_path={world.student}",
+                              f"data.train_files=[{world.train_file}]", f"eval.files=[{world.test_file}]",
+                              f"rollout.max_new_tokens={FIX_MAX_NEW_TOKENS}",
+                              *teacher_args(world, ["shiftfix", "rotfix"])])
+    assert set(job.teachers) == {"shiftfix", "rotfix"} and dict(job.data.domain_weights) == {"shiftfix": 1.0, "rotfix": 1.0}
+    for d in ("shiftfix", "rotfix"):
+        assert list(job.teachers[d].domains) == [d] and str(job.teachers[d].model_path) == str(world.teacher(d))
+    plain = teacher_args(world, ["shift", "rot"])
+    assert plain == [f"teachers.{d}.model_path={world.teacher(d)}" for d in ("shift", "rot")]
