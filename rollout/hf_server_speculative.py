@@ -1,7 +1,8 @@
 """MTP self-speculative decoding in the local HF server (`--speculative-num-steps K`, SGLang's flags).
 
-Each decode step of a request drafts K tokens with the model's MTP layers (rollout.mtp, chained,
-on a window of the main model's pre-norm hidden states), then feeds [last sampled token, d_1..d_K]
+Each decode step of a request drafts K tokens with the model's MTP layers (rollout.mtp, chained on
+the main model's pre-norm hidden states, each layer keeping its own keys and values per request:
+rollout.mtp_draft), then feeds [last sampled token, d_1..d_K]
 to the main model in one forward (batched with every other request's step) and keeps the longest
 accepted prefix plus one token of the target model:
 - T = 0: a draft is accepted when it equals the target's argmax, so the output is the

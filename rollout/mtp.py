@@ -10,8 +10,9 @@ depth k = 1..D at position i,
 with h^0 the main model's last hidden state before its final norm, each depth chained on the
 previous depth's output before its own final norm, the main model's embedding and lm_head shared,
 and the sliding-window RoPE of the main model at the same positions. The trainer's reference test
-and the engine's speculative drafting both run this one module, so the draft the engine serves is
-the draft the trainer trains.
+runs `MTPHead.chain` (HF's modules); the engine drafts with `MTPHead.cached_step`, the same math on
+the same parameters over new positions only (tests/rollout/test_mtp_draft.py holds the two equal),
+so the draft the engine serves is the draft the trainer trains.
 """
 
 from __future__ import annotations

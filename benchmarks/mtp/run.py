@@ -3,7 +3,7 @@ without speculation (K = 1, 2, 3 draft tokens), batch sizes 1 and 8, side by sid
 
     python benchmarks/mtp/run.py --out benchmarks/mtp/results.json
 
-Builds the toy MiMo-V2-Flash student (4 layers, 3 MTP layers) the way the toy world does: random init,
+Builds the toy MiMo-V2-Flash student (6 layers, 3 MTP layers) the way the toy world does: random init,
 a base warm-up SFT on the long-answer domains, then the MTP heads trained on the student's own samples
 (mopd.toy.mtp.train_toy_mtp). Starts one local server per K (K = 0 is the plain baseline) and
 interleaves the measurements round by round (K order rotated each round), so a noisy shared machine
@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
 import sys
 import tempfile
 import time
@@ -31,14 +33,15 @@ from rollout.speculative import cli_args
 from tests.rollout.conftest import ServerProc
 
 
-def build_student(root: Path, domains: tuple[str, ...], base_steps: int, mtp_steps: int) -> Path:
+def build_student(root: Path, domains: tuple[str, ...], base_steps: int, mtp_steps: int, new_tokens: int) -> Path:
     tok = build_char_tokenizer()
     path = create_tiny_model(root / "student", tok, arch="mimo_v2_flash", hidden_size=64, num_layers=6)
     spec = ToyWorldSpec(domains=domains, arch="mimo_v2_flash", num_layers=6)
     if base_steps:
         sft(path, path, domains, base_steps, spec, seed=2)
-    losses = train_toy_mtp(path, domains, steps=mtp_steps)
-    print(f"MTP loss {losses[0]:.3f} -> {losses[-1]:.3f}", flush=True)
+    losses = train_toy_mtp(path, domains, steps=mtp_steps, new_tokens=new_tokens)
+    print(f"MTP KL {losses[0]:.3f} -> {sum(losses[-20:]) / len(losses[-20:]):.3f} (mean of the last 20 steps)",
+          flush=True)
     return path
 
 
@@ -52,16 +55,22 @@ def prompts(domains: tuple[str, ...], n: int) -> list[list[int]]:
     return out
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (/proc/<pid>/stat fields 14 and 15)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def measure(srv: ServerProc, batch: list[list[int]], max_new: int, temperature: float) -> dict:
     bodies = [{"input_ids": p, "sampling_params": {"max_new_tokens": max_new, "temperature": temperature,
                                                    "ignore_eos": False}} for p in batch]
-    t0 = time.perf_counter()
+    cpu0, t0 = cpu_seconds(srv.proc.pid), time.perf_counter()
     with ThreadPoolExecutor(len(bodies)) as pool:
         replies = list(pool.map(srv.generate, bodies))
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, cpu_seconds(srv.proc.pid) - cpu0
     tokens = sum(len(r["output_ids"]) for r in replies)
     verify = sum(r["meta_info"].get("spec_verify_ct", 0) for r in replies)
-    return {"wall_s": wall, "tokens": tokens, "verify_ct": verify, "requests": len(replies)}
+    return {"wall_s": wall, "cpu_s": cpu, "tokens": tokens, "verify_ct": verify, "requests": len(replies)}
 
 
 def main() -> None:
@@ -70,14 +79,16 @@ def main() -> None:
     ap.add_argument("--domains", default="shift,rot")
     ap.add_argument("--base-steps", type=int, default=150)
     ap.add_argument("--mtp-steps", type=int, default=300)
-    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--temperatures", default="0,1")
     ap.add_argument("--student", default=None, help="reuse a student built by an earlier run")
     args = ap.parse_args()
     domains = tuple(args.domains.split(","))
+    load_start = os.getloadavg()
     root = Path(tempfile.mkdtemp(prefix="mtp_bench_"))
-    student = Path(args.student) if args.student else build_student(root, domains, args.base_steps, args.mtp_steps)
+    student = Path(args.student) if args.student else build_student(root, domains, args.base_steps, args.mtp_steps,
+                                                                               args.max_new_tokens)
     print(f"student: {student}", flush=True)
     pool = prompts(domains, 16)
     ks = [0, 1, 2, 3]
@@ -97,7 +108,8 @@ def main() -> None:
                     for k in order:
                         m = measure(servers[k], batch, args.max_new_tokens, temp)
                         key = f"T={temp:g} bs={bs} K={k}"
-                        acc = rows.setdefault(key, {"wall_s": 0.0, "tokens": 0, "verify_ct": 0, "requests": 0})
+                        acc = rows.setdefault(key, {"wall_s": 0.0, "cpu_s": 0.0, "tokens": 0, "verify_ct": 0,
+                                                    "requests": 0})
                         for f in acc:
                             acc[f] += m[f]
                         per_round.setdefault(key, []).append(m["tokens"] / m["wall_s"])
@@ -110,10 +122,14 @@ def main() -> None:
         temp, bs, k = key.split()
         base = rows[f"{temp} {bs} K=0"]
         tps = acc["tokens"] / acc["wall_s"]
+        # the server's own CPU seconds: insensitive to other processes taking turns on the cores
+        cpu_ratio = (acc["tokens"] / acc["cpu_s"]) / (base["tokens"] / base["cpu_s"])
         ratios = [a / b for a, b in zip(per_round[key], per_round[f"{temp} {bs} K=0"])]
         table.append({"setting": key, "tokens_per_s": round(tps, 1),
                       "speedup": round(tps / (base["tokens"] / base["wall_s"]), 3),
-                      "speedup_median_of_rounds": round(float(sorted(ratios)[len(ratios) // 2]), 3),
+                      "speedup_median_of_rounds": round(statistics.median(ratios), 3),
+                      "speedup_rounds_min_max": [round(min(ratios), 3), round(max(ratios), 3)],
+                      "speedup_per_server_cpu_s": round(cpu_ratio, 3),
                       # SGLang's spec_accept_length: completion tokens / verify forwards (first token from prefill)
                       "accept_length": round(acc["tokens"] / acc["verify_ct"], 3) if acc["verify_ct"] else None,
                       # tokens per verify forward, the prefill token excluded
@@ -121,6 +137,7 @@ def main() -> None:
                                             if acc["verify_ct"] else None)})
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                                          "load_average_start_end": [load_start, os.getloadavg()],
                                           "args": vars(args), "table": table}, indent=2))
     for row in table:
         print(row)

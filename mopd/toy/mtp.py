@@ -2,10 +2,13 @@
 
 MiMo-V2-Flash trains its MTP blocks with the base model; the toy world does it right after the
 base warm-up (one call, `train_mtp_heads(student_dir, prompts)`): the main model is frozen, it
-samples continuations of the prompts (self-distillation: the draft learns the tokens the policy
-will sample, as EAGLE-style drafts are trained on the target's outputs), and the MTP layers learn
-them with the trainer's MTP loss (rollout.mtp.MTPHead.chain, depth k predicting t_{i+k+1}). The
-checkpoint's `model.mtp.*` tensors are rewritten in place.
+samples continuations of the prompts (self-distillation: the draft learns where the policy will
+go, as EAGLE-style drafts are trained on the target's outputs), and the MTP layers
+(rollout.mtp.MTPHead.chain, depth k predicting t_{i+k+1}) learn the model's own next-token
+distribution there: KL(p || q) against the frozen model's softmax at the predicted token's
+position, a lower-variance target than the sampled token (whose cross-entropy, the trainer's MTP
+loss, has the same minimiser) and the distance speculative sampling pays for (acceptance
+1 - TV(p, q)). The checkpoint's `model.mtp.*` tensors are rewritten in place.
 """
 
 from __future__ import annotations
@@ -25,34 +28,40 @@ log = logging.getLogger(__name__)
 @torch.no_grad()
 def _rollouts(model: torch.nn.Module, prompts: list[list[int]], new_tokens: int, temperature: float,
               gen: torch.Generator, eos: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-aligned prompt + sampled continuation per row (full forward per token: tiny models only)."""
-    width = max(len(p) for p in prompts) + new_tokens
-    ids = torch.zeros(len(prompts), width, dtype=torch.long)
-    mask = torch.zeros(len(prompts), width, dtype=torch.bool)  # positions whose next token is a target
-    lens = [len(p) for p in prompts]
+    """Left-aligned prompt + sampled continuation (up to its first eos) per row, and the mask of positions
+    whose next token the model sampled. Generation runs with a KV cache on left-padded prompts, its
+    sampling seeded from `gen`."""
+    width = max(len(p) for p in prompts)
+    padded = torch.zeros(len(prompts), width, dtype=torch.long)
+    attention = torch.zeros(len(prompts), width, dtype=torch.long)
     for i, p in enumerate(prompts):
-        ids[i, :len(p)] = torch.tensor(p)
-    done = [False] * len(prompts)
-    for _ in range(new_tokens):
-        logits = model(ids[:, :max(lens)]).logits.float()
-        for i in range(len(prompts)):
-            if done[i]:
-                continue
-            row = logits[i, lens[i] - 1]
-            tok = (int(row.argmax()) if temperature <= 0 else
-                   int(torch.multinomial(torch.softmax(row / temperature, -1), 1, generator=gen)))
-            ids[i, lens[i]] = tok
-            mask[i, lens[i] - 1] = True
-            lens[i] += 1
-            done[i] = tok == eos
-        if all(done):
-            break
-    return ids[:, :max(lens)], mask[:, :max(lens)]
+        padded[i, width - len(p):] = torch.tensor(p)
+        attention[i, width - len(p):] = 1
+    sampling = ({"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0
+                else {"do_sample": False})
+    with torch.random.fork_rng():
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+        out = model.generate(padded, attention_mask=attention, max_new_tokens=new_tokens, min_new_tokens=0,
+                             eos_token_id=eos, pad_token_id=eos if eos is not None else 0, **sampling)
+    rows = []
+    for i, p in enumerate(prompts):
+        new = out[i, width:].tolist()
+        if eos is not None and eos in new:
+            new = new[:new.index(eos) + 1]
+        rows.append((p, new))
+    full = max(len(p) + len(n) for p, n in rows)
+    ids = torch.zeros(len(prompts), full, dtype=torch.long)
+    mask = torch.zeros(len(prompts), full, dtype=torch.bool)  # positions whose next token is a target
+    for i, (p, new) in enumerate(rows):
+        ids[i, :len(p) + len(new)] = torch.tensor(p + new)
+        mask[i, len(p) - 1:len(p) + len(new) - 1] = True
+    return ids, mask
 
 
 def train_mtp_heads(path: str | Path, prompts: list[list[int]], *, steps: int = 200, batch: int = 16,
                     new_tokens: int = 16, temperature: float = 1.0, lr: float = 3e-3, seed: int = 0) -> list[float]:
-    """Train the checkpoint's MTP layers on the frozen model's own samples; returns the loss per step."""
+    """Train the checkpoint's MTP layers on the frozen model's own samples; returns the loss (mean KL over
+    depths) per step."""
     path = Path(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     state = load_file(str(path / "model.safetensors"))
@@ -75,7 +84,7 @@ def train_mtp_heads(path: str | Path, prompts: list[list[int]], *, steps: int = 
         ids, target_mask = _rollouts(model, [prompts[i] for i in pick], new_tokens, temperature, gen, eos)
         B, S = ids.shape
         with torch.no_grad():
-            model(ids)
+            target_logp = torch.log_softmax(model(ids).logits.float(), dim=-1)
         hidden = kept["h"].detach()
         next_ids = torch.cat([ids[:, 1:], ids[:, :D]], dim=1)
         pos = torch.arange(S).expand(B, S)
@@ -85,10 +94,11 @@ def train_mtp_heads(path: str | Path, prompts: list[list[int]], *, steps: int = 
             n = S - 2 - k
             if n <= 0:
                 continue
-            nll = torch.nn.functional.cross_entropy(lg[:, :n].reshape(-1, lg.shape[-1]),
-                                                    ids[:, k + 2:k + 2 + n].reshape(-1), reduction="none")
+            # depth k at position i predicts t_{i+k+2}, which the model draws from its row at i+k+1
+            kl = torch.nn.functional.kl_div(torch.log_softmax(lg[:, :n], dim=-1), target_logp[:, k + 1:k + 1 + n],
+                                            log_target=True, reduction="none").sum(-1).reshape(-1)
             m = target_mask[:, k + 1:k + 1 + n].reshape(-1).float()  # t_{i+k+2} sampled by the model
-            loss = loss + (nll * m).sum() / m.sum().clamp(min=1) / D
+            loss = loss + (kl * m).sum() / m.sum().clamp(min=1) / D
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -103,9 +113,11 @@ def train_mtp_heads(path: str | Path, prompts: list[list[int]], *, steps: int = 
 
 
 def train_toy_mtp(student: str | Path, domains: tuple[str, ...] | list[str], *, steps: int = 150,
-                  seed: int = 0) -> list[float]:
+                  new_tokens: int = 16, seed: int = 0) -> list[float]:
     """The toy world's call after the base warm-up: MTP heads (fresh ones if the SFT save dropped them,
-    as `save_pretrained` does) trained on the warmed-up student's own answers to toy prompts."""
+    as `save_pretrained` does) trained on the warmed-up student's own answers to toy prompts.
+
+    `new_tokens` should cover the answers the draft will serve: positions past it are never trained."""
     from transformers import AutoTokenizer
 
     from envs.toy_tasks import make_examples
@@ -129,4 +141,4 @@ def train_toy_mtp(student: str | Path, domains: tuple[str, ...] | list[str], *, 
         for row in make_examples(d, 64, seed=seed + 77):
             text = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
             prompts.append(tokenizer(text, add_special_tokens=False)["input_ids"])
-    return train_mtp_heads(student, prompts, steps=steps, batch=16, new_tokens=16, temperature=1.0, seed=seed)
+    return train_mtp_heads(student, prompts, steps=steps, batch=16, new_tokens=new_tokens, temperature=1.0, seed=seed)
