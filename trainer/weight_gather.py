@@ -5,8 +5,10 @@ rank one full copy of the model. Here each tensor is gathered from its TP / EP s
 only when its bucket is built, converted to HF names, handed to the consumer and released before the next
 bucket is gathered. Peak extra memory on every rank: about one bucket (`bucket_bytes` of HF tensors,
 or the largest group of HF tensors cut from one Megatron tensor when that is bigger: a fused
-linear_qkv is gathered whole before its q/k/v are cut out), plus the consumer's own copy of that bucket
-(e.g. its serialized payload).
+linear_qkv is gathered whole before its q/k/v are cut out), plus the consumer's own copies of that bucket
+(e.g. its serialized payload) and the all-gather's receive buffers (gloo allocates its own even for
+all_gather_into_tensor: twice the largest TP-split tensor at the peak, measured in benchmarks/weight_push).
+tests/trainer/test_sharded_weight_push.py measures it (peak RSS, and `GatherStats` from the storages).
 
 Which Megatron tensors each HF tensor is made of is read off the architecture's own converter
 (`Architecture.megatron_to_hf`), run once on shape-only ("meta") tensors that record their sources;
@@ -14,7 +16,9 @@ a bucket's HF tensors are then made by the same converter from the bucket's real
 stay meta), so the result equals `TrainerRank.hf_state()` bit for bit.
 
 Every rank of the trainer iterates the same buckets (the gathers are collectives); only ranks built with
-`keep=True` (the pushing rank) convert and receive them, the others get empty buckets.
+`keep=True` (the pushing rank) keep and convert them, the others get empty buckets. A consumer must let go
+of a bucket before asking for the next (`for b in stream: ...; del b`; not `enumerate(stream)`, whose
+cached result tuple holds the previous bucket while the next is gathered).
 """
 
 from __future__ import annotations
