@@ -25,18 +25,27 @@ from tests.trainer.conftest import make_samples
 from trainer import weight_sync
 from trainer.config import TrainerConfig
 from trainer.dist import free_port
+from trainer.hf_io import load_hf_state
+from trainer.hf_shards import CheckpointBuckets
 from trainer.rank import TrainerRank
 
 
 class _Recorder(BaseHTTPRequestHandler):
     calls: ClassVar[list[tuple[str, dict]]] = []
     fail = False
+    fail_at: int | None = None  # the index of the one POST that fails
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        type(self).calls.append((self.path, body))
-        code, reply = (400, {"success": False, "message": "boom"}) if type(self).fail else \
-            (200, {"success": True, "message": "ok"})
+        cls = type(self)
+        failed = cls.fail or cls.fail_at == len(cls.calls)
+        cls.calls.append((self.path, body))
+        self._reply(400 if failed else 200, {"success": not failed, "message": "boom" if failed else "ok"})
+
+    def do_GET(self):  # /model_info: an engine that came back from a restart with the weights of version 0
+        self._reply(200, {"weight_version": "0"})
+
+    def _reply(self, code: int, reply: dict) -> None:
         data = json.dumps(reply).encode()
         self.send_response(code)
         self.send_header("Content-Type", "application/json")
@@ -50,7 +59,7 @@ class _Recorder(BaseHTTPRequestHandler):
 
 @pytest.fixture()
 def recorder():
-    _Recorder.calls, _Recorder.fail = [], False
+    _Recorder.calls, _Recorder.fail, _Recorder.fail_at = [], False, None
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -97,6 +106,29 @@ def test_disk_push_and_errors(recorder, moe_path, dist_env, tmp_path):
     _Recorder.fail = True
     with pytest.raises(RuntimeError, match="update_weights_from_tensor -> HTTP 400.*boom"):
         weight_sync.push_tensor(engine.hf_state(), [recorder], 4, TrainerConfig(weight_sync_format="safetensors"))
+
+
+def test_an_engine_that_fails_mid_push_gets_the_snapshot_afterwards(recorder, moe_path, dist_env, tmp_path):
+    """Tensor mode, one engine fails the second bucket: it gets no further bucket, the stream still
+    completes the snapshot, and once the engine answers (reporting older weights) the snapshot is sent to
+    it from disk, bucket by bucket, flushing on the last."""
+    cfg = TrainerConfig(weight_sync="tensor", weight_sync_format="safetensors", weight_sync_dir=str(tmp_path))
+    engine = TrainerRank(moe_path, cfg, AdvantageConfig(), num_steps=1)
+    named = {k: v.clone() for k, v in engine.hf_state().items()}
+    stream = engine.hf_buckets(40_000, keep=True)
+    _Recorder.fail_at = 1
+    snapshots = weight_sync.WeightSnapshots(cfg)
+    weight_sync.push_recoverable_buckets(stream, [recorder], 5, cfg, moe_path, snapshots)
+    first, resent = _Recorder.calls[:2], _Recorder.calls[2:]
+    assert len(stream) > 3 and len(resent) == len(CheckpointBuckets(snapshots.kept[-1], 64 * 2**20))
+    received: dict[str, torch.Tensor] = {}
+    for _, body in resent:
+        received.update(safetensors_load(base64.b64decode(body["serialized_named_tensors"][0])))
+    assert [b["flush_cache"] for _, b in resent][-1] is True and all(b["weight_version"] == "5" for _, b in first + resent)
+    assert set(received) == set(named) and all(torch.equal(received[k], named[k]) for k in named)
+    on_disk = load_hf_state(snapshots.kept[-1])  # what a restarted engine loads
+    assert set(on_disk) == set(named) and all(torch.equal(on_disk[k], named[k]) for k in named)
+    snapshots.close()
 
 
 # ------------------------------------------------------------------ end to end with rollout's local server
