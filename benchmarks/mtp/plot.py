@@ -28,7 +28,7 @@ def main(out: str = str(HERE / "plot.png")) -> None:
             axes[1].plot(ks[1:], [r["tokens_per_verify"] for r in rows[1:]], style, marker=marker,
                          label=f"{temp} {bs}")
     axes[0].axhline(1.5, color="grey", lw=0.8)
-    axes[0].set(xlabel="MTP draft tokens K", ylabel="decode tokens/s vs K=0 (pooled; dotted: median of rounds)",
+    axes[0].set(xlabel="MTP draft tokens K", ylabel="tokens/s vs K=0 (dotted: median of rounds)",
                 title="speed-up")
     axes[1].axhline(2.5, color="grey", lw=0.8)
     axes[1].set(xlabel="MTP draft tokens K", ylabel="tokens per verify forward (prefill token excluded)",
