@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import random
 from pathlib import Path
 
@@ -20,7 +22,7 @@ from envs.toy_tasks import (
 from mopd.rewards import verifier_for
 from mopd.toy.models import create_tiny_model
 from mopd.toy.tokenizer import build_char_tokenizer
-from mopd.toy.world import ToyWorldSpec, _spec_dict, check_toy_domains, recovery_sequence, sft
+from mopd.toy.world import MANIFEST, ToyWorldSpec, check_toy_domains, recovery_sequence, sft, toy_world_ready
 
 LABEL = "quvvdy,rvwwez,swxxfa,txyygb,uyzzhc"
 
@@ -86,10 +88,12 @@ def test_slipped_answers_grade_right_and_mask_only_the_slips():
     assert trained.replace("!", "") != row["label"] + "<|im_end|>"  # each slipped round is written twice
 
 
-def test_the_option_is_off_by_default_and_old_manifests_are_unchanged():
+def test_the_option_is_off_by_default_and_worlds_built_before_it_still_match(tmp_path: Path):
     spec = ToyWorldSpec(domains=("shift", "rot"))
-    assert spec.recovery_prob == 0.0 and "recovery_prob" not in _spec_dict(spec)
-    assert _spec_dict(ToyWorldSpec(domains=CORRECTABLE_DOMAINS, recovery_prob=0.2))["recovery_prob"] == 0.2
+    old = {k: v for k, v in dataclasses.asdict(spec).items() if k != "recovery_prob"}  # a manifest from before
+    (tmp_path / MANIFEST).write_text(json.dumps(old))
+    assert spec.recovery_prob == 0.0 and toy_world_ready(tmp_path, spec)
+    assert not toy_world_ready(tmp_path, dataclasses.replace(spec, recovery_prob=0.2))
 
 
 @pytest.mark.slow
