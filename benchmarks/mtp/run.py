@@ -22,6 +22,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from envs.toy_tasks import make_examples
@@ -86,6 +88,7 @@ def main() -> None:
     args = ap.parse_args()
     domains = tuple(args.domains.split(","))
     load_start = os.getloadavg()
+    torch.set_num_threads(1)  # building the tiny student: more threads only wait on each other on shared cores
     root = Path(tempfile.mkdtemp(prefix="mtp_bench_"))
     student = Path(args.student) if args.student else build_student(root, domains, args.base_steps, args.mtp_steps,
                                                                                args.max_new_tokens)
