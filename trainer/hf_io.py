@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 # files copied verbatim from the source model dir so the export loads with AutoTokenizer as well
-_COPY_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                "special_tokens_map.json", "vocab.json", "merges.txt", "chat_template.jinja",
                "added_tokens.json", "tokenizer.model")
 
@@ -54,7 +54,7 @@ def save_hf(path: str | Path, state: dict[str, torch.Tensor], source_dir: str | 
     tmp = path / "model.safetensors.tmp"
     save_file(tensors, str(tmp), metadata={"format": "pt"})
     tmp.replace(path / "model.safetensors")
-    for name in _COPY_FILES:
+    for name in MODEL_FILES:
         src = Path(source_dir) / name
         if src.exists():
             shutil.copy2(src, path / name)

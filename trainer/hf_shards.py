@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from trainer.hf_io import _COPY_FILES
+from trainer.hf_io import MODEL_FILES
 
 Bucket = list[tuple[str, torch.Tensor]]
 INDEX = "model.safetensors.index.json"
@@ -56,7 +56,7 @@ class ShardWriter:
             raise ValueError(f"checkpoint {self.path}: {self.written} of {self.num_shards} shards written")
         index = {"metadata": {"total_size": self.total_size}, "weight_map": self.weight_map}
         (self.scratch / INDEX).write_text(json.dumps(index, indent=2))
-        for name in _COPY_FILES:
+        for name in MODEL_FILES:
             src = Path(source_dir) / name
             if src.exists():
                 shutil.copy2(src, self.scratch / name)

@@ -20,7 +20,7 @@ from trainer import cpu_compat, parallel
 from trainer.models import Architecture, get_architecture
 
 # local-spec name -> TE-spec name (TE fuses the pre-attention/pre-MLP norms into the next linear)
-_TE_ALIASES = {"input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
+TE_ALIASES = {"input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
                "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight"}
 
 
@@ -102,7 +102,7 @@ def align_to_model(state: dict[str, torch.Tensor], model: torch.nn.Module) -> di
     out = {}
     for key, value in state.items():
         if key not in model_keys:
-            for local, te in _TE_ALIASES.items():
+            for local, te in TE_ALIASES.items():
                 if key.endswith(local) and key[: -len(local)] + te in model_keys:
                     key = key[: -len(local)] + te
                     break
@@ -118,7 +118,7 @@ def canonical_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         state = parallel.gather_state(model, state)
     out = {}
     for key, value in state.items():
-        for local, te in _TE_ALIASES.items():
+        for local, te in TE_ALIASES.items():
             if key.endswith(te):
                 key = key[: -len(te)] + local
                 break

@@ -33,7 +33,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from trainer import parallel
-from trainer.model_builder import _TE_ALIASES
+from trainer.model_builder import TE_ALIASES
 from trainer.models import Architecture
 
 Tensor = torch.Tensor
@@ -84,7 +84,7 @@ class GatherStats:
 
 def canonical_name(key: str) -> str:
     """Local-spec name of a TE-spec weight (the converters read local-spec names)."""
-    for local, te in _TE_ALIASES.items():
+    for local, te in TE_ALIASES.items():
         if key.endswith(te):
             return key[: -len(te)] + local
     return key

@@ -124,10 +124,10 @@ def _run(model_path: str, cfg: TrainerConfig, samples, bucket_bytes: int, tmp_pa
     for res in results:
         stats = res["stats"]
         assert stats["buckets"] == res["buckets"] > 1
-        # a pipeline stage's tensors arrive by gloo broadcast; gloo lets go of the last one it received only
-        # at its next collective (the next bucket's first), so up to one tensor may overlap
-        allowed = res["largest"] if cfg.pp_size > 1 else 0
-        assert stats["leftover_bytes"] <= allowed, "a bucket was still alive when the next one was gathered"
+        # gloo lets go of the last tensor it received (a broadcast from a pipeline stage, an all-gather's
+        # output) only at its next collective, the next bucket's first, and when it does depends on timing
+        # (seen under load at every layout): up to one tensor may overlap, never a bucket's worth
+        assert stats["leftover_bytes"] <= res["largest"], "a bucket was still alive when the next one was gathered"
         assert stats["peak_alive_bytes"] <= bucket_bytes + res["largest"]
     return results
 
