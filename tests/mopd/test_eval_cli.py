@@ -95,3 +95,4 @@ def test_long_answer_domains_get_room_for_their_answers():
 
     assert default_max_new_tokens({"arith": []}) == 12
     assert default_max_new_tokens({"arith": [], "shift": []}) == 40
+    assert default_max_new_tokens({"rotfix": [], "shift": []}) == 56
