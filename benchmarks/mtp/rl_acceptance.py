@@ -24,6 +24,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.mtp.run import build_student, prompts
@@ -53,10 +55,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--every", type=int, default=10)
     ap.add_argument("--coefs", default="0.5,0")
+    ap.add_argument("--lr", type=float, default=None, help="trainer.lr (dry_run's 1e-2 when not given)")
     ap.add_argument("--out", default="benchmarks/mtp/rl_acceptance.json")
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="mtp_rl_"))
-    student = build_student(root, DOMAINS, base_steps=100, mtp_steps=200)
+    torch.set_num_threads(1)  # building the tiny student: more threads only wait on each other on shared cores
+    student = build_student(root, DOMAINS, base_steps=100, mtp_steps=200, new_tokens=16)
     pool = prompts(DOMAINS, 24)
     result: dict = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "args": vars(args), "runs": {}}
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", WANDB_MODE="offline")
@@ -66,7 +70,8 @@ def main() -> None:
         proc = subprocess.run([sys.executable, "-m", "mopd.train", "experiment=dry_run", "student=hf",
                                f"student.model_path={student}", f"trainer.mtp_loss_coef={coef}",
                                f"num_steps={args.steps}", f"save_interval={args.every}", "toy.teacher_steps=60",
-                               "logger.progress=false", f"toy.dir={root / 'toy'}", f"run_dir={run_dir}"],
+                               "logger.progress=false", f"toy.dir={root / 'toy'}", f"run_dir={run_dir}",
+                               *([f"trainer.lr={args.lr}"] if args.lr is not None else [])],
                               capture_output=True, text=True, env=env, check=False)
         if proc.returncode != 0:
             raise SystemExit(f"mopd.train failed (coef {coef}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
