@@ -39,9 +39,11 @@ def main(out: str = str(HERE / "plot.png")) -> None:
     if rl:
         for name, run in rl["runs"].items():
             pts = sorted((int(k), v) for k, v in run["acceptance_by_step"].items())
-            axes[2].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+            axes[2].plot([p[0] for p in pts], [p[1] for p in pts], "--" if "old heads" in name else "-", marker="o",
+                         label=name)
         axes[2].set(xlabel="RL step", ylabel="acceptance length (K=3, T=1)", title="draft vs moving policy")
-        axes[2].legend()
+        axes[2].legend(fontsize=7, loc="upper left", ncol=1, framealpha=0.6)
+        axes[2].set_ylim(top=axes[2].get_ylim()[1] + 0.6)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
 
