@@ -29,4 +29,12 @@ def test_dry_run_with_toy_mimo(tmp_path: Path):
     assert [m["step"] for m in metrics] == [0, 1, 2]
     for m in metrics:
         assert isinstance(m.get("train/loss"), (int, float)) and isinstance(m.get("train/mtp_loss"), (int, float))
-        assert m["rollout/spec_accept_len"] >= 1.0  # tokens per verify forward of the speculative engines
+    # tokens per verify forward of the speculative engines. A step whose responses are all a lone end of turn
+    # (dry_run's lr can push the tiny student there for a step, seen in CI) makes no verify forward and so has
+    # no accept length, as SGLang reports none; step 0, before any update, always has one.
+    accept = {m["step"]: m["rollout/spec_accept_len"] for m in metrics if "rollout/spec_accept_len" in m}
+    assert 0 in accept and all(a >= 1.0 for a in accept.values()), accept
+    for m in metrics:
+        if m["step"] not in accept:
+            rows = (run_dir / "samples" / f"step_{m['step']}.jsonl").read_text().splitlines()
+            assert all(json.loads(r)["response_tokens"] <= 1 for r in rows), f"step {m['step']}: no accept length"
