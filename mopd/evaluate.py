@@ -143,20 +143,25 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else 0.0
 
 
-def _correct(model, tokenizer, rows: list[dict], verifier, max_new_tokens: int, batch_size: int,
-             temperature: float | None) -> list[float]:
-    """The verifier's score of one generation per row (greedy when `temperature` is None)."""
-    scores: list[float] = []
+def generate_texts(model, tokenizer, rows: list[dict], max_new_tokens: int, batch_size: int,
+                   temperature: float | None) -> list[str]:
+    """One generation per row, decoded with special tokens (greedy when `temperature` is None)."""
+    texts: list[str] = []
     for start in range(0, len(rows), batch_size):
         batch = rows[start:start + batch_size]
-        texts = [tokenizer.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True)
-                 for r in batch]
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        prompts = [tokenizer.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True)
+                   for r in batch]
+        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
         sampling = {"do_sample": False} if temperature is None else \
             {"do_sample": True, "temperature": temperature, "top_p": 1.0, "top_k": 0}
         out = model.generate(**enc, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
                              pad_token_id=tokenizer.pad_token_id, **sampling)
-        for row, ids in zip(batch, out[:, enc["input_ids"].shape[1]:]):
-            text = tokenizer.decode(ids, skip_special_tokens=False)
-            scores.append(float(verifier(text, row["label"])))
-    return scores
+        texts += [tokenizer.decode(ids, skip_special_tokens=False) for ids in out[:, enc["input_ids"].shape[1]:]]
+    return texts
+
+
+def _correct(model, tokenizer, rows: list[dict], verifier, max_new_tokens: int, batch_size: int,
+             temperature: float | None) -> list[float]:
+    """The verifier's score of one generation per row (greedy when `temperature` is None)."""
+    texts = generate_texts(model, tokenizer, rows, max_new_tokens, batch_size, temperature)
+    return [float(verifier(text, row["label"])) for row, text in zip(rows, texts)]

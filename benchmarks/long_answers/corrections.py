@@ -15,6 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from envs.toy_tasks import CORRECTION, corrected_match_reward, extract_answer
+from mopd.evaluate import generate_texts
 
 
 @torch.no_grad()
@@ -30,7 +31,7 @@ def correction_stats(model_path: str | Path, rows: dict[str, list[dict]], *, max
         out[domain] = {}
         for kind, draws in (("greedy", [None]), ("sampled", [1.0] * samples)):
             answers = [(a, r["label"]) for t in draws for a, r in zip(
-                _generate(model, tokenizer, domain_rows, max_new_tokens, batch_size, t), domain_rows)]
+                generate_texts(model, tokenizer, domain_rows, max_new_tokens, batch_size, t), domain_rows)]
             if answers:
                 out[domain][kind] = summarize(answers)
     return out
@@ -42,19 +43,3 @@ def summarize(answers: list[tuple[str, str]]) -> dict[str, float]:
     right = sum(corrected_match_reward(a, label) for a, label in corrected)
     return {"with_correction": len(corrected) / len(answers),
             "corrected_right": right / len(corrected) if corrected else 0.0, "n": len(answers)}
-
-
-def _generate(model, tokenizer, rows: list[dict], max_new_tokens: int, batch_size: int,
-              temperature: float | None) -> list[str]:
-    texts = []
-    for start in range(0, len(rows), batch_size):
-        batch = rows[start:start + batch_size]
-        prompts = [tokenizer.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True)
-                   for r in batch]
-        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-        sampling = {"do_sample": False} if temperature is None else \
-            {"do_sample": True, "temperature": temperature, "top_p": 1.0, "top_k": 0}
-        ids = model.generate(**enc, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                             pad_token_id=tokenizer.pad_token_id, **sampling)
-        texts += [tokenizer.decode(x, skip_special_tokens=False) for x in ids[:, enc["input_ids"].shape[1]:]]
-    return texts
