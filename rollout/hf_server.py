@@ -13,6 +13,9 @@ Deviations from SGLang, on purpose:
   `safetensors.torch.save` bytes). SGLang's default serializer passes CUDA-IPC handles, which
   cannot cross processes on CPU, so it is refused with HTTP 400.
 - `/init_weights_update_group` and `/update_weights_from_distributed` (NCCL) answer HTTP 400.
+- `/begin_weight_update` .. `/end_weight_update` open and close the session outside which SGLang refuses
+  tensor updates, as SGLang does; the `selector` is checked but the draft (MTP) layers live in the same
+  model here, so every update reaches both.
 - Prompts are token ids only (`text` is refused by the protocol layer); `stream` is refused.
 - Stricter input checks than SGLang (see `hf_server_validation`): exact JSON types, token ids in
   [0, vocab), one string `rid`, and pushed weights must be finite (SGLang loads NaN silently).
@@ -96,6 +99,7 @@ class HFServer:
                                        capture_routing=args.enable_return_routed_experts)
         self.model_path = args.model_path
         self.weight_version = args.weight_version
+        self.update_session: str | None = None  # the selector of the open /begin_weight_update session
         self.tokenizer = _load_tokenizer(args.model_path)
         self.eos_ids = _eos_ids(self.runner.model)
         self.vocab_size = self.runner.vocab_size
@@ -127,6 +131,8 @@ class HFServer:
         r.add_post("/close_session", self.close_session)
         r.add_post("/update_weights_from_disk", self.update_weights_from_disk)
         r.add_post("/update_weights_from_tensor", self.update_weights_from_tensor)
+        r.add_post("/begin_weight_update", self.begin_weight_update)
+        r.add_post("/end_weight_update", self.end_weight_update)
         r.add_post("/init_weights_update_group", self.nccl_unsupported)
         r.add_post("/update_weights_from_distributed", self.nccl_unsupported)
         app.on_startup.append(self._on_startup)
@@ -320,8 +326,28 @@ class HFServer:
         check.boolean(body.get("flush_cache"), "flush_cache", True)
         # Single process = TP 1: every rank's entry carries the same tensors; rank 0 is loaded.
         named = await asyncio.to_thread(check.serialized_tensors, body)
+        if self.update_session is None:  # as SGLang 0.5.23's scheduler (weight_updater.py) refuses it
+            return _error("update_weights_from_tensor must run between begin_weight_update() and end_weight_update()")
         n = await self._load(named, require_all=False, field="serialized_named_tensors[0]")
         return self._weights_updated(version, f"updated {n} tensors")
+
+    async def begin_weight_update(self, request: web.Request) -> web.Response:
+        """SGLang's weight-update session: tensor updates are refused outside one (disk updates are not)."""
+        body = await self._object(request)
+        selector = body.get("selector", "all")
+        if selector not in ("target", "draft", "all"):
+            raise RequestError(f"field `selector`: expected one of target, draft, all, got {selector!r}")
+        if self.update_session is not None:
+            return _error("a weight-update session is already open; call end_weight_update() first")
+        self.update_session = selector  # the MTP layers live in the one model here: every selector updates all
+        return web.json_response({"success": True, "message": "Success"})
+
+    async def end_weight_update(self, request: web.Request) -> web.Response:
+        await self._object(request)
+        if self.update_session is None:
+            return _error("no weight-update session is open; call begin_weight_update() first")
+        self.update_session = None
+        return web.json_response({"success": True, "message": "Success"})
 
     async def _load(self, named: dict[str, torch.Tensor], *, require_all: bool, field: str) -> int:
         """Check and copy on the model thread (between two steps); a refusal leaves every weight as it was."""

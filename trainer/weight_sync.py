@@ -48,6 +48,8 @@ import torch
 from safetensors.torch import save as safetensors_save
 
 from mopd.core.engine_api import (
+    BeginWeightUpdate,
+    EndWeightUpdate,
     EngineCallError,
     InitWeightsUpdateGroup,
     UpdateWeightsFromDisk,
@@ -209,10 +211,23 @@ def _failures(pool: ThreadPoolExecutor, urls: list[str], request: WeightUpdate, 
     return {u: e for u, e in zip(urls, pool.map(one, urls)) if e is not None}
 
 
+def _drop(errors: dict[str, Exception], live: list[str], failed: list[str], *, strict: bool, what: str,
+          version: int) -> None:
+    """Engines whose `what` failed leave `live` for the rest of this push (strict: raise the first error)."""
+    if errors and strict:
+        raise next(iter(errors.values()))
+    for url, err in errors.items():
+        log.warning("weight push v%d: engine %s failed %s (%s); it gets no more buckets of this push",
+                    version, url, what, err)
+        live.remove(url)
+        failed.append(url)
+
+
 def send_tensor_buckets(stream: BucketStream, urls: list[str], version: int, cfg: TrainerConfig, *,
                         writer: ShardWriter | None = None, strict: bool = True,
                         times: PushTimes | None = None) -> list[str]:
-    """POST /update_weights_from_tensor per bucket to every engine, each bucket written to `writer` first
+    """POST /update_weights_from_tensor per bucket to every engine, inside the engines' weight-update session
+    (/begin_weight_update .. /end_weight_update, which SGLang requires), each bucket written to `writer` first
     and released before the next one is asked for. Returns the engines whose request failed (they get no
     later bucket of this push); strict: raise the first failure instead."""
     fmt = tensor_format(cfg)
@@ -222,40 +237,45 @@ def send_tensor_buckets(stream: BucketStream, urls: list[str], version: int, cfg
     last, first_sent, i = len(stream) - 1, None, -1
     # one thread per engine for the whole push: a new thread per bucket would add malloc arenas that keep
     # the freed payloads (seen as tens of MiB of peak RSS)
+    timeout = cfg.weight_sync_timeout_s
     with ThreadPoolExecutor(max_workers=max(1, len(urls))) as pool:
-        mark = time.perf_counter()
-        for bucket in stream:  # not enumerate(): its cached result tuple would keep the bucket alive a round longer
-            i += 1
-            now = time.perf_counter()
-            times.gather_s += now - mark
-            times.buckets += 1
-            times.nbytes += sum(t.numel() * t.element_size() for _, t in bucket)
-            if writer is not None:
-                writer.add(bucket)
-                times.write_s += time.perf_counter() - now
-            if live:
-                sent = time.perf_counter()
-                first_sent = sent if first_sent is None else first_sent
-                payload = [serialize(bucket)] * max(cfg.weight_sync_engine_tp, 1)  # one entry per engine TP rank
-                request = UpdateWeightsFromTensor(serialized_named_tensors=payload,
-                                                  load_format="safetensors" if fmt == "safetensors" else None,
-                                                  flush_cache=i == last, weight_version=str(version))
-                del bucket, payload
-                errors = _failures(pool, live, request, cfg.weight_sync_timeout_s)
-                del request
-                if errors and strict:
-                    raise next(iter(errors.values()))
-                for url, err in errors.items():
-                    log.warning("weight push v%d: engine %s failed (%s); it gets no more buckets of this push",
-                                version, url, err)
-                    live.remove(url)
-                    failed.append(url)
-                mark = time.perf_counter()
-                times.send_s += mark - sent
-                times.paused_s = mark - first_sent
-            else:
-                del bucket
-                mark = time.perf_counter()
+        begun = _failures(pool, live, BeginWeightUpdate(), timeout)
+        opened = [u for u in live if u not in begun]
+        try:
+            _drop(begun, live, failed, strict=strict, what="to open its weight-update session", version=version)
+            mark = time.perf_counter()
+            for bucket in stream:  # not enumerate(): its cached result tuple would keep the bucket alive a round longer
+                i += 1
+                now = time.perf_counter()
+                times.gather_s += now - mark
+                times.buckets += 1
+                times.nbytes += sum(t.numel() * t.element_size() for _, t in bucket)
+                if writer is not None:
+                    writer.add(bucket)
+                    times.write_s += time.perf_counter() - now
+                if live:
+                    sent = time.perf_counter()
+                    first_sent = sent if first_sent is None else first_sent
+                    payload = [serialize(bucket)] * max(cfg.weight_sync_engine_tp, 1)  # one entry per engine TP rank
+                    request = UpdateWeightsFromTensor(serialized_named_tensors=payload,
+                                                      load_format="safetensors" if fmt == "safetensors" else None,
+                                                      flush_cache=i == last, weight_version=str(version))
+                    del bucket, payload
+                    errors = _failures(pool, live, request, timeout)
+                    del request
+                    _drop(errors, live, failed, strict=strict, what="a bucket", version=version)
+                    mark = time.perf_counter()
+                    times.send_s += mark - sent
+                    times.paused_s = mark - first_sent
+                else:
+                    del bucket
+                    mark = time.perf_counter()
+        except BaseException:
+            _failures(pool, opened, EndWeightUpdate(), timeout)  # best effort: a session left open refuses the next
+            raise
+        closed = _failures(pool, opened, EndWeightUpdate(), timeout)  # also the engines that failed a bucket
+        _drop({u: e for u, e in closed.items() if u in live}, live, failed, strict=strict,
+              what="to close its weight-update session", version=version)
     return failed
 
 
@@ -396,24 +416,34 @@ class DistributedPusher:
 
     def push_buckets(self, stream: BucketStream, version: int, writer: ShardWriter | None = None) -> None:
         """Per bucket: announce it to every engine, broadcast its tensors (each bucket written to `writer`
-        first and released before the next one is gathered)."""
+        first and released before the next one is gathered); all inside the engines' weight-update session."""
         import torch.distributed as dist
 
+        timeout = self.cfg.weight_sync_timeout_s
         last, i = len(stream) - 1, -1
-        for bucket in stream:  # not enumerate(): its cached result tuple would keep the bucket alive a round longer
-            i += 1
-            if writer is not None:
-                writer.add(bucket)
-            request = UpdateWeightsFromDistributed(
-                names=[n for n, _ in bucket], dtypes=[str(t.dtype).replace("torch.", "") for _, t in bucket],
-                shapes=[list(t.shape) for _, t in bucket], group_name=self.group_name,
-                weight_version=str(version), flush_cache=i == last)
-            with ThreadPoolExecutor(max_workers=len(self.urls)) as pool:
-                futures = [pool.submit(post_weight_update, u, request, self.cfg.weight_sync_timeout_s)
-                           for u in self.urls]
-                for _, tensor in bucket:
-                    dist.broadcast(tensor.detach().cuda().contiguous(), src=0, group=self.group)
-                for f in futures:
-                    f.result()
-            del bucket
-
+        with ThreadPoolExecutor(max_workers=len(self.urls)) as pool:
+            begun = _failures(pool, self.urls, BeginWeightUpdate(), timeout)
+            opened = [u for u in self.urls if u not in begun]
+            try:
+                if begun:
+                    raise next(iter(begun.values()))
+                for bucket in stream:  # not enumerate(): its cached result tuple would keep the bucket alive longer
+                    i += 1
+                    if writer is not None:
+                        writer.add(bucket)
+                    request = UpdateWeightsFromDistributed(
+                        names=[n for n, _ in bucket], dtypes=[str(t.dtype).replace("torch.", "") for _, t in bucket],
+                        shapes=[list(t.shape) for _, t in bucket], group_name=self.group_name,
+                        weight_version=str(version), flush_cache=i == last)
+                    futures = [pool.submit(post_weight_update, u, request, timeout) for u in self.urls]
+                    for _, tensor in bucket:
+                        dist.broadcast(tensor.detach().cuda().contiguous(), src=0, group=self.group)
+                    for f in futures:
+                        f.result()
+                    del bucket
+            except BaseException:
+                _failures(pool, opened, EndWeightUpdate(), timeout)  # best effort: an open session refuses the next
+                raise
+            closed = _failures(pool, opened, EndWeightUpdate(), timeout)
+            if closed:
+                raise next(iter(closed.values()))

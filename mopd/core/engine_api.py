@@ -3,7 +3,9 @@
 The trainer pushes weights with it (trainer/weight_sync.py); the rollout side may call the same
 endpoints (e.g. a scheduler that reloads a checkpoint). Field names follow SGLang 0.5.x
 (`io_struct.py`: UpdateWeightFromDiskReqInput, UpdateWeightsFromTensorReqInput,
-InitWeightsUpdateGroupReqInput, UpdateWeightsFromDistributedReqInput). A reply with
+InitWeightsUpdateGroupReqInput, UpdateWeightsFromDistributedReqInput, Begin/EndWeightUpdateReqInput).
+SGLang 0.5.23 refuses tensor and distributed updates outside a session that /begin_weight_update opens and
+/end_weight_update closes (managers/scheduler_components/weight_updater.py); a disk update needs none. A reply with
 `"success": false`, an HTTP error, or an engine that cannot be reached raises `EngineCallError`
 (a RuntimeError) with the engine's URL, the path and its message.
 """
@@ -25,6 +27,20 @@ class UpdateWeightsFromDisk:
     path: ClassVar[str] = "/update_weights_from_disk"
     model_path: str
     weight_version: str
+
+
+@dataclass
+class BeginWeightUpdate:
+    """Opens the engine's weight-update session; selector "all" also updates a speculative draft model (the
+    MTP layers), which SGLang keeps in a runner of its own."""
+    path: ClassVar[str] = "/begin_weight_update"
+    selector: str = "all"
+
+
+@dataclass
+class EndWeightUpdate:
+    """Closes the session (an engine with a session left open refuses the next one)."""
+    path: ClassVar[str] = "/end_weight_update"
 
 
 @dataclass
@@ -61,7 +77,8 @@ class UpdateWeightsFromDistributed:
     flush_cache: bool
 
 
-WeightUpdate = UpdateWeightsFromDisk | UpdateWeightsFromTensor | InitWeightsUpdateGroup | UpdateWeightsFromDistributed
+WeightUpdate = (UpdateWeightsFromDisk | UpdateWeightsFromTensor | InitWeightsUpdateGroup | UpdateWeightsFromDistributed
+                | BeginWeightUpdate | EndWeightUpdate)
 
 
 def post_weight_update(url: str, request: WeightUpdate, timeout_s: float) -> dict[str, Any]:

@@ -53,8 +53,10 @@ MODES = {
     "rollout": {"/generate"}, "sampling": {"/generate"}, "logprob": {"/generate"},
     "routed_experts": {"/generate"}, "teacher_scoring": {"/generate"}, "teacher_scoring_top_k": {"/generate"},
     "session": {"/open_session", "/generate", "/close_session"}, "abort": {"/generate", "/abort_request"},
-    "weights_disk": {"/update_weights_from_disk"}, "weights_tensor": {"/update_weights_from_tensor"},
-    "distributed": {"/init_weights_update_group", "/update_weights_from_distributed"},
+    "weights_disk": {"/update_weights_from_disk"},
+    "weights_tensor": {"/begin_weight_update", "/update_weights_from_tensor", "/end_weight_update"},
+    "distributed": {"/init_weights_update_group", "/begin_weight_update", "/update_weights_from_distributed",
+                    "/end_weight_update"},
     "state": {"/health", "/model_info"}, "logprob_reference": {"/generate"},
 }
 

@@ -359,20 +359,43 @@ def test_update_weights_from_disk_and_tensor(servers, hf, tiny_models):
     # Back to the original weights in two tensor buckets (checkpoint names, per-expert layout).
     named = load_file(str(next(Path(tiny_models["moe"]).glob("*.safetensors"))))
     names = sorted(named)
+    assert srv.post("/begin_weight_update", {"selector": "all"})[0] == 200
     for i, bucket in enumerate((names[: len(names) // 2], names[len(names) // 2:])):
         payload = base64.b64encode(save({n: named[n] for n in bucket})).decode()
         status, reply = srv.post("/update_weights_from_tensor", {
             "serialized_named_tensors": [payload], "load_format": "safetensors", "flush_cache": True,
             "weight_version": f"v2.{i}"})
         assert status == 200 and reply["success"] is True
+    assert srv.post("/end_weight_update", {})[0] == 200
     restored = srv.generate(body)
     assert restored["output_ids"] == before["output_ids"] and restored["meta_info"]["weight_version"] == "v2.1"
     np.testing.assert_allclose(lps(restored["meta_info"]["output_token_logprobs"]),
                                lps(before["meta_info"]["output_token_logprobs"]), atol=1e-6)
 
 
+def test_tensor_updates_need_a_weight_update_session(servers, tiny_models):
+    """As SGLang 0.5.23: tensor updates only between /begin_weight_update and /end_weight_update, one session
+    at a time; a refused update changes no weight."""
+    srv = servers["plain"]
+    named = load_file(str(next(Path(tiny_models["moe_b"]).glob("*.safetensors"))))
+    body = {"serialized_named_tensors": [base64.b64encode(save(named)).decode()], "load_format": "safetensors"}
+    greedy = {"input_ids": PROMPT, "sampling_params": {"max_new_tokens": 6, **GREEDY}}
+    before = srv.generate(greedy)["output_ids"]
+    status, reply = srv.post("/update_weights_from_tensor", body)
+    assert status == 400 and "between begin_weight_update() and end_weight_update()" in reply["message"]
+    assert srv.generate(greedy)["output_ids"] == before
+    status, reply = srv.post("/end_weight_update", {})
+    assert status == 400 and "no weight-update session is open" in reply["message"]
+    assert srv.post("/begin_weight_update", {"selector": "everything"})[0] == 400
+    assert srv.post("/begin_weight_update", {})[0] == 200
+    status, reply = srv.post("/begin_weight_update", {"selector": "target"})
+    assert status == 400 and "already open" in reply["message"]
+    assert srv.post("/end_weight_update", {})[0] == 200
+
+
 def test_weight_update_errors(servers, tmp_path):
     srv = servers["plain"]
+    assert srv.post("/begin_weight_update", {})[0] == 200
     bad = base64.b64encode(save({"model.no_such.weight": torch.zeros(2)})).decode()
     status, reply = srv.post("/update_weights_from_tensor", {"serialized_named_tensors": [bad],
                                                              "load_format": "safetensors"})
@@ -389,6 +412,7 @@ def test_weight_update_errors(servers, tmp_path):
     for path in ("/init_weights_update_group", "/update_weights_from_distributed"):
         status, reply = srv.post(path, {})
         assert status == 400 and "NCCL" in reply["message"]
+    assert srv.post("/end_weight_update", {})[0] == 200
 
 
 # ---------------------------------------------------------------- rejected requests

@@ -347,6 +347,9 @@ def corpus_server(tiny_models: dict[str, Path]) -> Iterator[ServerProc]:
                      "--max-request-bytes", str(LIMIT))
     try:
         srv.wait_ready()
+        # the tensor cases test what the server makes of a body inside a weight-update session (outside one
+        # every tensor update is refused: tests/rollout/test_hf_server.py)
+        assert srv.post("/begin_weight_update", {})[0] == 200
         yield srv
     finally:
         srv.stop()

@@ -178,9 +178,11 @@ def test_weight_updates_reach_the_mtp_layers(servers, mimo, tmp_path):
     g = torch.Generator().manual_seed(3)
     noise = {n: torch.randn(t.shape, generator=g) for n, t in state.items() if n.startswith("model.mtp.")}
     blob = base64.b64encode(save(noise)).decode()
+    assert srv.post("/begin_weight_update", {})[0] == 200
     status, reply = srv.post("/update_weights_from_tensor", {"serialized_named_tensors": [blob],
                                                              "load_format": "safetensors"})
     assert status == 200, reply
+    assert srv.post("/end_weight_update", {})[0] == 200
     noisy = srv.generate(body)
     assert noisy["output_ids"] == before["output_ids"]
     assert noisy["meta_info"]["spec_num_correct_drafts"] < before["meta_info"]["spec_num_correct_drafts"]

@@ -81,6 +81,11 @@ def test_tensor_push_wire_format(recorder, moe_path, dist_env):
     sent = weight_sync.push_tensor(named, [recorder, recorder], 7, cfg, bucket_bytes=40_000)
     assert sent > 3
     calls = _Recorder.calls
+    # each engine: /begin_weight_update, the buckets, /end_weight_update (SGLang refuses tensors outside a session)
+    paths = [path for path, _ in calls]
+    assert paths[:2] == ["/begin_weight_update"] * 2 and paths[-2:] == ["/end_weight_update"] * 2
+    assert [body for path, body in calls if path == "/begin_weight_update"] == [{"selector": "all"}] * 2
+    calls = calls[2:-2]
     assert len(calls) == 2 * sent and all(path == "/update_weights_from_tensor" for path, _ in calls)
     received: dict[str, torch.Tensor] = {}
     flushes = []
@@ -103,9 +108,13 @@ def test_disk_push_and_errors(recorder, moe_path, dist_env, tmp_path):
     (path, body), = _Recorder.calls
     assert path == "/update_weights_from_disk" and body == {"model_path": str(target), "weight_version": "3"}
     AutoModelForCausalLM.from_pretrained(body["model_path"])  # engines load it with the HF loader
-    _Recorder.fail = True
+    _Recorder.fail_at = len(_Recorder.calls) + 1  # the first bucket, after /begin_weight_update
     with pytest.raises(RuntimeError, match="update_weights_from_tensor -> HTTP 400.*boom"):
         weight_sync.push_tensor(engine.hf_state(), [recorder], 4, TrainerConfig(weight_sync_format="safetensors"))
+    assert _Recorder.calls[-1][0] == "/end_weight_update"  # the session is closed even though the push failed
+    _Recorder.fail = True
+    with pytest.raises(RuntimeError, match="begin_weight_update -> HTTP 400.*boom"):
+        weight_sync.push_tensor(engine.hf_state(), [recorder], 5, TrainerConfig(weight_sync_format="safetensors"))
 
 
 def test_an_engine_that_fails_mid_push_gets_the_snapshot_afterwards(recorder, moe_path, dist_env, tmp_path):
@@ -116,10 +125,15 @@ def test_an_engine_that_fails_mid_push_gets_the_snapshot_afterwards(recorder, mo
     engine = TrainerRank(moe_path, cfg, AdvantageConfig(), num_steps=1)
     named = {k: v.clone() for k, v in engine.hf_state().items()}
     stream = engine.hf_buckets(40_000, keep=True)
-    _Recorder.fail_at = 1
+    _Recorder.fail_at = 2  # after /begin_weight_update and the first bucket
     snapshots = weight_sync.WeightSnapshots(cfg)
     weight_sync.push_recoverable_buckets(stream, [recorder], 5, cfg, moe_path, snapshots)
-    first, resent = _Recorder.calls[:2], _Recorder.calls[2:]
+    paths = [path for path, _ in _Recorder.calls]
+    # the failed push's session is closed too (an engine with a session left open refuses the next one)
+    assert paths[:4] == ["/begin_weight_update", "/update_weights_from_tensor", "/update_weights_from_tensor",
+                         "/end_weight_update"]
+    assert paths[4] == "/begin_weight_update" and paths[-1] == "/end_weight_update"
+    first, resent = _Recorder.calls[1:3], _Recorder.calls[5:-1]
     assert len(stream) > 3 and len(resent) == len(CheckpointBuckets(snapshots.kept[-1], 64 * 2**20))
     received: dict[str, torch.Tensor] = {}
     for _, body in resent:
