@@ -7,7 +7,10 @@
    reported, 100% expected) and, replaying SGLang's routing, its logprobs are close to the rollout's;
 4. weight push by tensor (SGLang's serializer, CUDA IPC) and the engine's logprobs equal the trainer's after;
 5. weight push by NCCL (trainer.weight_sync.DistributedPusher): needs a second GPU (NCCL refuses two ranks on
-   one device), skipped otherwise.
+   one device), skipped otherwise;
+6. MiMo-V2-Flash (issue 16 item 4): the engine launch passes SGLang's MTP speculative flags (drafts are
+   accepted), and a tensor push reaches the draft (MTP) weights: noise in them lowers acceptance with the
+   output unchanged, the original weights restore it.
 Numbers are printed (run with -s) so they can be copied into trainer/README.md.
 
 Not yet run: written without a GPU at hand (see benchmarks/gpu_smoke/README.md).
@@ -22,19 +25,24 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from mopd.core.algo import AdvantageConfig
+from mopd.core.model_shape import read_model_shape
 from mopd.core.types import Sample
+from mopd.toy.models import create_toy_mimo
+from mopd.toy.mtp import train_mtp_heads
 from mopd.toy.tokenizer import build_char_tokenizer
 from rollout.config import RolloutConfig
 from rollout.engine_client import EngineClient
 from rollout.engines import launch_engines
-from mopd.core.model_shape import read_model_shape
 from rollout.rollout_manager import RolloutManager
 from rollout.sglang_api import GenerateRequest
+from rollout.speculative import spec_accept_len
 from rollout.teacher_scoring import score_samples
 from trainer import routing_replay, weight_sync
 from trainer.config import TrainerConfig
@@ -84,8 +92,8 @@ def rollout(engine: Any, tiny_moe: Path) -> list[Sample]:
 def trainer(tiny_moe: Path) -> Iterator[Any]:
     """One Megatron rank in this process (NCCL world of 1), float32, R3 on, TE specs when TE is installed."""
     from trainer.dist import free_port, init_distributed, shutdown_distributed
-    from trainer.rank import TrainerRank
     from trainer.model_builder import _have_te
+    from trainer.rank import TrainerRank
 
     assert _have_te(), "Transformer Engine is not installed: the GPU smoke check runs Megatron with TE specs"
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -209,5 +217,59 @@ def test_weight_push_by_nccl(trainer: Any, rollout: list[Sample], tiny_moe: Path
         gap = _engine_matches_trainer(group.urls[0], trainer, rollout, tiny_moe, 2)
         print(f"\n[gpu-smoke] NCCL push: max |engine - trainer| logprob = {gap:.2e}")
         assert gap <= LOGPROB_ATOL
+    finally:
+        group.shutdown()
+
+
+# -- MiMo-V2-Flash: MTP speculative decoding on SGLang and the push into its draft -------------------------------
+MTP_STEPS = 2
+
+
+@pytest.fixture(scope="module")
+def tiny_mimo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """MiMo-V2-Flash in miniature at the released head dims (q/k 192, v 128 from hidden 512), window 8, its 3 MTP
+    layers trained (on CPU, seconds) on the model's own greedy continuations so that SGLang accepts drafts."""
+    path = create_toy_mimo(tmp_path_factory.mktemp("gpu_smoke") / "mimo", build_char_tokenizer(), mtp_layers=3,
+                           hidden_size=512, num_layers=4, sliding_window=8)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(5, 60, (6,), generator=g).tolist() for _ in range(32)]
+    train_mtp_heads(path, prompts, steps=40, batch=8, new_tokens=16, temperature=0.0)
+    return path
+
+
+def _greedy(url: str, n: int = 32) -> list[dict[str, Any]]:
+    g = torch.Generator().manual_seed(9)
+    bodies = [{"input_ids": torch.randint(5, 60, (6,), generator=g).tolist(),
+               "sampling_params": {"max_new_tokens": n, "temperature": 0.0, "ignore_eos": True}} for _ in range(4)]
+    replies = [httpx.post(f"{url}/generate", json=b, timeout=120) for b in bodies]
+    for r in replies:
+        r.raise_for_status()
+    return [r.json() for r in replies]
+
+
+def test_mimo_mtp_speculative_and_draft_weight_push(tiny_mimo: Path, ray_cluster: None) -> None:
+    group = launch_engines(str(tiny_mimo), _rollout_cfg(speculative_num_steps=MTP_STEPS, routing_replay=False),
+                           name="gpu-smoke-mtp")
+    try:
+        url = group.urls[0]
+        before = _greedy(url)
+        accept = spec_accept_len(before)
+        assert accept is not None and accept > 1.0, [r["meta_info"] for r in before]  # the MTP flags reached SGLang
+        state = load_file(str(tiny_mimo / "model.safetensors"))
+        g = torch.Generator().manual_seed(3)
+        noisy = {n: torch.randn(t.shape, generator=g) if n.startswith("model.mtp.") else t for n, t in state.items()}
+        cfg = TrainerConfig(device="cuda", dtype="float32", weight_sync_format="sglang")
+        weight_sync.push_tensor({n: t.cuda() for n, t in noisy.items()}, [url], 1, cfg, bucket_bytes=1 << 20)
+        noised = _greedy(url)
+        weight_sync.push_tensor({n: t.cuda() for n, t in state.items()}, [url], 2, cfg, bucket_bytes=1 << 20)
+        again = _greedy(url)
+        drop, back = spec_accept_len(noised), spec_accept_len(again)
+        print(f"\n[gpu-smoke] MiMo MTP K={MTP_STEPS} on SGLang: accept length {accept:.2f} tokens per verify; "
+              f"{drop:.2f} with noise pushed into the MTP layers; {back:.2f} after pushing them back")
+        # the target's greedy tokens do not depend on the draft; only its acceptance does
+        assert [r["output_ids"] for r in noised] == [r["output_ids"] for r in before]
+        assert drop is not None and drop < accept
+        assert back == pytest.approx(accept, abs=0.05)
+        assert weight_sync.engine_weight_version(url, 30) == "2"
     finally:
         group.shutdown()
