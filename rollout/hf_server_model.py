@@ -1,13 +1,13 @@
-"""Model side of the local HF server: one batched forward step over per-request KV caches.
+"""Model side of the local HF server: one batched forward step over the requests' KV caches.
 
-Batching design: every request owns its KV cache (per layer K/V of shape [kv_heads, len, head_dim]).
-A step pads those caches into one batch ([pad | cache_i | pad | new_i] along the key axis), runs a
-single forward with a 2-D attention mask and explicit position_ids, and slices each request's new
-K/V back out. Requests therefore join and leave the batch at any step (continuous batching), a
-session child can start from its parent's cache, and padding never changes a request's numbers
-(masked keys contribute exactly zero), so a batched request equals its solo run up to float
-reduction order. Everything here runs on the scheduler's single worker thread, which also
-serialises weight updates against forwards.
+Batching design: a step's cache is one padded tensor per layer ([pad | cache_i | pad | new_i] along
+the key axis, rollout/hf_server_batch_kv.py); a request's cache is its row of the step that last fed it,
+and the next step feeds those rows straight back in (no per-request copies). Each step runs a single
+forward with a 2-D attention mask from every key's position and explicit position_ids. Requests
+therefore join and leave the batch at any step (continuous batching), a session child can start from
+its parent's cache, and padding never changes a request's numbers (masked keys contribute exactly
+zero), so a batched request equals its solo run up to float reduction order. Everything here runs on
+the scheduler's single worker thread, which also serialises weight updates against forwards.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from mopd.core.model_shape import read_model_shape
+from rollout.hf_server_batch_kv import KV, BatchKV, RowKV, assemble
 from rollout.hf_server_validation import read_checkpoint
 from rollout.mtp import MTP_PREFIX, MTPHead
 
@@ -31,8 +32,8 @@ _LAYER_NAME = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 @dataclass
 class StepInput:
     """One request's part of a step: its cache so far and the tokens to feed now."""
-    kv: list[tuple[torch.Tensor, torch.Tensor]] | None  # per layer (K, V) [heads, kv_len, dim]
-    kv_len: int
+    kv: KV | None  # a step's RowKV, or per layer (K, V) [heads, >= kv_len, dim]
+    kv_len: int  # positions [0, kv_len) of kv are the request's cache
     new_ids: list[int]
     want_prompt_logits: bool = False  # keep log-softmax rows of all fed positions (prompt logprobs)
     temperature: float = 1.0
@@ -41,7 +42,7 @@ class StepInput:
 
 @dataclass
 class StepOutput:
-    kv: list[tuple[torch.Tensor, torch.Tensor]]
+    kv: RowKV  # the request's cache after this step: every position fed so far
     last_logprobs: torch.Tensor  # [vocab] log softmax(logits/T) at the last fed position
     last_logits: torch.Tensor  # [vocab] raw logits at the last fed position (float32)
     fed_logprobs: torch.Tensor | None  # [n_new, vocab] log softmax per fed position (prompt logprobs)
@@ -113,82 +114,64 @@ class ModelRunner:
     @torch.inference_mode()
     def step(self, inputs: list[StepInput]) -> list[StepOutput]:
         """One forward over all requests; see the module docstring for the padded layout."""
-        b = len(inputs)
-        past = max(x.kv_len for x in inputs)
-        q = max(len(x.new_ids) for x in inputs)
         dev = self.device
+        past = assemble([x.kv for x in inputs], [x.kv_len for x in inputs], dev)
+        rows = [inputs[i] for i in past.order]  # the batch's row order: requests of one earlier step together
+        b, w = len(rows), past.width
+        q = max(len(x.new_ids) for x in rows)
         ids = torch.zeros(b, q, dtype=torch.long)
-        pos = torch.zeros(b, q, dtype=torch.long)
-        mask = torch.zeros(b, past + q, dtype=torch.long)
-        for i, x in enumerate(inputs):
+        qpos = torch.full((b, q), -1, dtype=torch.long)
+        for i, x in enumerate(rows):
             n = len(x.new_ids)
             ids[i, q - n:] = torch.tensor(x.new_ids)
-            pos[i, q - n:] = torch.arange(x.kv_len, x.kv_len + n)
-            mask[i, past - x.kv_len:past] = 1
-            mask[i, past + q - n:] = 1
-        # transformers' sliding layers would crop the cache; per-request caches are sliced below instead
+            qpos[i, q - n:] = torch.arange(x.kv_len, x.kv_len + n)
+        kpos = torch.cat([past.kpos, qpos], dim=1)
+        # transformers' sliding layers would crop the cache; masks come from positions instead (`_masks`)
         cache = DynamicCache() if self.sliding else DynamicCache(config=self.model.config)
-        if past > 0:
-            cached = next(y for y in inputs if y.kv is not None)
-            for layer in range(self.num_layers):
-                ks, vs = [], []
-                ref, vref = cached.kv[layer]
-                for x in inputs:
-                    pad = past - x.kv_len
-                    k = torch.zeros(ref.shape[0], past, ref.shape[2], dtype=ref.dtype, device=dev)
-                    v = torch.zeros(vref.shape[0], past, vref.shape[2], dtype=vref.dtype, device=dev)  # v_head_dim
-                    if x.kv_len:
-                        k[:, pad:] = x.kv[layer][0]
-                        v[:, pad:] = x.kv[layer][1]
-                    ks.append(k)
-                    vs.append(v)
-                cache.update(torch.stack(ks), torch.stack(vs), layer)
+        for layer, (k, v) in enumerate(past.layers or ()):
+            cache.update(k, v, layer)
         self._captured.clear()
         self._hidden.clear()
-        attn: Any = self._masks(inputs, past, q) if self.sliding else mask.to(dev)
-        out = self.model(input_ids=ids.to(dev), attention_mask=attn, position_ids=pos.to(dev),
+        attn: Any = self._masks(kpos, qpos) if self.sliding else (kpos >= 0).long().to(dev)
+        out = self.model(input_ids=ids.to(dev), attention_mask=attn, position_ids=qpos.clamp(min=0).to(dev),
                          past_key_values=cache, use_cache=True)
         self.forward_steps += 1
+        layers = [(lay.keys, lay.values) for lay in cache.layers]
+        if bool((qpos < 0).any()):  # padding queries' keys are never attended, but must not hold NaN
+            pad = (qpos < 0).to(dev)[:, None, :, None]
+            for k, v in layers:
+                k[:, :, w:].masked_fill_(pad, 0)
+                v[:, :, w:].masked_fill_(pad, 0)
+        state = BatchKV(layers=layers, kpos=kpos, lengths=[x.kv_len + len(x.new_ids) for x in rows])
         logits = out.logits.float()
+        last_all = logits[:, -1].cpu()  # sampling runs on CPU (per-request CPU generators)
+        temps = torch.tensor([x.temperature if x.temperature > 0 else 1.0 for x in rows])
+        last_lp = torch.log_softmax(last_all / temps[:, None], dim=-1)
         hidden = self._hidden[-1] if self._hidden else None
-        results = []
-        for i, x in enumerate(inputs):
+        routing = self._routing(b, q)
+        results: list[StepOutput | None] = [None] * b
+        for i, x in enumerate(rows):
             n = len(x.new_ids)
-            kv = []
-            for layer in range(self.num_layers):
-                lay = cache.layers[layer]
-                nk, nv = lay.keys[i, :, past + q - n:], lay.values[i, :, past + q - n:]
-                if x.kv_len:
-                    nk = torch.cat([x.kv[layer][0], nk], dim=1)
-                    nv = torch.cat([x.kv[layer][1], nv], dim=1)
-                kv.append((nk.contiguous(), nv.contiguous()))
-            last = logits[i, -1].cpu()  # sampling runs on CPU (per-request CPU generators)
             fed = _log_softmax(logits[i, q - n:], x.temperature).cpu() if x.want_prompt_logits else None
-            results.append(StepOutput(kv=kv, last_logprobs=_log_softmax(last, x.temperature), last_logits=last,
-                                      fed_logprobs=fed, routing=self._routing_rows(i, b, q, n),
-                                      logits=logits[i, q - n:].cpu() if x.want_logits else None,
-                                      hidden=hidden[i, q - n:] if hidden is not None else None))
-        return results
+            results[past.order[i]] = StepOutput(
+                kv=RowKV(state, i, state.lengths[i]), last_logprobs=last_lp[i], last_logits=last_all[i],
+                fed_logprobs=fed, routing=routing[i, q - n:] if routing is not None else None,
+                logits=logits[i, q - n:].cpu() if x.want_logits else None,
+                hidden=hidden[i, q - n:] if hidden is not None else None)
+        return results  # type: ignore[return-value]
 
-    def _masks(self, inputs: list[StepInput], past: int, q: int) -> dict[str, torch.Tensor]:
-        """Additive [b, 1, q, past+q] masks per layer type from each request's real positions.
+    def _masks(self, kpos: torch.Tensor, qpos: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Additive [b, 1, q, width+q] masks per layer type from each key's and query's position (-1: none).
 
         transformers' own sliding-window mask measures distance in key slots, which the padded layout
-        ([pad | cache_i | pad | new_i]) stretches for a request feeding fewer tokens than the widest;
-        positions make the window exact in any batch. A padding query sees itself only (no empty row).
+        stretches (padding between a request's cache and its new tokens, masked keys left in the batch
+        cache); positions make the window exact in any batch. A padding query sees itself only (no empty row).
         """
-        b = len(inputs)
-        kpos = torch.full((b, past + q), -1, dtype=torch.long)
-        qpos = torch.full((b, q), -1, dtype=torch.long)
-        for i, x in enumerate(inputs):
-            n = len(x.new_ids)
-            kpos[i, past - x.kv_len:past] = torch.arange(x.kv_len)
-            kpos[i, past + q - n:] = torch.arange(x.kv_len, x.kv_len + n)
-            qpos[i, q - n:] = torch.arange(x.kv_len, x.kv_len + n)
+        q, width = qpos.shape[1], kpos.shape[1]
         qq, kk = qpos[:, :, None], kpos[:, None, :]
         causal = (kk >= 0) & (qq >= 0) & (kk <= qq)
-        self_slot = torch.zeros(q, past + q, dtype=torch.bool)
-        self_slot[torch.arange(q), past + torch.arange(q)] = True
+        self_slot = torch.zeros(q, width, dtype=torch.bool)
+        self_slot[torch.arange(q), width - q + torch.arange(q)] = True
         window = int(self.model.config.sliding_window)
         dtype = next(self.model.parameters()).dtype
         out = {}
@@ -198,12 +181,13 @@ class ModelRunner:
                 self.device)
         return out
 
-    def _routing_rows(self, i: int, b: int, q: int, n: int) -> np.ndarray | None:
+    def _routing(self, b: int, q: int) -> np.ndarray | None:
+        """int32 [b, q, num_layers, top_k]: the experts each router picked for every fed position."""
         if not self.capture_routing:
             return None
-        rows = np.zeros((n, self.num_layers, self.top_k), dtype=np.int32)
+        rows = np.zeros((b, q, self.num_layers, self.top_k), dtype=np.int32)
         for layer, idx in self._captured.items():
-            rows[:, layer, :] = idx.reshape(b, q, -1)[i, q - n:].cpu().numpy()
+            rows[:, :, layer, :] = idx.reshape(b, q, -1).cpu().numpy()
         return rows
 
     @torch.inference_mode()

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from rollout.hf_server_batch_kv import KV, own_kv
 from rollout.hf_server_model import ModelRunner, StepInput, StepOutput, sample_token
 from rollout.hf_server_validation import RequestError, sampling_params
 from rollout.sglang_api import SessionParams
@@ -87,7 +88,7 @@ class Request:
     routed_experts_start_len: int
     session_id: str | None
     top_logprobs_num: int = 0
-    kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    kv: KV | None = None  # positions [0, kv_len): a row of the last step's batch cache, or a session's
     kv_len: int = 0
     cached_tokens: int = 0
     routing: list[np.ndarray] = field(default_factory=list)
@@ -276,7 +277,7 @@ class Scheduler:
             if req.session_id is not None and req.session_id in self.sessions:
                 routing = np.concatenate(req.routing) if req.routing else None
                 self.sessions[req.session_id].remember(req.rid, Context(
-                    tokens=list(req.tokens), prompt_len=req.prompt_len, kv=req.kv, kv_len=req.kv_len,
+                    tokens=list(req.tokens), prompt_len=req.prompt_len, kv=own_kv(req.kv), kv_len=req.kv_len,
                     routing=routing, hidden=req.hidden), self.max_session_contexts)
         except Exception:
             log.exception("could not remember request %r in session %r", req.rid, req.session_id)

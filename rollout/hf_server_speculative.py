@@ -206,7 +206,7 @@ class SpeculativeDecoder:
         req.spec_proposed += len(drafts)
         req.spec_correct += correct
         keep = start + emitted  # fed positions kept: the last token before the step and the kept drafts
-        req.kv = [(k[:, :keep].contiguous(), v[:, :keep].contiguous()) for k, v in out.kv]
+        req.kv = out.kv.prefix(keep)  # rejected drafts' keys stay masked in the batch cache
         req.kv_len = keep
         if out.routing is not None:
             req.routing.append(out.routing[:emitted])
