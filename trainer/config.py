@@ -100,6 +100,9 @@ class TrainerConfig:
         if self.mtp_loss_coef > 0 and self.tp_size > 1:
             raise ConfigError(f"{prefix}.mtp_loss_coef", "0 when trainer.tp_size > 1 (the MTP loss reads full "
                               "logits)", self.mtp_loss_coef)
+        if self.mtp_loss_coef > 0 and self.pp_size > 1:
+            raise ConfigError(f"{prefix}.mtp_loss_coef", "0 when trainer.pp_size > 1 (the MTP layers live on the "
+                              "last pipeline stage, the token embedding they read on the first)", self.mtp_loss_coef)
         if self.weight_sync_format not in ("auto", "sglang", "safetensors"):
             raise ConfigError(f"{prefix}.weight_sync_format", "one of auto, sglang, safetensors",
                               self.weight_sync_format)
@@ -133,15 +136,14 @@ class TrainerConfig:
         kv = kv or heads
         experts = getattr(hf_config, "num_experts", None) or getattr(hf_config, "n_routed_experts", None) or 0
         model_type = getattr(hf_config, "model_type", "?")
-        if model_type == "mimo_v2_flash" and (self.tp_size, self.pp_size, self.ep_size) != (1, 1, 1):
-            raise ConfigError(f"{prefix}.tp_size/pp_size/ep_size", "1 for mimo_v2_flash (its sharded layout is not "
-                              "yet checked against the single-rank run)", (self.tp_size, self.pp_size, self.ep_size))
+        # MiMo-V2-Flash: both attention kinds have num_attention_heads query heads; sliding-window layers
+        # have 2 * num_key_value_heads KV heads, which a divisor of num_key_value_heads also divides
+        counts = [(heads, "num_attention_heads"), (kv, "num_key_value_heads")]
         if self.pp_size > 1 and getattr(hf_config, "tie_word_embeddings", False):
             raise ConfigError(f"{prefix}.pp_size", "1 for a model with tie_word_embeddings (the embedding and the "
                               "output layer would live on different stages)", self.pp_size)
         ffn = [(getattr(hf_config, name, None), name) for name in ("intermediate_size", "moe_intermediate_size")]
-        for count, what in [(heads, "num_attention_heads"), (kv, "num_key_value_heads"),
-                            (hf_config.vocab_size, "vocab_size"), *[(n, w) for n, w in ffn if n]]:
+        for count, what in [*counts, (hf_config.vocab_size, "vocab_size"), *[(n, w) for n, w in ffn if n]]:
             if count % self.tp_size:
                 raise ConfigError(f"{prefix}.tp_size", f"a divisor of the model's {what}={count}", self.tp_size)
         if hf_config.num_hidden_layers % self.pp_size:

@@ -64,10 +64,11 @@ class TorchNorm:
         return norm
 
 
-def _swap_norms(submodules: Any) -> None:
+def swap_norms(submodules: Any) -> None:
+    """Megatron's WrappedTorchNorm -> TorchNorm in one spec's submodules (in place)."""
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
-    for name in ("input_layernorm", "pre_mlp_layernorm", "q_layernorm", "k_layernorm", "layer_norm"):
+    for name in ("input_layernorm", "pre_mlp_layernorm", "q_layernorm", "k_layernorm", "layer_norm", "enorm", "hnorm"):
         if getattr(submodules, name, None) is WrappedTorchNorm:
             setattr(submodules, name, TorchNorm)
 
@@ -77,14 +78,14 @@ def patch_layer_specs(layer_specs: list) -> None:
     (in place)."""
     for spec in layer_specs:
         spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
-        _swap_norms(spec.submodules)
-        _swap_norms(spec.submodules.self_attention.submodules)
+        swap_norms(spec.submodules)
+        swap_norms(spec.submodules.self_attention.submodules)
 
 
 def patch_block_spec(block_spec: Any) -> None:
     """patch_layer_specs plus the block's final norm."""
     patch_layer_specs(block_spec.layer_specs)
-    _swap_norms(block_spec)
+    swap_norms(block_spec)
 
 
 def transformer_config_overrides(is_moe: bool) -> dict[str, Any]:

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from megatron.core import parallel_state as ps
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import (
@@ -48,6 +49,7 @@ from megatron.core.transformer.multi_token_prediction import MultiTokenPredictio
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from trainer import cpu_compat
 from trainer.core_attention import TorchCoreAttention
 from trainer.models import common
 from trainer.models.architecture import Architecture, Tensor
@@ -142,8 +144,34 @@ class MiMoSelfAttention(SelfAttention):
         """Attention with this layer type's RoPE (positions 0..s-1, like GPTModel's own RoPE)."""
         if inference_context is not None or kwargs.get("packed_seq_params") is not None:
             raise NotImplementedError("MiMoSelfAttention supports training/prefill of padded batches only")
-        emb = self.rotary_pos_emb(hidden_states.shape[0])
+        seq_len = hidden_states.shape[0]  # under sequence parallelism: this TP rank's slice of the tokens
+        if self.config.sequence_parallel:
+            seq_len *= self.world_size
+        emb = self.rotary_pos_emb(seq_len)
         return super().forward(hidden_states, attention_mask, key_value_states, None, rotary_pos_emb=emb, **kwargs)
+
+
+class ShardedSinkAttention(TorchCoreAttention):
+    """TorchCoreAttention whose sink logits are this tensor-parallel rank's heads only (the rank runs
+    heads [rank * n, (rank + 1) * n) of every layer; TorchCoreAttention sizes the sinks for all heads)."""
+
+    def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type: Any, attention_type: str,
+                 **kwargs: Any) -> None:
+        super().__init__(config, layer_number, attn_mask_type, attention_type, **kwargs)
+        tp = config.tensor_model_parallel_size
+        if isinstance(self.softmax_offset, torch.nn.Parameter) and tp > 1:
+            self.softmax_offset = torch.nn.Parameter(torch.zeros(config.num_attention_heads // tp,
+                                                                 dtype=config.params_dtype))
+
+
+def _mark_sinks_split(model: torch.nn.Module) -> None:
+    """Sink logits are per head: TP splits them along with the heads (trainer.parallel cuts and joins
+    weights by these attributes; Megatron's attention modules leave them unset)."""
+    from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+
+    for name, param in model.named_parameters():
+        if name.endswith("softmax_offset"):
+            set_tensor_model_parallel_attributes(param, is_parallel=True, dim=0, stride=1)
 
 
 # ---------------------------------------------------------------------------- config and model
@@ -206,31 +234,42 @@ def mtp_layers_in_config(cfg: Any) -> int:
     return int(getattr(cfg, "num_nextn_predict_layers", 0) or 0)
 
 
-def _mimo_layer_spec(spec: ModuleSpec, torch_attention: bool) -> ModuleSpec:
+def _mimo_layer_spec(spec: ModuleSpec, torch_attention: bool, sequence_parallel: bool) -> ModuleSpec:
     spec = copy.deepcopy(spec)
     attention = spec.submodules.self_attention
     attention.module = MiMoSelfAttention
     if torch_attention:  # no TE: the stock local DotProductAttention has no separate value head dim
-        attention.submodules.core_attention = TorchCoreAttention
+        attention.submodules.core_attention = ShardedSinkAttention
+        if sequence_parallel:  # TP without TE runs on CPU only (trainer/model_builder.py refuses it on GPU)
+            cpu_compat.swap_norms(spec.submodules)
     return spec
 
 
 def build(config: MiMoTransformerConfig, hf_config: Any, *, use_te: bool, mtp_num_layers: int | None) -> GPTModel:
-    """GPTModel with MiMo layers; `model.mtp` holds the MTP layers (not run by GPTModel.forward)."""
+    """This pipeline stage's GPTModel with MiMo layers (the embedding on the first stage, the head on the
+    last); `model.mtp` holds the MTP layers (not run by GPTModel.forward), on the last stage as in
+    Megatron (`get_mtp_num_layers_to_build`)."""
+    sp = bool(config.sequence_parallel)
     block = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te, normalization="RMSNorm")
-    block.layer_specs = [_mimo_layer_spec(s, not use_te) for s in block.layer_specs]
-    model = GPTModel(config=config, transformer_layer_spec=block, pre_process=True, post_process=True,
-                     vocab_size=hf_config.vocab_size, max_sequence_length=hf_config.max_position_embeddings,
-                     position_embedding_type="none",
+    block.layer_specs = [_mimo_layer_spec(s, not use_te, sp) for s in block.layer_specs]
+    if not use_te and sp:
+        cpu_compat.swap_norms(block)
+    model = GPTModel(config=config, transformer_layer_spec=block, pre_process=ps.is_pipeline_first_stage(),
+                     post_process=ps.is_pipeline_last_stage(), vocab_size=hf_config.vocab_size,
+                     max_sequence_length=hf_config.max_position_embeddings, position_embedding_type="none",
                      share_embeddings_and_output_weights=bool(getattr(hf_config, "tie_word_embeddings", False)))
     n_mtp = mtp_layers_in_config(hf_config) if mtp_num_layers is None else mtp_num_layers
-    if n_mtp > 0:
+    if n_mtp > 0 and ps.is_pipeline_last_stage():
         mtp_config = copy.copy(config.for_layer_type(SLIDING))
         mtp_config.mtp_num_layers = n_mtp
         dense = (get_gpt_layer_with_transformer_engine_spec() if use_te
                  else get_gpt_layer_local_spec(normalization="RMSNorm"))
-        mtp_spec = get_gpt_mtp_block_spec(mtp_config, _mimo_layer_spec(dense, not use_te), use_te)
+        mtp_spec = get_gpt_mtp_block_spec(mtp_config, _mimo_layer_spec(dense, not use_te, sp), use_te)
+        if not use_te and sp:
+            for layer_spec in mtp_spec.layer_specs:
+                cpu_compat.swap_norms(layer_spec.submodules)
         model.mtp = MultiTokenPredictionBlock(config=mtp_config, spec=mtp_spec)
+    _mark_sinks_split(model)
     from megatron.core.transformer.moe.router import TopKRouter
 
     for module in model.modules():  # HF keeps the router weight in fp32 (bf16 training included)
