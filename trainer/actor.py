@@ -71,26 +71,25 @@ class TrainerActor:
         self.pusher.push(stream, urls, version)
 
     def save_checkpoint(self, path: str) -> None:
-        if self.rank == 0:
-            state = self.trainer.state_dict()
-        elif parallel.model_parallel():  # gathering the sharded state needs every rank
-            self.trainer.state_dict()
-            state = None
-        else:
-            state = None
-        checkpoint.save_trainer_state(path, state, self.rank)
+        """Every rank writes its own part of the state (trainer/sharded_checkpoint.py) and its RNG."""
+        checkpoint.save_trainer_state(path, self.trainer, self.rank)
 
     def load_checkpoint(self, path: str) -> None:
-        state, rng = checkpoint.load_trainer_state(path, self.rank)
-        self.trainer.load_state_dict(state)
+        rng = checkpoint.load_trainer_state(path, self.trainer, self.rank)
         if rng is not None:
             checkpoint.set_rng_state(rng)
 
     def export_hf(self, path: str) -> None:
+        """Rank 0 writes the HF export bucket by bucket as the ranks gather it (every rank takes part under
+        TP/PP/EP): about one bucket of extra memory, never the whole model."""
+        if self.rank != 0 and not parallel.model_parallel():
+            return
+        stream = self.trainer.hf_buckets(self.cfg.weight_sync_bucket_mb * 2**20, keep=self.rank == 0)
         if self.rank == 0:
-            checkpoint.export_hf(path, self.trainer.hf_state(), self.model_path)
-        elif parallel.model_parallel():  # the gather of full weights needs every rank
-            self.trainer.hf_state()
+            checkpoint.export_hf(path, stream, self.model_path)
+        else:
+            for _ in stream:  # the gather's collectives; rank 0 writes
+                pass
 
     def shutdown(self) -> None:
         from trainer.dist import shutdown_distributed

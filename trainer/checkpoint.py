@@ -1,25 +1,37 @@
 """Checkpoints. The driver lays out `checkpoints/step_N/` as `trainer/` (this module's exact training
 state: `TrainerGroup.save_checkpoint(step_N/trainer)`) and `hf/` (`TrainerGroup.export_hf(step_N/hf)`).
 
-Model, optimizer and scheduler are identical on every data-parallel rank, so rank 0 writes them
-once (`state.pt`); under TP/PP/EP the ranks first gather them under single-rank names
-(trainer.parallel_checkpoint), so any layout resumes them. Each rank writes its own RNG state
-(`rng_rank<r>.pt`). Writes go to a temp
-name first so a crash never leaves a half-written file under the final name.
+`trainer/` (format 2, trainer/sharded_checkpoint.py): each rank writes the part of the model, fp32 masters
+and AdamW moments that it holds and no other rank wrote (`shards_rank<r>.safetensors`), rank 0 an
+`index.json` of where every part of every tensor is; any layout (TP/PP/EP/DP) resumes it, each rank
+reading only its own slices. Each rank writes its own RNG state (`rng_rank<r>.pt`). Format 1 (`state.pt`:
+everything gathered onto rank 0) is still read. Writes go to a temp name first so a crash never leaves a
+half-written file under the final name.
+
+`hf/`: transformers' safetensors layout (`model.safetensors`, or shards + `model.safetensors.index.json`
+when the model spans several buckets), written bucket by bucket as the ranks gather it
+(trainer/weight_gather.py, trainer/hf_shards.py): no rank holds the whole model.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from trainer.hf_io import save_hf
+from trainer import sharded_checkpoint
+from trainer.hf_shards import Bucket, write_sharded
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+LEGACY_FORMAT = 1  # state.pt, gathered on rank 0 (trainer/parallel_checkpoint.py reshards it on load)
+
+
+class SizedBuckets(Iterable[Bucket], Protocol):
+    def __len__(self) -> int: ...
 
 
 def rng_state() -> dict[str, Any]:
@@ -43,27 +55,37 @@ def _atomic_save(obj: Any, path: Path) -> None:
     tmp.replace(path)
 
 
-def save_trainer_state(path: str | Path, rank_state: dict[str, Any] | None, rank: int) -> None:
-    """rank_state (TrainerRank.state_dict) only from rank 0 (None elsewhere); every rank saves its RNG."""
+def save_trainer_state(path: str | Path, trainer: Any, rank: int) -> dict[str, int]:
+    """A collective: every rank writes its part of `trainer`'s (TrainerRank) state and its RNG; returns the
+    bytes of tensors this rank wrote per file."""
     d = Path(path)
-    d.mkdir(parents=True, exist_ok=True)
-    if rank_state is not None:
-        _atomic_save({"format_version": FORMAT_VERSION, **rank_state}, d / "state.pt")
+    sizes = sharded_checkpoint.save(trainer, d)
     _atomic_save(rng_state(), d / f"rng_rank{rank}.pt")
+    return sizes
 
 
-def load_trainer_state(path: str | Path, rank: int) -> tuple[dict[str, Any], dict[str, Any] | None]:
+def load_trainer_state(path: str | Path, trainer: Any, rank: int) -> dict[str, Any] | None:
+    """Load this rank's part of a checkpoint (written at any layout) into `trainer`; returns the rank's
+    saved RNG state (None when the checkpoint had fewer ranks)."""
     d = Path(path)
-    if not (d / "state.pt").exists():
-        raise FileNotFoundError(f"no trainer state at {d / 'state.pt'} (expected a dir written by save_checkpoint)")
-    state = torch.load(d / "state.pt", map_location="cpu", weights_only=False)
-    if state.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{d / 'state.pt'}: format_version {state.get('format_version')}, expected {FORMAT_VERSION}")
+    if (d / sharded_checkpoint.INDEX).exists():
+        sharded_checkpoint.load(trainer, d)
+    elif (d / "state.pt").exists():
+        state = torch.load(d / "state.pt", map_location="cpu", weights_only=False)
+        if state.get("format_version") != LEGACY_FORMAT:
+            raise ValueError(f"{d / 'state.pt'}: format_version {state.get('format_version')}, expected "
+                             f"{LEGACY_FORMAT}")
+        trainer.load_state_dict(state)
+    else:
+        raise FileNotFoundError(f"no trainer state at {d} (expected {sharded_checkpoint.INDEX} or state.pt, "
+                                "a dir written by save_checkpoint)")
     rng_file = d / f"rng_rank{rank}.pt"
-    rng = torch.load(rng_file, weights_only=False) if rng_file.exists() else None
-    return state, rng
+    return torch.load(rng_file, weights_only=False) if rng_file.exists() else None
 
 
-def export_hf(path: str | Path, hf_state: dict[str, torch.Tensor], source_dir: str | Path) -> Path:
-    """HF safetensors + config.json + tokenizer files of the source model (loads with from_pretrained)."""
-    return save_hf(path, hf_state, source_dir)
+def export_hf(path: str | Path, weights: SizedBuckets | Mapping[str, torch.Tensor], source_dir: str | Path) -> Path:
+    """HF safetensors + config.json + tokenizer files of the source model (loads with from_pretrained), from
+    buckets of HF tensors written as they come (`TrainerRank.hf_buckets`) or from one dict of them."""
+    if isinstance(weights, Mapping):
+        weights = [list(weights.items())]
+    return write_sharded(iter(weights), len(weights), path, source_dir)

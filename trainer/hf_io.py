@@ -1,14 +1,13 @@
-"""HF checkpoints on disk: read safetensors shards directly, write an HF-loadable directory."""
+"""HF checkpoints on disk: read safetensors shards directly (trainer/hf_shards.py writes them)."""
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 # files copied verbatim from the source model dir so the export loads with AutoTokenizer as well
 MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -43,19 +42,3 @@ def load_hf_state(model_path: str | Path) -> dict[str, torch.Tensor]:
     for name in files:
         state.update(load_file(str(path / name)))
     return state
-
-
-def save_hf(path: str | Path, state: dict[str, torch.Tensor], source_dir: str | Path,
-            dtype: torch.dtype | None = None) -> Path:
-    """Write `model.safetensors` + config/tokenizer files copied from `source_dir`."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    tensors = {k: (v.to(dtype) if dtype is not None else v).detach().cpu().contiguous() for k, v in state.items()}
-    tmp = path / "model.safetensors.tmp"
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    tmp.replace(path / "model.safetensors")
-    for name in MODEL_FILES:
-        src = Path(source_dir) / name
-        if src.exists():
-            shutil.copy2(src, path / name)
-    return path

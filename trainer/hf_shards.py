@@ -1,7 +1,8 @@
 """HF sharded checkpoints written and read one bucket at a time (the weight push's snapshots and disk mode).
 
-The layout is transformers' own sharded format: `model-0000i-of-0000n.safetensors` files and a
-`model.safetensors.index.json` whose `weight_map` names each tensor's file, so `from_pretrained`,
+The layout is transformers' own (`save_pretrained`): `model-0000i-of-0000n.safetensors` files and a
+`model.safetensors.index.json` whose `weight_map` names each tensor's file, or one `model.safetensors` and
+no index when there is one shard, so `from_pretrained`,
 SGLang and the local engine (rollout/hf_server.py reads every *.safetensors file) load it, and
 trainer/hf_io.py reads it back. Neither side holds more than one bucket of tensors.
 """
@@ -43,7 +44,7 @@ class ShardWriter:
         i = self.written + 1
         if i > self.num_shards:
             raise ValueError(f"shard {i} written to a checkpoint of {self.num_shards} shards")
-        name = f"model-{i:05d}-of-{self.num_shards:05d}.safetensors"
+        name = "model.safetensors" if self.num_shards == 1 else f"model-{i:05d}-of-{self.num_shards:05d}.safetensors"
         tensors = {n: t.detach().cpu().contiguous() for n, t in bucket}
         save_file(tensors, str(self.scratch / name), metadata={"format": "pt"})
         for n, t in tensors.items():
@@ -54,8 +55,9 @@ class ShardWriter:
     def finish(self, source_dir: str | Path) -> Path:
         if self.written != self.num_shards:
             raise ValueError(f"checkpoint {self.path}: {self.written} of {self.num_shards} shards written")
-        index = {"metadata": {"total_size": self.total_size}, "weight_map": self.weight_map}
-        (self.scratch / INDEX).write_text(json.dumps(index, indent=2))
+        if self.num_shards > 1:
+            index = {"metadata": {"total_size": self.total_size}, "weight_map": self.weight_map}
+            (self.scratch / INDEX).write_text(json.dumps(index, indent=2))
         for name in MODEL_FILES:
             src = Path(source_dir) / name
             if src.exists():

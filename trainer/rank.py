@@ -293,15 +293,17 @@ class TrainerRank:
         return GatheredBuckets(self.model, self.arch, self.hf_config, bucket_bytes, keep=keep)
 
     def state_dict(self) -> dict[str, Any]:
-        """The exact training state; under TP/PP/EP gathered from every rank under single-rank names
-        (a collective), so that any layout can resume it."""
+        """The exact training state of an unsharded rank (in memory); a sharded one saves its own part with
+        trainer/checkpoint.py `save_trainer_state` instead (no rank gathers the whole model)."""
         if parallel.model_parallel():
-            return parallel_checkpoint.gather_training_state(self)
+            raise ValueError("TrainerRank.state_dict: this rank holds part of the model (TP/PP/EP > 1); save it with "
+                             "trainer.checkpoint.save_trainer_state (each rank writes its own part)")
         return {"model": {k: v for k, v in self.model.state_dict().items() if not k.endswith("_extra_state")},
                 "optim": self.optim.state_dict(), "step": self.step}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """A state from `state_dict` (same unsharded layout) or a gathered one (any layout: it reshards)."""
+        """A state from `state_dict` (same unsharded layout) or a gathered format 1 checkpoint's (any layout:
+        it reshards, trainer/parallel_checkpoint.py)."""
         if state.get("layout") == parallel_checkpoint.FULL:
             parallel_checkpoint.load_training_state(self, state)
             return
