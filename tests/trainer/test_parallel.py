@@ -230,7 +230,8 @@ def test_dp2_pp2_ep2_four_ranks_equal_single_rank(moe_path, dist_env, tmp_path):
 
 
 def _save_worker(rank: int, world: int, port: int, model_path: str, cfg: TrainerConfig, batches, out_dir: str) -> None:
-    """Step on the first batch, save the (gathered) training state, step on the second."""
+    """Step on the first batch, save the training state, step on the second."""
+    from trainer.checkpoint import save_trainer_state
     from trainer.dist import init_distributed, shutdown_distributed
 
     torch.set_num_threads(1)
@@ -241,10 +242,8 @@ def _save_worker(rank: int, world: int, port: int, model_path: str, cfg: Trainer
         for step, batch in enumerate(batches):
             shard = split_by_tokens(batch, cfg.dp_size)[trainer.dp_rank]
             metrics.append(trainer.train_step([batch[i] for i in shard], len(batch)))
-            if step == 0:
-                state = trainer.state_dict()
-                if rank == 0:
-                    torch.save(state, f"{out_dir}/state.pt")
+            if step == 0:  # every rank writes its own part (trainer/sharded_checkpoint.py)
+                save_trainer_state(f"{out_dir}/ckpt", trainer, rank)
         if rank == 0:
             torch.save(metrics, f"{out_dir}/metrics.pt")
     finally:
@@ -254,6 +253,8 @@ def _save_worker(rank: int, world: int, port: int, model_path: str, cfg: Trainer
 @pytest.mark.slow
 def test_checkpoint_reshards_from_pp2_ep2_to_one_rank(moe_path, dist_env, tmp_path):
     """Saved at DP2 x PP2 x EP2 (four ranks), resumed by one rank: the next step is the same (1e-6)."""
+    from tests.trainer.test_sharded_checkpoint import _stored
+    from trainer.checkpoint import load_trainer_state
     from trainer.dist import free_port
 
     cfg = _cfg(dp_size=2, pp_size=2, ep_size=2)
@@ -262,7 +263,13 @@ def test_checkpoint_reshards_from_pp2_ep2_to_one_rank(moe_path, dist_env, tmp_pa
              nprocs=cfg.world_size, join=True)
     saved = torch.load(tmp_path / "metrics.pt", weights_only=False)
     one = TrainerRank(moe_path, dataclasses.replace(cfg, dp_size=1, pp_size=1, ep_size=1), ADV, num_steps=4)
-    one.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=False))
+    # each value stored once, though two DP replicas hold the dense weights: ranks 0, 1 are stage 0 (dense
+    # layer 0; rank 1 a replica, it writes nothing), ranks 2, 3 stage 1 (the MoE layer, experts split over both)
+    _, nbytes = _stored(tmp_path / "ckpt")
+    files = sorted(p.name for p in (tmp_path / "ckpt").glob("shards_rank*.safetensors"))
+    print(f"DP2 x PP2 x EP2 checkpoint: {nbytes} B of tensors in {files}")
+    assert files == ["shards_rank0.safetensors", "shards_rank2.safetensors", "shards_rank3.safetensors"]
+    load_trainer_state(tmp_path / "ckpt", one, 0)
     # step 2's loss reads the weights; step 3's also the AdamW moments and the schedule after step 2
     for step in (1, 2):
         resumed = one.train_step(batches[step], len(batches[step]))
