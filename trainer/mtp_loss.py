@@ -65,9 +65,11 @@ class MTPLoss:
         """
         if self._hidden is None:
             raise RuntimeError("MTPLoss.loss_sum needs a main-model forward inside MTPLoss.capture()")
-        hidden, self._hidden = self._hidden, None  # [S, B, H]
         model = self.model
         B, S = tokens.shape
+        # [S, B, H]; the model may have run padded at the end (trainer.parallel.lockstep_shapes): causal, so
+        # the real positions' states do not depend on the padding
+        hidden, self._hidden = self._hidden[:S, :B], None
         with torch.no_grad():
             emb = model.embedding(input_ids=tokens, position_ids=torch.arange(S, device=tokens.device).expand(B, S))
         weight = (model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights
