@@ -97,12 +97,6 @@ class TrainerConfig:
         if self.dp_size % self.ep_size:
             raise ConfigError(f"{prefix}.ep_size", f"a divisor of trainer.dp_size={self.dp_size} (experts are split "
                               "over data-parallel ranks)", self.ep_size)
-        if self.mtp_loss_coef > 0 and self.tp_size > 1:
-            raise ConfigError(f"{prefix}.mtp_loss_coef", "0 when trainer.tp_size > 1 (the MTP loss reads full "
-                              "logits)", self.mtp_loss_coef)
-        if self.mtp_loss_coef > 0 and self.pp_size > 1:
-            raise ConfigError(f"{prefix}.mtp_loss_coef", "0 when trainer.pp_size > 1 (the MTP layers live on the "
-                              "last pipeline stage, the token embedding they read on the first)", self.mtp_loss_coef)
         if self.weight_sync_format not in ("auto", "sglang", "safetensors"):
             raise ConfigError(f"{prefix}.weight_sync_format", "one of auto, sglang, safetensors",
                               self.weight_sync_format)

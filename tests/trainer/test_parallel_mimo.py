@@ -181,17 +181,18 @@ def _compare(model_path: str, cfg: TrainerConfig, samples, tmp_path, *, adv: Adv
 
 
 def test_tp2_mimo_equals_single_rank(mimo_kv2_path, dist_env, tmp_path):
-    """Both attention kinds split by heads (sinks included), experts by expert TP, the MoE with R3, and the
-    MOPD top-k loss at a rollout temperature != 1."""
+    """Both attention kinds split by heads (sinks included), experts by expert TP, the MoE with R3, the MTP
+    loss on vocabulary slices, and the MOPD top-k loss at a rollout temperature != 1."""
     samples = _with_top_k(_with_routing(make_samples(5, seed=51)))
-    _compare(mimo_kv2_path, _cfg(tp_size=2), samples, tmp_path, adv=AdvantageConfig(alpha=0.5, teacher_top_k=3),
+    _compare(mimo_kv2_path, _cfg(tp_size=2, mtp_loss_coef=0.3), samples, tmp_path, adv=AdvantageConfig(alpha=0.5, teacher_top_k=3),
              temperature=0.8)
 
 
 def test_pp2_mimo_equals_single_rank(mimo_kv2_path, dist_env, tmp_path):
-    """Layers 0-1 (full, sliding) on the first stage, 2-3 (sliding, full) and the MTP layers on the last;
-    R3 replays global MoE layer 1 on the first stage and 2, 3 on the last."""
-    _compare(mimo_kv2_path, _cfg(pp_size=2), _with_routing(make_samples(4, seed=52)), tmp_path)
+    """Layers 0-1 (full, sliding) on the first stage, 2-3 (sliding, full) and the MTP layers on the last
+    (the token embeddings they read come from the first); R3 replays global MoE layer 1 on the first stage
+    and 2, 3 on the last."""
+    _compare(mimo_kv2_path, _cfg(pp_size=2, mtp_loss_coef=0.3), _with_routing(make_samples(4, seed=52)), tmp_path)
 
 
 def test_ep2_mimo_with_mtp_loss_equals_single_rank(mimo_kv2_path, dist_env, tmp_path):
@@ -205,7 +206,7 @@ def test_ep2_mimo_with_mtp_loss_equals_single_rank(mimo_kv2_path, dist_env, tmp_
 def test_tp2_pp2_mimo_four_ranks_equal_single_rank(mimo_kv2_path, dist_env, tmp_path):
     """TP inside each of two pipeline stages (sequence-parallel activations on the wire), R3, top-k loss."""
     samples = _with_top_k(_with_routing(make_samples(5, seed=54)))
-    _compare(mimo_kv2_path, _cfg(tp_size=2, pp_size=2), samples, tmp_path,
+    _compare(mimo_kv2_path, _cfg(tp_size=2, pp_size=2, mtp_loss_coef=0.3), samples, tmp_path,
              adv=AdvantageConfig(alpha=0.5, teacher_top_k=3), temperature=0.9)
 
 
@@ -232,8 +233,3 @@ def test_mimo_layout_checks(mimo_kv2_path, sizes, expected):
     with pytest.raises(ConfigError, match=re.escape(expected)):
         cfg.check_model(hf_config)
     TrainerConfig(dp_size=4, ep_size=4, tp_size=2, pp_size=2).check_model(hf_config)  # a valid one
-
-
-def test_mtp_loss_refused_under_pp():
-    with pytest.raises(ConfigError, match=re.escape("trainer.mtp_loss_coef`: expected 0 when trainer.pp_size > 1")):
-        TrainerConfig(pp_size=2, mtp_loss_coef=0.1).validate()
