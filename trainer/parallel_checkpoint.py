@@ -39,15 +39,16 @@ def load_training_state(trainer: Any, state: dict[str, Any]) -> None:
         with torch.no_grad():
             for n, m in zip(names, optim.masters):
                 m.copy_(masters[n])
-    moments = {key: parallel.shard_state(state["adam"][key], model, params_only=True) for key in MOMENTS} \
-        if state["adam"] is not None else None
+    moments = {key: {n: t.clone() for n, t in parallel.shard_state(state["adam"][key], model, params_only=True).items()}
+               for key in MOMENTS} if state["adam"] is not None else None  # own copies, not views of the whole
     set_optimizer_state(trainer, state["hyper"], state["scheduler"], int(state["step"]),
                         state["adam"]["step"] if state["adam"] is not None else None, moments)
 
 
 def set_optimizer_state(trainer: Any, hyper: list[dict[str, Any]], scheduler: dict[str, Any], step: int,
                         adam_step: float | None, moments: dict[str, dict[str, torch.Tensor]] | None) -> None:
-    """AdamW and the schedule from saved hyper-parameters and this rank's moments (by local parameter name)."""
+    """AdamW and the schedule from saved hyper-parameters and this rank's moments (by local parameter name;
+    AdamW keeps these tensors as its state)."""
     optim = trainer.optim
     _, name_of = _by_name(trainer)
     current = optim.optimizer.state_dict()
@@ -61,8 +62,8 @@ def set_optimizer_state(trainer: Any, hyper: list[dict[str, Any]], scheduler: di
         for group in optim.optimizer.param_groups:
             for m in group["params"]:
                 n = name_of[id(m)]
-                adam[index] = {"step": torch.tensor(adam_step), "exp_avg": moments["exp_avg"][n].clone(),
-                               "exp_avg_sq": moments["exp_avg_sq"][n].clone()}
+                adam[index] = {"step": torch.tensor(adam_step), "exp_avg": moments["exp_avg"][n],
+                               "exp_avg_sq": moments["exp_avg_sq"][n]}
                 index += 1
     optim.optimizer.load_state_dict({"state": adam, "param_groups": groups})
     optim.scheduler.load_state_dict(scheduler)

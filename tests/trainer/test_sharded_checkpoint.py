@@ -191,3 +191,62 @@ def test_tp1_to_tp2_and_back_and_tp2_export(dense_path, dist_env, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf_tp2"), dtype=torch.float32)
     assert all(torch.equal(p, ref[n]) for n, p in model.state_dict().items() if n in ref)
 
+
+
+def _memory_worker(rank: int, world: int, port: int, model_path: str, cfg: TrainerConfig, batch, out_dir: str) -> None:
+    """After one step at TP=2: peak RSS of the export, of the checkpoint save and of the whole-model gather."""
+    from tests.trainer.test_sharded_weight_push import _reset_peak_rss, _rss_follows_live_buffers, _status
+    from trainer.dist import init_distributed, shutdown_distributed
+
+    torch.set_num_threads(1)
+    _rss_follows_live_buffers()
+    init_distributed(rank, world, "127.0.0.1", port, use_cuda=False, tp=cfg.tp_size)
+    try:
+        out = Path(out_dir)
+        trainer = TrainerRank(model_path, cfg, ADV, num_steps=2)
+        trainer.train_step(batch, len(batch))
+        peaks, bucket = {}, 2**20
+        base = _reset_peak_rss()
+        stream = trainer.hf_buckets(bucket, keep=rank == 0)
+        if rank == 0:
+            checkpoint.export_hf(out / "hf", stream, model_path)
+        else:
+            for _ in stream:
+                pass
+        peaks["export"] = _status("VmHWM") - base
+        base = _reset_peak_rss()
+        sizes = checkpoint.save_trainer_state(out / "ckpt", trainer, rank)
+        peaks["save"] = _status("VmHWM") - base
+        base = _reset_peak_rss()
+        full = trainer.hf_state()
+        peaks["whole-model gather"] = _status("VmHWM") - base
+        del full
+        torch.save({"peaks": peaks, "sizes": sizes, "nbytes": stream.nbytes, "stats": dataclasses.asdict(stream.stats)},
+                   out / f"rank{rank}.pt")
+    finally:
+        shutdown_distributed()
+
+
+def test_tp2_export_and_checkpoint_hold_no_whole_model(tmp_path, tokenizer, dist_env):
+    """A 16-layer model at TP=2: the export's extra memory on each rank is about one bucket and the checkpoint
+    save's about nothing (peak RSS, measured), while the whole-model gather they replaced costs the model; each
+    rank writes about half of the state (weights + AdamW moments)."""
+    from mopd.toy.models import create_tiny_model
+    from trainer.dist import free_port
+
+    path = str(create_tiny_model(tmp_path / "model", tokenizer, arch="qwen3", hidden_size=384, num_layers=16))
+    cfg = _cfg(tp_size=2, lr=1e-3)
+    mp.spawn(_memory_worker, args=(2, free_port(), path, cfg, make_samples(2, seed=65), str(tmp_path)), nprocs=2,
+             join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    model = ranks[0]["nbytes"]
+    written = [sum(r["sizes"].values()) for r in ranks]
+    _, total = _stored(tmp_path / "ckpt")
+    for rank, (res, wrote) in enumerate(zip(ranks, written)):
+        peaks = ", ".join(f"{k} +{v / 2**20:.1f} MiB" for k, v in res["peaks"].items())
+        print(f"rank {rank}: model {model / 2**20:.1f} MiB, wrote {wrote / 2**20:.1f} of {total / 2**20:.1f} MiB of "
+              f"checkpoint; gathered alive at most {res['stats']['peak_alive_bytes'] / 2**20:.1f} MiB; peak RSS: {peaks}")
+        assert res["peaks"]["whole-model gather"] > 0.75 * model, "the control: a whole gather shows in peak RSS"
+        assert res["peaks"]["export"] < 0.2 * model and res["peaks"]["save"] < 0.1 * model
+        assert 0.4 * total < wrote < 0.6 * total
+    assert sum(written) == total and total > 2.9 * model  # weights + two moments, each stored once
