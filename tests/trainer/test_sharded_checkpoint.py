@@ -75,25 +75,41 @@ def _stored(path: Path) -> tuple[dict[tuple[str, str], int], int]:
     return values, nbytes
 
 
+def _gathered_format_1(trainer: TrainerRank) -> dict[str, object]:
+    """A format 1 state.pt of layout "full" (trainer/parallel_checkpoint.py reads it), of a one-rank trainer."""
+    optim = trainer.optim
+    names = [n for n, _ in trainer.model.named_parameters()]
+    adam = optim.optimizer.state
+    return {"layout": "full", "step": trainer.step, "scheduler": optim.scheduler.state_dict(),
+            "hyper": [{k: v for k, v in g.items() if k != "params"} for g in optim.optimizer.state_dict()["param_groups"]],
+            "model": {k: v for k, v in trainer.model.state_dict().items() if not k.endswith("_extra_state")},
+            "masters": dict(zip(names, optim.masters)),
+            "adam": {"exp_avg": {n: adam[m]["exp_avg"] for n, m in zip(names, optim.masters)},
+                     "exp_avg_sq": {n: adam[m]["exp_avg_sq"] for n, m in zip(names, optim.masters)},
+                     "step": float(adam[optim.masters[0]]["step"])}}
+
+
 def test_bf16_round_trip_and_format_1(moe_path, dist_env, tmp_path):
-    """One rank, bf16 (fp32 masters): the sharded checkpoint and a format 1 state.pt both restore model,
-    masters, AdamW moments, schedule and step exactly, and the next step is the same."""
+    """One rank, bf16 (fp32 masters): the sharded checkpoint and format 1 state.pt files (unsharded, and
+    gathered under single-rank names) all restore model, masters, AdamW moments, schedule and step exactly,
+    and the next step is the same."""
     cfg = _cfg(dtype="bfloat16")
     batch1, batch2 = make_samples(4, seed=61), make_samples(3, seed=62)
     trainer = TrainerRank(moe_path, cfg, ADV, num_steps=4)
     trainer.train_step(batch1, len(batch1))
     sizes = checkpoint.save_trainer_state(tmp_path / "v2", trainer, 0)
-    torch.save({"format_version": 1, **trainer.state_dict()}, tmp_path / "state.pt")
     (tmp_path / "v1").mkdir()
-    (tmp_path / "state.pt").replace(tmp_path / "v1" / "state.pt")
+    torch.save({"format_version": 1, **trainer.state_dict()}, tmp_path / "v1" / "state.pt")
+    (tmp_path / "v1_full").mkdir()  # what the gathering save of TP/PP/EP ranks wrote: single-rank names
+    torch.save({"format_version": 1, **_gathered_format_1(trainer)}, tmp_path / "v1_full" / "state.pt")
     values, nbytes = _stored(tmp_path / "v2")
     assert set(sizes) == {"shards_rank0.safetensors"} and sizes["shards_rank0.safetensors"] == nbytes
     assert {kind for kind, _ in values} == {"model", "master", "exp_avg", "exp_avg_sq"}
     want = trainer.train_step(batch2, len(batch2))
-    for version in ("v1", "v2"):
+    for version in ("v1", "v1_full", "v2"):
         fresh = TrainerRank(moe_path, cfg, ADV, num_steps=4)
         rng = checkpoint.load_trainer_state(tmp_path / version, fresh, 0)
-        assert (rng is None) == (version == "v1")  # v1 here is state.pt alone
+        assert (rng is None) == version.startswith("v1")  # v1 here is state.pt alone
         fresh_ref = TrainerRank(moe_path, cfg, ADV, num_steps=4)
         fresh_ref.load_state_dict({k: v for k, v in torch.load(tmp_path / "v1" / "state.pt",
                                                                 weights_only=False).items() if k != "format_version"})
