@@ -2,7 +2,7 @@
 state: `TrainerGroup.save_checkpoint(step_N/trainer)`) and `hf/` (`TrainerGroup.export_hf(step_N/hf)`).
 
 `trainer/` (format 2, trainer/sharded_checkpoint.py): each rank writes the part of the model, fp32 masters
-and AdamW moments that it holds and no other rank wrote (`shards_rank<r>.safetensors`), rank 0 an
+and AdamW moments that it holds and no other rank wrote (`shards_rank<r>_<i>.safetensors`), rank 0 an
 `index.json` of where every part of every tensor is; any layout (TP/PP/EP/DP) resumes it, each rank
 reading only its own slices. Each rank writes its own RNG state (`rng_rank<r>.pt`). Format 1 (`state.pt`:
 everything gathered onto rank 0) is still read. Writes go to a temp name first so a crash never leaves a

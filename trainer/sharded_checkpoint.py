@@ -1,7 +1,7 @@
 """Training checkpoints written in parts by the ranks that hold them and read in parts at any layout.
 
 Each rank writes only the tensors it holds (model weights and buffers, fp32 masters of a bf16 model, AdamW
-moments) to its own `shards_rank<r>.safetensors`, unconverted; a tensor held by several ranks (data-parallel
+moments) to its own files `shards_rank<r>_<i>.safetensors` (about FILE_BYTES each), unconverted; a tensor held by several ranks (data-parallel
 replicas, weights that tensor parallelism does not split) is written once, by the lowest rank holding it.
 Rank 0 writes `index.json`: step, scheduler and optimizer hyper-parameters, and for every written tensor its
 single-rank (TP=PP=EP=1) name, full shape, file and which rows of the full tensor it holds. A rank at another
@@ -30,10 +30,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from trainer import parallel, parallel_checkpoint
-from trainer.model_builder import load_megatron_state
 from trainer.weight_gather import canonical_name
 
 INDEX = "index.json"
+FILE_BYTES = 2**30  # a writing rank's parts go into files of about this size
 
 Tensor = torch.Tensor
 Box = dict[str, list[int]]  # {"local": start per dim in the local tensor, "full": start in the full tensor, "shape"}
@@ -80,7 +80,22 @@ def _local_tensors(trainer: Any) -> dict[str, dict[str, Tensor]]:
     return out
 
 
-def save(trainer: Any, path: str | Path) -> dict[str, int]:
+def _files(written: list[dict[str, Any]], file_bytes: int) -> None:
+    """Name each part's file: a writing rank's parts in files of about `file_bytes` (on a GPU each file is
+    copied to host memory whole before it is written), the same on every rank."""
+    count: dict[int, int] = {}
+    size: dict[int, int] = {}
+    for e in written:
+        r = e["rank"]
+        if size.get(r, 0) and size[r] + e["nbytes"] > file_bytes:
+            count[r] += 1
+            size[r] = 0
+        count.setdefault(r, 0)
+        size[r] = size.get(r, 0) + e["nbytes"]
+        e["file"] = f"shards_rank{r}_{count[r]:05d}.safetensors"
+
+
+def save(trainer: Any, path: str | Path, file_bytes: int = FILE_BYTES) -> dict[str, int]:
     """Write this rank's part of the training state into `path` (a collective: every rank calls it).
     Returns the bytes this rank wrote per file (empty when every tensor it holds is written by another)."""
     d = Path(path)
@@ -94,24 +109,25 @@ def save(trainer: Any, path: str | Path) -> dict[str, int]:
         for key, value in named.items():
             name, full, boxes = _layout(model, key, value, params)
             entry = {"kind": kind, "name": name, "full_shape": full, "dtype": str(value.dtype).removeprefix("torch."),
-                     "key": f"{kind}/{key}", "boxes": boxes}
+                     "key": f"{kind}/{key}", "boxes": boxes, "nbytes": value.numel() * value.element_size()}
             mine.append(entry)
             tensors[entry["key"]] = value
     everyone: list[list[dict[str, Any]] | None] = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
-    written: dict[tuple, dict[str, Any]] = {}  # what each tensor part is: its first holder writes it
+    parts: dict[tuple, dict[str, Any]] = {}  # what each tensor part is: its first holder writes it
     for r, entries in enumerate(everyone):
         for e in entries or []:
-            what = (e["kind"], e["name"], json.dumps(e["boxes"]))
-            written.setdefault(what, {**e, "file": f"shards_rank{r}.safetensors"})
-    file = f"shards_rank{rank}.safetensors"
-    own = {e["key"]: tensors[e["key"]].cpu().contiguous() for e in written.values() if e["file"] == file}
-    sizes = {}
-    if own:
+            parts.setdefault((e["kind"], e["name"], json.dumps(e["boxes"])), {**e, "rank": r})
+    written = list(parts.values())
+    _files(written, file_bytes)
+    sizes: dict[str, int] = {}
+    for file in dict.fromkeys(e["file"] for e in written if e["rank"] == rank):
+        own = {e["key"]: tensors[e["key"]].cpu().contiguous() for e in written if e["file"] == file}
         tmp = d / (file + ".tmp")
         save_file(own, str(tmp), metadata={"format": "pt"})
         tmp.replace(d / file)
         sizes[file] = sum(t.numel() * t.element_size() for t in own.values())
+        del own
     dist.barrier()  # every part is on disk before the index names it
     if rank == 0:
         adam = optim.optimizer.state
@@ -123,7 +139,7 @@ def save(trainer: Any, path: str | Path) -> dict[str, int]:
                               "pp": ps.get_pipeline_model_parallel_world_size(),
                               "ep": ps.get_expert_model_parallel_world_size(),
                               "dp": ps.get_data_parallel_world_size()},
-                 "tensors": list(written.values())}
+                 "tensors": written}
         tmp = d / (INDEX + ".tmp")
         tmp.write_text(json.dumps(index))
         tmp.replace(d / INDEX)
@@ -142,14 +158,11 @@ class _Reader:
 
     def _open(self, file: str) -> Any:
         if file not in self.files:
-            if not (self.d / file).is_file():
-                raise FileNotFoundError(f"trainer checkpoint {self.d}: shard file {file} is missing (its index.json "
-                                        "names it; copy the whole checkpoint directory)")
             self.files[file] = self.stack.enter_context(safe_open(str(self.d / file), framework="pt"))
         return self.files[file]
 
-    def fill(self, kind: str, name: str, full: list[int], boxes: list[Box], out: Tensor) -> None:
-        """Copy the saved values of `boxes` of full tensor `name` into local tensor `out`."""
+    def check(self, kind: str, name: str, full: list[int]) -> list[dict[str, Any]]:
+        """The saved parts of full tensor `name`, which must exist with this shape, in files that exist."""
         parts = self.parts.get((kind, name))
         if not parts:
             raise ValueError(f"trainer checkpoint {self.d}: no {kind} tensor {name!r} (this model needs it; was the "
@@ -158,6 +171,14 @@ class _Reader:
             if part["full_shape"] != full:
                 raise ValueError(f"trainer checkpoint {self.d}: {kind} tensor {name!r} has shape {part['full_shape']}"
                                  f" in {part['file']}, this model expects {full}")
+            if not (self.d / part["file"]).is_file():
+                raise FileNotFoundError(f"trainer checkpoint {self.d}: shard file {part['file']} is missing (its "
+                                        "index.json names it; copy the whole checkpoint directory)")
+        return parts
+
+    def fill(self, kind: str, name: str, full: list[int], boxes: list[Box], out: Tensor) -> None:
+        """Copy the saved values of `boxes` of full tensor `name` into local tensor `out`."""
+        parts = self.check(kind, name, full)
         for box in boxes:
             covered = 0
             for part in parts:
@@ -186,11 +207,13 @@ class _Reader:
 
 def _read(reader: _Reader, kind: str, model: torch.nn.Module, named: dict[str, Tensor],
           params: dict[str, Tensor]) -> dict[str, Tensor]:
+    """This rank's `kind` tensors, each read on the host and moved to its device before the next is read."""
     out = {}
     for key, like in named.items():
         name, full, boxes = _layout(model, key, like, params)
-        out[key] = torch.empty(like.shape, dtype=torch.float32 if kind != "model" else like.dtype)
-        reader.fill(kind, name, full, boxes, out[key])
+        host = torch.empty(like.shape, dtype=like.dtype if kind == "model" else torch.float32)
+        reader.fill(kind, name, full, boxes, host)
+        out[key] = host.to(like.device)
     return out
 
 
@@ -203,18 +226,24 @@ def load(trainer: Any, path: str | Path) -> None:
     model, optim = trainer.model, trainer.optim
     params = dict(model.named_parameters())
     names = [n for n, _ in model.named_parameters()]
+    if optim.mixed and not index["mixed"]:
+        raise ValueError(f"trainer checkpoint {d} has no fp32 master weights but the model is bf16 "
+                         "(it was saved with trainer.dtype=float32)")
     local = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    kinds = {"model": local, "master": params if optim.mixed else {},
+             **{key: params if index["adam_step"] is not None else {} for key in parallel_checkpoint.MOMENTS}}
     with contextlib.ExitStack() as stack:
         reader = _Reader(d, index, stack)
-        load_megatron_state(model, _read(reader, "model", model, local, params))
-        if optim.mixed:
-            if not index["mixed"]:
-                raise ValueError(f"trainer checkpoint {d} has no fp32 master weights but the model is bf16 "
-                                 "(it was saved with trainer.dtype=float32)")
-            masters = _read(reader, "master", model, params, params)
+        for kind, named in kinds.items():  # every name, shape and file first: a bad checkpoint changes nothing
+            for key, like in named.items():
+                reader.check(kind, *_layout(model, key, like, params)[:2])
+        for key, own in local.items():  # one tensor at a time, straight into the model
             with torch.no_grad():
-                for n, m in zip(names, optim.masters):
-                    m.copy_(masters[n])
+                own.copy_(_read(reader, "model", model, {key: own}, params)[key])
+        if optim.mixed:
+            for n, m in zip(names, optim.masters):
+                with torch.no_grad():
+                    m.copy_(_read(reader, "master", model, {n: m}, params)[n])
         moments = {key: _read(reader, key, model, params, params) for key in parallel_checkpoint.MOMENTS} \
             if index["adam_step"] is not None else None
     parallel_checkpoint.set_optimizer_state(trainer, index["hyper"], index["scheduler"], int(index["step"]),

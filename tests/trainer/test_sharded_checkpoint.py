@@ -19,7 +19,7 @@ from safetensors import safe_open
 
 from mopd.core.algo import AdvantageConfig
 from tests.trainer.conftest import make_samples
-from trainer import checkpoint
+from trainer import checkpoint, sharded_checkpoint
 from trainer.config import TrainerConfig
 from trainer.hf_io import load_hf_state
 from trainer.rank import TrainerRank
@@ -98,18 +98,20 @@ def test_bf16_round_trip_and_format_1(moe_path, dist_env, tmp_path):
     trainer = TrainerRank(moe_path, cfg, ADV, num_steps=4)
     trainer.train_step(batch1, len(batch1))
     sizes = checkpoint.save_trainer_state(tmp_path / "v2", trainer, 0)
+    small = sharded_checkpoint.save(trainer, tmp_path / "v2_files", file_bytes=100_000)
+    assert len(small) > 3 and sum(small.values()) == sum(sizes.values())
     (tmp_path / "v1").mkdir()
     torch.save({"format_version": 1, **trainer.state_dict()}, tmp_path / "v1" / "state.pt")
     (tmp_path / "v1_full").mkdir()  # what the gathering save of TP/PP/EP ranks wrote: single-rank names
     torch.save({"format_version": 1, **_gathered_format_1(trainer)}, tmp_path / "v1_full" / "state.pt")
     values, nbytes = _stored(tmp_path / "v2")
-    assert set(sizes) == {"shards_rank0.safetensors"} and sizes["shards_rank0.safetensors"] == nbytes
+    assert list(sizes) == ["shards_rank0_00000.safetensors"] and sum(sizes.values()) == nbytes
     assert {kind for kind, _ in values} == {"model", "master", "exp_avg", "exp_avg_sq"}
     want = trainer.train_step(batch2, len(batch2))
-    for version in ("v1", "v1_full", "v2"):
+    for version in ("v1", "v1_full", "v2", "v2_files"):
         fresh = TrainerRank(moe_path, cfg, ADV, num_steps=4)
         rng = checkpoint.load_trainer_state(tmp_path / version, fresh, 0)
-        assert (rng is None) == version.startswith("v1")  # v1 here is state.pt alone
+        assert (rng is None) == (version != "v2")  # only save_trainer_state adds the RNG
         fresh_ref = TrainerRank(moe_path, cfg, ADV, num_steps=4)
         fresh_ref.load_state_dict({k: v for k, v in torch.load(tmp_path / "v1" / "state.pt",
                                                                 weights_only=False).items() if k != "format_version"})
@@ -119,17 +121,26 @@ def test_bf16_round_trip_and_format_1(moe_path, dist_env, tmp_path):
 
 
 def test_broken_checkpoints_fail_naming_the_file_or_tensor(dense_path, tokenizer, dist_env, tmp_path):
+    """A different model's checkpoint, a missing shard file, no checkpoint: clear errors, and a checkpoint
+    missing its last file fails before any weight is overwritten."""
     from mopd.toy.models import create_tiny_model
 
     trainer = TrainerRank(dense_path, _cfg(), ADV, num_steps=2)
     checkpoint.save_trainer_state(tmp_path / "ckpt", trainer, 0)
     wider = str(create_tiny_model(tmp_path / "wider", tokenizer, arch="qwen3", hidden_size=48))
     with pytest.raises(ValueError, match=r"model tensor 'embedding\.word_embeddings\.weight' has shape \[\d+, 64\] in "
-                                         r"shards_rank0\.safetensors, this model expects \[\d+, 48\]"):
+                                         r"shards_rank0_00000\.safetensors, this model expects \[\d+, 48\]"):
         checkpoint.load_trainer_state(tmp_path / "ckpt", TrainerRank(wider, _cfg(), ADV, num_steps=2), 0)
-    (tmp_path / "ckpt" / "shards_rank0.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match=re.escape("shard file shards_rank0.safetensors is missing")):
-        checkpoint.load_trainer_state(tmp_path / "ckpt", trainer, 0)
+    sharded_checkpoint.save(trainer, tmp_path / "files", file_bytes=20_000)
+    last = max((tmp_path / "files").glob("shards_rank0_*.safetensors"))
+    last.unlink()
+    other = TrainerRank(dense_path, _cfg(), ADV, num_steps=2)
+    samples = make_samples(3, seed=66)
+    other.train_step(samples, len(samples))
+    before = {k: v.clone() for k, v in other.model.state_dict().items() if not k.endswith("_extra_state")}
+    with pytest.raises(FileNotFoundError, match=re.escape(f"shard file {last.name} is missing")):
+        checkpoint.load_trainer_state(tmp_path / "files", other, 0)
+    assert all(torch.equal(v, other.model.state_dict()[k]) for k, v in before.items()), "a failed load changed weights"
     with pytest.raises(FileNotFoundError, match="no trainer state at"):
         checkpoint.load_trainer_state(tmp_path / "nothing", trainer, 0)
 
