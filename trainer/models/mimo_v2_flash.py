@@ -169,8 +169,11 @@ def _mark_sinks_split(model: torch.nn.Module) -> None:
     weights by these attributes; Megatron's attention modules leave them unset)."""
     from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
+    heads = model.config.num_attention_heads // model.config.tensor_model_parallel_size
     for name, param in model.named_parameters():
         if name.endswith("softmax_offset"):
+            if param.numel() != heads:
+                raise ValueError(f"{name}: {param.numel()} sink logits, expected {heads} (this TP rank's heads)")
             set_tensor_model_parallel_attributes(param, is_parallel=True, dim=0, stride=1)
 
 
