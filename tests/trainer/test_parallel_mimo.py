@@ -217,6 +217,14 @@ def test_dp2_tp2_ep2_mimo_four_ranks_equal_single_rank(mimo_kv2_path, dist_env, 
              tmp_path)
 
 
+@pytest.mark.slow
+def test_dp2_pp2_ep2_mimo_four_ranks_equal_single_rank(mimo_kv2_path, dist_env, tmp_path):
+    """EP across two pipelines: the ranks get one and two microbatches, so idle passes run through the stages
+    (forward and backward); the MTP loss on the last stage reads embeddings sent by the first."""
+    _compare(mimo_kv2_path, _cfg(dp_size=2, pp_size=2, ep_size=2, max_tokens_per_microbatch=24, mtp_loss_coef=0.3),
+             _with_routing(make_samples(3, seed=56)), tmp_path)
+
+
 @pytest.mark.parametrize("sizes, expected", [
     ({"tp_size": 4}, "trainer.tp_size`: expected a divisor of the model's num_key_value_heads=2"),
     ({"tp_size": 8}, "trainer.tp_size`: expected a divisor of the model's num_attention_heads=4"),
