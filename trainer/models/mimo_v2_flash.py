@@ -20,6 +20,15 @@ What differs from a Llama-style decoder, and where it goes in Megatron:
 - MTP: `mtp.layers.<k>` built by Megatron's `MultiTokenPredictionBlock` (a dense-FFN
   sliding-window layer, enorm/hnorm/eh_proj/final_layernorm), run by trainer.mtp_loss.
 
+Under model parallelism (trainer/parallel.py cuts the full converted state by the parameters'
+attributes): TP splits both attention kinds by KV group (each group's query, key and value rows
+stay together in linear_qkv), so every rank needs num_key_value_heads % tp == 0; the sink logits
+go with their heads (`ShardedSinkAttention`, `_mark_sinks_split`); RoPE covers the whole sequence
+while the layers see sequence-parallel slices. EP splits the experts; the router, with its
+score-correction bias, is on every rank. PP gives each stage its layers with their own layer
+types (Megatron asks `get_config_for_layer` with global layer numbers) and the last stage the MTP
+layers.
+
 HF checkpoint names (MTP after SGLang's mimo_v2_flash_nextn.py / vLLM's mimo_v2_flash_mtp.py):
 `model.mtp.layers.<k>.{enorm,hnorm,final_layernorm}.weight`, `.eh_proj.weight` (input
 [enorm(embedding of the next token); hnorm(hidden)]), and the block's own
