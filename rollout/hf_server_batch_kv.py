@@ -118,7 +118,8 @@ def assemble(kvs: list[KV | None], lens: list[int], device: torch.device) -> Ass
     if fresh:
         parts.append(_Part(fresh, None, torch.full((len(fresh), 0), -1, dtype=torch.long)))
     order = [i for p in parts for i in p.rows]
-    kpos = torch.cat([F.pad(p.kpos, (width - p.kpos.shape[1], 0), value=-1) for p in parts])
+    kpos = torch.cat([F.pad(p.kpos, (width - p.kpos.shape[1], 0), value=-1) if p.kpos.shape[1] < width else p.kpos
+                      for p in parts])
     if ref is None or width == 0:
         return Assembled(order, None, kpos[:, :0])
     layers = []

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from mopd.core.model_shape import read_model_shape
 from rollout.hf_server_batch_kv import KV, BatchKV, RowKV, assemble
@@ -64,6 +65,7 @@ class ModelRunner:
     mtp: MTPHead | None = None  # MiMo-V2-Flash's MTP layers (`model.mtp.*`), the speculative draft
     _captured: dict[int, torch.Tensor] = field(default_factory=dict)
     _hidden: list[torch.Tensor] = field(default_factory=list)
+    _plain: bool | None = None
 
     @classmethod
     def load(cls, path: str, *, device: str = "cpu", dtype: str = "float32", capture_routing: bool = False
@@ -89,6 +91,16 @@ class ModelRunner:
     def sliding(self) -> bool:
         """Sliding-window layers: masks are built here from positions (see `_masks`), caches keep every key."""
         return "sliding_attention" in (getattr(self.model.config, "layer_types", None) or ())
+
+    def _plain_cache(self) -> bool:
+        """Whether a bare DynamicCache serves every layer: built once (building from the config costs ~ms a step).
+
+        Sliding models use a bare one on purpose: transformers' sliding layers would crop the cache, and
+        masks come from positions instead (`_masks`)."""
+        if self._plain is None:
+            layers = DynamicCache(config=self.model.config).layers
+            self._plain = self.sliding or all(type(lay) is DynamicLayer for lay in layers)
+        return self._plain
 
     def _install_router_hooks(self) -> None:
         """Hook every router: transformers 5 routers return (logits, scores, top-k indices)."""
@@ -119,15 +131,11 @@ class ModelRunner:
         rows = [inputs[i] for i in past.order]  # the batch's row order: requests of one earlier step together
         b, w = len(rows), past.width
         q = max(len(x.new_ids) for x in rows)
-        ids = torch.zeros(b, q, dtype=torch.long)
-        qpos = torch.full((b, q), -1, dtype=torch.long)
-        for i, x in enumerate(rows):
-            n = len(x.new_ids)
-            ids[i, q - n:] = torch.tensor(x.new_ids)
-            qpos[i, q - n:] = torch.arange(x.kv_len, x.kv_len + n)
+        ids = torch.tensor([[0] * (q - len(x.new_ids)) + x.new_ids for x in rows], dtype=torch.long)
+        qpos = torch.tensor([[-1] * (q - len(x.new_ids)) + list(range(x.kv_len, x.kv_len + len(x.new_ids)))
+                             for x in rows], dtype=torch.long)
         kpos = torch.cat([past.kpos, qpos], dim=1)
-        # transformers' sliding layers would crop the cache; masks come from positions instead (`_masks`)
-        cache = DynamicCache() if self.sliding else DynamicCache(config=self.model.config)
+        cache = DynamicCache() if self._plain_cache() else DynamicCache(config=self.model.config)
         for layer, (k, v) in enumerate(past.layers or ()):
             cache.update(k, v, layer)
         self._captured.clear()
@@ -150,11 +158,11 @@ class ModelRunner:
         hidden = self._hidden[-1] if self._hidden else None
         routing = self._routing(b, q)
         results: list[StepOutput | None] = [None] * b
-        for i, x in enumerate(rows):
+        for i, (x, lp, last) in enumerate(zip(rows, last_lp.unbind(0), last_all.unbind(0))):
             n = len(x.new_ids)
             fed = _log_softmax(logits[i, q - n:], x.temperature).cpu() if x.want_prompt_logits else None
             results[past.order[i]] = StepOutput(
-                kv=RowKV(state, i, state.lengths[i]), last_logprobs=last_lp[i], last_logits=last_all[i],
+                kv=RowKV(state, i, state.lengths[i]), last_logprobs=lp, last_logits=last,
                 fed_logprobs=fed, routing=routing[i, q - n:] if routing is not None else None,
                 logits=logits[i, q - n:].cpu() if x.want_logits else None,
                 hidden=hidden[i, q - n:] if hidden is not None else None)
