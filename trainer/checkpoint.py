@@ -26,7 +26,6 @@ import torch
 from trainer import sharded_checkpoint
 from trainer.hf_shards import Bucket, write_sharded
 
-FORMAT_VERSION = 2
 LEGACY_FORMAT = 1  # state.pt, gathered on rank 0 (trainer/parallel_checkpoint.py reshards it on load)
 
 

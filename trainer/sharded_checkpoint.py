@@ -1,8 +1,9 @@
 """Training checkpoints written in parts by the ranks that hold them and read in parts at any layout.
 
 Each rank writes only the tensors it holds (model weights and buffers, fp32 masters of a bf16 model, AdamW
-moments) to its own files `shards_rank<r>_<i>.safetensors` (about FILE_BYTES each), unconverted; a tensor held by several ranks (data-parallel
-replicas, weights that tensor parallelism does not split) is written once, by the lowest rank holding it.
+moments) to its own files `shards_rank<r>_<i>.safetensors` (about FILE_BYTES each), unconverted; a tensor
+held by several ranks (data-parallel replicas, weights that tensor parallelism does not split) is written
+once, by the lowest rank holding it.
 Rank 0 writes `index.json`: step, scheduler and optimizer hyper-parameters, and for every written tensor its
 single-rank (TP=PP=EP=1) name, full shape, file and which rows of the full tensor it holds. A rank at another
 layout reads, for each of its own tensors, only the overlapping slices (safetensors `get_slice`: the files are
@@ -32,6 +33,7 @@ from safetensors.torch import save_file
 from trainer import parallel, parallel_checkpoint
 from trainer.weight_gather import canonical_name
 
+FORMAT_VERSION = 2  # 1: state.pt gathered on rank 0 (trainer/checkpoint.py still reads it)
 INDEX = "index.json"
 FILE_BYTES = 2**30  # a writing rank's parts go into files of about this size
 
@@ -131,7 +133,7 @@ def save(trainer: Any, path: str | Path, file_bytes: int = FILE_BYTES) -> dict[s
     dist.barrier()  # every part is on disk before the index names it
     if rank == 0:
         adam = optim.optimizer.state
-        index = {"format_version": 2, "step": trainer.step, "scheduler": optim.scheduler.state_dict(),
+        index = {"format_version": FORMAT_VERSION, "step": trainer.step, "scheduler": optim.scheduler.state_dict(),
                  "hyper": [{k: v for k, v in g.items() if k != "params"}
                            for g in optim.optimizer.state_dict()["param_groups"]],
                  "adam_step": float(adam[optim.masters[0]]["step"]) if adam else None, "mixed": optim.mixed,
@@ -221,8 +223,8 @@ def load(trainer: Any, path: str | Path) -> None:
     """This rank's part of a checkpoint written by `save` at any layout (no collective)."""
     d = Path(path)
     index = json.loads((d / INDEX).read_text())
-    if index.get("format_version") != 2:
-        raise ValueError(f"{d / INDEX}: format_version {index.get('format_version')}, expected 2")
+    if index.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{d / INDEX}: format_version {index.get('format_version')}, expected {FORMAT_VERSION}")
     model, optim = trainer.model, trainer.optim
     params = dict(model.named_parameters())
     names = [n for n, _ in model.named_parameters()]
