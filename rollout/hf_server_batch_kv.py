@@ -59,7 +59,7 @@ class RowKV(Sequence[LayerKV]):
         if self._own is None:
             kp = self.state.kpos[self.row]
             cols = torch.nonzero((kp >= 0) & (kp < self.length)).flatten()
-            self._own = [(k[self.row].index_select(1, cols), v[self.row].index_select(1, cols))
+            self._own = [(k[self.row].index_select(1, cols.to(k.device)), v[self.row].index_select(1, cols.to(v.device)))
                          for k, v in self.state.layers]
         return self._own
 
