@@ -180,7 +180,6 @@ def test_tp2_moe_equals_single_rank(moe_path, dist_env, tmp_path):
 
 @pytest.mark.parametrize("sizes, expected", [
     ({"ep_size": 2}, "trainer.ep_size`: expected a divisor of trainer.dp_size=1"),
-    ({"tp_size": 2, "mtp_loss_coef": 0.1}, "trainer.mtp_loss_coef"),
 ])
 def test_layout_checks_without_the_model(sizes, expected):
     with pytest.raises(ConfigError, match=re.escape(expected)):
