@@ -15,7 +15,7 @@ materialised only when asked (`RowKV[layer]`, a session context, a test).
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -87,10 +87,10 @@ class Assembled:
     order: list[int]
     layers: list[LayerKV] | None
     kpos: torch.Tensor
-    width: int = field(init=False)
 
-    def __post_init__(self) -> None:
-        self.width = int(self.kpos.shape[1])
+    @property
+    def width(self) -> int:
+        return int(self.kpos.shape[1])
 
 
 def assemble(kvs: list[KV | None], lens: list[int], device: torch.device) -> Assembled:

@@ -347,7 +347,7 @@ class Scheduler:
 
         A prefill in the decodes' forward would pad every decode to the prompt's width
         (`ModelRunner.step` pads a step to its longest input): a 50-token prompt joining 63 decodes
-        costs ~5x a pure decode step on CPU (benchmarks/scheduler/forward_cost.py).
+        costs ~10x a pure decode step on CPU (benchmarks/scheduler/forward_cost.py).
         """
         extend = [r for r in self.running if len(r.tokens) - r.kv_len > 1]
         return extend or list(self.running)
