@@ -22,6 +22,7 @@ from mopd.core.types import Sample
 from mopd.data import DataScheduler
 from mopd.rewards import score_outcomes
 from mopd.teachers import TeacherSet
+from rollout.teacher_scoring import KeptDispatchers, kept_dispatchers
 
 log = logging.getLogger(__name__)
 WARN_EVERY = 500  # consecutive filtered groups between warnings that a batch may never fill
@@ -62,11 +63,16 @@ class GroupScorer:
         self._rewards: dict[str, list[float]] = defaultdict(list)  # domain -> rewards scored since `metrics`
         self._lock = threading.Lock()  # the scheduler's thread scores while the driver reads metrics
         self._filtered_in_a_row = 0
+        self._connections = KeptDispatchers()  # the teachers' connections, kept from group to group
 
     async def __call__(self, group: list[Sample]) -> bool:
         score_outcomes(group)
         if self.teachers is not None:
-            await self.teachers.score(group, top_k=self.teacher_top_k)
+            token = kept_dispatchers.set(self._connections)
+            try:
+                await self.teachers.score(group, top_k=self.teacher_top_k)
+            finally:
+                kept_dispatchers.reset(token)
         self.data.record_outcomes(group)
         with self._lock:
             for sample in group:
@@ -79,6 +85,10 @@ class GroupScorer:
                         "or set dynamic_sampling.filter_groups=false", self._filtered_in_a_row,
                         self.cfg.filter_kl_threshold)
         return keep
+
+    async def aclose(self) -> None:
+        """On the scheduler's loop, as it closes: the teachers' kept connections."""
+        await self._connections.close()
 
     def metrics(self) -> dict[str, float]:
         """`rollout/pass_rate/<domain>`: mean reward of every group scored since the last call, the filtered

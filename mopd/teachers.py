@@ -15,6 +15,8 @@ other kinds (an API model, a reward server) with `register_teacher_backend`:
 from __future__ import annotations
 
 import asyncio
+import math
+import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -95,10 +97,15 @@ class EngineTeacher:
         self.model_path = model_path
         self.engines = engines  # rollout.engines.EngineGroup (None for remote servers)
         self._manager: RolloutManager | None = None  # made on the first generate
+        self._alive_checked = -math.inf  # monotonic time of the last ensure_alive
 
     async def score(self, samples: list[Sample], top_k: int) -> list[TokenScores]:
-        if self.engines is not None:  # an engine that died between steps is back first
+        # An engine that died between steps is back first. The check is a Ray call to every engine actor,
+        # and the sequence scheduler scores group by group, so it runs at most once a second: a server that
+        # dies in between is restarted by its actor's watcher, and the dispatcher waits for it meanwhile.
+        if self.engines is not None and time.monotonic() - self._alive_checked > 1.0:
             self.urls = await asyncio.to_thread(self.engines.ensure_alive)
+            self._alive_checked = time.monotonic()
         cfg = self.cfg
         return await score_samples(self.urls, samples, top_k=top_k, timeout_s=cfg.request_timeout_s,
                                    max_retries=cfg.max_retries, retry_window_s=cfg.startup_timeout_s)

@@ -23,6 +23,7 @@ from transformers.cache_utils import DynamicLayer
 
 from mopd.core.model_shape import read_model_shape
 from rollout.hf_server_batch_kv import KV, BatchKV, RowKV, assemble
+from rollout.hf_server_sampling import temperature_logprobs
 from rollout.hf_server_validation import read_checkpoint
 from rollout.mtp import MTP_PREFIX, MTPHead
 
@@ -160,7 +161,7 @@ class ModelRunner:
         results: list[StepOutput | None] = [None] * b
         for i, (x, lp, last) in enumerate(zip(rows, last_lp.unbind(0), last_all.unbind(0))):
             n = len(x.new_ids)
-            fed = _log_softmax(logits[i, q - n:], x.temperature).cpu() if x.want_prompt_logits else None
+            fed = temperature_logprobs(logits[i, q - n:], x.temperature).cpu() if x.want_prompt_logits else None
             results[past.order[i]] = StepOutput(
                 kv=RowKV(state, i, state.lengths[i]), last_logprobs=lp, last_logits=last,
                 fed_logprobs=fed, routing=routing[i, q - n:] if routing is not None else None,
@@ -294,45 +295,3 @@ def _mtp_tensors(path: str) -> dict[str, torch.Tensor]:
                 if name.startswith(MTP_PREFIX):
                     out[name] = f.get_tensor(name)
     return out
-
-
-def _log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """SGLang's logprobs: log softmax(logits / T); T = 0 (greedy) uses the plain distribution."""
-    if temperature > 0 and temperature != 1.0:
-        logits = logits / temperature
-    return torch.log_softmax(logits, dim=-1)
-
-
-def sampling_probs(logits: torch.Tensor, *, temperature: float, top_p: float, top_k: int, banned: list[int]
-                   ) -> torch.Tensor:
-    """The distribution a request samples from at T > 0: softmax(logits/T), top-k, then top-p, renormalised.
-
-    Speculative verification accepts drafts against exactly this distribution."""
-    logits = logits.clone()
-    banned = [t for t in banned if 0 <= t < logits.numel()]  # eos ids of a config may lie past the logits
-    if banned:
-        logits[banned] = float("-inf")
-    probs = torch.softmax(logits / temperature, dim=-1)
-    if 0 < top_k < probs.numel():
-        kth = torch.topk(probs, top_k).values[-1]
-        probs = torch.where(probs < kth, torch.zeros_like(probs), probs)
-    if top_p < 1.0:
-        sorted_p, order = torch.sort(probs, descending=True)
-        cum = torch.cumsum(sorted_p, dim=0)
-        drop = cum - sorted_p > top_p
-        sorted_p[drop] = 0
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
-    return probs / probs.sum()
-
-
-def sample_token(logits: torch.Tensor, *, temperature: float, top_p: float, top_k: int,
-                 generator: torch.Generator | None, banned: list[int]) -> int:
-    """Greedy at T=0, else top-k/top-p truncated sampling; `banned` enforces min_new_tokens."""
-    if temperature <= 0:
-        logits = logits.clone()
-        banned = [t for t in banned if 0 <= t < logits.numel()]
-        if banned:
-            logits[banned] = float("-inf")
-        return int(torch.argmax(logits))
-    probs = sampling_probs(logits, temperature=temperature, top_p=top_p, top_k=top_k, banned=banned)
-    return int(torch.multinomial(probs, 1, generator=generator))

@@ -1,4 +1,4 @@
-"""Request state, session contexts and the batching scheduler of the local HF server.
+"""The batching scheduler of the local HF server (its requests and sessions: rollout/hf_server_request.py).
 
 The scheduler is one asyncio task: it admits pending requests up to --max-batch-size, hands one
 step to a single worker thread, and finishes requests on stop/length/abort. As SGLang's scheduler
@@ -15,113 +15,30 @@ import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from rollout.hf_server_batch_kv import KV, own_kv
-from rollout.hf_server_model import ModelRunner, StepInput, StepOutput, sample_token
-from rollout.hf_server_validation import RequestError, sampling_params
+from rollout.hf_server_batch_kv import own_kv
+from rollout.hf_server_model import ModelRunner, StepInput, StepOutput
+from rollout.hf_server_request import (
+    Context,
+    EngineDead,
+    Request,
+    Sampling,
+    Session,
+    build_sampling,
+    parse_sampling,
+)
+from rollout.hf_server_sampling import RowSampling, sample_tokens
+from rollout.hf_server_validation import RequestError
 from rollout.sglang_api import SessionParams
 
 log = logging.getLogger(__name__)
 
 __all__ = ["Context", "EngineDead", "Request", "RequestError", "Sampling", "Scheduler", "Session", "build_sampling",
            "parse_sampling"]
-
-
-class EngineDead(RuntimeError):
-    """The scheduler loop has stopped: the server cannot generate (HTTP 503)."""
-
-
-@dataclass
-class Context:
-    """What a finished request leaves in its session: tokens, KV of tokens[:kv_len], routing rows."""
-    tokens: list[int]
-    prompt_len: int
-    kv: list[tuple[torch.Tensor, torch.Tensor]] | None
-    kv_len: int
-    routing: np.ndarray | None  # rows for tokens[:kv_len]
-    hidden: torch.Tensor | None = None  # pre-norm hidden rows of the last positions before kv_len (MTP drafts)
-
-
-@dataclass
-class Session:
-    capacity: int
-    contexts: OrderedDict[str, Context] = field(default_factory=OrderedDict)
-
-    def remember(self, rid: str, ctx: Context, max_contexts: int) -> None:
-        """LRU: keep the most recent contexts and at most `capacity` tokens in all."""
-        self.contexts[rid] = ctx
-        self.contexts.move_to_end(rid)
-        while len(self.contexts) > 1 and (len(self.contexts) > max_contexts or
-                                          sum(len(c.tokens) for c in self.contexts.values()) > self.capacity):
-            self.contexts.popitem(last=False)
-
-
-@dataclass
-class Sampling:
-    max_new_tokens: int
-    min_new_tokens: int
-    temperature: float
-    top_p: float
-    top_k: int
-    stop_ids: set[int]
-    ignore_eos: bool
-    skip_special_tokens: bool
-    spaces_between_special_tokens: bool
-    no_stop_trim: bool
-    generator: torch.Generator | None
-
-
-@dataclass
-class Request:
-    rid: str
-    tokens: list[int]  # full context so far: (session history +) prompt + sampled outputs
-    prompt_len: int
-    sampling: Sampling
-    return_logprob: bool
-    logprob_start_len: int
-    return_routed_experts: bool
-    routed_experts_start_len: int
-    session_id: str | None
-    top_logprobs_num: int = 0
-    kv: KV | None = None  # positions [0, kv_len): a row of the last step's batch cache, or a session's
-    kv_len: int = 0
-    cached_tokens: int = 0
-    routing: list[np.ndarray] = field(default_factory=list)
-    output_ids: list[int] = field(default_factory=list)
-    output_logprobs: list[float] = field(default_factory=list)
-    input_logprobs: list[float | None] | None = None
-    input_top_logprobs: list[list[tuple[float, int]] | None] | None = None
-    output_top_logprobs: list[list[tuple[float, int]]] = field(default_factory=list)
-    finish: dict[str, Any] | None = None
-    aborted: bool = False
-    future: asyncio.Future | None = None
-    hidden: torch.Tensor | None = None  # MTP: pre-norm hidden of positions [kv_len - len, kv_len)
-    spec_verify_ct: int = 0  # speculative decoding: decode forwards, drafts accepted / proposed
-    spec_correct: int = 0
-    spec_proposed: int = 0
-
-
-def parse_sampling(params: dict[str, Any], eos_ids: set[int], vocab_size: int, max_new_limit: int) -> Sampling:
-    """Check SGLang's sampling keys (see `hf_server_validation`) and build the request's Sampling."""
-    return build_sampling(sampling_params(params, vocab_size=vocab_size, max_new_limit=max_new_limit), eos_ids)
-
-
-def build_sampling(p: dict[str, Any], eos_ids: set[int]) -> Sampling:
-    """A request's Sampling from parameters `hf_server_validation.sampling_params` has checked."""
-    seed = p["sampling_seed"]
-    gen = torch.Generator().manual_seed(seed) if seed is not None else None
-    # as SGLang (Req._check_token_based_finish): ignore_eos turns off every token stop, stop_token_ids included
-    stop_ids = set() if p["ignore_eos"] else set(p["stop_token_ids"]) | eos_ids
-    return Sampling(max_new_tokens=p["max_new_tokens"], min_new_tokens=p["min_new_tokens"],
-                    temperature=p["temperature"], top_p=p["top_p"], top_k=p["top_k"], stop_ids=stop_ids,
-                    ignore_eos=p["ignore_eos"], skip_special_tokens=p["skip_special_tokens"],
-                    spaces_between_special_tokens=p["spaces_between_special_tokens"],
-                    no_stop_trim=p["no_stop_trim"], generator=gen)
 
 
 class Scheduler:
@@ -371,16 +288,27 @@ class Scheduler:
                 return [(batch[0], e)]
             return [f for req in batch for f in self._step([req])]
         failed: list[tuple[Request, Exception]] = []
+        drawing: list[tuple[Request, StepOutput]] = []
         for req, x, out in zip(batch, inputs, outs):
             try:
-                self._advance(req, x, out)
+                self._take(req, x, out)
             except Exception as e:
-                log.exception("sampling failed for request %r", req.rid)
+                log.exception("reading the step's output failed for request %r", req.rid)
                 failed.append((req, e))
-        return failed
+                continue
+            if req.sampling.max_new_tokens > 0:
+                drawing.append((req, out))
+        return failed + self._sample(drawing)
 
     def _advance(self, req: Request, x: StepInput, out: StepOutput) -> None:
-        """Take one request's step output: its cache, routing, prompt logprobs and next token."""
+        """One request's whole step on its own (speculative decoding's undrafted requests)."""
+        self._take(req, x, out)
+        if req.sampling.max_new_tokens > 0:
+            for _, error in self._sample([(req, out)]):
+                raise error
+
+    def _take(self, req: Request, x: StepInput, out: StepOutput) -> None:
+        """Take one request's step output: its cache, routing and prompt logprobs."""
         start = req.kv_len
         req.kv, req.kv_len = out.kv, start + len(x.new_ids)
         if out.hidden is not None and self.hidden_limit:
@@ -390,17 +318,27 @@ class Scheduler:
             req.routing.append(out.routing)
         if out.fed_logprobs is not None:
             self._prompt_logprobs(req, start, x.new_ids, out.fed_logprobs)
-        if req.sampling.max_new_tokens == 0:
-            return
-        s = req.sampling
-        banned = sorted(s.stop_ids) if len(req.output_ids) < s.min_new_tokens else []
-        tok = sample_token(out.last_logits, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-                           generator=s.generator, banned=banned)
-        req.output_ids.append(tok)
-        req.output_logprobs.append(float(out.last_logprobs[tok]))
-        if req.top_logprobs_num > 0:
-            req.output_top_logprobs.append(_top_k(out.last_logprobs, req.top_logprobs_num))
-        req.tokens.append(tok)
+
+    def _sample(self, drawing: list[tuple[Request, StepOutput]]) -> list[tuple[Request, Exception]]:
+        """Every request's next token in one batched draw (rollout/hf_server_sampling.py); returns the failed."""
+        if not drawing:
+            return []
+        rows = [RowSampling(r.sampling.temperature, r.sampling.top_p, r.sampling.top_k, r.sampling.generator,
+                            sorted(r.sampling.stop_ids) if len(r.output_ids) < r.sampling.min_new_tokens else [])
+                for r, _ in drawing]
+        tokens = sample_tokens(torch.stack([out.last_logits for _, out in drawing]), rows)
+        failed: list[tuple[Request, Exception]] = []
+        for (req, out), tok in zip(drawing, tokens):
+            if tok is None:
+                log.error("sampling failed for request %r: no probability mass", req.rid)
+                failed.append((req, ValueError("sampling: the logits are NaN/inf or every token is banned")))
+                continue
+            req.output_ids.append(tok)
+            req.output_logprobs.append(float(out.last_logprobs[tok]))
+            if req.top_logprobs_num > 0:
+                req.output_top_logprobs.append(_top_k(out.last_logprobs, req.top_logprobs_num)[0])
+            req.tokens.append(tok)
+        return failed
 
     def _prompt_logprobs(self, req: Request, start: int, new_ids: list[int], fed: torch.Tensor) -> None:
         """Logprob of prompt token p comes from the row of position p-1 (position 0 has none)."""
@@ -408,12 +346,13 @@ class Scheduler:
             req.input_logprobs = [None] * req.prompt_len
             if req.top_logprobs_num > 0:
                 req.input_top_logprobs = [None] * req.prompt_len
-        for j in range(len(new_ids)):
-            p = start + j + 1
-            if p < req.prompt_len:
-                req.input_logprobs[p] = float(fed[j, req.tokens[p]])
-                if req.input_top_logprobs is not None:
-                    req.input_top_logprobs[p] = _top_k(fed[j], req.top_logprobs_num)
+        m = min(len(new_ids), req.prompt_len - start - 1)  # fed rows j whose next position p = start+j+1 is a prompt token
+        if m <= 0:
+            return
+        targets = torch.tensor(req.tokens[start + 1:start + 1 + m], dtype=torch.long)
+        req.input_logprobs[start + 1:start + 1 + m] = fed[torch.arange(m), targets].tolist()
+        if req.input_top_logprobs is not None:
+            req.input_top_logprobs[start + 1:start + 1 + m] = _top_k(fed[:m], req.top_logprobs_num)
 
     def _check_done(self, req: Request) -> bool:
         s = req.sampling
@@ -426,7 +365,9 @@ class Scheduler:
         return req.finish is not None
 
 
-def _top_k(logprobs: torch.Tensor, k: int) -> list[tuple[float, int]]:
-    """The k most likely tokens of one position as (logprob, token_id), most likely first (SGLang's order)."""
-    values, ids = torch.topk(logprobs.float(), min(k, logprobs.shape[-1]))
-    return list(zip(values.tolist(), ids.tolist()))
+def _top_k(logprobs: torch.Tensor, k: int) -> list[list[tuple[float, int]]]:
+    """Per row of `logprobs` ([vocab] or [rows, vocab]) its k most likely tokens as (logprob, token_id), most
+    likely first (SGLang's order)."""
+    rows = logprobs.float().reshape(-1, logprobs.shape[-1])
+    values, ids = torch.topk(rows, min(k, rows.shape[-1]), dim=-1)
+    return [list(zip(v, i)) for v, i in zip(values.tolist(), ids.tolist())]

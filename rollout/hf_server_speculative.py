@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from rollout.hf_server_model import StepInput, StepOutput, _log_softmax, sample_token, sampling_probs
+from rollout.hf_server_model import StepInput, StepOutput
+from rollout.hf_server_sampling import sample_token, sampling_probs, temperature_logprobs
 from rollout.mtp_draft import MTPDrafter
 from rollout.speculative import cli_args  # noqa: F401 - re-exported: the flags this module parses
 
@@ -192,11 +193,11 @@ class SpeculativeDecoder:
                     resid = torch.clamp(p - q, min=0)
                     resid = resid if float(resid.sum()) > 0 else p
                     tok = int(torch.multinomial(resid / resid.sum(), 1, generator=s.generator))
-            lp = _log_softmax(logits[j], s.temperature)
+            lp = temperature_logprobs(logits[j], s.temperature)
             req.output_ids.append(tok)
             req.output_logprobs.append(float(lp[tok]))
             if req.top_logprobs_num > 0:
-                req.output_top_logprobs.append(_top_k(lp, req.top_logprobs_num))
+                req.output_top_logprobs.append(_top_k(lp, req.top_logprobs_num)[0])
             req.tokens.append(tok)
             emitted += 1
             correct += int(accepted)

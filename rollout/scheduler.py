@@ -411,3 +411,6 @@ class SequenceScheduler:
         for group in list(self._running.values()):
             await self._cancel(group)
         await self.dispatcher.close()
+        hook_close = getattr(self.group_hook, "aclose", None)  # a hook that keeps connections (GroupScorer)
+        if hook_close is not None:
+            await hook_close()

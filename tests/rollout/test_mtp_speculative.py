@@ -142,7 +142,7 @@ def test_sampling_preserves_the_target_distribution(servers, mimo):
         replies = list(pool.map(servers["spec"].generate, bodies))
     assert sum(r["meta_info"]["spec_num_correct_drafts"] for r in replies) > n // 20  # both paths taken
     hf = AutoModelForCausalLM.from_pretrained(mimo, dtype=torch.float32).eval()
-    from rollout.hf_server_model import sampling_probs
+    from rollout.hf_server_sampling import sampling_probs
 
     def probs(ids: list[int]) -> torch.Tensor:
         with torch.no_grad():
