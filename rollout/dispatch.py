@@ -136,6 +136,7 @@ class Dispatcher:
         self.attempts = 0  # requests sent, first tries included
         self._busy_since: list[float | None] = [None] * len(urls)  # an engine has >= 1 request in flight since
         self._busy_s = [0.0] * len(urls)
+        self._idle_waiters: list[asyncio.Future[None]] = []  # wait_idle callers, woken when nothing is in flight
         self.gate = gate  # while closed (a weight push), no request is sent, first tries and re-sends alike
 
     @property
@@ -215,6 +216,11 @@ class Dispatcher:
         if self.in_flight[index] == 0 and since is not None:
             self._busy_s[index] += time.monotonic() - since
             self._busy_since[index] = None
+        if not any(self.in_flight):
+            for waiter in self._idle_waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+            self._idle_waiters.clear()
 
     def busy_seconds(self) -> list[float]:
         """Per engine, the seconds so far during which it had at least one of this dispatcher's requests in
@@ -233,6 +239,22 @@ class Dispatcher:
                 if not is_engine_fault(e):
                     raise
         await asyncio.gather(*(abort(c) for c, n in zip(self.clients, self.in_flight) if n))
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no request of this dispatcher is in flight (True), or `timeout_s` (False): a weight push
+        waits for aborted requests to come back as soon as they do, not on a polling interval."""
+        if not any(self.in_flight):
+            return True
+        waiter = asyncio.get_running_loop().create_future()
+        self._idle_waiters.append(waiter)
+        try:
+            await asyncio.wait_for(waiter, timeout_s)
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            if waiter in self._idle_waiters:
+                self._idle_waiters.remove(waiter)
 
     def _recently_failed(self, tried: list[int]) -> set[int]:
         """Avoid the engines this request already failed on while others are left to try."""

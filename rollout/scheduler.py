@@ -215,7 +215,7 @@ class SequenceScheduler:
         self._gate.close()
         while any(self.dispatcher.in_flight):  # a request still on its way is caught by the next round
             await self.dispatcher.abort_in_flight()
-            await asyncio.sleep(0.02)
+            await self.dispatcher.wait_idle(timeout_s=0.02)
         if not self.cfg.partial_rollout:
             await self._restart_unfinished()
 
