@@ -103,10 +103,13 @@ def sample_tokens(logits: torch.Tensor, rows: list[RowSampling]) -> list[int | N
     return tokens
 
 
+NO_MASS = "sampling: the logits are NaN/inf or every token is banned (no probability mass left)"
+
+
 def sample_token(logits: torch.Tensor, *, temperature: float, top_p: float, top_k: int,
                  generator: torch.Generator | None, banned: list[int]) -> int:
     """One row of `sample_tokens` (speculative decoding's bonus token); raises where that gives None."""
     tok = sample_tokens(logits[None], [RowSampling(temperature, top_p, top_k, generator, list(banned))])[0]
     if tok is None:
-        raise ValueError("sampling: the logits are NaN/inf or every token is banned (no probability mass left)")
+        raise ValueError(NO_MASS)
     return tok

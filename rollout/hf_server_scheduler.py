@@ -31,7 +31,7 @@ from rollout.hf_server_request import (
     build_sampling,
     parse_sampling,
 )
-from rollout.hf_server_sampling import RowSampling, sample_tokens
+from rollout.hf_server_sampling import NO_MASS, RowSampling, sample_tokens
 from rollout.hf_server_validation import RequestError
 from rollout.sglang_api import SessionParams
 
@@ -331,7 +331,7 @@ class Scheduler:
         for (req, out), tok in zip(drawing, tokens):
             if tok is None:
                 log.error("sampling failed for request %r: no probability mass", req.rid)
-                failed.append((req, ValueError("sampling: the logits are NaN/inf or every token is banned")))
+                failed.append((req, ValueError(NO_MASS)))
                 continue
             req.output_ids.append(tok)
             req.output_logprobs.append(float(out.last_logprobs[tok]))
