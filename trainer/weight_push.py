@@ -5,12 +5,12 @@ from __future__ import annotations
 from trainer.config import TrainerConfig
 from trainer.weight_sync import (
     BucketStream,
-    DistributedPusher,
     PushTimes,
     WeightSnapshots,
     push_recoverable_buckets,
     record_pushed_weights,
 )
+from trainer.weight_sync_nccl import DistributedPusher
 
 
 class Pusher:

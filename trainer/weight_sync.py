@@ -16,7 +16,8 @@ Modes (TrainerConfig.weight_sync):
   The directory must be visible to the engines (shared filesystem at scale).
 - distributed: POST /init_weights_update_group once, then per bucket POST
   /update_weights_from_distributed {names, dtypes, shapes, group_name, weight_version} while
-  broadcasting the tensors from trainer rank 0 over NCCL. GPU only, not exercised in CI.
+  broadcasting the tensors from trainer rank 0 over NCCL (trainer/weight_sync_nccl.py). GPU only, not
+  exercised in CI.
 The requests and the HTTP calls are mopd/core/engine_api.py's (shared with the rollout side); this module
 imports nothing from rollout/.
 
@@ -36,7 +37,6 @@ import json
 import logging
 import shutil
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -51,9 +51,7 @@ from mopd.core.engine_api import (
     BeginWeightUpdate,
     EndWeightUpdate,
     EngineCallError,
-    InitWeightsUpdateGroup,
     UpdateWeightsFromDisk,
-    UpdateWeightsFromDistributed,
     UpdateWeightsFromTensor,
     WeightUpdate,
     post_weight_update,
@@ -198,7 +196,7 @@ def _to_all(urls: list[str], request: WeightUpdate, timeout: float) -> None:
         list(pool.map(lambda u: post_weight_update(u, request, timeout), urls))
 
 
-def _failures(pool: ThreadPoolExecutor, urls: list[str], request: WeightUpdate, timeout: float,
+def post_each(pool: ThreadPoolExecutor, urls: list[str], request: WeightUpdate, timeout: float,
               ) -> dict[str, Exception]:
     """POST to every engine at once; the engines whose request failed, with their error."""
     def one(url: str) -> Exception | None:
@@ -239,7 +237,7 @@ def send_tensor_buckets(stream: BucketStream, urls: list[str], version: int, cfg
     # the freed payloads (seen as tens of MiB of peak RSS)
     timeout = cfg.weight_sync_timeout_s
     with ThreadPoolExecutor(max_workers=max(1, len(urls))) as pool:
-        begun = _failures(pool, live, BeginWeightUpdate(), timeout)
+        begun = post_each(pool, live, BeginWeightUpdate(), timeout)
         opened = [u for u in live if u not in begun]
         try:
             _drop(begun, live, failed, strict=strict, what="to open its weight-update session", version=version)
@@ -261,7 +259,7 @@ def send_tensor_buckets(stream: BucketStream, urls: list[str], version: int, cfg
                                                       load_format="safetensors" if fmt == "safetensors" else None,
                                                       flush_cache=i == last, weight_version=str(version))
                     del bucket, payload
-                    errors = _failures(pool, live, request, timeout)
+                    errors = post_each(pool, live, request, timeout)
                     del request
                     _drop(errors, live, failed, strict=strict, what="a bucket", version=version)
                     mark = time.perf_counter()
@@ -271,9 +269,9 @@ def send_tensor_buckets(stream: BucketStream, urls: list[str], version: int, cfg
                     del bucket
                     mark = time.perf_counter()
         except BaseException:
-            _failures(pool, opened, EndWeightUpdate(), timeout)  # best effort: a session left open refuses the next
+            post_each(pool, opened, EndWeightUpdate(), timeout)  # best effort: a session left open refuses the next
             raise
-        closed = _failures(pool, opened, EndWeightUpdate(), timeout)  # also the engines that failed a bucket
+        closed = post_each(pool, opened, EndWeightUpdate(), timeout)  # also the engines that failed a bucket
         _drop({u: e for u, e in closed.items() if u in live}, live, failed, strict=strict,
               what="to close its weight-update session", version=version)
     return failed
@@ -377,73 +375,3 @@ def push_recoverable_buckets(stream: BucketStream, urls: list[str], version: int
         if lagging:
             _load_from_disk(lagging, target, version, cfg, PushTimes())
     return times
-
-
-class DistributedPusher:
-    """NCCL broadcast from trainer rank 0 into the engines' weight-update group (SGLang protocol).
-
-    Unverified here (needs GPUs and SGLang): written against SGLang 0.5's init_weights_update_group /
-    update_weights_from_distributed endpoints.
-    """
-
-    group_name = "mopd_weight_sync"
-
-    def __init__(self, urls: list[str], cfg: TrainerConfig) -> None:
-        from sglang.srt.utils import init_custom_process_group  # GPU clusters only
-
-        from trainer.dist import free_port
-
-        self.urls, self.cfg = urls, cfg
-        tp = max(cfg.weight_sync_engine_tp, 1)
-        world = 1 + tp * len(urls)
-        master_port = free_port()
-        import socket
-
-        master = socket.gethostbyname(socket.gethostname())
-        requests = [InitWeightsUpdateGroup(master_address=master, master_port=master_port, rank_offset=1 + i * tp,
-                                           world_size=world, group_name=self.group_name) for i in range(len(urls))]
-        threads = [threading.Thread(target=post_weight_update, args=(u, r, cfg.weight_sync_timeout_s))
-                   for u, r in zip(urls, requests)]
-        for t in threads:
-            t.start()
-        self.group = init_custom_process_group(backend="nccl", init_method=f"tcp://{master}:{master_port}",
-                                               world_size=world, rank=0, group_name=self.group_name)
-        for t in threads:
-            t.join()
-
-    def push(self, named: dict[str, torch.Tensor], version: int) -> None:
-        self.push_buckets(buckets(named, self.cfg.weight_sync_bucket_mb * 2**20), version)
-
-    def push_buckets(self, stream: BucketStream, version: int, writer: ShardWriter | None = None) -> None:
-        """Per bucket: announce it to every engine, broadcast its tensors (each bucket written to `writer`
-        first and released before the next one is gathered); all inside the engines' weight-update session."""
-        import torch.distributed as dist
-
-        timeout = self.cfg.weight_sync_timeout_s
-        last, i = len(stream) - 1, -1
-        with ThreadPoolExecutor(max_workers=len(self.urls)) as pool:
-            begun = _failures(pool, self.urls, BeginWeightUpdate(), timeout)
-            opened = [u for u in self.urls if u not in begun]
-            try:
-                if begun:
-                    raise next(iter(begun.values()))
-                for bucket in stream:  # not enumerate(): its cached result tuple would keep the bucket alive longer
-                    i += 1
-                    if writer is not None:
-                        writer.add(bucket)
-                    request = UpdateWeightsFromDistributed(
-                        names=[n for n, _ in bucket], dtypes=[str(t.dtype).replace("torch.", "") for _, t in bucket],
-                        shapes=[list(t.shape) for _, t in bucket], group_name=self.group_name,
-                        weight_version=str(version), flush_cache=i == last)
-                    futures = [pool.submit(post_weight_update, u, request, timeout) for u in self.urls]
-                    for _, tensor in bucket:
-                        dist.broadcast(tensor.detach().cuda().contiguous(), src=0, group=self.group)
-                    for f in futures:
-                        f.result()
-                    del bucket
-            except BaseException:
-                _failures(pool, opened, EndWeightUpdate(), timeout)  # best effort: an open session refuses the next
-                raise
-            closed = _failures(pool, opened, EndWeightUpdate(), timeout)
-            if closed:
-                raise next(iter(closed.values()))

@@ -33,17 +33,17 @@ from contract_recording import RecordingProxy, require_sglang_venv
 from safetensors.torch import load_file
 from transformers import AutoConfig
 
+from mopd.core.model_shape import read_model_shape
 from mopd.core.types import Sample
 from mopd.toy.tokenizer import build_char_tokenizer
 from rollout.config import RolloutConfig
 from rollout.dispatch import Dispatcher
 from rollout.engine_client import EngineClient, EngineError
-from mopd.core.model_shape import read_model_shape
 from rollout.rollout_manager import RolloutManager
 from rollout.sglang_api import GenerateRequest, GenerateResponse
 from rollout.teacher_scoring import score_samples
 from rollout.trajectory import Trajectory
-from trainer import weight_sync
+from trainer import weight_sync, weight_sync_nccl
 from trainer.config import TrainerConfig
 
 CHECKER = Path(__file__).with_name("sglang_check.py")
@@ -214,10 +214,10 @@ def _drive_weights(proxy: RecordingProxy, model: Path, tmp: Path) -> None:
     small = dict(list(named.items())[:3])
     with _without_nccl_rendezvous():
         try:
-            weight_sync.DistributedPusher([proxy.url], cfg)
+            weight_sync_nccl.DistributedPusher([proxy.url], cfg)
         except (RuntimeError, OSError):
             pass
-        pusher = object.__new__(weight_sync.DistributedPusher)  # __init__'s group is GPU-only; push() posts first
+        pusher = object.__new__(weight_sync_nccl.DistributedPusher)  # __init__'s group is GPU-only; push() posts first
         pusher.urls, pusher.cfg, pusher.group = [proxy.url], cfg, None
         with contextlib.suppress(AssertionError, RuntimeError):  # stops at tensor.cuda(), after the POSTs
             pusher.push(small, 3)

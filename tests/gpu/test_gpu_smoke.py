@@ -6,7 +6,7 @@
 3. Megatron on CUDA (Transformer Engine layer specs) routes the rollout tokens as SGLang did (agreement
    reported, 100% expected) and, replaying SGLang's routing, its logprobs are close to the rollout's;
 4. weight push by tensor (SGLang's serializer, CUDA IPC) and the engine's logprobs equal the trainer's after;
-5. weight push by NCCL (trainer.weight_sync.DistributedPusher): needs a second GPU (NCCL refuses two ranks on
+5. weight push by NCCL (trainer.weight_sync_nccl.DistributedPusher): needs a second GPU (NCCL refuses two ranks on
    one device), skipped otherwise;
 6. MiMo-V2-Flash (issue 16 item 4): the engine launch passes SGLang's MTP speculative flags (drafts are
    accepted), and a tensor push reaches the draft (MTP) weights: noise in them lowers acceptance with the
@@ -44,7 +44,7 @@ from rollout.rollout_manager import RolloutManager
 from rollout.sglang_api import GenerateRequest
 from rollout.speculative import spec_accept_len
 from rollout.teacher_scoring import score_samples
-from trainer import routing_replay, weight_sync
+from trainer import routing_replay, weight_sync, weight_sync_nccl
 from trainer.config import TrainerConfig
 
 # SGLang flags for a tiny float32 model; override with MOPD_GPU_SGLANG_ARGS='{"attention_backend": "..."}'.
@@ -212,7 +212,7 @@ def test_weight_push_by_nccl(trainer: Any, rollout: list[Sample], tiny_moe: Path
                            name="gpu-smoke-nccl")
     try:
         _perturb(trainer, 2)
-        pusher = weight_sync.DistributedPusher(group.urls, trainer.cfg)
+        pusher = weight_sync_nccl.DistributedPusher(group.urls, trainer.cfg)
         pusher.push(trainer.hf_state(), 2)
         gap = _engine_matches_trainer(group.urls[0], trainer, rollout, tiny_moe, 2)
         print(f"\n[gpu-smoke] NCCL push: max |engine - trainer| logprob = {gap:.2e}")
