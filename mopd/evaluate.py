@@ -165,3 +165,60 @@ def _correct(model, tokenizer, rows: list[dict], verifier, max_new_tokens: int, 
     """The verifier's score of one generation per row (greedy when `temperature` is None)."""
     texts = generate_texts(model, tokenizer, rows, max_new_tokens, batch_size, temperature)
     return [float(verifier(text, row["label"])) for row, text in zip(rows, texts)]
+
+
+@torch.no_grad()
+def reverse_kl_to_teacher(model_path: str | Path, teacher_path: str | Path, rows: dict[str, list[dict]], *,
+                          samples: int = 4, max_new_tokens: int = 12, temperature: float = 1.0,
+                          batch_size: int = 64, seed: int = 0) -> dict[str, dict]:
+    """{domain: {"reverse_kl": nats per response token, "tokens": n}} on the model's own samples.
+
+    At every position of `samples` draws per prompt, KL(model || teacher) summed over the whole vocabulary
+    (exact at that position: only the sampled prefixes add variance), averaged over the response tokens, end
+    of turn included. It is what on-policy distillation minimises, measured on fixed held-out prompts; the
+    training batches' estimate (`mopd/reverse_kl/<domain>`) also depends on which samples a step happened to
+    hold, and uses the policy that sampled them.
+    """
+    if samples < 1:
+        raise ValueError(f"samples: expected an integer >= 1, got {samples}")
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokenizer.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=torch.float32).eval()
+    torch.manual_seed(seed)
+    results = {}
+    for domain, domain_rows in rows.items():
+        total, tokens = 0.0, 0
+        for _ in range(samples):
+            for start in range(0, len(domain_rows), batch_size):
+                kl, mask = _position_kl(model, teacher, tokenizer, domain_rows[start:start + batch_size],
+                                        max_new_tokens, temperature)
+                total += float(kl[mask].sum())
+                tokens += int(mask.sum())
+        results[domain] = {"reverse_kl": total / max(tokens, 1), "tokens": tokens}
+    return results
+
+
+def _position_kl(model, teacher, tokenizer, rows: list[dict], max_new_tokens: int, temperature: float,
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per response position of one sampled batch: KL(model || teacher) and whether the position is part of the
+    response (up to and including its first end of turn; generate pads the finished rows after it)."""
+    prompts = [tokenizer.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True) for r in rows]
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_p=1.0,
+                         top_k=0, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    width = enc["input_ids"].shape[1]
+    ended = out[:, width:] == tokenizer.eos_token_id
+    mask = (ended.long().cumsum(1) - ended.long()) == 0  # not after the first end of turn
+    attention = torch.cat([enc["attention_mask"], mask.long()], dim=1)
+    positions = (attention.cumsum(1) - 1).clamp(min=0)  # left padding: each row's positions start at 0
+
+    def logprobs(m) -> torch.Tensor:
+        logits = m(input_ids=out, attention_mask=attention, position_ids=positions).logits[:, width - 1:-1]
+        return torch.log_softmax(logits.float(), dim=-1)
+
+    mine, theirs = logprobs(model), logprobs(teacher)
+    if mine.shape != theirs.shape:
+        raise ValueError(f"teacher: its vocabulary ({theirs.shape[-1]} logits) differs from the model's "
+                         f"({mine.shape[-1]}); reverse KL needs the same tokenizer")
+    return (mine.exp() * (mine - theirs)).sum(-1), mask
