@@ -54,8 +54,11 @@ def test_summary_measures_the_window_between_the_first_and_last_step_records(tmp
     assert s["tokens_per_forward"] == 160 / 40 and s["ms_per_forward"] == pytest.approx(1000 * (2 / 3) * 4 / 40)
     assert s["trainer_idle_frac"] == 1 - 1.0 / 4 and s["staleness_mean"] == 0.5
     assert s["kl_tail"] == pytest.approx(0.8) and s["reward_tail"] == pytest.approx(0.2)  # the step at >= 180 tokens
-    md = table({"a": "(a)", "c": "(c)"}, {"a": [s], "c": [{**s, "samples_per_s": 8.0}]}, budget=240)
-    assert "| (c) | 1 | 8.0 | 2.00x |" in md
+    md = table({"a": "(a)", "c": "(c)"}, {"a": [{**s, "heldout_kl": 1.2}, {**s, "heldout_kl": 1.4}],
+                                          "c": [{**s, "samples_per_s": 8.0, "heldout_kl": 1.3}]}, 240, 1.5)
+    assert "| (c) | 1 | 8.0 | 2.00x |" in md and "held-out reverse KL, final (student 1.500)" in md
+    # the held-out column: mean ± 95% t-interval over the repeats (12.706 * sd / sqrt(2) for two)
+    assert "| 1.300 ± 1.271 |" in md and md.rstrip().endswith("| 1.300 ± 0.000 |")
 
 
 def test_summary_refuses_a_run_the_probe_did_not_see(tmp_path: Path):
@@ -79,7 +82,7 @@ def test_quick_benchmark_runs_every_mode_and_reports_sane_numbers(tmp_path: Path
     for slug, mode in result["modes"].items():
         (run,) = mode["runs"]
         for key in ("samples_per_s", "tokens_per_s", "engine_busy_frac", "trainer_idle_frac", "staleness_mean",
-                    "kl_tail"):
+                    "kl_tail", "heldout_kl"):
             assert math.isfinite(run[key]), (slug, key, run[key])
         assert run["samples_per_s"] > 0 and 0 < run["engine_busy_frac"] <= 1 and 0 <= run["trainer_idle_frac"] <= 1
         assert run["staleness_mean"] >= 0 and run["steps"] >= 3
@@ -89,5 +92,6 @@ def test_quick_benchmark_runs_every_mode_and_reports_sane_numbers(tmp_path: Path
     md = (out / "results.md").read_text()
     assert all(f"| {m['name']} | 1 |" in md for m in result["modes"].values()) and "1.00x" in md
     assert result["verdict"]["fastest"] in ("c", "d") and result["verdict"]["speedup"] > 0
+    assert 0 < result["heldout_reference"]["student"] < 10 and len(result["verdict"]["heldout_kl"]["diffs"]) == 1
     png = (out / "scheduler.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000

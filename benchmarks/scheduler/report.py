@@ -11,6 +11,8 @@ import math
 import statistics
 from pathlib import Path
 
+from benchmarks.long_answers.report import mean_ci as t_interval
+
 KL = "mopd/reverse_kl/echo"
 REWARD = "rollout/reward/echo"
 TAIL = 0.25  # learning at equal tokens: the steps in the last quarter of the sampled-token budget
@@ -91,11 +93,14 @@ COLUMNS = [("samples/s", "samples_per_s", "{:.1f}"), ("tokens/s", "tokens_per_s"
            ("trainer idle", "trainer_idle_frac", "{:.2f}"), ("staleness mean", "staleness_mean", "{:.2f}")]
 
 
-def table(names: dict[str, str], runs: dict[str, list[dict]], budget: int) -> str:
-    """Markdown: throughput columns (mean over repeats), ratios against the first mode, learning in the last quarter."""
+def table(names: dict[str, str], runs: dict[str, list[dict]], budget: int, student_kl: float) -> str:
+    """Markdown: throughput columns (mean over repeats), ratios against the first mode, learning in the last quarter
+    of the training batches and the final policies' held-out reverse KL (mean ± 95% t-interval over repeats)."""
+
     base = avg(next(iter(runs.values())), "samples_per_s")
     head = ["mode", "runs", *[c[0] for c in COLUMNS[:1]], "vs (a)", *[c[0] for c in COLUMNS[1:]],
-            "reverse KL, last 25% of tokens", "reward, last 25% of tokens"]
+            "reverse KL, last 25% of tokens", "reward, last 25% of tokens",
+            f"held-out reverse KL, final (student {student_kl:.3f})"]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for slug, rs in runs.items():
         cells = [names[slug], str(len(rs))]
@@ -106,6 +111,8 @@ def table(names: dict[str, str], runs: dict[str, list[dict]], budget: int) -> st
         for key in (1, 2):
             mean, half = mean_ci(tail_points(rs, key, budget))
             cells.append(f"{mean:.3f} ± {half:.3f}")
+        mean, half = t_interval([r["heldout_kl"] for r in rs])
+        cells.append(f"{mean:.3f} ± {half:.3f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
