@@ -3,7 +3,9 @@
 CHECKPOINT is an HF model directory, a run's `checkpoints/step_N` (its `hf/` export is used) or a run
 directory (its latest checkpoint). Prompts come from a JSONL file (`--data`, rows with `prompt`,
 `domain`, `label`) or from the toy domains (`--domains arith,reverse`, drawn with `--seed`, which
-should differ from the training data's seed). Prints a table; `--json FILE` also writes the numbers.
+should differ from the training data's seed). `--teacher DIR` (an HF model with the same tokenizer) adds
+the per-token reverse KL to that teacher on the checkpoint's own samples: what distillation minimises.
+Prints a table; `--json FILE` also writes the numbers.
 """
 
 from __future__ import annotations
@@ -79,6 +81,13 @@ def _temperature(text: str) -> float:
     return value
 
 
+def _teacher(path: str | None) -> Path | None:
+    try:
+        return resolve_checkpoint(path) if path else None
+    except ValueError as exc:
+        raise ValueError(f"--teacher: {exc}") from None
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mopd-eval", description=__doc__.splitlines()[0],
                                 epilog="Exit codes: 0 done, 2 bad arguments.")
@@ -93,6 +102,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=_positive_int, default=None,
                    help="default: 40 when a long-answer toy domain (shift, rot) is evaluated, else 12")
     p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--teacher", help="HF model dir (or checkpoint/run dir): also report reverse_kl, the per-token "
+                                     "KL(checkpoint || teacher) on the checkpoint's own --samples draws")
     p.add_argument("--json", dest="json_out", help="also write the results to this JSON file")
     return p
 
@@ -102,14 +113,26 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     try:
         model_path = resolve_checkpoint(args.checkpoint)
+        teacher_path = _teacher(args.teacher)
         rows = rows_for(args)
     except (ValueError, TypeError, OSError, KeyError) as exc:
         console.print(f"[red]mopd-eval: {exc}[/red]")
         return 2
-    from mopd.evaluate import evaluate
+    from mopd.evaluate import evaluate, reverse_kl_to_teacher
 
-    results = evaluate(model_path, rows, max_new_tokens=args.max_new_tokens or default_max_new_tokens(rows),
-                       samples=args.samples, temperature=args.temperature, batch_size=args.batch_size, seed=args.seed)
+    max_new_tokens = args.max_new_tokens or default_max_new_tokens(rows)
+    results = evaluate(model_path, rows, max_new_tokens=max_new_tokens, samples=args.samples,
+                       temperature=args.temperature, batch_size=args.batch_size, seed=args.seed)
+    if teacher_path is not None:
+        try:
+            kl = reverse_kl_to_teacher(model_path, teacher_path, rows, samples=args.samples,
+                                       max_new_tokens=max_new_tokens, temperature=args.temperature,
+                                       batch_size=args.batch_size, seed=args.seed)
+        except ValueError as exc:  # a teacher with another vocabulary
+            console.print(f"[red]mopd-eval: --teacher {teacher_path}: {exc}[/red]")
+            return 2
+        for domain, res in kl.items():
+            results[domain]["reverse_kl"] = res["reverse_kl"]
     table = Table(title=f"mopd-eval {model_path}")
     metrics = [k for k in next(iter(results.values()), {}) if k != "prompts"]
     for col in ["domain", "prompts", *metrics]:
@@ -118,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         table.add_row(domain, str(res["prompts"]), *(f"{res[m]:.3f}" for m in metrics))
     console.print(table)
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps({"checkpoint": str(model_path), "results": results}, indent=2))
+        Path(args.json_out).write_text(json.dumps({"checkpoint": str(model_path), "teacher": teacher_path and str(teacher_path),
+                                                   "results": results}, indent=2))
     return 0
 
 

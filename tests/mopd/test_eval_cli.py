@@ -64,8 +64,24 @@ def test_greedy_sampled_and_pass_at_k_on_labels_the_model_answers(model_dir, tmp
     assert "pass@3" in capsys.readouterr().out
 
 
+def test_teacher_adds_reverse_kl_per_domain(model_dir, tmp_path, capsys):
+    """Against itself the checkpoint is at 0; against another model it is not (the function itself is checked
+    by hand in test_reverse_kl_eval.py)."""
+    other = create_tiny_model(tmp_path / "other", build_char_tokenizer(), arch="qwen3", seed=7)
+    for teacher, zero in ((model_dir, True), (other, False)):
+        out_json = tmp_path / "kl.json"
+        assert main([str(model_dir), "--domains", "arith,sort", "--n", "3", "--samples", "2", "--max-new-tokens",
+                     "4", "--teacher", str(teacher), "--json", str(out_json)]) == 0
+        saved = json.loads(out_json.read_text())
+        assert saved["teacher"] == str(teacher) and set(saved["results"]) == {"arith", "sort"}
+        for res in saved["results"].values():
+            assert (abs(res["reverse_kl"]) < 1e-6) if zero else res["reverse_kl"] > 1e-3
+    assert "reverse_kl" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("argv, message", [
     (["{model}"], "--data FILE or --domains"),
+    (["{model}", "--domains", "arith", "--teacher", "{tmp}"], "--teacher: CHECKPOINT"),
     (["{model}", "--domains", "nope"], "unknown toy domains"),
     (["{tmp}"], "CHECKPOINT"),
     (["{model}", "--domains", "arith", "--data", "{data}"], "have no rows"),
