@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -14,6 +15,24 @@ ISOLATION_MODES = ("auto", "strict", "none")
 
 
 MAX_CALL_TIMEOUT_S = 3600.0  # the sandbox agent's ceiling for one call (backends pass it as --max-timeout)
+
+
+def check_episode_limits(max_turns: object, command_timeout: object, **positive_ints: object) -> None:
+    """A tool environment's limits, checked when it is built: ValueError naming the bad one."""
+    if isinstance(max_turns, bool) or not isinstance(max_turns, int) or max_turns < 1:
+        raise ValueError(f"max_turns must be an integer >= 1, got {max_turns!r}")
+    if (
+        isinstance(command_timeout, bool)
+        or not isinstance(command_timeout, (int, float))
+        or not math.isfinite(command_timeout)
+        or not 0 < command_timeout <= MAX_CALL_TIMEOUT_S
+    ):
+        raise ValueError(
+            f"command_timeout must be a number of seconds in (0, {MAX_CALL_TIMEOUT_S:g}], got {command_timeout!r}"
+        )
+    for name, value in positive_ints.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
 @dataclass

@@ -12,13 +12,12 @@ and kept short on purpose: the toy tokenizer has one token per character (mopd/t
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from typing import Any
 
 from envs.base import StepResult, show
-from envs.config import MAX_CALL_TIMEOUT_S
+from envs.config import check_episode_limits
 from envs.registry import EnvOptions, SandboxFactory, register_env
 from envs.sandbox.base import Sandbox
 from envs.sandbox.client import SandboxError
@@ -105,19 +104,7 @@ class ToyToolEnv:
         command_timeout: float = 10.0,
         max_output: int = 2048,
     ) -> None:
-        if isinstance(max_turns, bool) or not isinstance(max_turns, int) or max_turns < 1:
-            raise ValueError(f"max_turns must be an integer >= 1, got {max_turns!r}")
-        if (
-            isinstance(command_timeout, bool)
-            or not isinstance(command_timeout, (int, float))
-            or not math.isfinite(command_timeout)
-            or not 0 < command_timeout <= MAX_CALL_TIMEOUT_S
-        ):
-            raise ValueError(
-                f"command_timeout must be a number of seconds in (0, {MAX_CALL_TIMEOUT_S:g}], got {command_timeout!r}"
-            )
-        if isinstance(max_output, bool) or not isinstance(max_output, int) or max_output < 1:
-            raise ValueError(f"max_output must be an integer >= 1, got {max_output!r}")
+        check_episode_limits(max_turns, command_timeout, max_output=max_output)
         self.sandbox_factory = sandbox_factory
         self.max_turns = max_turns
         self.command_timeout = float(command_timeout)

@@ -7,13 +7,12 @@ the model cannot have tampered with (envs/swe/grading.py).
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 from typing import Any
 
 from envs.base import StepResult
-from envs.config import MAX_CALL_TIMEOUT_S
+from envs.config import check_episode_limits
 from envs.registry import EnvOptions, SandboxFactory, register_env
 from envs.sandbox.base import Sandbox
 from envs.sandbox.client import SandboxError
@@ -50,20 +49,7 @@ class SWEEnv:
         tool_format: str = "auto",
         max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
     ) -> None:
-        if isinstance(max_turns, bool) or not isinstance(max_turns, int) or max_turns < 1:
-            raise ValueError(f"max_turns must be an integer >= 1, got {max_turns!r}")
-        if (
-            isinstance(command_timeout, bool)
-            or not isinstance(command_timeout, (int, float))
-            or not math.isfinite(command_timeout)
-            or not 0 < command_timeout <= MAX_CALL_TIMEOUT_S
-        ):
-            raise ValueError(
-                f"command_timeout must be a number of seconds in (0, {MAX_CALL_TIMEOUT_S:g}], got {command_timeout!r}"
-            )
-        for name, value in (("max_output", max_output), ("max_file_bytes", max_file_bytes)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        check_episode_limits(max_turns, command_timeout, max_output=max_output, max_file_bytes=max_file_bytes)
         if tool_format not in ("hermes", "mimo", "auto"):
             raise ValueError(f"tool_format must be 'hermes', 'mimo' or 'auto', got {tool_format!r}")
         self.sandbox_factory = sandbox_factory
