@@ -148,16 +148,22 @@ def generate_texts(model, tokenizer, rows: list[dict], max_new_tokens: int, batc
     """One generation per row, decoded with special tokens (greedy when `temperature` is None)."""
     texts: list[str] = []
     for start in range(0, len(rows), batch_size):
-        batch = rows[start:start + batch_size]
-        prompts = [tokenizer.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True)
-                   for r in batch]
-        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-        sampling = {"do_sample": False} if temperature is None else \
-            {"do_sample": True, "temperature": temperature, "top_p": 1.0, "top_k": 0}
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                             pad_token_id=tokenizer.pad_token_id, **sampling)
+        enc, out = _generate(model, tokenizer, rows[start:start + batch_size], max_new_tokens, temperature)
         texts += [tokenizer.decode(ids, skip_special_tokens=False) for ids in out[:, enc["input_ids"].shape[1]:]]
     return texts
+
+
+def _generate(model, tokenizer, rows: list[dict], max_new_tokens: int, temperature: float | None,
+              ) -> tuple[Any, torch.Tensor]:
+    """The rows' chat prompts, left-padded into one batch, and the model's sequences (prompt + generation; greedy
+    when `temperature` is None, else plain sampling: no top-p, no top-k)."""
+    prompts = [tokenizer.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True) for r in rows]
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    sampling = {"do_sample": False} if temperature is None else \
+        {"do_sample": True, "temperature": temperature, "top_p": 1.0, "top_k": 0}
+    out = model.generate(**enc, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, **sampling)
+    return enc, out
 
 
 def _correct(model, tokenizer, rows: list[dict], verifier, max_new_tokens: int, batch_size: int,
@@ -203,10 +209,7 @@ def _position_kl(model, teacher, tokenizer, rows: list[dict], max_new_tokens: in
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per response position of one sampled batch: KL(model || teacher) and whether the position is part of the
     response (up to and including its first end of turn; generate pads the finished rows after it)."""
-    prompts = [tokenizer.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True) for r in rows]
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_p=1.0,
-                         top_k=0, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    enc, out = _generate(model, tokenizer, rows, max_new_tokens, temperature)
     width = enc["input_ids"].shape[1]
     ended = out[:, width:] == tokenizer.eos_token_id
     mask = (ended.long().cumsum(1) - ended.long()) == 0  # not after the first end of turn

@@ -96,7 +96,6 @@ COLUMNS = [("samples/s", "samples_per_s", "{:.1f}"), ("tokens/s", "tokens_per_s"
 def table(names: dict[str, str], runs: dict[str, list[dict]], budget: int, student_kl: float) -> str:
     """Markdown: throughput columns (mean over repeats), ratios against the first mode, learning in the last quarter
     of the training batches and the final policies' held-out reverse KL (mean ± 95% t-interval over repeats)."""
-
     base = avg(next(iter(runs.values())), "samples_per_s")
     head = ["mode", "runs", *[c[0] for c in COLUMNS[:1]], "vs (a)", *[c[0] for c in COLUMNS[1:]],
             "reverse KL, last 25% of tokens", "reward, last 25% of tokens",
