@@ -74,6 +74,10 @@ def test_mask_correction_on_a_mixed_version_sequence_hand_computed():
     assert out.ratios["is_weight_mean/staleness_0"] == pytest.approx((1.0, 1.0))
     assert out.ratios["is_weight_mean/staleness_1"] == pytest.approx((0.0, 1.0))
     assert out.ratios["is_weight_mean/staleness_2plus"] == pytest.approx((0.8, 2.0))
+    # log mu - log pi_theta = -log(ratio), summed per bucket whatever the correction kept
+    assert out.ratios["kl_rollout/staleness_0"] == pytest.approx((0.0, 1.0), abs=1e-6)
+    assert out.ratios["kl_rollout/staleness_1"] == pytest.approx((math.log(4.0), 1.0))
+    assert out.ratios["kl_rollout/staleness_2plus"] == pytest.approx((-math.log(3.0) - math.log(0.8), 2.0))
 
 
 def test_truncate_correction_on_a_mixed_version_sequence_hand_computed():
