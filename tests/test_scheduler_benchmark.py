@@ -37,6 +37,8 @@ def _fake_run(tmp_path: Path) -> Path:
     rows = [{"step": i, "rollout/samples": 8, "rollout/tokens": 80, "rollout/total_tokens": 80 * (i + 1),
              "time/train_s": 0.5, "mopd/reverse_kl/echo": 1.0 - 0.1 * i, "rollout/reward/echo": 0.1 * i,
              "rollout/staleness_mean": 0.5} for i in range(3)]
+    for i, drift in ((1, 0.01), (2, 0.03)):  # logged only by steps that trained tokens one version old
+        rows[i]["train/kl_rollout/staleness_1"] = drift
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     # one engine, running 4, then 0, then 8 requests; 40 forward steps over the window
     ticks = [{"t": 10.0, "running": {"u": 4}, "forward_steps": {"u": 100}},
@@ -53,10 +55,12 @@ def test_summary_measures_the_window_between_the_first_and_last_step_records(tmp
     assert s["engine_busy_frac"] == pytest.approx(2 / 3) and s["engine_running_mean"] == 6.0
     assert s["tokens_per_forward"] == 160 / 40 and s["ms_per_forward"] == pytest.approx(1000 * (2 / 3) * 4 / 40)
     assert s["trainer_idle_frac"] == 1 - 1.0 / 4 and s["staleness_mean"] == 0.5
+    assert s["drift_per_version"] == pytest.approx(0.02)
     assert s["kl_tail"] == pytest.approx(0.8) and s["reward_tail"] == pytest.approx(0.2)  # the step at >= 180 tokens
     md = table({"a": "(a)", "c": "(c)"}, {"a": [{**s, "heldout_kl": 1.2}, {**s, "heldout_kl": 1.4}],
                                           "c": [{**s, "samples_per_s": 8.0, "heldout_kl": 1.3}]}, 240, 1.5)
     assert "| (c) | 1 | 8.0 | 2.00x |" in md and "held-out reverse KL, final (student 1.500)" in md
+    assert "| drift per version |" in md and "| 0.50 | 0.0200 |" in md
     # the held-out column: mean ± 95% t-interval over the repeats (12.706 * sd / sqrt(2) for two)
     assert "| 1.300 ± 1.271 |" in md and md.rstrip().endswith("| 1.300 ± 0.000 |")
 

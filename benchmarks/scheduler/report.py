@@ -15,6 +15,7 @@ from benchmarks.long_answers.report import mean_ci as t_interval
 
 KL = "mopd/reverse_kl/echo"
 REWARD = "rollout/reward/echo"
+DRIFT = "train/kl_rollout/staleness_1"
 TAIL = 0.25  # learning at equal tokens: the steps in the last quarter of the sampled-token budget
 
 
@@ -55,6 +56,9 @@ def summarize_run(run_dir: Path, budget: int) -> dict:
         "trainer_idle_frac": 1.0 - train_s / window,
         "staleness_mean": _mean(measured, "rollout/staleness_mean", default=0.0),
         "staleness_max": max((m.get("rollout/staleness_max", 0.0) for m in measured), default=0.0),
+        # how far the policy moved in one version (log mu - log pi_theta of the tokens one version old), every step
+        # that trained any: what decides whether staleness costs learning (README, "Latest")
+        "drift_per_version": _mean(rows, DRIFT, default=None),
         "aborted_tokens": sum(m.get("rollout/aborted_tokens", 0.0) for m in measured),
         "response_len": tokens / max(samples, 1),
         "kl_tail": _mean(tail, KL), "reward_tail": _mean(tail, REWARD),
@@ -90,7 +94,8 @@ def avg(runs: list[dict], key: str) -> float:
 COLUMNS = [("samples/s", "samples_per_s", "{:.1f}"), ("tokens/s", "tokens_per_s", "{:.0f}"),
            ("engine busy", "engine_busy_frac", "{:.2f}"), ("tokens/forward", "tokens_per_forward", "{:.1f}"),
            ("ms/forward", "ms_per_forward", "{:.1f}"),
-           ("trainer idle", "trainer_idle_frac", "{:.2f}"), ("staleness mean", "staleness_mean", "{:.2f}")]
+           ("trainer idle", "trainer_idle_frac", "{:.2f}"), ("staleness mean", "staleness_mean", "{:.2f}"),
+           ("drift per version", "drift_per_version", "{:.4f}")]
 
 
 def table(names: dict[str, str], runs: dict[str, list[dict]], budget: int, student_kl: float) -> str:
