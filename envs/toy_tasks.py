@@ -6,7 +6,10 @@ answers written round by round, where each round transforms the previous one, so
 sinks the whole answer (exposure bias: a student trained only on correct prefixes never saw its own
 slips). `shiftfix` and `rotfix` are the same rounds in a grammar that lets a model withdraw a slip: `!`
 withdraws the round written since the last `,` (whole or partial) and the round is written again, so a
-slip is recoverable and a corrected answer scores like a clean one (`corrected_match_reward`). `tool` is multi-turn: the answer is a random value in a file of the episode's sandbox, so
+slip is recoverable and a corrected answer scores like a clean one (`corrected_match_reward`). `anagram`
+and `shuffle` have many right answers: four rounds, each any ordering of the prompt's 8 distinct letters
+(of a-l) or digits, so a teacher's next character is spread over the items its round has not used yet, and one repeat
+sinks the answer (`any_order_reward`). `tool` is multi-turn: the answer is a random value in a file of the episode's sandbox, so
 only a tool call can find it; its rows carry the env kind and task, and the env grades the episode
 (envs/toy_tool.py). `echo` writes a word back whose length is lognormal (median 6, capped at 8x that), so
 response lengths are heavy-tailed by nature: the workload of the rollout-scheduler benchmark
@@ -38,6 +41,8 @@ class ToyDomain:
     # the characters of its rounds when the answer grammar allows `!` corrections (graded after applying
     # them); "" = exact match, no corrections
     correctable: str = ""
+    # graded by `any_order_reward` (every round an ordering of the prompt's items) instead of exact match
+    any_order: bool = False
 
 
 def _arith(rng: random.Random) -> tuple[str, str]:
@@ -88,6 +93,24 @@ def _rotfix(rng: random.Random) -> tuple[str, str]:
     return question.replace("rot:", "rotfix:", 1), answer
 
 
+def _orderings(items: str, rng: random.Random) -> str:
+    """`ROUNDS_ANY` rounds, each a fresh random ordering of `items`: a teacher trained on these spreads its
+    next character over every item its round has not written yet."""
+    return ",".join("".join(rng.sample(items, len(items))) for _ in range(ROUNDS_ANY))
+
+
+def _anagram(rng: random.Random) -> tuple[str, str]:
+    """8 distinct letters of a-l, four rounds each any ordering of them: `anagram:khcjbgal` -> `hkjcalbg,...`."""
+    items = "".join(rng.sample(LETTERS[:12], WIDTH_ANY))
+    return f"anagram:{items}", _orderings(items, rng)
+
+
+def _shuffle(rng: random.Random) -> tuple[str, str]:
+    """8 distinct digits, four rounds each any ordering of them: `shuffle:40721983` -> `98143027,...`."""
+    items = "".join(rng.sample(DIGITS, WIDTH_ANY))
+    return f"shuffle:{items}", _orderings(items, rng)
+
+
 def _echo(rng: random.Random) -> tuple[str, str]:
     """A word of lognormal length written back, `echo:kqzt` -> `kqzt`: most answers are short, a few are 8x the
     median (a step's slowest sample is one of those)."""
@@ -113,6 +136,7 @@ def _tool_task(question: str, answer: str) -> dict[str, Any]:
 
 LETTERS, DIGITS = "abcdefghijklmnopqrstuvwxyz", "0123456789"
 WIDTH, ROUNDS = 6, 5  # long-answer domains: 5 rounds of 6 characters = 34-character answers
+WIDTH_ANY, ROUNDS_ANY = 8, 4  # many-answer domains: 4 rounds of 8 characters = 35-character answers
 # echo: lognormal word length; sigma 1 puts ~1% of words at the cap and the longest of 16 prompts at ~30 characters
 ECHO_MEDIAN, ECHO_SIGMA, ECHO_MAX = 6, 1.0, 48
 TOY_DOMAINS: dict[str, ToyDomain] = {d.name: d for d in (
@@ -123,11 +147,14 @@ TOY_DOMAINS: dict[str, ToyDomain] = {d.name: d for d in (
     ToyDomain("rot", _rot),
     ToyDomain("shiftfix", _shiftfix, correctable=LETTERS),
     ToyDomain("rotfix", _rotfix, correctable=DIGITS),
+    ToyDomain("anagram", _anagram, any_order=True),
+    ToyDomain("shuffle", _shuffle, any_order=True),
     ToyDomain("echo", _echo),
     ToyDomain("tool", _tool, env="toy_tool", task=_tool_task, teacher_steps=800, teacher_batch=16),
 )}
 LONG_ANSWER_DOMAINS = ("shift", "rot")
 CORRECTABLE_DOMAINS = ("shiftfix", "rotfix")
+ANY_ORDER_DOMAINS = ("anagram", "shuffle")
 CORRECTION = "!"
 
 
@@ -177,10 +204,19 @@ def corrected_match_reward(response_text: str, label: str) -> float:
     return 1.0 if final is not None and final == str(label).strip() else 0.0
 
 
+def any_order_reward(response_text: str, label: str) -> float:
+    """1.0 when the answer has the label's rounds and each is an ordering of the same items: any of the
+    8! orderings per round is right, a repeated, missing or foreign item is not."""
+    rounds, gold = extract_answer(response_text).split(","), str(label).strip().split(",")
+    return 1.0 if len(rounds) == len(gold) and all(sorted(r) == sorted(g) for r, g in zip(rounds, gold)) else 0.0
+
+
 def domain_verifier(domain: str) -> Callable[[str, str], float]:
-    """How a single-turn domain is graded: after corrections where its grammar allows them, else exact match
-    (also for domains that are not toy domains)."""
+    """How a single-turn domain is graded: after corrections where its grammar allows them, any ordering where
+    the domain has many right answers, else exact match (also for domains that are not toy domains)."""
     spec = TOY_DOMAINS.get(domain)
+    if spec is not None and spec.any_order:
+        return any_order_reward
     return corrected_match_reward if spec is not None and spec.correctable else exact_match_reward
 
 

@@ -59,12 +59,12 @@ def rows_for(args: argparse.Namespace) -> dict[str, list[dict]]:
 
 def default_max_new_tokens(rows: dict[str, list[dict]]) -> int:
     """Room for the longest answer: 56 tokens for the correctable long-answer domains (a round may be written
-    twice), 40 for the other long-answer toy domains (34 characters + end), else 12."""
-    from envs.toy_tasks import CORRECTABLE_DOMAINS, LONG_ANSWER_DOMAINS
+    twice), 40 for the other long-answer toy domains (34-35 characters + end), else 12."""
+    from envs.toy_tasks import ANY_ORDER_DOMAINS, CORRECTABLE_DOMAINS, LONG_ANSWER_DOMAINS
 
     if set(rows) & set(CORRECTABLE_DOMAINS):
         return 56
-    return 40 if set(rows) & set(LONG_ANSWER_DOMAINS) else 12
+    return 40 if set(rows) & {*LONG_ANSWER_DOMAINS, *ANY_ORDER_DOMAINS} else 12
 
 
 def _positive_int(text: str) -> int:

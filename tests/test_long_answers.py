@@ -55,19 +55,23 @@ def test_confidence_interval_and_paired_comparison():
 
 
 @pytest.mark.slow
-def test_quick_benchmark_writes_tables_with_cis_selection_curves_and_plot(tmp_path: Path):
+@pytest.mark.parametrize(("domains", "metric"), [("long", "greedy"), ("any", "sampled")])
+def test_quick_benchmark_writes_tables_with_cis_selection_curves_and_plot(tmp_path: Path, domains: str, metric: str):
+    """Many right answers (`any`) are compared, selected and plotted on sampled accuracy, the others on greedy."""
     out = tmp_path / "bench"
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     proc = subprocess.run([sys.executable, str(BENCH / "run.py"), "--quick", "--out", str(out), "--methods", "mopd",
-                           "--seeds", "2"], capture_output=True, text=True, timeout=900, env=env, check=False)
+                           "--seeds", "2", "--domains", domains], capture_output=True, text=True, timeout=900, env=env,
+                          check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     result = json.loads((out / "results.json").read_text())
     md = (out / "results.md").read_text()
     headline = "MOPD (report): sampled-token reverse KL + outcome"
     assert md.index(headline) < md.index("Merge: weight average")  # the report's method leads the methods
-    assert "Paired comparison" in md and result["paired"]["n"] == 2
+    assert f"Paired comparison (same seeds), normalized {metric} score" in md and result["paired"]["n"] == 2
+    assert result["paired"]["metric"] == metric and f"validation_{metric}" in result["selection"]["mopd"]
     assert result["selection"]["mopd"]["lr"] in result["lrs"]
-    assert len(result["runs"][headline]) == 2 and len(result["normalized_greedy"][headline]) == 2
+    assert len(result["runs"][headline]) == 2 and len(result[f"normalized_{metric}"][headline]) == 2
     for seed_curve in result["curves"][headline]:
         tokens = [p[0] for p in seed_curve]
         assert len(seed_curve) >= 3 and tokens[0] == 0 and tokens == sorted(tokens)

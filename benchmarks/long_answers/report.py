@@ -55,7 +55,7 @@ def results_table(per_seed: dict[str, list[dict[str, dict[str, float]]]], domain
 
 
 def plot_curves(curves: dict[str, list[list[tuple[float, float, float]]]], flat: dict[str, float],
-                out: Path) -> Path:
+                out: Path, kind: str = "greedy") -> Path:
     """Validation accuracy (mean over domains, mean over seeds) against sampled tokens and against training seconds.
 
     `curves[method]` is one [(sampled tokens, train seconds, accuracy)] per seed; `flat` are models without
@@ -80,7 +80,7 @@ def plot_curves(curves: dict[str, list[list[tuple[float, float, float]]]], flat:
                        label=name if ax is axes[0] else None)
     axes[0].set_xlabel("sampled training tokens")
     axes[1].set_xlabel("training wall-clock seconds (2 shared CPU cores; evaluation excluded)")
-    axes[0].set_ylabel("validation greedy accuracy\n(mean of domains, seeds)")
+    axes[0].set_ylabel(f"validation {kind} accuracy\n(mean of domains, seeds)")
     for ax in axes:
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)

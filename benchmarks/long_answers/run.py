@@ -39,8 +39,10 @@ from benchmarks.long_answers.report import (
     results_table,
 )
 from benchmarks.long_answers.world import (
+    ANY_WORLD,
     FIX_WORLD,
     FULL_WORLD,
+    QUICK_ANY_WORLD,
     QUICK_FIX_WORLD,
     QUICK_WORLD,
     build_long_world,
@@ -73,10 +75,11 @@ FIX_MAX_NEW_TOKENS = 56  # room for two or three `!` corrections in shiftfix/rot
 # lr grid: measured on seed 0 (README): at 3e-3 the first MOPD step alone took the base student's rot rollouts
 # from 0.56 correct to 0 (end-of-turn suppressed); at 3e-4 it never fell.
 FULL = {"world": FULL_WORLD, "budget": 40_000, "tokens_per_step": 1100, "lrs": (3e-4, 3e-3), "seeds": 3,
-        "eval_per_domain": 200, "val_per_domain": 40, "eval_interval": 6, "eval_samples": 4, "rollout": []}
+        "eval_per_domain": 200, "val_per_domain": 40, "eval_interval": 6, "eval_samples": 4, "rollout": [],
+        "metric": "greedy", "val_samples": 0}
 QUICK = {"world": QUICK_WORLD, "budget": 600, "tokens_per_step": 300, "lrs": (1e-3,), "seeds": 3, "eval_per_domain": 6,
          "val_per_domain": 4, "eval_interval": 1, "eval_samples": 1,
-         "rollout": ["rollout.prompts_per_step=4", "rollout.n_samples_per_prompt=2"]}
+         "rollout": ["rollout.prompts_per_step=4", "rollout.n_samples_per_prompt=2"], "metric": "greedy", "val_samples": 0}
 
 
 def train_run(world, run_dir: Path, overrides: list[str], budget: int, setup: dict, lr: float, seed: int,
@@ -129,13 +132,13 @@ def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def curve(run_dir: Path, start_acc: float) -> list[tuple[float, float, float]]:
-    """[(sampled tokens, training seconds so far, validation greedy accuracy)] from eval_interval's records."""
+def curve(run_dir: Path, start_acc: float, kind: str = "greedy") -> list[tuple[float, float, float]]:
+    """[(sampled tokens, training seconds so far, validation accuracy of `kind`)] from eval_interval's records."""
     points, seconds = [(0.0, 0.0, start_acc)], 0.0
     for m in metrics(run_dir):
         seconds += m.get("time/step_s", 0.0)
-        if "eval/mean/greedy" in m:
-            points.append((m["eval/sampled_tokens"], seconds, m["eval/mean/greedy"]))
+        if f"eval/mean/{kind}" in m:
+            points.append((m["eval/sampled_tokens"], seconds, m[f"eval/mean/{kind}"]))
     return points
 
 
@@ -157,8 +160,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seeds", type=int, help="seeds per method")
     p.add_argument("--lrs", help="comma-separated learning rates to choose from on the validation split")
     p.add_argument("--budget", type=int, help="sampled response tokens per run (max_sampled_tokens)")
-    p.add_argument("--domains", choices=("long", "fix"), default="long",
-                   help="long: shift/rot (a slip sinks the answer); fix: shiftfix/rotfix (a slip can be withdrawn with `!`)")
+    p.add_argument("--domains", choices=("long", "fix", "any"), default="long",
+                   help="long: shift/rot (a slip sinks the answer); fix: shiftfix/rotfix (a slip can be withdrawn "
+                        "with `!`); any: anagram/shuffle (every round any ordering of the prompt's items)")
     p.add_argument("overrides", nargs="*", help="extra mopd-train overrides shared by every run")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -166,6 +170,11 @@ def main(argv: list[str] | None = None) -> dict:
     if args.domains == "fix":
         setup.update(world=QUICK_FIX_WORLD if args.quick else FIX_WORLD, max_new_tokens=FIX_MAX_NEW_TOKENS,
                      rollout=[*setup["rollout"], f"rollout.max_new_tokens={FIX_MAX_NEW_TOKENS}"])
+    if args.domains == "any":  # many right answers: greedy decoding writes one, a sample shows the distribution
+        # lr grid: seed-0 validation runs (README) put mopd and sft at their best at 1e-3, both worse at 3e-3
+        setup.update(world=QUICK_ANY_WORLD if args.quick else ANY_WORLD, metric="sampled",
+                     lrs=setup["lrs"] if args.quick else (3e-4, 1e-3),
+                     val_samples=setup["eval_samples"], rollout=[*setup["rollout"], f"eval.samples={setup['eval_samples']}"])
     setup["budget"] = args.budget or setup["budget"]
     setup["seeds"] = args.seeds or setup["seeds"]
     lrs = [float(x) for x in args.lrs.split(",")] if args.lrs else list(setup["lrs"])
@@ -181,9 +190,11 @@ def main(argv: list[str] | None = None) -> dict:
     student = evaluate(world.student, test, **ev)
     teachers = {d: evaluate(world.teacher(d), test, **ev) for d in domains}
     teacher = {d: teachers[d][d] for d in domains}
-    student_val = evaluate(world.student, val, samples=0, max_new_tokens=setup["max_new_tokens"])
-    start_acc = sum(student_val[d]["greedy"] for d in domains) / len(domains)
-    merged = build_merges(world, domains, args.out, val, max_new_tokens=setup["max_new_tokens"])
+    kind = setup["metric"]
+    student_val = evaluate(world.student, val, samples=setup["val_samples"], max_new_tokens=setup["max_new_tokens"])
+    start_acc = sum(student_val[d][kind] for d in domains) / len(domains)
+    merged = build_merges(world, domains, args.out, val, max_new_tokens=setup["max_new_tokens"], kind=kind,
+                          samples=setup["val_samples"])
     merges = {name: evaluate(path, test, **ev) for name, path in merged.items()}
     cs = {"max_new_tokens": setup["max_new_tokens"], "samples": setup["eval_samples"]}
     corrections = {} if args.domains != "fix" else {
@@ -201,16 +212,16 @@ def main(argv: list[str] | None = None) -> dict:
             budget = teacher_tokens(runs_dir(args.out, "mopd", lrs_pick(selection, "mopd"), 0)) \
                 if slug == "sft_matched" else setup["budget"]
             d = train_run(world, runs_dir(args.out, slug, lr, 0), overrides, budget, setup, lr, 0, args.overrides)
-            scored[lr] = [m for m in metrics(d) if "eval/mean/greedy" in m][-1]["eval/mean/greedy"]
+            scored[lr] = [m for m in metrics(d) if f"eval/mean/{kind}" in m][-1][f"eval/mean/{kind}"]
         best = max(lrs, key=lambda lr: (scored[lr], -lrs.index(lr)))
-        selection[slug] = {"validation_greedy": {str(k): v for k, v in scored.items()}, "lr": best}
+        selection[slug] = {f"validation_{kind}": {str(k): v for k, v in scored.items()}, "lr": best}
         for seed in range(setup["seeds"]):
             budget = teacher_tokens(runs_dir(args.out, "mopd", lrs_pick(selection, "mopd"), seed)) \
                 if slug == "sft_matched" else setup["budget"]
             run_dirs[seed] = train_run(world, runs_dir(args.out, slug, best, seed), overrides, budget, setup, best,
                                        seed, args.overrides)
         runs[name] = [evaluate(final_hf(run_dirs[s]), test, seed=s, **ev) for s in sorted(run_dirs)]
-        curves[name] = [curve(run_dirs[s], start_acc) for s in sorted(run_dirs)]
+        curves[name] = [curve(run_dirs[s], start_acc, kind) for s in sorted(run_dirs)]
         wall[name] = [json.loads((run_dirs[s] / "done.json").read_text())["wall_s"] for s in sorted(run_dirs)]
         if corrections:
             corrections[name] = [correction_stats(final_hf(run_dirs[s]), test, seed=s, **cs) for s in sorted(run_dirs)]
@@ -237,8 +248,10 @@ def write_results(args, setup, lrs, domains, student, teacher, teachers, merges,
     table_rows = {STUDENT: [student], TEACHER: [teacher], **runs, **{n: [r] for n, r in merges.items()}}
     ref = {k: ({d: student[d][k] for d in domains}, {d: teacher[d][k] for d in domains})
            for k in ("greedy", "sampled")}
-    score = {n: [normalized_score({d: r[d]["greedy"] for d in domains}, *ref["greedy"]) for r in rs]
-             for n, rs in table_rows.items()}
+    scores = {k: {n: [normalized_score({d: r[d][k] for d in domains}, *ref[k]) for r in rs]
+                  for n, rs in table_rows.items()} for k in ("greedy", "sampled")}
+    kind = setup["metric"]
+    score = scores[kind]
     header = (f"Budget {setup['budget']} sampled tokens per run; {setup['seeds']} seeds per method; "
               f"{setup['eval_per_domain']} test prompts per domain; mean ± 95% CI (t) over seeds; normalized score = "
               "mean over domains of (acc - student) / (teacher - student).\n")
@@ -252,30 +265,32 @@ def write_results(args, setup, lrs, domains, student, teacher, teachers, merges,
         if baselines:
             best = max(baselines, key=lambda n: mean_ci(score[n])[0])
             other = score[best] * len(score[HEADLINE]) if len(score[best]) == 1 else score[best]
-            comparison = {"headline": HEADLINE, "best_baseline": best, **paired(score[HEADLINE], other)}
-            md.append(f"Paired comparison (same seeds), normalized greedy score: {HEADLINE} minus {best}: "
+            comparison = {"headline": HEADLINE, "best_baseline": best, "metric": kind,
+                          **paired(score[HEADLINE], other)}
+            md.append(f"Paired comparison (same seeds), normalized {kind} score: {HEADLINE} minus {best}: "
                       f"{comparison['mean_diff']:+.3f} ± {comparison['ci95']:.3f} (95% CI, n={comparison['n']}); "
                       f"{'ahead beyond the CI' if comparison['ahead'] else 'not ahead beyond the CI'}.\n")
-    md.append("Learning rate chosen on the validation split (seed 0, last in-training evaluation, mean greedy "
+    md.append(f"Learning rate chosen on the validation split (seed 0, last in-training evaluation, mean {kind} "
               "accuracy over domains):\n\n| Method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | chosen |\n|---|"
               + "---:|" * (len(lrs) + 1))
     for slug, sel in selection.items():
-        md.append(f"| {METHODS[slug][0]} | " + " | ".join(f"{sel['validation_greedy'][str(lr)]:.3f}" for lr in lrs)
+        md.append(f"| {METHODS[slug][0]} | " + " | ".join(f"{sel[f'validation_{kind}'][str(lr)]:.3f}" for lr in lrs)
                   + f" | {sel['lr']:g} |")
     md.append("\nTraining wall-clock per run (s, shared machine): " + ", ".join(
         f"{n}: {sum(w) / len(w):.0f}" for n, w in wall.items()) + "\n")
     if corrections:
         md.append(corrections_table(corrections, domains))
     text = "\n".join(md)
-    flat = {STUDENT: sum(student[d]["greedy"] for d in domains) / len(domains),
-            TEACHER: sum(teacher[d]["greedy"] for d in domains) / len(domains),
-            **{n: sum(r[d]["greedy"] for d in domains) / len(domains) for n, r in merges.items()}}
-    plot = plot_curves(curves, flat, out / "curves.png")
+    flat = {STUDENT: sum(student[d][kind] for d in domains) / len(domains),
+            TEACHER: sum(teacher[d][kind] for d in domains) / len(domains),
+            **{n: sum(r[d][kind] for d in domains) / len(domains) for n, r in merges.items()}}
+    plot = plot_curves(curves, flat, out / "curves.png", kind)
     result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "quick": args.quick,
               "setup": {k: (asdict(v) if k == "world" else v) for k, v in setup.items()}, "lrs": lrs,
               "methods": {s: METHODS[s] for s in selection}, "selection": selection, "student": student,
               "teacher": teacher, "teachers_all_domains": teachers, "merges": merges,
-              "task_arithmetic_model": merged[MERGE_TASK].name, "runs": runs, "normalized_greedy": score,
+              "task_arithmetic_model": merged[MERGE_TASK].name, "runs": runs, "normalized_greedy": scores["greedy"],
+              "normalized_sampled": scores["sampled"],
               "paired": comparison, "curves": curves, "wall_s": wall, "times": times, "corrections": corrections,
               "command": " ".join(["run.py", *(argv if argv is not None else sys.argv[1:])])}
     (out / "results.json").write_text(json.dumps(result, indent=2))

@@ -14,7 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from benchmarks.mopd_vs_baselines.world import World, build_world
-from envs.toy_tasks import CORRECTABLE_DOMAINS, LONG_ANSWER_DOMAINS, make_examples
+from envs.toy_tasks import ANY_ORDER_DOMAINS, CORRECTABLE_DOMAINS, LONG_ANSWER_DOMAINS, make_examples
 from mopd.toy.world import ToyWorldSpec
 
 # Measured (probe, hidden 64, 2 layers, lr 3e-3, batch 32): mixed SFT on both domains reaches 0.95 greedy on
@@ -30,6 +30,11 @@ QUICK_WORLD = ToyWorldSpec(domains=LONG_ANSWER_DOMAINS, hidden_size=32, base_ste
 # here start from the 220-step base and train 1000 more.
 FIX_WORLD = replace(FULL_WORLD, domains=CORRECTABLE_DOMAINS, teacher_steps=1000, recovery_prob=0.2)
 QUICK_FIX_WORLD = replace(QUICK_WORLD, domains=CORRECTABLE_DOMAINS, recovery_prob=0.2)
+# Many right answers (`anagram`, `shuffle`: every round any ordering of the prompt's items). Measured (probe,
+# mixed SFT from a random init, batch 32, lr 3e-3; greedy/sampled accuracy): step 700 anagram 0.48/0.06, shuffle
+# 0.92/0.37; step 1100 0.95/0.48, 1.0/0.63; shuffle alone plateaus near 0.85 sampled by step 1200 (to 2000).
+ANY_WORLD = replace(FULL_WORLD, domains=ANY_ORDER_DOMAINS, base_steps=700, teacher_steps=800)
+QUICK_ANY_WORLD = replace(QUICK_WORLD, domains=ANY_ORDER_DOMAINS)
 VAL_SEED_OFFSET = 20_000  # train uses spec.seed, test spec.seed + 10_000 (mopd.toy.world.write_datasets)
 
 

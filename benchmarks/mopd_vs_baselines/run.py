@@ -97,19 +97,20 @@ def _checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 
 
 def build_merges(world: World, domains: list[str], out: Path, val_rows: dict[str, list[dict]],
-                 max_new_tokens: int = 12) -> dict[str, Path]:
-    """Weight average of the teachers, and task arithmetic with its scale picked on `val_rows`.
+                 max_new_tokens: int = 12, kind: str = "greedy", samples: int = 0) -> dict[str, Path]:
+    """Weight average of the teachers, and task arithmetic with its scale picked on `val_rows` (`kind` accuracy,
+    `samples` draws when it is "sampled").
 
-    Shared with benchmarks/long_answers (longer answers: `max_new_tokens`).
+    Shared with benchmarks/long_answers (longer answers: `max_new_tokens`; many right answers: sampled).
     """
     teachers = [world.teacher(d) for d in domains]
     merged = {MERGE_AVERAGE: merge.average(teachers, out / "merge_average")}
     best = None
     for scale in TASK_SCALES:
         path = merge.task_arithmetic(world.student, teachers, out / f"merge_task_{scale}", scale=scale)
-        acc = evaluate(path, val_rows, samples=0, max_new_tokens=max_new_tokens)
-        mean = sum(acc[d]["greedy"] for d in domains) / len(domains)
-        log.info("task arithmetic scale %.1f: mean greedy accuracy on the selection prompts %.3f", scale, mean)
+        acc = evaluate(path, val_rows, samples=samples, max_new_tokens=max_new_tokens)
+        mean = sum(acc[d][kind] for d in domains) / len(domains)
+        log.info("task arithmetic scale %.1f: mean %s accuracy on the selection prompts %.3f", scale, kind, mean)
         if best is None or mean > best[0]:
             best = (mean, scale, path)
     merged[MERGE_TASK] = best[2]
