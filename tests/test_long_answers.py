@@ -52,6 +52,7 @@ def test_confidence_interval_and_paired_comparison():
     res = paired([0.9, 0.95, 1.0], [0.7, 0.8, 0.8])  # differences 0.2, 0.15, 0.2
     assert res["mean_diff"] == pytest.approx(0.55 / 3) and res["ahead"] and res["n"] == 3
     assert not paired([0.9, 0.7, 1.0], [0.8, 0.8, 0.8])["ahead"]
+    assert not paired([0.9], [0.1])["ahead"]  # one seed: no interval, so no claim
 
 
 @pytest.mark.slow

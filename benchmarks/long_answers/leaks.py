@@ -23,8 +23,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from envs.toy_tasks import ANY_ORDER_DOMAINS, WIDTH_ANY  # noqa: E402
-from mopd.evaluate import load_eval_rows  # noqa: E402
+from envs.toy_tasks import ANY_ORDER_DOMAINS, WIDTH_ANY
+from mopd.evaluate import load_eval_rows
 
 
 def _load(path: Path):

@@ -24,12 +24,13 @@ def mean_ci(values: list[float]) -> tuple[float, float]:
 
 
 def paired(a: list[float], b: list[float]) -> dict[str, float]:
-    """a - b seed by seed: mean difference, its 95% CI half-width, t statistic; 'ahead' when the CI excludes 0."""
+    """a - b seed by seed: mean difference, its 95% CI half-width, t statistic; 'ahead' when the CI excludes 0
+    (never from one seed: its half-width of 0 says no spread is known, not that there is none)."""
     diffs = [x - y for x, y in zip(a, b)]
     mean, half = mean_ci(diffs)
     sd = half / _T975.get(len(diffs) - 1, 1.96) * math.sqrt(len(diffs)) if len(diffs) > 1 else 0.0
     t = mean / (sd / math.sqrt(len(diffs))) if sd > 0 else math.inf * (1 if mean > 0 else -1 if mean < 0 else 0)
-    return {"mean_diff": mean, "ci95": half, "t": t, "n": len(diffs), "ahead": mean - half > 0}
+    return {"mean_diff": mean, "ci95": half, "t": t, "n": len(diffs), "ahead": len(diffs) > 1 and mean - half > 0}
 
 
 def _cell(values: list[float]) -> str:

@@ -267,9 +267,11 @@ def write_results(args, setup, lrs, domains, student, teacher, teachers, merges,
             other = score[best] * len(score[HEADLINE]) if len(score[best]) == 1 else score[best]
             comparison = {"headline": HEADLINE, "best_baseline": best, "metric": kind,
                           **paired(score[HEADLINE], other)}
+            verdict = "ahead beyond the CI" if comparison["ahead"] else \
+                "one seed: no interval" if comparison["n"] < 2 else "not ahead beyond the CI"
             md.append(f"Paired comparison (same seeds), normalized {kind} score: {HEADLINE} minus {best}: "
                       f"{comparison['mean_diff']:+.3f} ± {comparison['ci95']:.3f} (95% CI, n={comparison['n']}); "
-                      f"{'ahead beyond the CI' if comparison['ahead'] else 'not ahead beyond the CI'}.\n")
+                      f"{verdict}.\n")
     md.append(f"Learning rate chosen on the validation split (seed 0, last in-training evaluation, mean {kind} "
               "accuracy over domains):\n\n| Method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | chosen |\n|---|"
               + "---:|" * (len(lrs) + 1))
