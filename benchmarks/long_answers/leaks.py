@@ -69,7 +69,7 @@ def leak_stats(student: Path, teacher: Path, rows: list[dict], samples: int, see
                     leak_reward += reward
                     leaks += 1
                     break
-    return {"answers": answers, "item_positions": positions, "leaks_per_answer": leaks / answers,
+    return {"answers": answers, "item_positions": positions, "answers_with_a_leak": leaks / answers,
             "student_mass_outside_valid": s_out / positions, "teacher_mass_outside_valid": t_out / positions,
             "reward_valid_token": ok_reward / max(1, positions - leaks), "reward_leak_token": leak_reward / max(1, leaks)}
 

@@ -61,7 +61,7 @@ def test_leak_stats_reward_is_zero_when_the_teacher_is_the_student(tmp_path):
                               num_layers=1)
     stats = leak_stats(model, model, make_examples("shuffle", 3, seed=0), samples=2)
     assert stats["answers"] == 6 and stats["item_positions"] >= 6
-    assert 0 < stats["leaks_per_answer"] <= 1  # a random model repeats or strays almost at once
+    assert 0 < stats["answers_with_a_leak"] <= 1  # a random model repeats or strays almost at once
     assert stats["student_mass_outside_valid"] == pytest.approx(stats["teacher_mass_outside_valid"])
     assert stats["reward_valid_token"] == pytest.approx(0, abs=1e-5)
     assert stats["reward_leak_token"] == pytest.approx(0, abs=1e-5)
