@@ -131,7 +131,10 @@ def test_tp2_group_resume_and_export(ray_session, dense_path, dist_env, tmp_path
     load_trainer_state(tmp_path / "step_1" / "trainer", one, 0)
     m2c = one.train_step(batch2, len(batch2))
     print(f"resharded resume TP=2 -> TP=1: |loss diff| = {abs(m2c['train/loss'] - m2['train/loss']):.1e}")
-    assert abs(m2c["train/loss"] - m2["train/loss"]) < 1e-6 and m2c["train/lr"] == m2["train/lr"]
+    # TP=1 sums what TP=2 all-reduces from two partial products: the same math in another float32 order, so the
+    # loss agrees to rounding (measured 1.2e-6 on 4.07 with megatron-core 0.16.1, 2.4 ulp), not bit for bit; a
+    # wrongly cut shard moves it by orders of magnitude more
+    assert m2c["train/loss"] == pytest.approx(m2["train/loss"], rel=2e-6, abs=0) and m2c["train/lr"] == m2["train/lr"]
     assert m2c["train/grad_norm"] == pytest.approx(m2["train/grad_norm"], rel=1e-5)
 
     from safetensors.torch import load_file
