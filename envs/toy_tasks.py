@@ -41,8 +41,8 @@ class ToyDomain:
     # the characters of its rounds when the answer grammar allows `!` corrections (graded after applying
     # them); "" = exact match, no corrections
     correctable: str = ""
-    # graded by `any_order_reward` (every round an ordering of the prompt's items) instead of exact match
-    any_order: bool = False
+    # how a single-turn answer is graded against its label: exact match unless the domain says otherwise
+    verifier: Callable[[str, str], float] | None = None
 
 
 def _arith(rng: random.Random) -> tuple[str, str]:
@@ -134,47 +134,6 @@ def _tool_task(question: str, answer: str) -> dict[str, Any]:
     return {"file": question.removeprefix(tool_question("")), "value": answer}
 
 
-LETTERS, DIGITS = "abcdefghijklmnopqrstuvwxyz", "0123456789"
-WIDTH, ROUNDS = 6, 5  # long-answer domains: 5 rounds of 6 characters = 34-character answers
-WIDTH_ANY, ROUNDS_ANY = 8, 4  # many-answer domains: 4 rounds of 8 characters = 35-character answers
-# echo: lognormal word length; sigma 1 puts ~1% of words at the cap and the longest of 16 prompts at ~30 characters
-ECHO_MEDIAN, ECHO_SIGMA, ECHO_MAX = 6, 1.0, 48
-TOY_DOMAINS: dict[str, ToyDomain] = {d.name: d for d in (
-    ToyDomain("arith", _arith),
-    ToyDomain("reverse", _reverse),
-    ToyDomain("sort", _sort),
-    ToyDomain("shift", _shift),
-    ToyDomain("rot", _rot),
-    ToyDomain("shiftfix", _shiftfix, correctable=LETTERS),
-    ToyDomain("rotfix", _rotfix, correctable=DIGITS),
-    ToyDomain("anagram", _anagram, any_order=True),
-    ToyDomain("shuffle", _shuffle, any_order=True),
-    ToyDomain("echo", _echo),
-    ToyDomain("tool", _tool, env="toy_tool", task=_tool_task, teacher_steps=800, teacher_batch=16),
-)}
-LONG_ANSWER_DOMAINS = ("shift", "rot")
-CORRECTABLE_DOMAINS = ("shiftfix", "rotfix")
-ANY_ORDER_DOMAINS = ("anagram", "shuffle")
-CORRECTION = "!"
-
-
-def make_examples(domain: str, n: int, seed: int) -> list[dict]:
-    """`n` examples as dataset rows: chat prompt, domain, label; an env domain's rows add `env` (the
-    env kind) and `task` (what `reset` takes), which the data loader keeps in the sample's metadata."""
-    if domain not in TOY_DOMAINS:
-        raise KeyError(f"unknown toy domain {domain!r}; known: {sorted(TOY_DOMAINS)}")
-    rng = random.Random(f"{domain}:{seed}")
-    rows = []
-    for _ in range(n):
-        spec = TOY_DOMAINS[domain]
-        question, answer = spec.make(rng)
-        row = {"prompt": [{"role": "user", "content": question}], "domain": domain, "label": answer}
-        if spec.task is not None:
-            row.update(env=spec.env, task=spec.task(question, answer))
-        rows.append(row)
-    return rows
-
-
 def extract_answer(response_text: str) -> str:
     """The text before the end-of-turn marker, stripped."""
     return response_text.split(END_OF_TURN, 1)[0].strip()
@@ -211,13 +170,52 @@ def any_order_reward(response_text: str, label: str) -> float:
     return 1.0 if len(rounds) == len(gold) and all(sorted(r) == sorted(g) for r, g in zip(rounds, gold)) else 0.0
 
 
+LETTERS, DIGITS = "abcdefghijklmnopqrstuvwxyz", "0123456789"
+WIDTH, ROUNDS = 6, 5  # long-answer domains: 5 rounds of 6 characters = 34-character answers
+WIDTH_ANY, ROUNDS_ANY = 8, 4  # many-answer domains: 4 rounds of 8 characters = 35-character answers
+# echo: lognormal word length; sigma 1 puts ~1% of words at the cap and the longest of 16 prompts at ~30 characters
+ECHO_MEDIAN, ECHO_SIGMA, ECHO_MAX = 6, 1.0, 48
+TOY_DOMAINS: dict[str, ToyDomain] = {d.name: d for d in (
+    ToyDomain("arith", _arith),
+    ToyDomain("reverse", _reverse),
+    ToyDomain("sort", _sort),
+    ToyDomain("shift", _shift),
+    ToyDomain("rot", _rot),
+    ToyDomain("shiftfix", _shiftfix, correctable=LETTERS, verifier=corrected_match_reward),
+    ToyDomain("rotfix", _rotfix, correctable=DIGITS, verifier=corrected_match_reward),
+    ToyDomain("anagram", _anagram, verifier=any_order_reward),
+    ToyDomain("shuffle", _shuffle, verifier=any_order_reward),
+    ToyDomain("echo", _echo),
+    ToyDomain("tool", _tool, env="toy_tool", task=_tool_task, teacher_steps=800, teacher_batch=16),
+)}
+LONG_ANSWER_DOMAINS = ("shift", "rot")
+CORRECTABLE_DOMAINS = ("shiftfix", "rotfix")
+ANY_ORDER_DOMAINS = ("anagram", "shuffle")
+CORRECTION = "!"
+
+
+def make_examples(domain: str, n: int, seed: int) -> list[dict]:
+    """`n` examples as dataset rows: chat prompt, domain, label; an env domain's rows add `env` (the
+    env kind) and `task` (what `reset` takes), which the data loader keeps in the sample's metadata."""
+    if domain not in TOY_DOMAINS:
+        raise KeyError(f"unknown toy domain {domain!r}; known: {sorted(TOY_DOMAINS)}")
+    rng = random.Random(f"{domain}:{seed}")
+    rows = []
+    for _ in range(n):
+        spec = TOY_DOMAINS[domain]
+        question, answer = spec.make(rng)
+        row = {"prompt": [{"role": "user", "content": question}], "domain": domain, "label": answer}
+        if spec.task is not None:
+            row.update(env=spec.env, task=spec.task(question, answer))
+        rows.append(row)
+    return rows
+
+
 def domain_verifier(domain: str) -> Callable[[str, str], float]:
     """How a single-turn domain is graded: after corrections where its grammar allows them, any ordering where
     the domain has many right answers, else exact match (also for domains that are not toy domains)."""
     spec = TOY_DOMAINS.get(domain)
-    if spec is not None and spec.any_order:
-        return any_order_reward
-    return corrected_match_reward if spec is not None and spec.correctable else exact_match_reward
+    return spec.verifier if spec is not None and spec.verifier is not None else exact_match_reward
 
 
 def with_slips(label: str, alphabet: str, prob: float, rng: random.Random) -> list[tuple[str, bool]]:
