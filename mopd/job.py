@@ -180,7 +180,9 @@ def start(job: JobConfig, config_dict: dict) -> Runtime:
         engines = launch_engines(job.student.model_path, job.rollout, name="student",
                                  routing_replay=job.rollout.routing_replay)
         stack.callback(engines.shutdown)
-        teachers = TeacherSet.launch(job.teachers, job.default_teacher, sampling=job.rollout, tokenizer=tokenizer)
+        teachers = TeacherSet.launch(job.teachers, job.default_teacher, sampling=job.rollout, tokenizer=tokenizer,
+                                     temperature=job.algo.teacher_temperature,
+                                     temperature_support=job.algo.teacher_temperature_support)
         stack.callback(teachers.close)
         trainer_cfg = replace(job.trainer, weight_sync_engine_tp=max(job.rollout.gpus_per_engine, 1))
         trainer = TrainerGroup(job.student.model_path, trainer_cfg, job.algo, num_steps=job.num_steps,

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 from omegaconf import MISSING
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from mopd.core.algo import sharpen_teacher_scores
 from mopd.core.errors import ConfigError
 from mopd.core.types import Sample, TokenScores
 from rollout.config import EngineConfig, RolloutConfig, SamplingConfig
@@ -205,16 +206,21 @@ class TeacherSet:
     """All teachers of a job; sends each sample to its domain's teacher, every teacher at once."""
 
     def __init__(self, teachers: dict[str, Teacher], router: TeacherRouter, coefs: dict[str, float] | None = None,
-                 sampling: SamplingConfig | None = None, tokenizer: PreTrainedTokenizerBase | None = None) -> None:
+                 sampling: SamplingConfig | None = None, tokenizer: PreTrainedTokenizerBase | None = None,
+                 temperature: float = 1.0, temperature_support: int = 20) -> None:
         self.teachers = teachers
         self.router = router
         self.coefs = dict(coefs or {})  # teachers.NAME.coef: scales that teacher's dense term in the loss
         self.sampling = sampling or SamplingConfig()  # rollout.* sampling, for sample_from=teacher
         self.tokenizer = tokenizer
+        # algo.teacher_temperature(_support): every teacher scores as pi^(1/temperature) / Z (sharpen_teacher_scores)
+        self.temperature = temperature
+        self.temperature_support = temperature_support
 
     @classmethod
     def launch(cls, configs: dict[str, TeacherConfig], default_teacher: str | None = None, *,
-               sampling: SamplingConfig | None = None, tokenizer: PreTrainedTokenizerBase | None = None) -> TeacherSet:
+               sampling: SamplingConfig | None = None, tokenizer: PreTrainedTokenizerBase | None = None,
+               temperature: float = 1.0, temperature_support: int = 20) -> TeacherSet:
         """Start every teacher (a failure closes those already started); with sampling.sample_from=teacher
         each must be able to generate."""
         teachers: dict[str, Teacher] = {}
@@ -228,7 +234,8 @@ class TeacherSet:
                 teacher.close()
             raise
         return cls(teachers, TeacherRouter.from_config(configs, default_teacher),
-                   coefs={name: cfg.coef for name, cfg in configs.items()}, sampling=sampling, tokenizer=tokenizer)
+                   coefs={name: cfg.coef for name, cfg in configs.items()}, sampling=sampling, tokenizer=tokenizer,
+                   temperature=temperature, temperature_support=temperature_support)
 
     def _by_teacher(self, samples: list[Sample]) -> dict[str, list[Sample]]:
         """Set `sample.teacher` (its domain's teacher) and group the samples by it."""
@@ -242,10 +249,13 @@ class TeacherSet:
         """Fill `sample.teacher` and `sample.teacher_logprobs` (and, with top_k > 0, the teacher's top-k tokens
         and their logprobs at each response position) for every sample, all teachers concurrently;
         `sample.metadata["teacher_coef"]` is that teacher's teachers.NAME.coef, the trainer's multiplier of its
-        dense term."""
+        dense term. With a temperature below 1 each teacher is asked for max(top_k, temperature_support) top tokens,
+        the normaliser of its sharpened distribution, and its scores are those of the sharpened teacher."""
         groups = self._by_teacher(samples)
         names = list(groups)
-        results = await asyncio.gather(*(self.teachers[name].score(groups[name], top_k) for name in names))
+        sharpen = self.temperature != 1.0
+        asked = max(top_k, self.temperature_support) if sharpen else top_k
+        results = await asyncio.gather(*(self.teachers[name].score(groups[name], asked) for name in names))
         for name, scores in zip(names, results):
             if len(scores) != len(groups[name]):
                 raise RuntimeError(f"teacher {name!r} returned {len(scores)} scores for {len(groups[name])} samples")
@@ -253,6 +263,11 @@ class TeacherSet:
                 if len(got.logprobs) != len(sample.response_ids):
                     raise RuntimeError(f"teacher {name!r} returned {len(got.logprobs)} logprobs for a response of "
                                        f"{len(sample.response_ids)} tokens")
+                if sharpen:
+                    try:
+                        got = sharpen_teacher_scores(got, self.temperature, keep_top_k=top_k)
+                    except ValueError as e:
+                        raise RuntimeError(f"teacher {name!r}: {e}") from None
                 sample.teacher_logprobs = list(got.logprobs)
                 sample.metadata["teacher_coef"] = float(self.coefs.get(name, 1.0))
                 sample.teacher_top_ids, sample.teacher_top_logprobs = got.top_ids, got.top_logprobs

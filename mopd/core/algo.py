@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from mopd.core.errors import ConfigError
+from mopd.core.types import TokenScores
 
 DIVERGENCES = ("reverse_kl", "forward_kl")
 IS_CORRECTIONS = ("mask", "truncate")
@@ -41,6 +42,12 @@ class AdvantageConfig:
     # term becomes a divergence between the two distributions over those k tokens plus one "rest" bucket,
     # differentiated exactly instead of estimated from the one sampled token (lower variance).
     teacher_top_k: int = 0
+    # < 1 sharpens each teacher to pi_T^(1/tau) / Z before it scores: a token the teacher half-believes (a slip it
+    # makes itself now and then) is charged ~1/tau times more, and the student's optimum becomes the sharpened
+    # teacher, which can be more accurate than the teacher's own samples. Z is summed over the teacher's
+    # teacher_temperature_support most likely tokens plus a bound on the rest (sharpen_teacher_scores).
+    teacher_temperature: float = 1.0
+    teacher_temperature_support: int = 20
     top_k_divergence: str = "reverse_kl"  # reverse_kl: KL(pi_theta || pi_T) | forward_kl: KL(pi_T || pi_theta)
     # how the behaviour-policy weight w_t = pi_theta/mu is bounded (see importance_weights): mask (MiMo report:
     # tokens outside [trainer.eps_low, trainer.eps_high] get 0) | truncate (min(ratio, trainer.eps_high), no token
@@ -58,6 +65,14 @@ class AdvantageConfig:
         if self.teacher_top_k < 0:
             raise ConfigError(f"{prefix}.teacher_top_k", "an integer >= 0 (0 = sampled-token reward)",
                               self.teacher_top_k)
+        if not 0 < self.teacher_temperature <= 1:  # also rejects NaN
+            raise ConfigError(f"{prefix}.teacher_temperature", "a number in (0, 1] (1 = the teacher as it is; above 1 "
+                              "the sharpened normaliser's tail cannot be bounded from the top tokens)",
+                              self.teacher_temperature)
+        if isinstance(self.teacher_temperature_support, bool) or not isinstance(self.teacher_temperature_support, int) \
+                or self.teacher_temperature_support < 1:
+            raise ConfigError(f"{prefix}.teacher_temperature_support", "an integer >= 1 (the teacher tokens summed "
+                              "exactly in the sharpened normaliser)", self.teacher_temperature_support)
         if self.top_k_divergence not in DIVERGENCES:
             raise ConfigError(f"{prefix}.top_k_divergence", f"one of {DIVERGENCES}", self.top_k_divergence)
         if self.is_correction not in IS_CORRECTIONS:
@@ -191,3 +206,43 @@ def top_k_divergence(student_top_logprobs: torch.Tensor, teacher_top_logprobs: t
 def _with_rest_bucket(top_logprobs: torch.Tensor) -> torch.Tensor:
     rest = (1.0 - top_logprobs.exp().sum(-1, keepdim=True)).clamp(min=1e-8).log()
     return torch.cat([top_logprobs, rest], dim=-1)
+
+
+def sharpen_teacher_scores(scores: TokenScores, temperature: float, keep_top_k: int = 0) -> TokenScores:
+    """A teacher's scores under its sharpened distribution pi^(1/tau) / Z (algo.teacher_temperature = tau <= 1).
+
+    An engine's prefill logprobs are untempered (SGLang computes input logprobs with a plain log_softmax), and
+    one token's logprob does not give the tempered one: that needs Z = sum_v pi(v)^(1/tau) over the vocabulary.
+    So the teacher is asked for its top tokens at every position (algo.teacher_temperature_support of them) and
+    Z is summed exactly over those. Every other token has p <= p_min, the least likely of them, so together they
+    add at most (1 - sum_top p) * p_min^(1/tau - 1); that bound is added to Z, which errs on the side of the
+    sharpened teacher keeping a little too much mass off its top tokens, never too little. For tau = 0.5 and a
+    toy teacher's top 20 tokens the bound is ~1e-5 of Z. At tau = 1 the scores are returned unchanged.
+
+    log pi_tau(v) = log pi(v) / tau - log Z for the sampled tokens and for the first `keep_top_k` top tokens
+    (0: no top tokens are returned, as for the sampled-token reward).
+    """
+    if temperature == 1.0:
+        return scores
+    if scores.top_logprobs is None or scores.top_ids is None or len(scores.top_logprobs) != len(scores.logprobs):
+        raise ValueError("sharpen_teacher_scores: algo.teacher_temperature < 1 needs the teacher's top tokens at "
+                         f"every response position; got {None if scores.top_logprobs is None else len(scores.top_logprobs)}"
+                         f" rows for {len(scores.logprobs)} positions")
+    n = len(scores.logprobs)
+    if n == 0:
+        return TokenScores(logprobs=[], top_ids=[] if keep_top_k else None, top_logprobs=[] if keep_top_k else None)
+    width = max(1, max(len(row) for row in scores.top_logprobs))
+    top = torch.full((n, width), float("-inf"), dtype=torch.float64)
+    for i, row in enumerate(scores.top_logprobs):
+        top[i, :len(row)] = torch.tensor(row, dtype=torch.float64)
+    inv = 1.0 / temperature
+    rest = (1.0 - top.exp().sum(-1)).clamp(min=0.0)
+    least = torch.where(torch.isinf(top), torch.full_like(top, float("inf")), top).min(-1).values
+    tail = torch.where(rest > 0, rest.log() + (inv - 1.0) * least.clamp(max=0.0), torch.full_like(rest, float("-inf")))
+    log_z = torch.logaddexp(torch.logsumexp(top * inv, dim=-1), tail)
+    logprobs = torch.tensor(scores.logprobs, dtype=torch.float64) * inv - log_z
+    if not keep_top_k:
+        return TokenScores(logprobs=logprobs.tolist())
+    return TokenScores(logprobs=logprobs.tolist(), top_ids=[row[:keep_top_k] for row in scores.top_ids],
+                       top_logprobs=[(torch.tensor(row[:keep_top_k], dtype=torch.float64) * inv - log_z[i]).tolist()
+                                     for i, row in enumerate(scores.top_logprobs)])

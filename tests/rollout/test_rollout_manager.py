@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM
 from mopd.core.types import Sample
 from mopd.toy.models import create_tiny_model
 from mopd.toy.tokenizer import build_char_tokenizer
+from mopd.teachers import EngineTeacher, TeacherRouter, TeacherSet
 from rollout.config import RolloutConfig
 from rollout.dispatch import Dispatcher, EngineUnavailable
 from rollout.engine_client import EngineClient, EngineError
@@ -99,6 +100,29 @@ def test_teacher_scores_equal_a_direct_hf_forward(engines, cfg, model_dir):
         assert got_top.top_ids == want_ids.tolist()
         np.testing.assert_allclose(got_top.top_logprobs, want_lp.numpy(), atol=1e-4)
 
+
+
+def test_a_sharpened_teacher_scores_as_its_tempered_softmax_through_real_engines(engines, cfg, model_dir):
+    """algo.teacher_temperature: the engine's untempered prompt logprobs and top tokens give pi^(1/tau) / Z."""
+    tokenizer = build_char_tokenizer()
+    samples = _samples(tokenizer, 2)
+    for s, resp in zip(samples, ("12<|im_end|>", "ab")):
+        s.domain, s.response_ids = "arith", tokenizer(resp, add_special_tokens=False)["input_ids"]
+    vocab = AutoModelForCausalLM.from_pretrained(model_dir).config.vocab_size
+    teacher = EngineTeacher("t", cfg, list(engines.urls))
+    teachers = TeacherSet({"t": teacher}, TeacherRouter({"arith": "t"}), temperature=0.5, temperature_support=vocab)
+    asyncio.run(teachers.score(samples, top_k=3))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    for s in samples:
+        with torch.no_grad():
+            logits = model(torch.tensor([s.prompt_ids + s.response_ids])).logits[0].float()
+        p, n = len(s.prompt_ids), len(s.response_ids)
+        sharp = torch.log_softmax(logits[p - 1:p - 1 + n] / 0.5, -1)
+        np.testing.assert_allclose(s.teacher_logprobs, [sharp[t, tok].item() for t, tok in enumerate(s.response_ids)],
+                                   atol=2e-4)
+        want_lp, want_ids = torch.topk(sharp, 3)
+        assert s.teacher_top_ids == want_ids.tolist()
+        np.testing.assert_allclose(s.teacher_top_logprobs, want_lp.numpy(), atol=2e-4)
 
 def test_routing_replay_without_engine_support_fails_at_start_up(cluster, model_dir, cfg):
     group = launch_engines(model_dir, cfg, name="no-r3", num_engines=1, routing_replay=False)
