@@ -7,7 +7,8 @@ wrong. This walks the student's sampled answers up to their first leak and measu
 the probability mass outside the valid items under the student and under its domain's teacher, and the mean
 reward of the sampled token when it is valid and when it is a leak.
 
-    python benchmarks/long_answers/leaks.py --world /tmp/any_full/world [--prompts 100] [--samples 2]
+    python benchmarks/long_answers/leaks.py --world /tmp/any_full/world [--prompts 100] [--samples 2] \
+        [--teacher-temperature 0.25]
 """
 
 from __future__ import annotations
@@ -32,8 +33,11 @@ def _load(path: Path):
 
 
 @torch.no_grad()
-def leak_stats(student: Path, teacher: Path, rows: list[dict], samples: int, seed: int = 0) -> dict[str, float]:
-    """Means over the item positions of the student's sampled answers, up to and including the first leak."""
+def leak_stats(student: Path, teacher: Path, rows: list[dict], samples: int, seed: int = 0,
+               teacher_temperature: float = 1.0) -> dict[str, float]:
+    """Means over the item positions of the student's sampled answers, up to and including the first leak; the
+    teacher as algo.teacher_temperature makes it score (its softmax at that temperature, here over the whole
+    vocabulary)."""
     tok = AutoTokenizer.from_pretrained(student)
     s_model, t_model = _load(student), _load(teacher)
     torch.manual_seed(seed)
@@ -46,7 +50,7 @@ def leak_stats(student: Path, teacher: Path, rows: list[dict], samples: int, see
             seq = s_model.generate(ids, max_new_tokens=40, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
                                    eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
             log_s = torch.log_softmax(s_model(seq).logits[0, :-1], -1)
-            log_t = torch.log_softmax(t_model(seq).logits[0, :-1], -1)
+            log_t = torch.log_softmax(t_model(seq).logits[0, :-1] / teacher_temperature, -1)
             answers += 1
             used: set[str] = set()
             for pos in range(ids.shape[1], seq.shape[1]):
@@ -80,9 +84,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--student", type=Path, help="default: the world's base student")
     p.add_argument("--prompts", type=int, default=100, help="test prompts per domain")
     p.add_argument("--samples", type=int, default=2, help="sampled answers per prompt")
+    p.add_argument("--teacher-temperature", type=float, default=1.0,
+                   help="score with the teacher sharpened to this temperature (algo.teacher_temperature)")
     args = p.parse_args(argv)
     rows = load_eval_rows(args.world / "data" / "test.jsonl", args.prompts)
-    out = {d: leak_stats(args.student or args.world / "student", args.world / f"teacher_{d}", rows[d], args.samples)
+    out = {d: leak_stats(args.student or args.world / "student", args.world / f"teacher_{d}", rows[d], args.samples,
+                        teacher_temperature=args.teacher_temperature)
            for d in ANY_ORDER_DOMAINS if d in rows}
     print(json.dumps(out, indent=2))
     return out

@@ -68,15 +68,17 @@ def plot_curves(curves: dict[str, list[list[tuple[float, float, float]]]], flat:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    # 20 distinct colours: tab20's dark shades first, then its light ones (the default cycle repeats after 10)
+    palette = [plt.get_cmap("tab20").colors[(2 * i) % 20 + (2 * i) // 20] for i in range(20)]
     for i, (name, seeds) in enumerate(curves.items()):
         n = min(len(s) for s in seeds)
         for ax, x in zip(axes, (0, 1)):
             xs = [sum(s[j][x] for s in seeds) / len(seeds) for j in range(n)]
             ys = [sum(s[j][2] for s in seeds) / len(seeds) for j in range(n)]
-            ax.plot(xs, ys, marker="o", ms=3, color=f"C{i}", label=name if x == 0 else None)
+            ax.plot(xs, ys, marker="o", ms=3, color=palette[i % 20], label=name if x == 0 else None)
     for j, (name, acc) in enumerate(flat.items()):
         for ax in axes:
-            ax.axhline(acc, color=("gray", "black")[j] if j < 2 else f"C{len(curves) + j}",
+            ax.axhline(acc, color=("gray", "black")[j] if j < 2 else plt.get_cmap("Dark2").colors[(j - 2) % 8],
                        linestyle=":" if j == 0 else "--" if j == 1 else "-.", linewidth=1.1,
                        label=name if ax is axes[0] else None)
     axes[0].set_xlabel("sampled training tokens")
