@@ -118,21 +118,18 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, OSError, KeyError) as exc:
         console.print(f"[red]mopd-eval: {exc}[/red]")
         return 2
-    from mopd.evaluate import evaluate, reverse_kl_to_teacher
+    from mopd.evaluate import evaluate
 
     max_new_tokens = args.max_new_tokens or default_max_new_tokens(rows)
-    results = evaluate(model_path, rows, max_new_tokens=max_new_tokens, samples=args.samples,
-                       temperature=args.temperature, batch_size=args.batch_size, seed=args.seed)
-    if teacher_path is not None:
-        try:
-            kl = reverse_kl_to_teacher(model_path, teacher_path, rows, samples=args.samples,
-                                       max_new_tokens=max_new_tokens, temperature=args.temperature,
-                                       batch_size=args.batch_size, seed=args.seed)
-        except ValueError as exc:  # a teacher with another vocabulary
-            console.print(f"[red]mopd-eval: --teacher {teacher_path}: {exc}[/red]")
-            return 2
-        for domain, res in kl.items():
-            results[domain]["reverse_kl"] = res["reverse_kl"]
+    try:
+        results = evaluate(model_path, rows, max_new_tokens=max_new_tokens, samples=args.samples,
+                           temperature=args.temperature, batch_size=args.batch_size, seed=args.seed,
+                           teacher=teacher_path)
+    except ValueError as exc:
+        if teacher_path is None or not str(exc).startswith("teacher:"):
+            raise
+        console.print(f"[red]mopd-eval: --teacher {teacher_path}: {exc}[/red]")  # a teacher with another vocabulary
+        return 2
     table = Table(title=f"mopd-eval {model_path}")
     metrics = [k for k in next(iter(results.values()), {}) if k != "prompts"]
     for col in ["domain", "prompts", *metrics]:

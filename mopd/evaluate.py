@@ -105,31 +105,64 @@ def flat_metrics(results: dict[str, dict], prefix: str = "eval") -> dict[str, fl
 
 @torch.no_grad()
 def evaluate(model_path: str | Path, rows: dict[str, list[dict]], *, max_new_tokens: int = 12,
-             samples: int = 4, temperature: float = 1.0, batch_size: int = 64, seed: int = 0) -> dict[str, dict]:
+             samples: int = 4, temperature: float = 1.0, batch_size: int = 64, seed: int = 0,
+             teacher: str | Path | None = None) -> dict[str, dict]:
     """{domain: {"greedy": accuracy, "sampled": mean accuracy over `samples` draws, "pass@k": ...}}.
 
     With `samples=0` only greedy is run (no "sampled" or pass@k).
 
     pass@k uses the unbiased estimator over the `samples` draws of each prompt (k = 1 and `samples`).
+    With a `teacher` checkpoint (and samples >= 1) each domain also gets "reverse_kl": KL(model || teacher) per
+    response token on those same sampled draws (see reverse_kl_to_teacher); the draws are the ones without it.
     """
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    tokenizer.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    tokenizer, model = _load(model_path)
+    other = _load_teacher(model, teacher) if teacher is not None and samples else None
     torch.manual_seed(seed)
     results = {}
     for domain, domain_rows in rows.items():
         verifier = verifier_for(domain)
         greedy = _correct(model, tokenizer, domain_rows, verifier, max_new_tokens, batch_size, None)
-        draws = [_correct(model, tokenizer, domain_rows, verifier, max_new_tokens, batch_size, temperature)
-                 for _ in range(samples)]
+        draws, kl = [], _KL()
+        for _ in range(samples):
+            texts = generate_texts(model, tokenizer, domain_rows, max_new_tokens, batch_size, temperature, other, kl)
+            draws.append([float(verifier(text, row["label"])) for row, text in zip(domain_rows, texts)])
         result = {"greedy": _mean(greedy)}
         if samples:
             result["sampled"] = _mean([sum(d) / samples for d in zip(*draws)])
         for k in sorted({1, samples} if samples else set()):
             result[f"pass@{k}"] = _mean([pass_at_k(samples, int(sum(d)), k) for d in zip(*draws)])
+        if other is not None:
+            result["reverse_kl"] = kl.mean
         result["prompts"] = len(domain_rows)
         results[domain] = result
     return results
+
+
+def _load(model_path: str | Path) -> tuple[Any, Any]:
+    """A checkpoint's tokenizer (left padding, for batched generation) and its model in float32, for inference."""
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokenizer.padding_side = "left"
+    return tokenizer, AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+
+
+def _load_teacher(model, teacher_path: str | Path):
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=torch.float32).eval()
+    mine, theirs = model.get_output_embeddings().weight.shape[0], teacher.get_output_embeddings().weight.shape[0]
+    if mine != theirs:
+        raise ValueError(f"teacher: its vocabulary ({theirs} logits) differs from the model's ({mine}); reverse KL "
+                         "needs the same tokenizer")
+    return teacher
+
+
+@dataclass
+class _KL:
+    """A running sum of per-token KL(model || teacher) over response tokens."""
+    total: float = 0.0
+    tokens: int = 0
+
+    @property
+    def mean(self) -> float:
+        return self.total / max(self.tokens, 1)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -144,12 +177,17 @@ def _mean(values: list[float]) -> float:
 
 
 def generate_texts(model, tokenizer, rows: list[dict], max_new_tokens: int, batch_size: int,
-                   temperature: float | None) -> list[str]:
-    """One generation per row, decoded with special tokens (greedy when `temperature` is None)."""
+                   temperature: float | None, teacher=None, kl: _KL | None = None) -> list[str]:
+    """One generation per row, decoded with special tokens (greedy when `temperature` is None); with a `teacher`,
+    the per-token KL(model || teacher) of the generations is added to `kl`."""
     texts: list[str] = []
     for start in range(0, len(rows), batch_size):
         enc, out = _generate(model, tokenizer, rows[start:start + batch_size], max_new_tokens, temperature)
         texts += [tokenizer.decode(ids, skip_special_tokens=False) for ids in out[:, enc["input_ids"].shape[1]:]]
+        if teacher is not None and kl is not None:
+            per_position, mask = _position_kl(model, teacher, tokenizer, enc, out)
+            kl.total += float(per_position[mask].sum())
+            kl.tokens += int(mask.sum())
     return texts
 
 
@@ -183,33 +221,27 @@ def reverse_kl_to_teacher(model_path: str | Path, teacher_path: str | Path, rows
     (exact at that position: only the sampled prefixes add variance), averaged over the response tokens, end
     of turn included. It is what on-policy distillation minimises, measured on fixed held-out prompts; the
     training batches' estimate (`mopd/reverse_kl/<domain>`) also depends on which samples a step happened to
-    hold, and uses the policy that sampled them.
+    hold, and uses the policy that sampled them. `evaluate(..., teacher=)` reports it next to accuracy on the
+    same draws.
     """
     if samples < 1:
         raise ValueError(f"samples: expected an integer >= 1, got {samples}")
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    tokenizer.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
-    teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=torch.float32).eval()
+    tokenizer, model = _load(model_path)
+    teacher = _load_teacher(model, teacher_path)
     torch.manual_seed(seed)
     results = {}
     for domain, domain_rows in rows.items():
-        total, tokens = 0.0, 0
+        kl = _KL()
         for _ in range(samples):
-            for start in range(0, len(domain_rows), batch_size):
-                kl, mask = _position_kl(model, teacher, tokenizer, domain_rows[start:start + batch_size],
-                                        max_new_tokens, temperature)
-                total += float(kl[mask].sum())
-                tokens += int(mask.sum())
-        results[domain] = {"reverse_kl": total / max(tokens, 1), "tokens": tokens}
+            generate_texts(model, tokenizer, domain_rows, max_new_tokens, batch_size, temperature, teacher, kl)
+        results[domain] = {"reverse_kl": kl.mean, "tokens": kl.tokens}
     return results
 
 
-def _position_kl(model, teacher, tokenizer, rows: list[dict], max_new_tokens: int, temperature: float,
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per response position of one sampled batch: KL(model || teacher) and whether the position is part of the
-    response (up to and including its first end of turn; generate pads the finished rows after it)."""
-    enc, out = _generate(model, tokenizer, rows, max_new_tokens, temperature)
+def _position_kl(model, teacher, tokenizer, enc, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per response position of one generated batch (`_generate`'s enc and out): KL(model || teacher) and whether
+    the position is part of the response (up to and including its first end of turn; generate pads the finished
+    rows after it)."""
     width = enc["input_ids"].shape[1]
     ended = out[:, width:] == tokenizer.eos_token_id
     mask = (ended.long().cumsum(1) - ended.long()) == 0  # not after the first end of turn
@@ -221,7 +253,4 @@ def _position_kl(model, teacher, tokenizer, rows: list[dict], max_new_tokens: in
         return torch.log_softmax(logits.float(), dim=-1)
 
     mine, theirs = logprobs(model), logprobs(teacher)
-    if mine.shape != theirs.shape:
-        raise ValueError(f"teacher: its vocabulary ({theirs.shape[-1]} logits) differs from the model's "
-                         f"({mine.shape[-1]}); reverse KL needs the same tokenizer")
     return (mine.exp() * (mine - theirs)).sum(-1), mask

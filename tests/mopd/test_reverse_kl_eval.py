@@ -69,3 +69,26 @@ def test_batched_left_padded_rows_equal_each_row_alone(pair):
     assert got["tokens"] == want_tokens
     assert got["reverse_kl"] == pytest.approx(want, rel=1e-4)
     assert want > 0.01  # two different random models: the check is not 0 == 0
+
+
+def test_evaluate_with_a_teacher_reports_the_kl_of_its_own_sampled_draws(pair):
+    """mopd-eval --teacher: one set of draws gives both the accuracy and the KL; the draws, and so the accuracy,
+    are those of an evaluation without a teacher, and the KL that of reverse_kl_to_teacher on the same seed."""
+    from mopd.evaluate import evaluate
+
+    rows = {"arith": make_examples("arith", 4, 3), "reverse": make_examples("reverse", 4, 3)}
+    plain = evaluate(pair[0], rows, max_new_tokens=6, samples=2, seed=5)
+    both = evaluate(pair[0], rows, max_new_tokens=6, samples=2, seed=5, teacher=pair[1])
+    alone = reverse_kl_to_teacher(pair[0], pair[1], rows, samples=2, max_new_tokens=6, seed=5)
+    for domain in rows:
+        assert {k: v for k, v in both[domain].items() if k != "reverse_kl"} == plain[domain]
+        assert both[domain]["reverse_kl"] == pytest.approx(alone[domain]["reverse_kl"], rel=1e-6)
+        assert both[domain]["reverse_kl"] > 0.01
+
+
+def test_a_teacher_with_another_vocabulary_is_refused_before_any_generation(pair, tmp_path):
+    tok = build_char_tokenizer()
+    tok.add_tokens([f"<extra{i}>" for i in range(200)])  # past the padded vocabulary
+    bigger = create_tiny_model(tmp_path / "bigger", tok, arch="qwen3", seed=3)
+    with pytest.raises(ValueError, match="teacher: its vocabulary"):
+        reverse_kl_to_teacher(pair[0], bigger, {"arith": make_examples("arith", 1, 0)}, samples=1)
