@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.long_answers.report import mean_ci, paired
+from benchmarks.long_answers.report import kl_table, mean_ci, paired
 from envs.toy_tasks import LONG_ANSWER_DOMAINS, exact_match_reward, make_examples
 from mopd.toy.tokenizer import build_char_tokenizer
 
@@ -55,6 +55,16 @@ def test_confidence_interval_and_paired_comparison():
     assert not paired([0.9], [0.1])["ahead"]  # one seed: no interval, so no claim
 
 
+def test_kl_table_has_a_row_per_method_that_has_the_kl_and_the_mean_of_domains():
+    runs = {"a": [{"x": {"reverse_kl": 0.1}, "y": {"reverse_kl": 0.3}}, {"x": {"reverse_kl": 0.2}, "y": {"reverse_kl": 0.2}}],
+            "no kl": [{"x": {"greedy": 1.0}, "y": {"greedy": 1.0}}]}
+    table = kl_table(runs, ["x", "y"])
+    assert "no kl" not in table
+    (row,) = [line for line in table.splitlines() if line.startswith("| a |")]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == "2" and cells[2].startswith("0.150 ± ") and cells[4].startswith("0.200 ± 0.000")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("domains", "metric"), [("long", "greedy"), ("any", "sampled")])
 def test_quick_benchmark_writes_tables_with_cis_selection_curves_and_plot(tmp_path: Path, domains: str, metric: str):
@@ -81,6 +91,8 @@ def test_quick_benchmark_writes_tables_with_cis_selection_curves_and_plot(tmp_pa
         for res in result["runs"][name]:
             assert set(res) == set(result["setup"]["world"]["domains"])
             assert all(0 <= res[d][k] <= 1 for d in res for k in ("greedy", "sampled"))
+            assert all(res[d]["reverse_kl"] >= -1e-6 for d in res)  # KL to the domain's teacher, same draws
+    assert "Reverse KL to the domain's teacher" in md and f"| {headline} | 2 |" in md.split("Reverse KL")[1]
     png = (out / "curves.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from benchmarks.mopd_vs_baselines.report import STUDENT, TEACHER, normalized_score
 
-__all__ = ["STUDENT", "TEACHER", "mean_ci", "normalized_score", "paired", "plot_curves", "results_table"]
+__all__ = ["STUDENT", "TEACHER", "kl_table", "mean_ci", "normalized_score", "paired", "plot_curves", "results_table"]
 
 # two-sided 97.5% quantiles of Student's t by degrees of freedom (n - 1); 1.96 beyond the table
 _T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
@@ -54,6 +54,17 @@ def results_table(per_seed: dict[str, list[dict[str, dict[str, float]]]], domain
                      + f" | {_cell(scores)} |")
     return "\n".join(lines) + "\n"
 
+
+def kl_table(per_seed: dict[str, list[dict[str, dict[str, float]]]], domains: list[str]) -> str:
+    """One row per method with a `reverse_kl` per domain: mean ± 95% CI over its seeds, and the mean of domains."""
+    lines = ["| Method | seeds | " + " | ".join(domains) + " | mean |", "|---|---:|" + "---:|" * (len(domains) + 1)]
+    for name, runs in per_seed.items():
+        if not all("reverse_kl" in r[d] for r in runs for d in domains):
+            continue
+        kls = [[r[d]["reverse_kl"] for r in runs] for d in domains]
+        means = [sum(r[d]["reverse_kl"] for d in domains) / len(domains) for r in runs]
+        lines.append(f"| {name} | {len(runs)} | " + " | ".join(_cell(k) for k in kls) + f" | {_cell(means)} |")
+    return "\n".join(lines) + "\n"
 
 def plot_curves(curves: dict[str, list[list[tuple[float, float, float]]]], flat: dict[str, float],
                 out: Path, kind: str = "greedy") -> Path:
